@@ -1,0 +1,83 @@
+"""The log-mel front end: one config, computed on the training device.
+
+``FrontendConfig`` is the single description of the features (saved with every exported
+encoder); :class:`LogMel` computes them with torchaudio on whatever device the batch is on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchaudio
+
+from dataio.schema import check, option
+
+
+@dataclass
+class FrontendConfig:
+    sample_rate: int = option(16000, "sample rate of the waveforms, Hz")
+    win_ms: float = option(25.0, "analysis window length, milliseconds")
+    hop_ms: float = option(10.0, "hop between frames, milliseconds")
+    n_fft: int = option(0, "FFT size in samples; 0 = the next power of two >= the window")
+    n_mels: int = option(64, "number of mel bands")
+    f_min: float = option(50.0, "lowest mel band edge, Hz")
+    f_max: float = option(0.0, "highest mel band edge, Hz; 0 = sample_rate / 2")
+    mel_scale: str = option("slaney", "mel scale formula", ("htk", "slaney"))
+    log_floor: float = option(1e-6, "power floor before the log (1e-6 = -60 dB)")
+    norm_mean: float = option(-35.0, "dB value subtracted from the log-mel")
+    norm_std: float = option(20.0, "dB value the centred log-mel is divided by")
+    channels: int = option(1, "input channels of the encoder (log-mel replicated to each)")
+
+    def __post_init__(self) -> None:
+        check(self.sample_rate > 0, "sample_rate", "must be positive")
+        check(0 < self.hop_ms <= self.win_ms, "hop_ms", "must be in (0, win_ms]")
+        check(self.n_mels > 0, "n_mels", "must be positive")
+        check(self.f_max == 0 or self.f_min < self.f_max <= self.sample_rate / 2, "f_max",
+              "must be 0 or in (f_min, sample_rate / 2]")
+        check(self.log_floor > 0, "log_floor", "must be positive")
+        check(self.norm_std > 0, "norm_std", "must be positive")
+        check(self.channels in (1, 3), "channels", "must be 1 or 3")
+        check(self.n_fft == 0 or self.n_fft >= self.win_length, "n_fft", "must be >= the window")
+
+    @property
+    def win_length(self) -> int:
+        """Window length in samples."""
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        """Hop length in samples."""
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    @property
+    def fft_size(self) -> int:
+        return self.n_fft or 2 ** math.ceil(math.log2(self.win_length))
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for ``num_samples`` samples (centred frames)."""
+        return num_samples // self.hop_length + 1
+
+
+class LogMel(torch.nn.Module):
+    """Waveforms ``[..., S]`` (float, in [-1, 1]) -> normalised log-mel ``[..., C, F, T]``."""
+
+    def __init__(self, cfg: FrontendConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.fft_size, win_length=cfg.win_length,
+            hop_length=cfg.hop_length, f_min=cfg.f_min, f_max=cfg.f_max or None,
+            n_mels=cfg.n_mels, power=2.0, mel_scale=cfg.mel_scale, center=True)
+
+    @torch.no_grad()
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        shape = waves.shape
+        power = self.mel(waves.reshape(-1, shape[-1]).float())
+        db = 10.0 * torch.log10(power.clamp_min(self.cfg.log_floor))
+        feats = (db - self.cfg.norm_mean) / self.cfg.norm_std
+        feats = feats.reshape(*shape[:-1], 1, *feats.shape[-2:])
+        if self.cfg.channels > 1:
+            feats = feats.expand(*feats.shape[:-3], self.cfg.channels, *feats.shape[-2:])
+        return feats

@@ -1,0 +1,145 @@
+"""Shard manifests and the splitting of shards over ranks and loader workers.
+
+A shard folder holds WebDataset tars (``KEY.flac`` + ``KEY.json``), one DALI index
+file per tar and ``manifest.json``::
+
+    {"format": 1, "dataset": "demo", "sample_rate": 16000, "num_clips": 400,
+     "vocabulary": ["bell", ...], "multi_label": false,
+     "shards": [{"url": "shard-00000.tar", "count": 50, "bytes": 123456,
+                 "index_file": "shard-00000.idx"}, ...]}
+
+Shard urls are relative to the manifest's folder. The per-clip JSON is
+``{"index", "dataset", "labels", "split", "fold", "duration"}`` where ``index`` is the
+clip's position in the whole dataset (0..num_clips-1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class ManifestError(ValueError):
+    """A shard folder whose manifest is missing, malformed or names missing shards."""
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    count: int
+    bytes: int = 0
+    index_file: str | None = None
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    sample_rate: int
+    num_clips: int
+    shards: list[ShardInfo]
+    vocabulary: list[str] = field(default_factory=list)
+    multi_label: bool = False
+    root: Path = Path(".")
+
+    def shard_paths(self) -> list[Path]:
+        return [self.root / s.url for s in self.shards]
+
+    def label_id(self, label: str) -> int:
+        """Position of ``label`` in the vocabulary (-1 if absent)."""
+        try:
+            return self._label_ids[label]
+        except AttributeError:
+            self._label_ids = {name: i for i, name in enumerate(self.vocabulary)}
+            return self._label_ids.get(label, -1)
+        except KeyError:
+            return -1
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "dataset": self.dataset,
+            "sample_rate": self.sample_rate,
+            "num_clips": self.num_clips,
+            "vocabulary": self.vocabulary,
+            "multi_label": self.multi_label,
+            "shards": [
+                {"url": s.url, "count": s.count, "bytes": s.bytes, "index_file": s.index_file}
+                for s in self.shards
+            ],
+        }
+
+    def write(self, folder: str | Path) -> Path:
+        """Write ``manifest.json`` atomically into ``folder``."""
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        return path
+
+
+def load_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
+    """Read ``folder/manifest.json``; with ``check_files`` every shard must exist."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
+    if not path.is_file():
+        raise ManifestError(f"no shard manifest at {path}: write shards with `audioclr shard` "
+                            f"or `audioclr demo-corpus` first")
+    try:
+        raw = json.loads(path.read_text())
+        shards = [ShardInfo(url=s["url"], count=int(s["count"]), bytes=int(s.get("bytes", 0)),
+                            index_file=s.get("index_file")) for s in raw["shards"]]
+        manifest = Manifest(dataset=raw["dataset"], sample_rate=int(raw["sample_rate"]),
+                            num_clips=int(raw["num_clips"]), shards=shards,
+                            vocabulary=list(raw.get("vocabulary", [])),
+                            multi_label=bool(raw.get("multi_label", False)), root=path.parent)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ManifestError(f"malformed manifest {path}: {err!r}") from err
+    if sum(s.count for s in shards) != manifest.num_clips:
+        raise ManifestError(f"manifest {path}: shard counts add up to "
+                            f"{sum(s.count for s in shards)}, not num_clips={manifest.num_clips}")
+    if check_files:
+        missing = [str(p) for p in manifest.shard_paths() if not p.is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ManifestError(f"manifest {path} lists shards that do not exist: {shown}")
+    return manifest
+
+
+def split_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shard ids read by ``rank``: every ``world_size``-th one, starting at ``rank``.
+
+    Raises when there are fewer shards than ranks: a rank without data would hang
+    the others (re-shard with a smaller ``--shard-size``).
+    """
+    if num_shards < world_size:
+        raise ManifestError(f"{num_shards} shard(s) cannot feed {world_size} ranks without "
+                            f"overlap: re-shard with at least {world_size} shards")
+    return list(range(rank, num_shards, world_size))
+
+
+@dataclass(frozen=True)
+class WorkerSplit:
+    """What one loader worker of one rank reads.
+
+    ``shards``: the shard ids it opens; ``sample_stride``/``sample_offset``: of the
+    samples in those shards (in reading order) it keeps every ``sample_stride``-th,
+    starting at ``sample_offset``. With enough shards the split is by shard (stride 1);
+    with fewer shards than workers every worker reads the rank's shards and keeps its
+    share of the samples, so no sample is seen twice either way.
+    """
+
+    shards: tuple[int, ...]
+    sample_stride: int = 1
+    sample_offset: int = 0
+
+
+def split_for_worker(rank_shards: list[int], worker: int, num_workers: int) -> WorkerSplit:
+    if num_workers <= 1:
+        return WorkerSplit(tuple(rank_shards))
+    if len(rank_shards) >= num_workers:
+        return WorkerSplit(tuple(rank_shards[worker::num_workers]))
+    return WorkerSplit(tuple(rank_shards), sample_stride=num_workers, sample_offset=worker)

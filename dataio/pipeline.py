@@ -1,0 +1,91 @@
+"""The batch type both data back ends produce, the data config, and the back-end switch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from dataio.frontend import FrontendConfig, LogMel
+from dataio.manifest import Manifest
+from dataio.schema import check, option
+
+BACKENDS = ("torch",)
+
+
+@dataclass
+class DataConfig:
+    shards: str = option("", "folder holding manifest.json and the training shards")
+    backend: str = option("torch", "data back end: webdataset + torchaudio", BACKENDS)
+    batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
+    num_workers: int = option(2, "loader worker processes per rank")
+    num_views: int = option(2, "views drawn from each clip")
+    view_seconds: float = option(1.0, "length of one view, seconds")
+    gain_db: float = option(6.0, "random gain of each view, +- dB (0 = off)")
+    shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
+    steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
+        check(self.view_seconds > 0, "view_seconds", "must be positive")
+        check(self.gain_db >= 0, "gain_db", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
+
+
+@dataclass
+class Batch:
+    """One training batch on the training device.
+
+    views: [B, V, C, F, T] normalised log-mel; labels: [B] int64 (-1 = unlabelled);
+    indices: [B] int64 dataset positions (the shards' ``index``); keys: B clip keys;
+    skipped: clips that failed to decode while this batch was assembled.
+    """
+
+    views: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    keys: list[str]
+    skipped: int = 0
+
+
+def steps_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int:
+    """Steps every rank runs per epoch: the same number on all ranks, from the manifest
+    alone, so no rank waits on another that ran out of data."""
+    if cfg.steps_per_epoch:
+        return cfg.steps_per_epoch
+    steps = manifest.num_clips // (world_size * cfg.batch_size)
+    check(steps > 0, "data.batch_size", f"{world_size} rank(s) x {cfg.batch_size} clips exceeds "
+          f"the {manifest.num_clips} clips of {manifest.root}: lower the batch size")
+    return steps
+
+
+class DeviceFeeder:
+    """Moves wave batches to the device and turns them into log-mel :class:`Batch` es."""
+
+    def __init__(self, frontend: FrontendConfig, device: torch.device):
+        self.device = device
+        self.logmel = LogMel(frontend).to(device)
+
+    def __call__(self, wave_batch: dict) -> Batch:
+        waves = wave_batch["waves"].to(self.device, non_blocking=True)
+        return Batch(views=self.logmel(waves),
+                     labels=wave_batch["labels"].to(self.device, non_blocking=True),
+                     indices=wave_batch["indices"].to(self.device, non_blocking=True),
+                     keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]))
+
+
+def epoch_batches(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, epoch: int,
+                  start_step: int, steps: int, rank: int, world_size: int, seed: int,
+                  device: torch.device) -> Iterator[Batch]:
+    """Batches ``start_step .. steps-1`` of ``epoch`` for ``rank``, on ``device``."""
+    from dataio.torch_pipeline import wave_loader
+
+    loader = wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
+                         rank=rank, world_size=world_size, seed=seed)
+    feed = DeviceFeeder(frontend, device)
+    for wave_batch in loader:
+        yield feed(wave_batch)

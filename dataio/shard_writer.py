@@ -1,0 +1,433 @@
+"""Write audio clips into WebDataset shards, DALI index files and a manifest.
+
+Per clip, worker processes load the audio (``loader``), mix it down to mono, resample
+it to the target rate, validate it and encode it as 16-bit FLAC. The main process
+writes accepted clips, in a seeded shuffled order, into ``shard-NNNNN.tar`` (members
+``KEY.flac`` and ``KEY.json``) with one DALI index ``shard-NNNNN.idx`` per tar, then
+``rejected.tsv`` (``path<TAB>reason`` of every clip left out) and ``manifest.json``.
+The same items and seed give byte-identical shards whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as futures
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from dataio.manifest import Manifest, ShardInfo
+
+REJECTED_NAME = "rejected.tsv"
+DEFAULT_SHARD_SIZE = 1000
+MAX_KEY_CHARS = 80  # "KEY.flac" stays inside the 100-character ustar name field
+DALI_INDEX_VERSION = "v1.2"
+_TAR_BLOCK = 512
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_OUR_FILES = re.compile(r"^(shard-\d{5,}\.(tar|idx)|manifest\.json|rejected\.tsv)(\.tmp)?$")
+
+
+class ShardWriteError(ValueError):
+    """Shards cannot be written as asked (occupied output folder, no usable clips, ...)."""
+
+
+@dataclass
+class ClipItem:
+    """One clip to write: where its audio comes from and what its shard JSON says.
+
+    ``path`` is a file for :func:`soundfile_loader` or any id a custom loader understands;
+    ``key`` is the tar key (default: the path's last two parts, made safe and unique by
+    :func:`write_shards`); ``extra`` holds free parameters for custom loaders.
+    """
+
+    path: str
+    labels: list[str]
+    split: str = "train"
+    fold: int | None = None
+    key: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class WriteReport:
+    """What :func:`write_shards` did: ``rejected`` holds (path, reason), ``seconds`` wall time."""
+
+    num_accepted: int
+    rejected: list[tuple[str, str]]
+    num_shards: int
+    out_dir: Path
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"wrote {self.num_accepted} clips into {self.num_shards} shard(s) in "
+                f"{self.out_dir} in {self.seconds:.1f} s; {len(self.rejected)} rejected")
+
+
+Loader = Callable[[ClipItem], "tuple[np.ndarray, int]"]
+
+
+def soundfile_loader(item: ClipItem) -> tuple[np.ndarray, int]:
+    """Read ``item.path``: float32 samples ``[frames, channels]`` and the rate in Hz.
+
+    Custom loaders follow the same contract and may also return ``[frames]`` (mono).
+    """
+    if not Path(item.path).is_file():
+        raise FileNotFoundError(item.path)
+    samples, rate = sf.read(item.path, dtype="float32", always_2d=True)
+    return samples, int(rate)
+
+
+def safe_key(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``.
+
+    Keys longer than MAX_KEY_CHARS keep their tail plus a short hash of the whole.
+    """
+    key = _UNSAFE_KEY_CHARS.sub("_", text).strip("_") or "clip"
+    if len(key) > MAX_KEY_CHARS:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        key = key[-(MAX_KEY_CHARS - 9):].lstrip("_-") + "-" + digest
+    return key
+
+
+def assign_keys(items: Sequence[ClipItem]) -> list[str]:
+    """A safe, unique key per item, in item order (``_1``, ``_2``, ... added on collisions)."""
+    taken: set[str] = set()
+    keys = []
+    for item in items:
+        base = safe_key(item.key or "_".join(Path(item.path).parts[-2:]))
+        key, n = base, 0
+        while key in taken:
+            n += 1
+            key = f"{base}_{n}"
+        taken.add(key)
+        keys.append(key)
+    return keys
+
+
+@dataclass
+class ClipResult:
+    """A worker's answer: FLAC bytes and length in frames (at the target rate), or a reason."""
+
+    flac: bytes | None = None
+    frames: int = 0
+    reason: str | None = None
+
+
+def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz (imports torch on first use)."""
+    import torch
+    import torchaudio.functional as AF
+    if multiprocessing.parent_process() is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target).numpy()
+
+
+def _to_mono(samples: np.ndarray) -> np.ndarray:
+    """``[frames]`` or ``[frames, channels]`` -> float32 ``[frames]`` (mean of the channels)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim != 2:
+        raise ValueError(f"loader gave samples of shape {samples.shape}, not [frames, channels]")
+    return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+
+
+def encode_flac(mono: np.ndarray, rate: int) -> bytes:
+    """16-bit FLAC of ``mono`` [frames] clipped to [-1, 1]; decoding gives round(x*32768)/32768."""
+    pcm = np.clip(np.rint(np.clip(mono, -1.0, 1.0) * 32768.0), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, pcm, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
+                 min_seconds: float) -> ClipResult:
+    """Load, mix down, validate, resample to ``sample_rate`` Hz and encode one clip.
+
+    Never raises for bad input: a clip that cannot be used comes back with a reason.
+    """
+    try:
+        samples, rate = loader(item)
+        mono, rate = _to_mono(samples), int(rate)
+    except FileNotFoundError:
+        return ClipResult(reason="missing file")
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a rejection, not a crash
+        return ClipResult(reason=f"unreadable: {_one_line(err)}")
+    if mono.size == 0:
+        return ClipResult(reason="empty (0 frames)")
+    if not np.isfinite(mono).all():
+        return ClipResult(reason="non-finite samples (NaN or Inf)")
+    if rate <= 0:
+        return ClipResult(reason=f"bad sample rate {rate}")
+    if mono.size / rate < min_seconds:
+        return ClipResult(reason=f"too short: {mono.size / rate:.3f} s < {min_seconds:g} s")
+    try:
+        if rate != sample_rate:
+            mono = _resample(mono, rate, sample_rate)
+        return ClipResult(flac=encode_flac(mono, sample_rate), frames=int(mono.size))
+    except Exception as err:  # noqa: BLE001
+        return ClipResult(reason=f"encode failed: {_one_line(err)}")
+
+
+def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: int,
+                      min_seconds: float, workers: int) -> Iterator[ClipResult]:
+    """:func:`process_clip` over ``items``, in order, with at most 4*workers clips in flight."""
+    if workers == 1:
+        for item in items:
+            yield process_clip(item, loader, sample_rate, min_seconds)
+        return
+    # spawn, not fork: a parent that already ran torch ops may hold OpenMP threads
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: collections.deque[futures.Future] = collections.deque()
+        for item in items:
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(process_clip, item, loader, sample_rate, min_seconds))
+        while pending:
+            yield pending.popleft().result()
+
+
+class _ShardSink:
+    """Writes samples into numbered tars (under a ``.tmp`` name until complete) and DALI indexes."""
+
+    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int):
+        self.out_dir, self.max_clips, self.max_bytes = out_dir, max_clips, max_bytes
+        self.shards: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._index_lines: list[str] = []
+        self._payload = 0  # bytes of member data in the open shard
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Append one sample (``[(extension, data), ...]``); cut the shard when it is full."""
+        if self._tar is None:
+            name = f"shard-{len(self.shards):05d}.tar.tmp"
+            self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        components = []
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")  # uid, gid 0 and no user names by default
+            info.size, info.mtime, info.mode = len(data), 0, 0o444  # the same bytes every run
+            self._tar.addfile(info, io.BytesIO(data))
+            # the member's data ends, padded to whole blocks, where the tar now stands
+            offset = self._tar.offset - -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+            components.append(f"{ext} {offset} {len(data)} {key}.{ext}")
+            self._payload += len(data)
+        self._index_lines.append(" ".join(components))
+        full_count = self.max_clips > 0 and len(self._index_lines) >= self.max_clips
+        if full_count or (self.max_bytes > 0 and self._payload >= self.max_bytes):
+            self.close()
+
+    def close(self) -> None:
+        """Finish the open shard, if any: rename the tar, then write its index."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        stem = f"shard-{len(self.shards):05d}"
+        tar_path = self.out_dir / f"{stem}.tar"
+        (self.out_dir / f"{stem}.tar.tmp").replace(tar_path)
+        write_dali_index(self.out_dir / f"{stem}.idx", self._index_lines)
+        self.shards.append(ShardInfo(url=tar_path.name, count=len(self._index_lines),
+                                     bytes=tar_path.stat().st_size, index_file=f"{stem}.idx"))
+        self._tar, self._index_lines, self._payload = None, [], 0
+
+
+def write_dali_index(path: Path, sample_lines: list[str]) -> None:
+    """Write a DALI webdataset index in format ``v1.2``, atomically.
+
+    This is the format NVIDIA DALI's ``tools/wds2idx.py`` writes and
+    ``fn.readers.webdataset(index_paths=...)`` parses (``ParseIndexFile`` in
+    ``dali/operators/reader/loader/webdataset_loader.cc``; DALI reads ``v1.1`` and
+    ``v1.2``): a first line ``v1.2 <num_samples>``, then one line per sample with, for
+    each of its members, ``<ext> <offset> <size> <member name>``; ``offset`` is the byte
+    position of the member's data (past its header, a multiple of 512) and ``size`` its
+    length in bytes. ``sample_lines`` are those per-sample lines.
+    """
+    _write_atomically(path, f"{DALI_INDEX_VERSION} {len(sample_lines)}\n"
+                      + "".join(line + "\n" for line in sample_lines))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then drop our old files)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardWriteError(f"output {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ShardWriteError(f"output folder {out_dir} is not empty: choose another folder "
+                                  f"or pass --overwrite (overwrite=True) to replace its shards")
+        for old in out_dir.iterdir():
+            if old.is_file() and _OUR_FILES.match(old.name):
+                old.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_inputs(items: Sequence[ClipItem], loader: Loader, workers: int,
+                  vocabulary: list[str] | None) -> None:
+    """Fail before any work: no items, an unpicklable loader, labels outside the vocabulary."""
+    if not items:
+        raise ShardWriteError("no clips to write")
+    if workers != 1:
+        try:
+            pickle.dumps(loader)
+        except Exception as err:  # noqa: BLE001
+            raise ShardWriteError(f"loader {loader!r} cannot be sent to worker processes (make "
+                                  f"it a top-level function, or use workers=1): {err}") from err
+    unknown = sorted({x for item in items for x in item.labels} - set(vocabulary or []))
+    if vocabulary is not None and unknown:
+        raise ShardWriteError(f"{len(unknown)} label(s) missing from the given vocabulary, "
+                              f"e.g. {unknown[:5]}")
+
+
+def _clip_json(index: int, dataset: str, item: ClipItem, duration: float) -> bytes:
+    """The ``KEY.json`` member; ``duration`` in seconds."""
+    meta = {"index": index, "dataset": dataset, "labels": [str(x) for x in item.labels],
+            "split": item.split, "fold": None if item.fold is None else int(item.fold),
+            "duration": round(duration, 6)}
+    return json.dumps(meta).encode()
+
+
+@dataclass
+class _Tally:
+    num_clips: int = 0
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (position, path, reason)
+    labels: set[str] = field(default_factory=set)
+    multi_label: bool = False
+
+
+def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[ClipResult],
+                 sink: _ShardSink, dataset: str, sample_rate: int, progress: bool) -> _Tally:
+    """Write each accepted result (the j-th belongs to ``items[order[j]]``) into ``sink``."""
+    from tqdm import tqdm
+
+    keys = assign_keys(items)
+    tally = _Tally()
+    with tqdm(total=len(items), unit="clip", desc="shard", disable=not progress) as bar:
+        for position, result in zip(order, results):
+            bar.update(1)
+            item = items[position]
+            if result.flac is None:
+                tally.rejected.append((position, item.path, result.reason or "rejected"))
+                continue
+            meta = _clip_json(tally.num_clips, dataset, item, result.frames / sample_rate)
+            sink.add(keys[position], [("flac", result.flac), ("json", meta)])
+            tally.num_clips += 1
+            tally.labels.update(item.labels)
+            tally.multi_label = tally.multi_label or len(item.labels) > 1
+    sink.close()
+    return tally
+
+
+def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str,
+                 sample_rate: int = 16000, shard_size: int = 0, shard_bytes: int = 0,
+                 seed: int = 0, workers: int = 0, min_seconds: float = 0.1,
+                 overwrite: bool = False, loader: Loader = soundfile_loader,
+                 vocabulary: list[str] | None = None, progress: bool = True) -> WriteReport:
+    """Turn ``items`` into WebDataset shards, DALI indexes and a manifest in ``out_dir``.
+
+    ``sample_rate`` in Hz; ``shard_size`` in clips and ``shard_bytes`` in payload bytes
+    (a shard is cut at whichever is reached first; both 0 means 1000 clips); ``seed``
+    fixes the shuffled order of clips in the shards; ``workers`` processes (0: one per
+    CPU, 1: in this process); clips shorter than ``min_seconds`` seconds are rejected.
+    The clip JSON's ``index`` runs 0..N-1 over accepted clips in shard order. The
+    manifest is written last, so a folder with a manifest holds complete shards.
+    Worker processes are spawned: a script calling this needs ``if __name__ == "__main__":``.
+    """
+    start = time.perf_counter()
+    items, out_dir = list(items), Path(out_dir)
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    _check_inputs(items, loader, workers, vocabulary)
+    _prepare_out_dir(out_dir, overwrite)
+    if shard_size <= 0 and shard_bytes <= 0:
+        shard_size = DEFAULT_SHARD_SIZE
+    order = np.random.default_rng(seed).permutation(len(items)).tolist()
+    shuffled = [items[i] for i in order]
+    results = _results_in_order(shuffled, loader, sample_rate, min_seconds, workers)
+    sink = _ShardSink(out_dir, shard_size, shard_bytes)
+    tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress)
+    rejected = [(path, reason) for _, path, reason in sorted(tally.rejected)]
+    _write_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(
+        f"{_one_line(path, 10_000)}\t{_one_line(reason)}\n" for path, reason in rejected))
+    if tally.num_clips == 0:
+        raise ShardWriteError(f"none of the {len(items)} clips could be used; the reasons are "
+                              f"listed in {out_dir / REJECTED_NAME}")
+    vocab = sorted(tally.labels) if vocabulary is None else list(vocabulary)
+    Manifest(dataset=dataset, sample_rate=sample_rate, num_clips=tally.num_clips,
+             shards=sink.shards, vocabulary=vocab, multi_label=tally.multi_label).write(out_dir)
+    return WriteReport(tally.num_clips, rejected, len(sink.shards), out_dir,
+                       time.perf_counter() - start)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: a number with an optional K/M/G/T suffix (x1024: "64MB", "1GiB")."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000, 64MB, 1GB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``audioclr shard SRC --layout L --out DIR``."""
+    add = parser.add_argument
+    add("src", type=Path, metavar="SRC", help="the dataset's folder (a CSV file for --layout csv)")
+    add("--layout", default="folder", help="how SRC is organised: folder (one sub-folder per "
+        "label), csv (path,label[,fold] rows), ...")
+    add("--out", type=Path, required=True, help="folder for the shards and manifest")
+    add("--sample-rate", type=int, default=16000, help="rate of the shards' audio, Hz")
+    add("--shard-size", type=int, default=0,
+        help="clips per shard (default 1000 unless --shard-bytes is given)")
+    add("--shard-bytes", type=parse_size, default=0, help="payload per shard, e.g. 64MB or 1GB")
+    add("--seed", type=int, default=0, help="seed of the order of clips in the shards")
+    add("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
+    add("--min-seconds", type=float, default=0.1, help="reject clips shorter than this, seconds")
+    add("--dataset", default=None, help="dataset name in the manifest (default: SRC's name)")
+    add("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    """Run ``audioclr shard``; returns the exit status (2 with a one-line error on bad input)."""
+    from dataio.sources import items_for_layout
+
+    src = Path(args.src)
+    try:
+        if not src.exists():
+            raise ShardWriteError(f"SRC {src} does not exist")
+        items = items_for_layout(args.layout, src)
+        if not items:
+            raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
+        dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
+        report = write_shards(items, args.out, dataset=dataset, sample_rate=args.sample_rate,
+                              shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+                              seed=args.seed, workers=args.workers, min_seconds=args.min_seconds,
+                              overwrite=args.overwrite)
+    except (ValueError, OSError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
+        print(f"audioclr shard: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"rejected clips and reasons: {report.out_dir / REJECTED_NAME}")
+    return 0

@@ -1,0 +1,96 @@
+"""Clip lists for two generic layouts: a folder per label, or a CSV of ``path,label[,fold]``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from dataio.shard_writer import ClipItem, safe_key
+
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"})
+
+
+def _relative_key(relative: str) -> str:
+    """Tar key of a file from its path relative to the dataset root ("dog/a.wav" -> "dog_a_wav")."""
+    return safe_key(relative.replace("\\", "/").replace("/", "_").replace(".", "_"))
+
+
+def _is_audio(path: Path) -> bool:
+    hidden = path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in AUDIO_EXTENSIONS and not hidden
+
+
+def folder_items(src: Path) -> list[ClipItem]:
+    """One item per audio file under ``src/LABEL/`` (searched recursively), sorted by path.
+
+    Each sub-folder of ``src`` is a label; files directly in ``src``, hidden files and
+    files soundfile does not read (by extension) are ignored.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"layout folder: {src} is not a folder (one sub-folder per label)")
+    items = []
+    for label_dir in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in label_dir.rglob("*") if _is_audio(p)):
+            relative = path.relative_to(src).as_posix()
+            items.append(ClipItem(path=str(path), labels=[label_dir.name],
+                                  key=_relative_key(relative)))
+    return items
+
+
+def _header_columns(row: list[str]) -> dict[str, int] | None:
+    """Column positions if ``row`` is a header naming at least ``path`` and ``label``.
+
+    The ``"width"`` entry is the header's number of columns, the most a row may have.
+    """
+    names = [cell.strip().lower() for cell in row]
+    if "path" not in names or "label" not in names:
+        return None
+    columns = {name: names.index(name) for name in ("path", "label", "fold") if name in names}
+    return columns | {"width": len(names)}
+
+
+def _row_item(row: list[str], columns: dict[str, int], root: Path, where: str) -> ClipItem:
+    """The item of one CSV row; ``where`` ("file.csv line 7") names it in errors."""
+    needed = max(columns["path"], columns["label"]) + 1
+    if not needed <= len(row) <= columns["width"]:
+        raise ValueError(f"{where}: expected columns path,label[,fold] but got {len(row)}: {row}")
+    cells = [cell.strip() for cell in row]
+    path, label = cells[columns["path"]], cells[columns["label"]]
+    if not path or not label:
+        raise ValueError(f"{where}: empty path or label in {row}")
+    fold_at = columns.get("fold", len(cells))
+    fold_text = cells[fold_at] if fold_at < len(cells) else ""
+    try:
+        fold = int(fold_text) if fold_text else None
+    except ValueError:
+        raise ValueError(f"{where}: fold {fold_text!r} is not an integer") from None
+    full = Path(path) if Path(path).is_absolute() else root / path
+    return ClipItem(path=str(full), labels=[label], fold=fold, key=_relative_key(path))
+
+
+def csv_items(csv_path: Path) -> list[ClipItem]:
+    """One item per row of ``csv_path`` with columns ``path,label[,fold]``.
+
+    A first row naming ``path`` and ``label`` (and maybe ``fold``) is a header, and then
+    gives the column order; relative paths are relative to the CSV's folder. Blank lines
+    are skipped; a malformed row raises ValueError naming the CSV line.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ValueError(f"layout csv: {csv_path} is not a CSV file (columns path,label[,fold])")
+    items: list[ClipItem] = []
+    columns: dict[str, int] | None = None
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if columns is None:
+                columns = _header_columns(row)
+                if columns is not None:
+                    continue
+                columns = {"path": 0, "label": 1, "fold": 2, "width": 3}
+            where = f"{csv_path} line {reader.line_num}"
+            items.append(_row_item(row, columns, csv_path.parent, where))
+    return items

@@ -1,0 +1,48 @@
+"""Tiny hand-made shards for data tests (independent of the shard writer)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from dataio.manifest import Manifest, ShardInfo
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int = 16000,
+                classes: int = 3, seed: int = 0) -> Manifest:
+    """Shards with ``counts[i]`` clips in shard i; clip ``index`` runs 0..N-1 and each
+    clip is a tone whose frequency encodes its class (label ``c{index % classes}``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    index, shards = 0, []
+    for s, count in enumerate(counts):
+        url = f"shard-{s:05d}.tar"
+        with tarfile.open(folder / url, "w") as tar:
+            for _ in range(count):
+                t = np.arange(int(seconds * rate)) / rate
+                wave = 0.3 * np.sin(2 * np.pi * (200 + 300 * (index % classes)) * t) \
+                    + 0.01 * rng.standard_normal(len(t))
+                buf = io.BytesIO()
+                sf.write(buf, wave.astype(np.float32), rate, format="FLAC", subtype="PCM_16")
+                key = f"clip{index:05d}"
+                meta = {"index": index, "dataset": "tiny", "labels": [f"c{index % classes}"],
+                        "split": "train", "fold": index % 2 + 1, "duration": seconds}
+                _add(tar, key + ".flac", buf.getvalue())
+                _add(tar, key + ".json", json.dumps(meta).encode())
+                index += 1
+        shards.append(ShardInfo(url=url, count=count, bytes=(folder / url).stat().st_size))
+    manifest = Manifest(dataset="tiny", sample_rate=rate, num_clips=index, shards=shards,
+                        vocabulary=[f"c{i}" for i in range(classes)], root=folder)
+    manifest.write(folder)
+    return manifest

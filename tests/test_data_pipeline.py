@@ -1,0 +1,96 @@
+"""Splitting over ranks and workers, per-epoch reshuffle, equal step counts, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from dataio.manifest import ManifestError, load_manifest, split_for_worker, split_shards
+from dataio.pipeline import DataConfig, steps_per_epoch
+from dataio.torch_pipeline import wave_loader
+from tests.shard_utils import make_shards
+
+
+def _epoch(manifest, cfg, epoch, rank, world, start_step=0):
+    steps = steps_per_epoch(cfg, manifest, world)
+    return list(wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
+                            rank=rank, world_size=world, seed=3))
+
+
+def _indices(batches):
+    return [int(i) for b in batches for i in b["indices"]]
+
+
+@pytest.fixture(scope="module")
+def even(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("even"), [10] * 8)
+
+
+def test_two_ranks_two_workers_see_every_clip_once_per_epoch(even):
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=2, shuffle_buffer=7)
+    orders = []
+    for epoch in range(2):
+        seen = [i for rank in range(2) for i in _indices(_epoch(even, cfg, epoch, rank, 2))]
+        assert sorted(seen) == list(range(80))
+        orders.append(seen)
+    assert orders[0] != orders[1], "each epoch reshuffles"
+
+
+def test_fewer_shards_than_workers_split_by_sample(tmp_path):
+    manifest = make_shards(tmp_path, [12, 12])
+    cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=3, shuffle_buffer=5)
+    assert sorted(_indices(_epoch(manifest, cfg, 0, 0, 1))) == list(range(24))
+
+
+def test_uneven_shards_give_every_rank_the_same_number_of_steps(tmp_path):
+    manifest = make_shards(tmp_path, [3, 17, 5, 9, 11, 2])
+    cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=2)
+    steps = steps_per_epoch(cfg, manifest, 2)
+    assert steps == 47 // 8
+    for epoch in range(3):
+        counts = [len(_epoch(manifest, cfg, epoch, rank, 2)) for rank in range(2)]
+        assert counts == [steps, steps]
+
+
+def test_batches_hold_two_views_of_the_right_length(even):
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=0, view_seconds=0.5)
+    batch = _epoch(even, cfg, 0, 0, 1)[0]
+    assert batch["waves"].shape == (5, 2, 8000)
+    assert not torch.equal(batch["waves"][:, 0], batch["waves"][:, 1])
+    assert batch["labels"].tolist() == [i % 3 for i in batch["indices"].tolist()]
+
+
+def test_starting_mid_epoch_gives_the_same_batches(even):
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=2, shuffle_buffer=7)
+    full = _epoch(even, cfg, 1, 1, 2)
+    tail = _epoch(even, cfg, 1, 1, 2, start_step=3)
+    assert len(tail) == len(full) - 3
+    for a, b in zip(full[3:], tail):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["waves"], b["waves"])
+
+
+def test_corrupt_shard_is_skipped_and_counted(tmp_path):
+    manifest = make_shards(tmp_path, [10, 10])
+    path = tmp_path / "shard-00001.tar"
+    path.write_bytes(path.read_bytes()[:9000])  # truncated mid-member
+    cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0)
+    batches = _epoch(manifest, cfg, 0, 0, 1)
+    assert len(batches) == 5
+    assert sum(b["skipped"] for b in batches) > 0
+
+
+def test_missing_shard_named_at_start(tmp_path):
+    make_shards(tmp_path, [4, 4])
+    (tmp_path / "shard-00001.tar").unlink()
+    with pytest.raises(ManifestError, match="shard-00001.tar"):
+        load_manifest(tmp_path)
+
+
+def test_split_helpers():
+    assert split_shards(5, 1, 2) == [1, 3]
+    with pytest.raises(ManifestError, match="at least 3 shards"):
+        split_shards(2, 0, 3)
+    assert split_for_worker([0, 2, 4], 1, 2).shards == (2,)
+    w = split_for_worker([1], 1, 2)
+    assert (w.shards, w.sample_stride, w.sample_offset) == ((1,), 2, 1)
+    assert np.array_equal(sorted(split_for_worker([0, 1, 2, 3], 0, 2).shards), [0, 2])

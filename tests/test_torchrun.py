@@ -1,0 +1,51 @@
+"""Real launches: torchrun with two processes, and two torchrun agents as two nodes."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, cli_env, tiny_overrides
+from tests.dist_utils import free_port
+
+STEPS = 4
+
+
+def _train_args(shards, run_dir):
+    return ["-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), f"train.max_steps={STEPS}"]
+
+
+def _check_run(run_dir):
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    assert ckpt.name == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt", "state.pt"]
+    assert (run_dir / "encoder.safetensors").is_file() and (run_dir / "encoder.json").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+
+
+def _torchrun():
+    exe = shutil.which("torchrun")
+    return [exe] if exe else [PYTHON, "-m", "torch.distributed.run"]
+
+
+def test_torchrun_two_processes(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={free_port()}", *_train_args(tiny_shards, run_dir)],
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_run(run_dir)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tiny_shards, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    agents = [subprocess.Popen([*_torchrun(), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={n}",
+                                "--master-addr=127.0.0.1", f"--master-port={port}",
+                                *_train_args(tiny_shards, run_dir)],
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for n in range(2)]
+    for agent in agents:
+        output, _ = agent.communicate(timeout=300)
+        assert agent.returncode == 0, output[-3000:]
+    _check_run(run_dir)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Launch pretraining on this node as one of NNODES nodes (run the same line on every node).
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 GPUS=8 tools/launch_multinode.sh configs/demo.yaml data.shards=/data/x
+# Under SLURM: srun --nodes=2 --ntasks-per-node=1 env NODE_RANK=\$SLURM_NODEID tools/launch_multinode.sh ...
+set -euo pipefail
+config=${1:?usage: launch_multinode.sh CONFIG [key=value ...]}; shift
+: "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
+if [[ -z "${GPUS:-}" ]]; then
+  GPUS=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
+fi
+exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$GPUS" \
+  --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
+  -m trainer.pretrain --config "$config" "$@"

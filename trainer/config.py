@@ -1,0 +1,268 @@
+"""Typed configuration: dataclass schemas, YAML files, dotted command-line overrides.
+
+Every key is a dataclass field declared with :func:`option` (default, one-line doc,
+optional choices). ``load_config`` merges defaults <- YAML <- ``a.b=v`` overrides and
+checks every key and type before any work starts; a mistake raises
+:class:`ConfigError` naming the key (and the nearest valid names), which the command
+line turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dataio.schema import ConfigError, check, option  # noqa: F401  (re-exported)
+
+
+# ----------------------------------------------------------------------------- merging
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` and convert the harmless cases."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in fields:
+            near = difflib.get_close_matches(str(name), list(fields), n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else \
+                f" (valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})"
+            raise ConfigError(f"unknown key '{prefix}{name}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        key, hint, value = prefix + name, hints[name], values[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+            continue
+        value = _coerce(value, hint, key)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            maybe = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}{maybe}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=0.1", "train.resume=auto"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Any:
+    """Defaults of ``cls`` <- ``base`` <- YAML at ``path`` <- dotted ``overrides``."""
+    tree = dict(base or {})
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(cls, tree, "")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: ``name = default  # doc`` (for ``--help-config``)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += describe(hint, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        lines.append(f"{prefix}{f.name} = {default!r}{extra}  # {f.metadata.get('doc', '')}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- schema
+# Imported late: these modules import ``option``/``check`` from dataio.schema only.
+from dataclasses import dataclass  # noqa: E402
+
+from dataio.frontend import FrontendConfig  # noqa: E402
+from dataio.pipeline import DataConfig  # noqa: E402
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = option("resnet18", "encoder architecture", ("resnet18",))
+    width: int = option(64, "channels of the encoder's first stage (64 = the published ResNet)")
+    proj_hidden: int = option(512, "hidden units of the projection head")
+    proj_dim: int = option(128, "output size of the projection head")
+    global_bn: bool = option(True, "batch-norm statistics over the global batch (all ranks)")
+
+    def __post_init__(self) -> None:
+        check(self.width >= 4, "width", "must be >= 4")
+        check(self.proj_hidden > 0 and self.proj_dim > 0, "proj_dim", "head sizes must be positive")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = option("simclr", "training objective", ("simclr",))
+    temperature: float = option(0.2, "softmax temperature of the contrastive loss")
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "temperature", "must be positive")
+
+
+@dataclass
+class OptimConfig:
+    name: str = option("sgd", "optimizer", ("sgd", "lars"))
+    lr: float = option(0.1, "peak learning rate (after warm-up)")
+    momentum: float = option(0.9, "momentum")
+    weight_decay: float = option(1e-4, "weight decay of conv / linear weights (not biases or norms)")
+    lars_eta: float = option(0.001, "LARS trust coefficient")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    final_lr_ratio: float = option(0.0, "learning rate at the end of the cosine, as a fraction of lr")
+    grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)")
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", "must be positive")
+        check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(10, "epochs to train")
+    max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps per epoch)")
+    log_every: int = option(10, "steps between metric records")
+    ckpt_every: int = option(500, "steps between checkpoints (a final one is always written)")
+    keep_last: int = option(3, "checkpoints kept (older ones are deleted)")
+    resume: str = option("auto", "'auto' = newest checkpoint of run_dir, 'none', or a checkpoint folder")
+    precision: str = option("auto", "autocast dtype: auto = bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16"))
+    device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
+    engine: str = option("ddp", "how the model is replicated across ranks", ("ddp",))
+    progress: bool = option(True, "progress bar on rank 0")
+    tensorboard: bool = option(True, "write TensorBoard events to run_dir/tb")
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(self.max_steps >= 0, "max_steps", "must be >= 0")
+        check(self.log_every > 0, "log_every", "must be positive")
+        check(self.ckpt_every > 0, "ckpt_every", "must be positive")
+        check(self.keep_last > 0, "keep_last", "must be positive")
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = option("runs/pretrain", "where checkpoints, metrics and the encoder go")
+    seed: int = option(0, "seed of model init, data order and augmentation")
+    data: DataConfig = option(DataConfig(), "training data")
+    frontend: FrontendConfig = option(FrontendConfig(), "log-mel features")
+    model: ModelConfig = option(ModelConfig(), "encoder and projection head")
+    objective: ObjectiveConfig = option(ObjectiveConfig(), "training objective")
+    optim: OptimConfig = option(OptimConfig(), "optimizer and schedule")
+    train: TrainConfig = option(TrainConfig(), "loop, checkpoints and precision")
+
+    def __post_init__(self) -> None:
+        check(bool(self.data.shards), "data.shards", "is required (a folder with manifest.json)")

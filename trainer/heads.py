@@ -1,0 +1,39 @@
+"""Projection heads that map encoder embeddings to the space a contrastive loss uses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """Linear - BN - ReLU - Linear, L2-normalised output (SimCLR's MLP head).
+
+    [N, in_dim] -> [N, out_dim] unit vectors.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False),
+                                 nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(h), dim=-1)
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder + head applied to every view: views [B, V, C, F, T] -> z [B, V, D]."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        b, v = views.shape[:2]
+        # views are stacked view-major so each BN batch mixes all clips of one view
+        flat = views.transpose(0, 1).reshape(b * v, *views.shape[2:])
+        z = self.head(self.encoder(flat))
+        return z.reshape(v, b, -1).transpose(0, 1)

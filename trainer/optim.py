@@ -1,0 +1,82 @@
+"""Optimizers (SGD with momentum, LARS) and the warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    Each parameter's step is scaled by ``eta * |w| / (|g| + wd * |w|)``; groups with
+    ``lars_exclude=True`` (biases, norm layers) take plain SGD steps without weight decay.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d * trust
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights of convolutions and linear layers decay (and are LARS-adapted);
+    biases and normalisation parameters do not."""
+    decay, plain = [], []
+    for _, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            (plain if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": plain, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float,
+                    weight_decay: float, lars_eta: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        for g in groups:
+            g.pop("lars_exclude")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
+    raise ValueError(f"unknown optimizer '{name}': choose sgd or lars")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, final_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear from ~0 to 1 over ``warmup`` steps, then cosine
+    to ``final_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                    final_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup, total, final_ratio))

@@ -1,0 +1,257 @@
+"""Contrastive pretraining: ``audioclr pretrain --config X.yaml [a.b=v ...]``.
+
+Also ``python -m trainer.pretrain`` and ``torchrun ... -m trainer.pretrain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dataio.manifest import ManifestError, load_manifest
+from dataio.pipeline import Batch, epoch_batches, steps_per_epoch
+from trainer import distributed
+from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
+from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
+from trainer.encoders import build_encoder
+from trainer.engine import ENGINES
+from trainer.heads import ContrastiveModel, ProjectionHead
+from trainer.metrics import MetricWriter
+from trainer.objectives import build_objective
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.sync_bn import convert_global_bn
+
+log = logging.getLogger("audioclr.pretrain")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, ...); the message says why."""
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' asked for but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Pretrainer:
+    """Builds everything from a config, then ``train()`` runs (or resumes) the run."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.train.device, distributed.env_info().local_rank)
+        self.info = distributed.init(self.device.type)
+        self.run_dir = Path(cfg.run_dir)
+        self.manifest = load_manifest(cfg.data.shards)
+        if self.manifest.sample_rate != cfg.frontend.sample_rate:
+            raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
+                              f"shards' {self.manifest.sample_rate} Hz ({self.manifest.root})")
+        self.steps_per_epoch = steps_per_epoch(cfg.data, self.manifest, self.info.world_size)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        distributed.barrier()
+        self.engine = self._build_engine()
+        self.objective = build_objective(cfg.objective.name, cfg.objective.temperature, self.info.rank)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info)
+        self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
+        self.step = 0
+        self.stop_requested = False
+
+    def _build_engine(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        encoder = build_encoder(cfg.model.encoder, in_channels=cfg.frontend.channels, width=cfg.model.width)
+        head = ProjectionHead(encoder.embedding_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+        model = ContrastiveModel(encoder, head)
+        if cfg.model.global_bn:
+            model = convert_global_bn(model)
+        torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
+        optimizer = build_optimizer(cfg.optim.name, model, cfg.optim.lr, cfg.optim.momentum,
+                                    cfg.optim.weight_decay, cfg.optim.lars_eta)
+        scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, self.total_steps,
+                                    cfg.optim.final_lr_ratio)
+        dtype = {"fp32": None, "bf16": torch.bfloat16,
+                 "auto": torch.bfloat16 if self.device.type == "cuda" else None}[cfg.train.precision]
+        return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        shared = {"engine": self.engine.state_dict(), "objective": self.objective.state_dict(),
+                  "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                  "world_size": self.info.world_size, "config": to_dict(self.cfg)}
+        path = self.checkpointer.save(self.step, shared, {"rng": rng_state()})
+        log.info("checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        choice = self.cfg.train.resume
+        folder = self.checkpointer.latest() if choice == "auto" else None if choice == "none" else Path(choice)
+        if folder is None:
+            return
+        shared, mine = self.checkpointer.load(folder)
+        self._report_differences(shared)
+        self.engine.load_state_dict(shared["engine"])
+        self.objective.load_state_dict(shared["objective"])
+        self.step = int(shared["step"])
+        if mine is not None:
+            set_rng_state(mine["rng"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", folder, self.step)
+
+    def _report_differences(self, shared: dict) -> None:
+        old, new = _flatten(shared.get("config", {})), _flatten(to_dict(self.cfg))
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key) and key != "train.resume":
+                log.warning("resume: %s was %r, now %r", key, old.get(key), new.get(key))
+        if shared.get("steps_per_epoch") != self.steps_per_epoch:
+            log.warning("resume: %s steps per epoch, was %s: the data position is approximate",
+                        self.steps_per_epoch, shared.get("steps_per_epoch"))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> str:
+        """Run to ``total_steps`` (or until SIGTERM); returns 'finished' or 'interrupted'."""
+        self.maybe_resume()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        bar = self._progress_bar()
+        try:
+            while self.step < self.total_steps:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                for batch in self._batches(epoch, start):
+                    self.train_step(batch)
+                    bar.update(1)
+                    if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+                    if distributed.any_rank(self.stop_requested, self.device):
+                        self.save_checkpoint()
+                        log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun with "
+                                    "train.resume=auto to continue", self.step)
+                        return "interrupted"
+                    if self.step >= self.total_steps:
+                        break
+            self.save_checkpoint()
+            self.export()
+            return "finished"
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+
+    def _batches(self, epoch: int, start: int):
+        d = self.cfg.data
+        return epoch_batches(d, self.manifest, self.cfg.frontend, epoch=epoch, start_step=start,
+                             steps=self.steps_per_epoch, rank=self.info.rank,
+                             world_size=self.info.world_size, seed=self.cfg.seed, device=self.device)
+
+    def train_step(self, batch: Batch) -> None:
+        t0 = time.perf_counter()
+        self.engine.model.train()
+        z = self.engine.forward(batch.views)
+        loss = self.objective.loss(z, batch)
+        if distributed.any_rank(not bool(torch.isfinite(loss)), self.device):
+            raise TrainingError(f"the loss is not finite at step {self.step + 1} (lr {self.engine.lr:.3g}); "
+                                f"nothing was updated. Lower optim.lr or raise objective.temperature, "
+                                f"and resume from the last checkpoint in {self.checkpointer.root}")
+        self.engine.backward(loss)
+        grad_norm = self.engine.step()
+        self.step += 1
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+            seconds = time.perf_counter() - t0
+            values = distributed.reduce_mean({"loss": loss.item(), "skipped_clips": batch.skipped,
+                                              "step_seconds": seconds}, self.device)
+            values.update(lr=self.engine.lr, epoch=self.step / self.steps_per_epoch,
+                          clips_per_second=self.cfg.data.batch_size * self.info.world_size / max(seconds, 1e-9))
+            if grad_norm:
+                values["grad_norm"] = grad_norm
+            self.metrics.write(self.step, values)
+            log.debug("step %d loss %.4f", self.step, values["loss"])
+            self._last_loss = values["loss"]
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+        enabled = self.info.is_main and self.cfg.train.progress
+        return tqdm(total=self.total_steps, initial=self.step, disable=not enabled,
+                    desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def export(self) -> None:
+        if not self.info.is_main:
+            return
+        encoder = self.engine.module.encoder
+        meta = encoder_meta(self.cfg.model.encoder, self.cfg.model.width, self.cfg.frontend,
+                            encoder.embedding_dim, self.step, self.cfg.data.view_seconds)
+        path = export_encoder(encoder, meta, self.run_dir)
+        log.info("encoder exported to %s", path)
+
+    def close(self) -> None:
+        self.metrics.close()
+        distributed.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def run(cfg: PretrainConfig) -> str:
+    """Pretrain with ``cfg``; returns 'finished' or 'interrupted'."""
+    trainer = Pretrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="audioclr pretrain", description=__doc__)
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--help-config", action="store_true", help="list every key with its default and doc")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=5")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(distributed.env_info().rank)
+    if args.help_config:
+        from trainer.config import describe
+        print("\n".join(describe(PretrainConfig)))
+        return 0
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        status = run(cfg)
+    except (ConfigError, ManifestError) as err:
+        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+        return 1
+    log.info("pretraining %s: %s", status, cfg.run_dir)
+    return 0
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
