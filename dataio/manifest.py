@@ -44,19 +44,17 @@ class Manifest:
     vocabulary: list[str] = field(default_factory=list)
     multi_label: bool = False
     root: Path = Path(".")
+    _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._label_ids = {name: i for i, name in enumerate(self.vocabulary)}
 
     def shard_paths(self) -> list[Path]:
         return [self.root / s.url for s in self.shards]
 
     def label_id(self, label: str) -> int:
         """Position of ``label`` in the vocabulary (-1 if absent)."""
-        try:
-            return self._label_ids[label]
-        except AttributeError:
-            self._label_ids = {name: i for i, name in enumerate(self.vocabulary)}
-            return self._label_ids.get(label, -1)
-        except KeyError:
-            return -1
+        return self._label_ids.get(label, -1)
 
     def to_json(self) -> dict:
         return {

@@ -18,7 +18,8 @@ import io
 import itertools
 import json
 import logging
-from typing import Iterator
+import signal
+from collections.abc import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -156,6 +157,12 @@ class WaveBatches(IterableDataset):
         return views, label, index
 
 
+def _worker_init(_: int) -> None:
+    # a scheduler's SIGTERM goes to the whole process group: the trainer handles it (saves
+    # a checkpoint, then exits); its loader workers must live until then
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def wave_loader(cfg: DataConfig, manifest: Manifest, *, epoch: int, start_step: int, steps: int,
                 rank: int, world_size: int, seed: int) -> DataLoader:
     """A DataLoader over :class:`WaveBatches` (batching happens inside the workers)."""
@@ -163,4 +170,5 @@ def wave_loader(cfg: DataConfig, manifest: Manifest, *, epoch: int, start_step: 
                           rank=rank, world_size=world_size, seed=seed)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       prefetch_factor=2 if cfg.num_workers else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init)

@@ -1,7 +1,6 @@
 """Typed config: YAML + dotted overrides; mistakes stop the program with exit 2, naming the key."""
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,13 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 def test_overrides_parse_as_yaml_values():
     assert parse_overrides(["optim.lr=0.5", "train.resume=auto", "data.num_views=3", "x.y=true"]) == {
         "optim": {"lr": 0.5}, "train": {"resume": "auto"}, "data": {"num_views": 3}, "x": {"y": True}}
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  shards: /s\noptim:\n  weight_decay: 1e-6\n")
+    cfg = load_config(PretrainConfig, path, ["optim.lr=3e-4"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (3e-4, 1e-6)
 
 
 def test_yaml_then_overrides(tmp_path):

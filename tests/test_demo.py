@@ -21,3 +21,4 @@ def test_short_demo_beats_chance(tmp_path):
     assert summary["knn_accuracy"] > chance + 0.1
     assert (tmp_path / "run" / "eval" / "knn.json").is_file()
     assert (tmp_path / "run" / "eval" / "knn_random_init.json").is_file()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*")), "TensorBoard events"

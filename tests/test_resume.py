@@ -54,6 +54,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_shards,
     out = subprocess.run(_cmd(tiny_shards, killed, "train.ckpt_every=7"), env=cli_env(),
                          check=True, capture_output=True, text=True)
     assert "resumed from" in out.stderr
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert kept == ["step_00000021", "step_00000028", f"step_{TOTAL:08d}"], "the last 3 are kept"
     _assert_same(_final_state(ref), _final_state(killed))
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, TOTAL + 1)), "metrics read as one run"

@@ -4,11 +4,21 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.dist_utils import free_port
+from tests.shard_utils import make_shards
 
-STEPS = 4
+STEPS = 6  # more than one epoch: 27 clips // (2 ranks x 4) = 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """Ranks get 3 + 9 or 5 + 10 clips: the rank with fewer must not leave the other hanging."""
+    folder = tmp_path_factory.mktemp("uneven")
+    make_shards(folder, [3, 5, 9, 10], seconds=0.8)
+    return folder
 
 
 def _train_args(shards, run_dir):
@@ -21,6 +31,8 @@ def _check_run(run_dir):
     assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt", "state.pt"]
     assert (run_dir / "encoder.safetensors").is_file() and (run_dir / "encoder.json").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == STEPS and resolved["data"]["batch_size"] == 4
 
 
 def _torchrun():
@@ -28,21 +40,21 @@ def _torchrun():
     return [exe] if exe else [PYTHON, "-m", "torch.distributed.run"]
 
 
-def test_torchrun_two_processes(tiny_shards, tmp_path):
+def test_torchrun_two_processes(uneven_shards, tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", *_train_args(tiny_shards, run_dir)],
+                          f"--master-port={free_port()}", *_train_args(uneven_shards, run_dir)],
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_run(run_dir)
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback(tiny_shards, tmp_path):
+def test_two_nodes_on_loopback(uneven_shards, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     agents = [subprocess.Popen([*_torchrun(), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={n}",
                                 "--master-addr=127.0.0.1", f"--master-port={port}",
-                                *_train_args(tiny_shards, run_dir)],
+                                *_train_args(uneven_shards, run_dir)],
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for n in range(2)]
     for agent in agents:

@@ -27,7 +27,7 @@ def _demo_corpus(argv: list[str]) -> int:
 
 
 def _shard(argv: list[str]) -> int:
-    from dataio.shard_writer import add_shard_arguments, run_shard
+    from dataio.shard_cli import add_shard_arguments, run_shard
 
     p = argparse.ArgumentParser(prog="audioclr shard", description="Write audio files as WebDataset shards.")
     add_shard_arguments(p)

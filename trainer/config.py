@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
-
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ import yaml
 
 from dataio.schema import ConfigError, check, option  # noqa: F401  (re-exported)
 
-
 # ----------------------------------------------------------------------------- merging
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
@@ -58,6 +60,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -132,13 +132,14 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
 
 
 @torch.no_grad()
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a SIGTERM)."""
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one (a SIGTERM, a NaN),
+    so all ranks take the same branch; one collective for all flags."""
     if not is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def broadcast_object(obj, src: int = 0):

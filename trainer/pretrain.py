@@ -6,7 +6,6 @@ Also ``python -m trainer.pretrain`` and ``torchrun ... -m trainer.pretrain``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
@@ -68,6 +67,7 @@ class Pretrainer:
         self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
         self.step = 0
         self.stop_requested = False
+        self._last_loss: float | None = None
 
     def _build_engine(self):
         cfg = self.cfg
@@ -129,15 +129,17 @@ class Pretrainer:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 for batch in self._batches(epoch, start):
-                    self.train_step(batch)
+                    stop = self.train_step(batch)
                     bar.update(1)
-                    if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total_steps:
-                        self.save_checkpoint()
-                    if distributed.any_rank(self.stop_requested, self.device):
+                    if self._last_loss is not None:
+                        bar.set_postfix(loss=f"{self._last_loss:.3f}", refresh=False)
+                    if stop:
                         self.save_checkpoint()
                         log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun with "
                                     "train.resume=auto to continue", self.step)
                         return "interrupted"
+                    if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
                     if self.step >= self.total_steps:
                         break
             self.save_checkpoint()
@@ -153,12 +155,15 @@ class Pretrainer:
                              steps=self.steps_per_epoch, rank=self.info.rank,
                              world_size=self.info.world_size, seed=self.cfg.seed, device=self.device)
 
-    def train_step(self, batch: Batch) -> None:
+    def train_step(self, batch: Batch) -> bool:
+        """One optimisation step; returns True when some rank was asked to stop (SIGTERM)."""
         t0 = time.perf_counter()
         self.engine.model.train()
         z = self.engine.forward(batch.views)
         loss = self.objective.loss(z, batch)
-        if distributed.any_rank(not bool(torch.isfinite(loss)), self.device):
+        nonfinite, stop = distributed.any_rank([not bool(torch.isfinite(loss)), self.stop_requested],
+                                               self.device)
+        if nonfinite:
             raise TrainingError(f"the loss is not finite at step {self.step + 1} (lr {self.engine.lr:.3g}); "
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
                                 f"and resume from the last checkpoint in {self.checkpointer.root}")
@@ -174,8 +179,8 @@ class Pretrainer:
             if grad_norm:
                 values["grad_norm"] = grad_norm
             self.metrics.write(self.step, values)
-            log.debug("step %d loss %.4f", self.step, values["loss"])
             self._last_loss = values["loss"]
+        return stop
 
     def _progress_bar(self):
         from tqdm import tqdm

@@ -1,0 +1,34 @@
+import math
+
+import pytest
+import torch
+
+from trainer.optim import LARS, build_optimizer, param_groups, warmup_cosine
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110, final_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_lars_step_follows_the_trust_ratio():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w], "weight_decay": 0.1, "lars_exclude": False},
+                {"params": [b], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5, eta=0.01)
+    w.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0])
+    opt.step()
+    d = torch.tensor([1.0, 0.0]) + 0.1 * torch.tensor([3.0, 4.0])
+    trust = 0.01 * 5.0 / float(torch.linalg.vector_norm(d))
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 0.5 * trust * d)
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
+
+
+def test_biases_and_norms_do_not_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    decay, plain = param_groups(model, 1e-4)
+    assert len(decay["params"]) == 1 and len(plain["params"]) == 3 and plain["weight_decay"] == 0
+    assert isinstance(build_optimizer("sgd", model, 0.1, 0.9, 1e-4, 0.001), torch.optim.SGD)
+    assert not math.isnan(build_optimizer("lars", model, 0.1, 0.9, 1e-4, 0.001).param_groups[0]["lr"])
