@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,17 +12,18 @@ from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import Manifest
 from dataio.schema import check, option
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "dali")
 
 
 @dataclass
 class DataConfig:
     shards: str = option("", "folder holding manifest.json and the training shards")
-    backend: str = option("torch", "data back end: webdataset + torchaudio", BACKENDS)
+    backend: str = option("torch", "data back end: torch (webdataset + torchaudio) or dali", BACKENDS)
     batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
-    num_workers: int = option(2, "loader worker processes per rank")
+    num_workers: int = option(2, "loader worker processes per rank (DALI: CPU threads)")
     num_views: int = option(2, "views drawn from each clip")
     view_seconds: float = option(1.0, "length of one view, seconds")
+    pairs_per_clip: int = option(1, "view sets drawn from one decoded clip (long clips pay their decode once)")
     gain_db: float = option(6.0, "random gain of each view, +- dB (0 = off)")
     shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
     steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
@@ -31,6 +33,8 @@ class DataConfig:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(self.view_seconds > 0, "view_seconds", "must be positive")
+        check(self.pairs_per_clip >= 1 and self.batch_size % self.pairs_per_clip == 0, "pairs_per_clip",
+              f"must be >= 1 and divide batch_size ({self.batch_size})")
         check(self.gain_db >= 0, "gain_db", "must be >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
@@ -57,9 +61,10 @@ def steps_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int
     alone, so no rank waits on another that ran out of data."""
     if cfg.steps_per_epoch:
         return cfg.steps_per_epoch
-    steps = manifest.num_clips // (world_size * cfg.batch_size)
-    check(steps > 0, "data.batch_size", f"{world_size} rank(s) x {cfg.batch_size} clips exceeds "
-          f"the {manifest.num_clips} clips of {manifest.root}: lower the batch size")
+    clips_per_step = world_size * cfg.batch_size // cfg.pairs_per_clip
+    steps = manifest.num_clips // clips_per_step
+    check(steps > 0, "data.batch_size", f"{world_size} rank(s) x {cfg.batch_size // cfg.pairs_per_clip} "
+          f"clips exceeds the {manifest.num_clips} clips of {manifest.root}: lower the batch size")
     return steps
 
 
@@ -81,7 +86,7 @@ class DeviceFeeder:
 def epoch_batches(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, epoch: int,
                   start_step: int, steps: int, rank: int, world_size: int, seed: int,
                   device: torch.device) -> Iterator[Batch]:
-    """Batches ``start_step .. steps-1`` of ``epoch`` for ``rank``, on ``device``."""
+    """Batches ``start_step .. steps-1`` of ``epoch`` for ``rank`` from the webdataset back end."""
     from dataio.torch_pipeline import wave_loader
 
     loader = wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
@@ -89,3 +94,46 @@ def epoch_batches(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig,
     feed = DeviceFeeder(frontend, device)
     for wave_batch in loader:
         yield feed(wave_batch)
+
+
+class TorchSource:
+    """The webdataset back end: a fresh loader per epoch, positioned from the step alone."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, rank: int,
+                 world_size: int, seed: int, device: torch.device, steps: int):
+        self.kwargs = dict(rank=rank, world_size=world_size, seed=seed, device=device, steps=steps)
+        self.cfg, self.manifest, self.frontend = cfg, manifest, frontend
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        return epoch_batches(self.cfg, self.manifest, self.frontend, epoch=epoch, start_step=start_step,
+                             **self.kwargs)
+
+    def state(self) -> None:
+        return None
+
+
+class DaliSource:
+    """The DALI back end: one endless pipeline; its position is DALI's pipeline checkpoint."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, rank: int,
+                 world_size: int, seed: int, device: torch.device, steps: int, state: str | None):
+        from dataio.dali_pipeline import DaliBatches
+
+        self.steps = steps
+        self.batches = DaliBatches(cfg, manifest, frontend, rank=rank, world_size=world_size, seed=seed,
+                                   device=device, checkpoint=state)
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        return itertools.islice(self.batches, self.steps - start_step)
+
+    def state(self) -> str:
+        return self.batches.state()
+
+
+def open_source(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, rank: int,
+                world_size: int, seed: int, device: torch.device, steps: int, state=None):
+    """The configured back end; ``state`` is what its ``state()`` returned at a checkpoint."""
+    kwargs = dict(rank=rank, world_size=world_size, seed=seed, device=device, steps=steps)
+    if cfg.backend == "dali":
+        return DaliSource(cfg, manifest, frontend, state=state, **kwargs)
+    return TorchSource(cfg, manifest, frontend, **kwargs)

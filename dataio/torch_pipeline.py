@@ -114,8 +114,8 @@ class WaveBatches(IterableDataset):
         rng = np.random.default_rng((self.seed, self.epoch, self.rank, logical, 7))
         samples = _shuffled(_worker_stream(self.manifest, split, rank_seed, errors),
                             self.cfg.shuffle_buffer, rng)
-        bsz = self.cfg.batch_size
-        for _ in itertools.islice(samples, bsz * sum(s < self.start_step for s in my_steps)):
+        clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
+        for _ in itertools.islice(samples, clips * sum(s < self.start_step for s in my_steps)):
             pass
         for step in my_steps:
             if step < self.start_step:
@@ -125,21 +125,22 @@ class WaveBatches(IterableDataset):
     def _batch(self, samples: Iterator[tuple], errors: list) -> dict:
         waves, labels, indices, keys = [], [], [], []
         skipped_before = len(errors)
+        k = self.cfg.pairs_per_clip
         while len(waves) < self.cfg.batch_size:
             pass_no, sample = next(samples)
             clip = self._decode(sample, pass_no, errors)
             if clip is None:
                 continue
-            waves.append(clip[0])
-            labels.append(clip[1])
-            indices.append(clip[2])
-            keys.append(sample["__key__"])
+            waves.extend(clip[0].reshape(k, self.cfg.num_views, -1))
+            labels.extend([clip[1]] * k)
+            indices.extend([clip[2]] * k)
+            keys.extend([sample["__key__"]] * k)
         return {"waves": torch.from_numpy(np.stack(waves)), "labels": torch.tensor(labels),
                 "indices": torch.tensor(indices), "keys": keys,
                 "skipped": len(errors) - skipped_before}
 
     def _decode(self, sample: dict, pass_no: int, errors: list):
-        """(views [V, S], label id, index) of one raw sample, or None if it is broken."""
+        """(views [K*V, S], label id, index) of one raw sample, or None if it is broken."""
         try:
             meta = json.loads(sample["json"])
             wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
@@ -151,7 +152,8 @@ class WaveBatches(IterableDataset):
             return None
         index = int(meta["index"])
         rng = np.random.default_rng((self.seed, self.epoch, index, pass_no))
-        views = draw_views(wave.mean(axis=1), self.cfg.num_views, self.view_len, self.cfg.gain_db, rng)
+        views = draw_views(wave.mean(axis=1), self.cfg.num_views * self.cfg.pairs_per_clip, self.view_len,
+                           self.cfg.gain_db, rng)
         labels = meta.get("labels") or []
         label = self.manifest.label_id(labels[0]) if labels else -1
         return views, label, index

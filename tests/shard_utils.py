@@ -46,3 +46,25 @@ def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int
                         vocabulary=[f"c{i}" for i in range(classes)], root=folder)
     manifest.write(folder)
     return manifest
+
+
+def write_dali_indexes(folder: Path) -> None:
+    """DALI index files for hand-made shards (the shard writer makes its own)."""
+    from dataio.shard_writer import write_dali_index
+
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in manifest["shards"]:
+        lines, current, members = [], None, []
+        with tarfile.open(folder / shard["url"]) as tar:
+            for info in tar.getmembers():
+                key, ext = info.name.rsplit(".", 1)
+                if key != current and members:
+                    lines.append(" ".join(members))
+                    members = []
+                current = key
+                members.append(f"{ext} {info.offset_data} {info.size} {info.name}")
+        lines.append(" ".join(members))
+        shard["index_file"] = shard["url"].replace(".tar", ".idx")
+        write_dali_index(folder / shard["index_file"], lines)
+    manifest_path.write_text(json.dumps(manifest))

@@ -1,17 +1,20 @@
 """A run killed with SIGKILL (or stopped by SIGTERM) and resumed ends where an
 uninterrupted run ends: same weights, same optimizer state."""
 
+import importlib.util
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 
 TOTAL = 30
+needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
 
 
 def _cmd(shards, run_dir, *extra):
@@ -43,15 +46,17 @@ def _run_until(cmd, marker: Path, sig: int) -> subprocess.Popen:
     return proc
 
 
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_shards, tmp_path, backend):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(tiny_shards, ref), env=cli_env(), check=True, capture_output=True)
+    use = f"data.backend={backend}"
+    subprocess.run(_cmd(tiny_shards, ref, use), env=cli_env(), check=True, capture_output=True)
     # step 7 is mid-epoch (6 steps per epoch): the data position must be restored too
-    _run_until(_cmd(tiny_shards, killed, "train.ckpt_every=7"),
+    _run_until(_cmd(tiny_shards, killed, "train.ckpt_every=7", use),
                killed / "checkpoints" / "step_00000007", signal.SIGKILL)
     done = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert f"step_{TOTAL:08d}" not in done, "the run finished before it was killed"
-    out = subprocess.run(_cmd(tiny_shards, killed, "train.ckpt_every=7"), env=cli_env(),
+    out = subprocess.run(_cmd(tiny_shards, killed, "train.ckpt_every=7", use), env=cli_env(),
                          check=True, capture_output=True, text=True)
     assert "resumed from" in out.stderr
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir())

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dataio.manifest import ManifestError, load_manifest
-from dataio.pipeline import Batch, epoch_batches, steps_per_epoch
+from dataio.pipeline import Batch, open_source, steps_per_epoch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
@@ -68,6 +68,8 @@ class Pretrainer:
         self.step = 0
         self.stop_requested = False
         self._last_loss: float | None = None
+        self._data_state = None  # a data back end's own position (DALI), from the checkpoint
+        self.source = None
 
     def _build_engine(self):
         cfg = self.cfg
@@ -91,7 +93,7 @@ class Pretrainer:
         shared = {"engine": self.engine.state_dict(), "objective": self.objective.state_dict(),
                   "step": self.step, "steps_per_epoch": self.steps_per_epoch,
                   "world_size": self.info.world_size, "config": to_dict(self.cfg)}
-        path = self.checkpointer.save(self.step, shared, {"rng": rng_state()})
+        path = self.checkpointer.save(self.step, shared, {"rng": rng_state(), "data": self.source.state()})
         log.info("checkpoint %s", path)
         return path
 
@@ -107,6 +109,11 @@ class Pretrainer:
         self.step = int(shared["step"])
         if mine is not None:
             set_rng_state(mine["rng"])
+            self._data_state = mine.get("data")
+        if shared.get("world_size") != self.info.world_size and self.cfg.data.backend == "dali":
+            log.warning("resume: %s ranks, was %s: the DALI readers restart their epoch",
+                        self.info.world_size, shared.get("world_size"))
+            self._data_state = None
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", folder, self.step)
 
@@ -123,12 +130,15 @@ class Pretrainer:
     def train(self) -> str:
         """Run to ``total_steps`` (or until SIGTERM); returns 'finished' or 'interrupted'."""
         self.maybe_resume()
+        self.source = open_source(self.cfg.data, self.manifest, self.cfg.frontend, rank=self.info.rank,
+                                  world_size=self.info.world_size, seed=self.cfg.seed, device=self.device,
+                                  steps=self.steps_per_epoch, state=self._data_state)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = self._progress_bar()
         try:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
-                for batch in self._batches(epoch, start):
+                for batch in self.source.epoch(epoch, start):
                     stop = self.train_step(batch)
                     bar.update(1)
                     if self._last_loss is not None:
@@ -148,12 +158,6 @@ class Pretrainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
-
-    def _batches(self, epoch: int, start: int):
-        d = self.cfg.data
-        return epoch_batches(d, self.manifest, self.cfg.frontend, epoch=epoch, start_step=start,
-                             steps=self.steps_per_epoch, rank=self.info.rank,
-                             world_size=self.info.world_size, seed=self.cfg.seed, device=self.device)
 
     def train_step(self, batch: Batch) -> bool:
         """One optimisation step; returns True when some rank was asked to stop (SIGTERM)."""
