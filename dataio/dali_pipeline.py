@@ -21,7 +21,7 @@ import torch
 
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest
-from dataio.pipeline import Batch, DataConfig
+from dataio.pipeline import Batch, DataConfig, DataError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,18 @@ class DaliBatches:
         device_id = device.index or 0 if device.type == "cuda" else None
         pipe = build_pipeline(data, manifest, frontend, rank=rank, world_size=world_size, seed=seed,
                               device_id=device_id, checkpoint=checkpoint)
-        self.iterator = DALIGenericIterator([pipe], ["views", "meta", "info"])
+        try:  # the iterator decodes its first batch right away
+            self.iterator = DALIGenericIterator([pipe], ["views", "meta", "info"])
+        except RuntimeError as err:
+            raise self._failure(err) from None
+
+    def _failure(self, err: RuntimeError) -> DataError:
+        lines = str(err).splitlines() or ["unknown error"]
+        reason = next((ln for ln in lines if "ailed" in ln), lines[0]).strip()
+        return DataError(
+            f"DALI stopped on a clip of {self.manifest.root} it could not read ({reason}). DALI cannot "
+            f"skip a broken member: list the broken ones with `audioclr check-shards {self.manifest.root}` "
+            f"and re-shard them, or train with data.backend=torch, which skips and counts such clips")
 
     def state(self) -> str:
         return self.iterator.checkpoints()[0]
@@ -143,7 +154,10 @@ class DaliBatches:
         return self
 
     def __next__(self) -> Batch:
-        out = next(self.iterator)[0]
+        try:
+            out = next(self.iterator)[0]
+        except RuntimeError as err:
+            raise self._failure(err) from None
         k, v = self.data.pairs_per_clip, self.data.num_views
         views = out["views"]
         views = views.reshape(-1, k, v, *views.shape[-2:]).reshape(-1, v, 1, *views.shape[-2:])
@@ -152,11 +166,12 @@ class DaliBatches:
         metas = [json.loads(s) for s in _strings(out["meta"])]
         labels = [self.manifest.label_id(m["labels"][0]) if m.get("labels") else -1 for m in metas]
         keys = [s.rsplit(":", 1)[-1].rsplit(".", 1)[0] for s in _strings(out["info"])]
+        short = sum(float(m.get("duration", 0.0)) < self.data.view_seconds for m in metas)
         rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
         return Batch(views=views.to(self.device, non_blocking=True),
                      labels=torch.tensor(rep(labels), device=self.device),
                      indices=torch.tensor(rep([int(m["index"]) for m in metas]), device=self.device),
-                     keys=rep(keys))
+                     keys=rep(keys), short=short * k)
 
 
 def dali_available() -> bool:

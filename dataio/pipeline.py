@@ -25,6 +25,8 @@ class DataConfig:
     view_seconds: float = option(1.0, "length of one view, seconds")
     pairs_per_clip: int = option(1, "view sets drawn from one decoded clip (long clips pay their decode once)")
     gain_db: float = option(6.0, "random gain of each view, +- dB (0 = off)")
+    short_clips: str = option("pad", "clips shorter than a view: zero-padded (at a random offset) or "
+                              "skipped (torch back end only); counted either way", ("pad", "skip"))
     shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
     steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
 
@@ -38,6 +40,12 @@ class DataConfig:
         check(self.gain_db >= 0, "gain_db", "must be >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
+        check(not (self.backend == "dali" and self.short_clips == "skip"), "short_clips",
+              "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
+
+
+class DataError(RuntimeError):
+    """The data cannot be read as configured; the message says what to do."""
 
 
 @dataclass
@@ -46,7 +54,8 @@ class Batch:
 
     views: [B, V, C, F, T] normalised log-mel; labels: [B] int64 (-1 = unlabelled);
     indices: [B] int64 dataset positions (the shards' ``index``); keys: B clip keys;
-    skipped: clips that failed to decode while this batch was assembled.
+    skipped: clips that failed to decode (or were too short, with short_clips=skip) while
+    this batch was assembled; short: clips in it shorter than a view (zero-padded).
     """
 
     views: torch.Tensor
@@ -54,6 +63,7 @@ class Batch:
     indices: torch.Tensor
     keys: list[str]
     skipped: int = 0
+    short: int = 0
 
 
 def steps_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int:
@@ -80,7 +90,8 @@ class DeviceFeeder:
         return Batch(views=self.logmel(waves),
                      labels=wave_batch["labels"].to(self.device, non_blocking=True),
                      indices=wave_batch["indices"].to(self.device, non_blocking=True),
-                     keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]))
+                     keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]),
+                     short=int(wave_batch["short"]))
 
 
 def epoch_batches(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, epoch: int,

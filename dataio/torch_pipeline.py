@@ -124,23 +124,29 @@ class WaveBatches(IterableDataset):
 
     def _batch(self, samples: Iterator[tuple], errors: list) -> dict:
         waves, labels, indices, keys = [], [], [], []
-        skipped_before = len(errors)
+        skipped_before, short = len(errors), 0
         k = self.cfg.pairs_per_clip
         while len(waves) < self.cfg.batch_size:
             pass_no, sample = next(samples)
             clip = self._decode(sample, pass_no, errors)
             if clip is None:
                 continue
+            if clip[3] < self.view_len:
+                if self.cfg.short_clips == "skip":
+                    errors.append(f"{sample['__key__']}: {clip[3]} samples, shorter than a view")
+                    continue
+                short += k
             waves.extend(clip[0].reshape(k, self.cfg.num_views, -1))
             labels.extend([clip[1]] * k)
             indices.extend([clip[2]] * k)
             keys.extend([sample["__key__"]] * k)
         return {"waves": torch.from_numpy(np.stack(waves)), "labels": torch.tensor(labels),
                 "indices": torch.tensor(indices), "keys": keys,
-                "skipped": len(errors) - skipped_before}
+                "skipped": len(errors) - skipped_before, "short": short}
 
     def _decode(self, sample: dict, pass_no: int, errors: list):
-        """(views [K*V, S], label id, index) of one raw sample, or None if it is broken."""
+        """(views [K*V, S], label id, index, length in samples) of one raw sample, or None
+        if it is broken."""
         try:
             meta = json.loads(sample["json"])
             wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
@@ -156,7 +162,7 @@ class WaveBatches(IterableDataset):
                            self.cfg.gain_db, rng)
         labels = meta.get("labels") or []
         label = self.manifest.label_id(labels[0]) if labels else -1
-        return views, label, index
+        return views, label, index, wave.shape[0]
 
 
 def _worker_init(_: int) -> None:

@@ -68,3 +68,15 @@ def write_dali_indexes(folder: Path) -> None:
         shard["index_file"] = shard["url"].replace(".tar", ".idx")
         write_dali_index(folder / shard["index_file"], lines)
     manifest_path.write_text(json.dumps(manifest))
+
+
+def corrupt_member(shard: Path, which: int = 2, ext: str = "flac") -> str:
+    """Overwrite the payload of the ``which``-th ``.ext`` member with noise (size kept);
+    returns the member's key."""
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("." + ext)][which]
+    data = bytearray(shard.read_bytes())
+    noise = np.random.default_rng(0).integers(0, 255, member.size, dtype=np.uint8).tobytes()
+    data[member.offset_data:member.offset_data + member.size] = noise
+    shard.write_bytes(bytes(data))
+    return member.name.rsplit(".", 1)[0]

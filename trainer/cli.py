@@ -34,6 +34,11 @@ def _shard(argv: list[str]) -> int:
     return run_shard(p.parse_args(argv))
 
 
+def _check_shards(argv: list[str]) -> int:
+    from dataio.check_shards import main
+    return main(argv)
+
+
 def _pretrain(argv: list[str]) -> int:
     from trainer.pretrain import main
     return main(argv)
@@ -52,6 +57,7 @@ def _demo(argv: list[str]) -> int:
 COMMANDS = {
     "demo-corpus": (_demo_corpus, "synthesize the embedded default corpus as shards"),
     "shard": (_shard, "write audio files (folder or csv layout) as WebDataset shards"),
+    "check-shards": (_check_shards, "decode every clip of a shard folder and list the broken ones"),
     "pretrain": (_pretrain, "contrastive pretraining from a YAML recipe"),
     "eval": (_eval, "evaluate a run's exported encoder (kNN)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),

@@ -131,6 +131,12 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+def reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum scalar counts over ranks."""
+    world = dist.get_world_size() if is_initialized() else 1
+    return {k: v * world for k, v in reduce_mean(values, device).items()}
+
+
 @torch.no_grad()
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag true on every rank when it is true on at least one (a SIGTERM, a NaN),

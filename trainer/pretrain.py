@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dataio.manifest import ManifestError, load_manifest
-from dataio.pipeline import Batch, open_source, steps_per_epoch
+from dataio.pipeline import Batch, DataError, open_source, steps_per_epoch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
@@ -138,7 +138,10 @@ class Pretrainer:
         try:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
+                counts = {"skipped": 0, "short": 0}
                 for batch in self.source.epoch(epoch, start):
+                    counts["skipped"] += batch.skipped
+                    counts["short"] += batch.short
                     stop = self.train_step(batch)
                     bar.update(1)
                     if self._last_loss is not None:
@@ -152,6 +155,7 @@ class Pretrainer:
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
                         break
+                self._log_epoch_counts(epoch, counts)
             self.save_checkpoint()
             self.export()
             return "finished"
@@ -185,6 +189,15 @@ class Pretrainer:
             self.metrics.write(self.step, values)
             self._last_loss = values["loss"]
         return stop
+
+    def _log_epoch_counts(self, epoch: int, counts: dict) -> None:
+        """Clips left out (undecodable, or short with short_clips=skip) and zero-padded
+        (shorter than a view) in this epoch, summed over ranks."""
+        totals = distributed.reduce_sum(counts, self.device)
+        if totals["skipped"] or totals["short"]:
+            log.warning("epoch %d: %d clip(s) skipped (undecodable or too short), %d padded "
+                        "(shorter than a view)", epoch, totals["skipped"], totals["short"])
+            self.metrics.write(self.step, {f"epoch_{k}_clips": v for k, v in totals.items()})
 
     def _progress_bar(self):
         from tqdm import tqdm
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as err:
         print(f"audioclr pretrain: error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, DataError) as err:
         print(f"audioclr pretrain: error: {err}", file=sys.stderr)
         return 1
     log.info("pretraining %s: %s", status, cfg.run_dir)
