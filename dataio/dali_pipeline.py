@@ -164,12 +164,12 @@ class DaliBatches:
         if self.frontend.channels > 1:
             views = views.expand(-1, -1, self.frontend.channels, -1, -1)
         metas = [json.loads(s) for s in _strings(out["meta"])]
-        labels = [self.manifest.label_id(m["labels"][0]) if m.get("labels") else -1 for m in metas]
+        labels = np.asarray([self.manifest.label_target(m.get("labels") or []) for m in metas])
         keys = [s.rsplit(":", 1)[-1].rsplit(".", 1)[0] for s in _strings(out["info"])]
         short = sum(float(m.get("duration", 0.0)) < self.data.view_seconds for m in metas)
         rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
         return Batch(views=views.to(self.device, non_blocking=True),
-                     labels=torch.tensor(rep(labels), device=self.device),
+                     labels=torch.from_numpy(np.repeat(labels, k, axis=0)).to(self.device),
                      indices=torch.tensor(rep([int(m["index"]) for m in metas]), device=self.device),
                      keys=rep(keys), short=short * k)
 

@@ -10,7 +10,10 @@ file per tar and ``manifest.json``::
 
 Shard urls are relative to the manifest's folder. The per-clip JSON is
 ``{"index", "dataset", "labels", "split", "fold", "duration"}`` where ``index`` is the
-clip's position in the whole dataset (0..num_clips-1).
+clip's position in the whole dataset (0..num_clips-1), plus ``"subset"`` where a dataset
+has named subsets (AudioSet's segment lists, FSDnoisy18k's clean / noisy parts).
+``vocabulary`` is in the dataset's official label order where it has one; with
+``multi_label`` the batches carry multi-hot label vectors over it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -55,6 +60,16 @@ class Manifest:
     def label_id(self, label: str) -> int:
         """Position of ``label`` in the vocabulary (-1 if absent)."""
         return self._label_ids.get(label, -1)
+
+    def label_target(self, names: list[str]):
+        """A clip's training label: for single-label data the id of its first label (-1 if
+        none); for multi-label data a multi-hot float32 vector over the vocabulary."""
+        if not self.multi_label:
+            return self.label_id(names[0]) if names else -1
+        target = np.zeros(len(self.vocabulary), dtype=np.float32)
+        ids = [self.label_id(n) for n in names]
+        target[[i for i in ids if i >= 0]] = 1.0
+        return target
 
     def to_json(self) -> dict:
         return {

@@ -52,7 +52,8 @@ class DataError(RuntimeError):
 class Batch:
     """One training batch on the training device.
 
-    views: [B, V, C, F, T] normalised log-mel; labels: [B] int64 (-1 = unlabelled);
+    views: [B, V, C, F, T] normalised log-mel; labels: [B] int64 (-1 = unlabelled), or
+    [B, num_classes] float32 multi-hot when the manifest is multi-label;
     indices: [B] int64 dataset positions (the shards' ``index``); keys: B clip keys;
     skipped: clips that failed to decode (or were too short, with short_clips=skip) while
     this batch was assembled; short: clips in it shorter than a view (zero-padded).
@@ -79,15 +80,19 @@ def steps_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int
 
 
 class DeviceFeeder:
-    """Moves wave batches to the device and turns them into log-mel :class:`Batch` es."""
+    """Moves loader batches to the device as log-mel :class:`Batch` es (computing the
+    log-mel there unless the loader workers already did)."""
 
     def __init__(self, frontend: FrontendConfig, device: torch.device):
         self.device = device
         self.logmel = LogMel(frontend).to(device)
 
     def __call__(self, wave_batch: dict) -> Batch:
-        waves = wave_batch["waves"].to(self.device, non_blocking=True)
-        return Batch(views=self.logmel(waves),
+        if "views" in wave_batch:  # the loader workers computed the log-mel already
+            views = wave_batch["views"].to(self.device, non_blocking=True)
+        else:
+            views = self.logmel(wave_batch["waves"].to(self.device, non_blocking=True))
+        return Batch(views=views,
                      labels=wave_batch["labels"].to(self.device, non_blocking=True),
                      indices=wave_batch["indices"].to(self.device, non_blocking=True),
                      keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]),
@@ -100,8 +105,9 @@ def epoch_batches(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig,
     """Batches ``start_step .. steps-1`` of ``epoch`` for ``rank`` from the webdataset back end."""
     from dataio.torch_pipeline import wave_loader
 
-    loader = wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
-                         rank=rank, world_size=world_size, seed=seed)
+    in_workers = device.type == "cpu" and cfg.num_workers > 0
+    loader = wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps, rank=rank,
+                         world_size=world_size, seed=seed, frontend=frontend if in_workers else None)
     feed = DeviceFeeder(frontend, device)
     for wave_batch in loader:
         yield feed(wave_batch)

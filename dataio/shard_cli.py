@@ -10,6 +10,9 @@ from pathlib import Path
 from dataio.shard_writer import REJECTED_NAME, ShardWriteError, write_shards
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# layout-specific options: converter keyword -> command-line flag (None on the command line: not given)
+LAYOUT_FLAGS = {"audio_dir": "--audio-dir", "audio_pattern": "--audio-pattern",
+                "subsets": "--subsets", "esc10": "--esc10", "split_seed": "--split-seed"}
 
 
 def parse_size(text: str) -> int:
@@ -25,7 +28,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("src", type=Path, metavar="SRC", help="the dataset's folder (a CSV file for --layout csv)")
     add("--layout", default="folder", help="how SRC is organised: folder (one sub-folder per "
-        "label), csv (path,label[,fold] rows), ...")
+        "label), csv (path,label[,fold] rows), or a dataset's own layout: audioset, fsd50k, "
+        "fsdnoisy18k, esc50, us8k, gtzan")
     add("--out", type=Path, required=True, help="folder for the shards and manifest")
     add("--sample-rate", type=int, default=16000, help="rate of the shards' audio, Hz")
     add("--shard-size", type=int, default=0,
@@ -36,27 +40,65 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min-seconds", type=float, default=0.1, help="reject clips shorter than this, seconds")
     add("--dataset", default=None, help="dataset name in the manifest (default: SRC's name)")
     add("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
+    _add_layout_arguments(parser)
+
+
+def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that only some layouts take; all default to None, meaning "not given"."""
+    add = parser.add_argument_group("layout options (each for the layouts named)").add_argument
+    add("--audio-dir", type=Path, default=None,
+        help="audioset: folder of the downloaded audio (default SRC/audio)")
+    add("--audio-pattern", default=None,
+        help="audioset: file name pattern under --audio-dir with {ytid}, {subset}, {start}, "
+             "{end}, {start_ms}, {end_ms}, e.g. 'Y{ytid}.wav' (default: try the common ones)")
+    add("--subsets", default=None,
+        help="audioset: segment CSVs to read (balanced_train,unbalanced_train,eval); "
+             "fsdnoisy18k: train subsets to write (clean,noisy_small,noisy; test always)")
+    add("--esc10", action="store_true", default=None, help="esc50: only the ESC-10 clips")
+    add("--split-seed", type=int, default=None,
+        help="gtzan: seed of the stratified 70/15/15 train/val/test split (default 0)")
+
+
+def _layout_options(args: argparse.Namespace) -> dict:
+    """The layout options given on the command line; one the layout does not take is an error."""
+    from dataio.sources import layout_options
+
+    accepted = layout_options(args.layout)  # an unknown layout fails here, listing the valid ones
+    given = {key: getattr(args, key, None) for key in LAYOUT_FLAGS}
+    given = {key: value for key, value in given.items() if value is not None}
+    for key in given:
+        if key not in accepted:
+            takes = [LAYOUT_FLAGS[k] for k in accepted if k in LAYOUT_FLAGS]
+            raise ValueError(f"option {LAYOUT_FLAGS[key]} does not apply to layout {args.layout}"
+                             f" (it takes {', '.join(takes) or 'no layout options'})")
+    return given
 
 
 def run_shard(args: argparse.Namespace) -> int:
     """Run ``audioclr shard``; returns the exit status (2 with a one-line error on bad input)."""
-    from dataio.sources import items_for_layout
+    from dataio.sources import load_layout, write_missing
 
     src = Path(args.src)
     try:
+        options = _layout_options(args)
         if not src.exists():
             raise ShardWriteError(f"SRC {src} does not exist")
-        items = items_for_layout(args.layout, src)
-        if not items:
+        listing = load_layout(args.layout, src, **options)
+        if listing.missing:
+            print(f"{len(listing.missing)} listed clips missing on disk")
+        if not listing.items:
             raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
         dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
-        report = write_shards(items, args.out, dataset=dataset, sample_rate=args.sample_rate,
-                              shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                              seed=args.seed, workers=args.workers, min_seconds=args.min_seconds,
-                              overwrite=args.overwrite)
+        report = write_shards(listing.items, args.out, dataset=dataset,
+                              sample_rate=args.sample_rate, shard_size=args.shard_size,
+                              shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
+                              min_seconds=args.min_seconds, overwrite=args.overwrite,
+                              vocabulary=listing.vocabulary)
+        missing_path = write_missing(listing, report.out_dir)
     except (ValueError, OSError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
         print(f"audioclr shard: error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
     print(f"rejected clips and reasons: {report.out_dir / REJECTED_NAME}")
+    print(f"listed clips missing on disk: {missing_path}")
     return 0

@@ -49,7 +49,9 @@ class ClipItem:
 
     ``path`` is a file for :func:`soundfile_loader` or any id a custom loader understands;
     ``key`` is the tar key (default: the path's last two parts, made safe and unique by
-    :func:`write_shards`); ``extra`` holds free parameters for custom loaders.
+    :func:`write_shards`); ``extra`` holds free parameters for custom loaders;
+    ``subset`` names a part of the dataset finer than the split (FSDnoisy18k's ``clean``
+    or ``noisy``, AudioSet's ``balanced_train``) and is written to the JSON only when set.
     """
 
     path: str
@@ -58,6 +60,7 @@ class ClipItem:
     fold: int | None = None
     key: str | None = None
     extra: dict = field(default_factory=dict)
+    subset: str | None = None
 
 
 @dataclass
@@ -300,10 +303,12 @@ def _check_inputs(items: Sequence[ClipItem], loader: Loader, workers: int,
 
 
 def _clip_json(index: int, dataset: str, item: ClipItem, duration: float) -> bytes:
-    """The ``KEY.json`` member; ``duration`` in seconds."""
+    """The ``KEY.json`` member; ``duration`` in seconds; ``subset`` only when the item has one."""
     meta = {"index": index, "dataset": dataset, "labels": [str(x) for x in item.labels],
             "split": item.split, "fold": None if item.fold is None else int(item.fold),
             "duration": round(duration, 6)}
+    if item.subset is not None:
+        meta["subset"] = str(item.subset)
     return json.dumps(meta).encode()
 
 

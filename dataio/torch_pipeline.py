@@ -27,9 +27,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import Manifest, split_for_worker, split_shards
 from dataio.pipeline import DataConfig
-from dataio.views import draw_views
+from dataio.views import read_views
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ class WaveBatches(IterableDataset):
     """
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, *, epoch: int, start_step: int,
-                 steps: int, rank: int, world_size: int, seed: int):
+                 steps: int, rank: int, world_size: int, seed: int, frontend: FrontendConfig | None = None):
         self.cfg, self.manifest = cfg, manifest
+        # on a CPU training device the workers compute the log-mel themselves, in parallel
+        # with the training step, instead of handing waves to the (busy) main process
+        self.logmel = LogMel(frontend) if frontend is not None else None
         self.epoch, self.start_step, self.steps = epoch, start_step, steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.view_len = int(round(cfg.view_seconds * manifest.sample_rate))
@@ -108,18 +112,17 @@ class WaveBatches(IterableDataset):
         workers = info.num_workers if info else 1
         logical = ((info.id if info else 0) + self.start_step) % workers
         split = split_for_worker(self.rank_shards(), logical, workers)
-        my_steps = [s for s in range(self.steps) if s % workers == logical]
+        my_steps = range(logical, self.steps, workers)  # lazily: an epoch may be very long
         errors: list = []
         rank_seed = (self.seed, self.epoch, self.rank, logical if split.sample_stride == 1 else 0)
         rng = np.random.default_rng((self.seed, self.epoch, self.rank, logical, 7))
         samples = _shuffled(_worker_stream(self.manifest, split, rank_seed, errors),
                             self.cfg.shuffle_buffer, rng)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
-        for _ in itertools.islice(samples, clips * sum(s < self.start_step for s in my_steps)):
+        done = len(range(logical, min(self.start_step, self.steps), workers))
+        for _ in itertools.islice(samples, clips * done):
             pass
-        for step in my_steps:
-            if step < self.start_step:
-                continue
+        for _ in my_steps[done:]:
             yield self._batch(samples, errors)
 
     def _batch(self, samples: Iterator[tuple], errors: list) -> dict:
@@ -140,7 +143,9 @@ class WaveBatches(IterableDataset):
             labels.extend([clip[1]] * k)
             indices.extend([clip[2]] * k)
             keys.extend([sample["__key__"]] * k)
-        return {"waves": torch.from_numpy(np.stack(waves)), "labels": torch.tensor(labels),
+        out = torch.from_numpy(np.stack(waves))
+        kind = "waves" if self.logmel is None else "views"
+        return {kind: out if self.logmel is None else self.logmel(out), "labels": torch.from_numpy(np.asarray(labels)),
                 "indices": torch.tensor(indices), "keys": keys,
                 "skipped": len(errors) - skipped_before, "short": short}
 
@@ -149,33 +154,36 @@ class WaveBatches(IterableDataset):
         if it is broken."""
         try:
             meta = json.loads(sample["json"])
-            wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
-            if rate != self.manifest.sample_rate or wave.shape[0] == 0 or not np.isfinite(wave).all():
-                raise ValueError(f"rate {rate}, {wave.shape[0]} samples or non-finite values")
+            index = int(meta["index"])
+            rng = np.random.default_rng((self.seed, self.epoch, index, pass_no))
+            with sf.SoundFile(io.BytesIO(sample["flac"])) as source:
+                if source.samplerate != self.manifest.sample_rate or source.frames == 0:
+                    raise ValueError(f"rate {source.samplerate} Hz, {source.frames} samples")
+                views = read_views(source, self.cfg.num_views * self.cfg.pairs_per_clip, self.view_len,
+                                   self.cfg.gain_db, rng)
+                length = source.frames
+            if not np.isfinite(views).all():
+                raise ValueError("non-finite samples")
         except Exception as err:  # a broken member must not stop training
             errors.append(f"{sample.get('__key__')}: {err!r}")
             log.warning("skipping clip %s: %r", sample.get("__key__"), err)
             return None
-        index = int(meta["index"])
-        rng = np.random.default_rng((self.seed, self.epoch, index, pass_no))
-        views = draw_views(wave.mean(axis=1), self.cfg.num_views * self.cfg.pairs_per_clip, self.view_len,
-                           self.cfg.gain_db, rng)
-        labels = meta.get("labels") or []
-        label = self.manifest.label_id(labels[0]) if labels else -1
-        return views, label, index, wave.shape[0]
+        return views, self.manifest.label_target(meta.get("labels") or []), index, length
 
 
 def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     # a scheduler's SIGTERM goes to the whole process group: the trainer handles it (saves
     # a checkpoint, then exits); its loader workers must live until then
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def wave_loader(cfg: DataConfig, manifest: Manifest, *, epoch: int, start_step: int, steps: int,
-                rank: int, world_size: int, seed: int) -> DataLoader:
-    """A DataLoader over :class:`WaveBatches` (batching happens inside the workers)."""
+                rank: int, world_size: int, seed: int, frontend: FrontendConfig | None = None) -> DataLoader:
+    """A DataLoader over :class:`WaveBatches` (batching happens inside the workers); with
+    ``frontend`` the workers return log-mel ``views`` instead of ``waves``."""
     dataset = WaveBatches(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
-                          rank=rank, world_size=world_size, seed=seed)
+                          rank=rank, world_size=world_size, seed=seed, frontend=frontend)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       prefetch_factor=2 if cfg.num_workers else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),

@@ -3,30 +3,50 @@
 from __future__ import annotations
 
 import numpy as np
+import soundfile as sf
 
 
-def random_crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``length``-sample window of a mono ``wave`` [S]; shorter clips are
-    zero-padded at a random offset so every view has the same length."""
-    n = wave.shape[-1]
-    if n >= length:
-        start = int(rng.integers(0, n - length + 1))
-        return wave[start:start + length]
-    out = np.zeros(length, dtype=np.float32)
-    start = int(rng.integers(0, length - n + 1))
-    out[start:start + n] = wave
-    return out
+def crop_starts(num_samples: int, length: int, count: int, rng: np.random.Generator) -> list[int]:
+    """Start samples of ``count`` random ``length``-sample crops of a ``num_samples`` clip.
+
+    Inside the clip when it is long enough; for a shorter clip the start is <= 0: the
+    clip then sits at a random offset inside a zero-padded view.
+    """
+    if num_samples >= length:
+        return [int(s) for s in rng.integers(0, num_samples - length + 1, size=count)]
+    return [-int(s) for s in rng.integers(0, length - num_samples + 1, size=count)]
 
 
-def draw_views(wave: np.ndarray, num_views: int, length: int, gain_db: float,
+def random_gains(count: int, gain_db: float, rng: np.random.Generator) -> np.ndarray:
+    """Linear gains uniform in +-``gain_db`` dB, [count, 1] (ones when gain_db is 0)."""
+    if gain_db <= 0:
+        return np.ones((count, 1))
+    return 10.0 ** (rng.uniform(-gain_db, gain_db, size=(count, 1)) / 20.0)
+
+
+def read_views(source: sf.SoundFile, count: int, length: int, gain_db: float,
                rng: np.random.Generator) -> np.ndarray:
-    """``num_views`` independent crops of ``wave`` [S] -> float32 [num_views, length],
-    each scaled by a gain drawn uniformly in +-``gain_db`` dB."""
-    views = np.stack([random_crop(wave, length, rng) for _ in range(num_views)])
-    if gain_db > 0:
-        gains = 10.0 ** (rng.uniform(-gain_db, gain_db, size=(num_views, 1)) / 20.0)
-        views = views * gains
-    return views.astype(np.float32, copy=False)
+    """``count`` random crops read straight from an open audio file: only the frames the
+    views need are decoded (a long clip pays for its views, not for its whole length).
+    Mono float32 [count, length]; the channels are averaged."""
+    views = np.zeros((count, length), dtype=np.float32)
+    for i, start in enumerate(crop_starts(source.frames, length, count, rng)):
+        source.seek(max(start, 0))
+        part = source.read(min(length, source.frames), dtype="float32", always_2d=True).mean(axis=1)
+        offset = max(-start, 0)
+        views[i, offset:offset + len(part)] = part
+    return (views * random_gains(count, gain_db, rng)).astype(np.float32, copy=False)
+
+
+def draw_views(wave: np.ndarray, count: int, length: int, gain_db: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """The same views as :func:`read_views`, cut from a decoded mono ``wave`` [S]."""
+    views = np.zeros((count, length), dtype=np.float32)
+    for i, start in enumerate(crop_starts(len(wave), length, count, rng)):
+        part = wave[max(start, 0):max(start, 0) + length]
+        offset = max(-start, 0)
+        views[i, offset:offset + len(part)] = part
+    return (views * random_gains(count, gain_db, rng)).astype(np.float32, copy=False)
 
 
 def patch_starts(num_samples: int, patch: int, hop: int) -> list[int]:

@@ -94,3 +94,19 @@ def test_split_helpers():
     w = split_for_worker([1], 1, 2)
     assert (w.shards, w.sample_stride, w.sample_offset) == ((1,), 2, 1)
     assert np.array_equal(sorted(split_for_worker([0, 1, 2, 3], 0, 2).shards), [0, 2])
+
+
+def test_multi_label_shards_give_multi_hot_labels(tmp_path):
+    import json
+
+    manifest = make_shards(tmp_path, [6, 6])
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["multi_label"] = True
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    manifest = load_manifest(tmp_path)
+    assert manifest.label_target(["c2", "c0", "nope"]).tolist() == [1.0, 0.0, 1.0]
+    cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0)
+    batch = _epoch(manifest, cfg, 0, 0, 1)[0]
+    assert batch["labels"].shape == (4, 3) and batch["labels"].dtype == torch.float32
+    for row, index in zip(batch["labels"].tolist(), batch["indices"].tolist()):
+        assert row.index(1.0) == index % 3 and sum(row) == 1.0

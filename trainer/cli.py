@@ -39,6 +39,14 @@ def _check_shards(argv: list[str]) -> int:
     return main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] != "data":
+        print("usage: audioclr bench data [--help]", file=sys.stderr)
+        return 2
+    from dataio.bench import main
+    return main(argv[1:])
+
+
 def _pretrain(argv: list[str]) -> int:
     from trainer.pretrain import main
     return main(argv)
@@ -61,6 +69,7 @@ COMMANDS = {
     "pretrain": (_pretrain, "contrastive pretraining from a YAML recipe"),
     "eval": (_eval, "evaluate a run's exported encoder (kNN)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),
+    "bench": (_bench, "benchmarks: `bench data` times the data back ends against the decode limit"),
 }
 
 

@@ -1,28 +1,78 @@
-"""Converters from a dataset's own layout to a list of :class:`~dataio.shard_writer.ClipItem`.
+"""Converters from a dataset's own layout to the clips the shard writer takes.
 
 ``LAYOUTS`` maps a layout name (``audioclr shard --layout NAME``) to a function
-``(src: Path, **opts) -> list[ClipItem]``.
+``(src: Path, **opts)``. The dataset converters return a
+:class:`~dataio.sources.listing.SourceListing` (clips on disk, listed clips missing on
+disk, official vocabulary); the generic ``folder`` and ``csv`` ones return a plain
+``list[ClipItem]``. :func:`load_layout` gives a ``SourceListing`` either way. A
+converter's keyword options are its layout's options (:func:`layout_options`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 from dataio.shard_writer import ClipItem
+from dataio.sources.audioset import audioset_items
+from dataio.sources.esc50 import esc50_items
 from dataio.sources.folder import csv_items, folder_items
+from dataio.sources.fsd50k import fsd50k_items
+from dataio.sources.fsdnoisy18k import fsdnoisy18k_items
+from dataio.sources.gtzan import gtzan_items
+from dataio.sources.listing import MissingClip, SourceListing, write_missing
+from dataio.sources.us8k import us8k_items
 
-LAYOUTS: dict[str, Callable[..., list[ClipItem]]] = {
+__all__ = ["LAYOUTS", "MissingClip", "SourceListing", "items_for_layout", "layout_options",
+           "load_layout", "write_missing"]
+
+LAYOUTS: dict[str, Callable[..., list[ClipItem] | SourceListing]] = {
     "folder": folder_items,
     "csv": csv_items,
+    "audioset": audioset_items,
+    "fsd50k": fsd50k_items,
+    "fsdnoisy18k": fsdnoisy18k_items,
+    "esc50": esc50_items,
+    "us8k": us8k_items,
+    "gtzan": gtzan_items,
 }
 
 
-def items_for_layout(name: str, src: Path, **opts) -> list[ClipItem]:
-    """The clips of ``src`` read with layout ``name``; an unknown name lists the valid ones."""
+GENERIC_LAYOUTS = ("csv", "folder")  # the others are named after their dataset
+
+
+def _converter(name: str) -> Callable[..., list[ClipItem] | SourceListing]:
     try:
-        convert = LAYOUTS[name]
+        return LAYOUTS[name]
     except KeyError:
-        valid = ", ".join(sorted(LAYOUTS))
-        raise ValueError(f"unknown layout {name!r}; valid layouts: {valid}") from None
-    return convert(Path(src), **opts)
+        generic = ", ".join(x for x in GENERIC_LAYOUTS if x in LAYOUTS)
+        datasets = ", ".join(sorted(set(LAYOUTS) - set(GENERIC_LAYOUTS)))
+        raise ValueError(f"unknown layout {name!r}; valid layouts: {generic} (generic) and "
+                         f"{datasets} (datasets)") from None
+
+
+def layout_options(name: str) -> list[str]:
+    """The keyword options layout ``name`` takes (its converter's keyword-only parameters)."""
+    parameters = inspect.signature(_converter(name)).parameters.values()
+    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def load_layout(name: str, src: Path, **opts) -> SourceListing:
+    """The clips of ``src`` read with layout ``name``; an unknown name lists the valid ones.
+
+    An option the layout does not take raises ValueError naming the option and layout.
+    """
+    convert = _converter(name)
+    accepted = layout_options(name)
+    for option in opts:
+        if option not in accepted:
+            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
+            raise ValueError(f"option {option!r} does not apply to layout {name} ({takes})")
+    result = convert(Path(src), **opts)
+    return result if isinstance(result, SourceListing) else SourceListing(list(result))
+
+
+def items_for_layout(name: str, src: Path, **opts) -> list[ClipItem]:
+    """Only the clips of :func:`load_layout` (the missing ones and the vocabulary are dropped)."""
+    return load_layout(name, src, **opts).items

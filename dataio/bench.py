@@ -1,0 +1,178 @@
+"""Data benchmark: clips per second of each back end next to the decode limit.
+
+The limit is measured in the same run on the same shards: plain in-process soundfile
+decoding of the same FLAC bytes, on the same number of cores (one process per core, each
+decoding its share of the shards). Each back end is timed producing log-mel batches on
+the training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
+mel stage alone is timed too (torchaudio and DALI), on 1 s waves already on the device.
+
+    audioclr bench data [--shards DIR] [--cores N] [--clip-seconds 10] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import soundfile as sf
+import torch
+import webdataset as wds
+
+from dataio.frontend import FrontendConfig, LogMel
+from dataio.manifest import load_manifest
+from dataio.pipeline import DataConfig, open_source, steps_per_epoch
+
+
+def _decode_shards(paths: list[str]) -> int:
+    clips = 0
+    for path in paths:
+        for sample in wds.tarfile_samples([{"url": path}]):
+            sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+            clips += 1
+    return clips
+
+
+def decode_limit(manifest, cores: int) -> float:
+    """Clips per second of soundfile decoding every clip, one process per core."""
+    paths = [str(p) for p in manifest.shard_paths()]
+    parts = [paths[i::cores] for i in range(cores)]
+    with futures.ProcessPoolExecutor(cores) as pool:
+        list(pool.map(_decode_shards, [[p] for p in paths[:cores]]))  # warm the page cache and the pool
+        start = time.perf_counter()
+        clips = sum(pool.map(_decode_shards, parts))
+    return clips / (time.perf_counter() - start)
+
+
+def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int, seconds: float,
+                 device: torch.device) -> float:
+    """Clips per second of one back end's log-mel batches on ``device`` (after warm-up)."""
+    # one endless epoch: steady-state throughput, not loader start-up (real epochs are long)
+    cfg = DataConfig(shards=str(manifest.root), backend=backend, batch_size=batch_size, num_workers=cores,
+                     pairs_per_clip=pairs, steps_per_epoch=10**9)
+    steps = steps_per_epoch(cfg, manifest, 1)
+    source = open_source(cfg, manifest, FrontendConfig(), rank=0, world_size=1, seed=0, device=device,
+                         steps=steps, state=None)
+    clips, start, epoch = 0, None, 0
+    while True:
+        for i, batch in enumerate(source.epoch(epoch, 0)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if start is None and i == 1:
+                start = time.perf_counter()  # the first batch pays for worker start-up
+            elif start is not None:
+                clips += batch.views.shape[0] // pairs
+                if time.perf_counter() - start > seconds:
+                    return clips / (time.perf_counter() - start)
+        epoch += 1
+
+
+def gpu_mel_rates(batch: int = 2048, repeats: int = 20) -> dict:
+    """Clips per second of the mel stage alone on 1 s waves already on the GPU."""
+    cfg = FrontendConfig()
+    waves = torch.randn(batch, cfg.sample_rate, device="cuda") * 0.1
+    logmel = LogMel(cfg).cuda()
+    logmel(waves)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        logmel(waves)
+    torch.cuda.synchronize()
+    rates = {"torchaudio_gpu_mel": batch * repeats / (time.perf_counter() - start)}
+    try:
+        rates["dali_gpu_mel"] = _dali_gpu_mel_rate(cfg, waves, repeats)
+    except ImportError:
+        pass
+    return rates
+
+
+def _dali_gpu_mel_rate(cfg: FrontendConfig, waves: torch.Tensor, repeats: int) -> float:
+    from nvidia.dali import fn, pipeline_def
+
+    from dataio.dali_pipeline import logmel_nodes
+
+    host = [w for w in waves.cpu().numpy()]
+
+    @pipeline_def
+    def graph():
+        return logmel_nodes([fn.external_source(source=lambda: host, device="gpu", cycle=False,
+                                                batch=True, no_copy=False)], cfg)[0]
+
+    pipe = graph(batch_size=len(host), num_threads=4, device_id=torch.cuda.current_device(),
+                 prefetch_queue_depth=1)
+    pipe.build()
+    pipe.run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        pipe.run()
+    return len(host) * repeats / (time.perf_counter() - start)
+
+
+def make_bench_shards(folder: Path, clips: int, clip_seconds: float) -> Path:
+    from dataio.shard_writer import write_shards
+    from dataio.sources.demo import RATE, demo_items, synth_loader
+
+    items = demo_items(clips, seed=1, min_seconds=clip_seconds, max_seconds=clip_seconds)
+    write_shards(items, folder, dataset="bench", sample_rate=RATE, shard_size=max(1, clips // 16),
+                 loader=synth_loader, workers=0, progress=False)
+    return folder
+
+
+def run(args: argparse.Namespace) -> dict:
+    cores = args.cores or len(os.sched_getaffinity(0))
+    tmp = None
+    if args.shards:
+        shards = Path(args.shards)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="audioclr-bench-")
+        shards = make_bench_shards(Path(tmp.name), args.clips, args.clip_seconds)
+    manifest = load_manifest(shards)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    limit = decode_limit(manifest, cores)
+    rows = {"decode_limit": limit}
+    for backend in args.backends.split(","):
+        rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device)
+    result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": manifest.num_clips,
+              "pairs_per_clip": args.pairs, "clips_per_second": rows,
+              "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}}
+    if device.type == "cuda":
+        result["gpu_mel_clips_per_second"] = gpu_mel_rates()
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"device {result['device']}, {result['cores']} core(s), {result['clips']} clips, "
+          f"pairs_per_clip {result['pairs_per_clip']}")
+    print(f"{'pipeline':<16}{'clips/s':>12}{'per core':>12}{'/ limit':>10}")
+    for name, rate in result["clips_per_second"].items():
+        ratio = result["ratio_to_limit"].get(name)
+        print(f"{name:<16}{rate:>12.1f}{rate / result['cores']:>12.1f}{'' if ratio is None else f'{ratio:.2f}':>10}")
+    for name, rate in result.get("gpu_mel_clips_per_second", {}).items():
+        print(f"{name:<16}{rate:>12.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audioclr bench data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="shard folder; default: synthesize --clips clips of --clip-seconds")
+    p.add_argument("--clips", type=int, default=256)
+    p.add_argument("--clip-seconds", type=float, default=10.0)
+    p.add_argument("--cores", type=int, default=0, help="0 = the cores this process may use")
+    p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=1, help="data.pairs_per_clip")
+    p.add_argument("--seconds", type=float, default=20.0, help="timing window per back end")
+    p.add_argument("--out", help="also write the result as JSON here")
+    args = p.parse_args(argv)
+    result = run(args)
+    print_table(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
