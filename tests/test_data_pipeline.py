@@ -110,3 +110,28 @@ def test_multi_label_shards_give_multi_hot_labels(tmp_path):
     assert batch["labels"].shape == (4, 3) and batch["labels"].dtype == torch.float32
     for row, index in zip(batch["labels"].tolist(), batch["indices"].tolist()):
         assert row.index(1.0) == index % 3 and sum(row) == 1.0
+
+
+def test_pairs_per_clip_draw_several_view_sets_from_one_decode(even):
+    cfg = DataConfig(shards=str(even.root), batch_size=6, num_workers=0, pairs_per_clip=3, view_seconds=0.3)
+    assert steps_per_epoch(cfg, even, 1) == 80 // 2
+    batch = _epoch(even, cfg, 0, 0, 1)[0]
+    idx = batch["indices"].tolist()
+    assert batch["waves"].shape == (6, 2, 4800)
+    assert idx[0] == idx[1] == idx[2] != idx[3] == idx[4] == idx[5]
+    assert not torch.equal(batch["waves"][0], batch["waves"][1])
+
+
+def test_workers_compute_log_mel_for_a_cpu_device(even):
+    from dataio.frontend import FrontendConfig
+    from dataio.pipeline import DeviceFeeder
+    from dataio.torch_pipeline import wave_loader
+
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=1)
+    kw = dict(epoch=0, start_step=0, steps=2, rank=0, world_size=1, seed=3)
+    front = FrontendConfig(n_mels=32)
+    waves = next(iter(wave_loader(cfg, even, **kw)))
+    mels = next(iter(wave_loader(cfg, even, frontend=front, **kw)))
+    assert "views" in mels and "waves" not in mels
+    feed = DeviceFeeder(front, torch.device("cpu"))
+    assert torch.allclose(feed(waves).views, feed(mels).views, atol=1e-4)

@@ -1,5 +1,6 @@
 """Real launches: torchrun with two processes, and two torchrun agents as two nodes."""
 
+import importlib.util
 import shutil
 import subprocess
 
@@ -40,10 +41,13 @@ def _torchrun():
     return [exe] if exe else [PYTHON, "-m", "torch.distributed.run"]
 
 
-def test_torchrun_two_processes(uneven_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali"))])
+def test_torchrun_two_processes(uneven_shards, tmp_path, backend):
     run_dir = tmp_path / "run"
     out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", *_train_args(uneven_shards, run_dir)],
+                          f"--master-port={free_port()}", *_train_args(uneven_shards, run_dir),
+                          f"data.backend={backend}"],
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_run(run_dir)
