@@ -196,8 +196,11 @@ from dataio.pipeline import DataConfig  # noqa: E402
 
 @dataclass
 class ModelConfig:
-    encoder: str = option("resnet18", "encoder architecture", ("resnet18",))
-    width: int = option(64, "channels of the encoder's first stage (64 = the published ResNet)")
+    encoder: str = option("resnet18", "encoder architecture",
+                          ("resnet18", "resnet50", "efficientnet_b0", "vgglike", "crnn"))
+    width: int = option(64, "channels of the encoder's first stage (64 = the published sizes)")
+    pretrained: str = option("", "local file of torchvision-named weights to start the encoder from "
+                             "(e.g. ImageNet; the first conv is adapted to frontend.channels)")
     proj_hidden: int = option(512, "hidden units of the projection head")
     proj_dim: int = option(128, "output size of the projection head")
     global_bn: bool = option(True, "batch-norm statistics over the global batch (all ranks)")
@@ -209,11 +212,25 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = option("simclr", "training objective", ("simclr",))
+    name: str = option("simclr", "training objective",
+                       ("simclr", "moco", "npid", "cola", "supcon", "hybrid"))
     temperature: float = option(0.2, "softmax temperature of the contrastive loss")
+    alpha: float = option(0.5, "hybrid: weight of SupCon in alpha*SupCon + (1-alpha)*CE")
+    overlap_weighting: bool = option(False, "supcon/hybrid, multi-label: weight positives by label overlap")
+    queue_size: int = option(65536, "moco: negatives in the queue (all ranks together)")
+    momentum: float = option(0.999, "moco: momentum of the key encoder's EMA")
+    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", ("constant", "cosine"))
+    nce_noise: int = option(4096, "npid: noise rows per positive for NCE; 0 = exact softmax over the bank")
+    bank_momentum: float = option(0.5, "npid: momentum of the memory-bank row updates")
+    cola_dim: int = option(512, "cola: size of the Linear+LayerNorm+tanh head")
+    global_negatives: bool = option(True, "cola: candidates from all ranks (False: this rank's batch)")
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", "must be positive")
+        check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        check(self.queue_size > 0, "queue_size", "must be positive")
+        check(0 <= self.momentum < 1 and 0 <= self.bank_momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.nce_noise >= 0, "nce_noise", "must be >= 0")
 
 
 @dataclass
@@ -248,6 +265,8 @@ class TrainConfig:
     engine: str = option("ddp", "how the model is replicated across ranks", ("ddp",))
     progress: bool = option(True, "progress bar on rank 0")
     tensorboard: bool = option(True, "write TensorBoard events to run_dir/tb")
+    grad_cache_chunk: int = option(0, "gradient caching: clips per forward chunk (0 = off); "
+                                   "the batch's memory becomes one chunk's")
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "epochs", "must be positive")
@@ -255,6 +274,7 @@ class TrainConfig:
         check(self.log_every > 0, "log_every", "must be positive")
         check(self.ckpt_every > 0, "ckpt_every", "must be positive")
         check(self.keep_last > 0, "keep_last", "must be positive")
+        check(self.grad_cache_chunk >= 0, "grad_cache_chunk", "must be >= 0")
 
 
 @dataclass

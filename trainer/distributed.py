@@ -155,3 +155,42 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def distributed_logsumexp(local_logits: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the columns of every rank: [Q, n_r] on each rank -> [Q].
+
+    The Q rows are the same queries on every rank; each rank holds a different block of
+    columns (its shard of a queue or memory bank; n_r may differ between ranks, even be 0).
+    Each rank reduces its own block to a [Q] log-sum-exp, the W partial results are
+    gathered with gradient and combined: log sum_r exp(lse_r) is exactly the log-sum-exp
+    of all columns. Differentiable: with each rank's loss a term of the global objective,
+    every rank's ``local_logits`` gets the gradient of the sum of all ranks' losses
+    (the ``gather_with_grad`` convention). No process group: ``torch.logsumexp(x, 1)``.
+    """
+    local = torch.logsumexp(local_logits, dim=1)
+    if not is_initialized() or dist.get_world_size() == 1:
+        return local
+    return torch.logsumexp(_GatherWithGrad.apply(local[None]), dim=0)
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Average ``.grad`` over ranks in place, for trainable parameters DDP does not own
+    (an objective's bilinear W or classifier). One collective for all of them; a rank
+    where a parameter has no gradient contributes zeros, so ranks never disagree on the
+    collective's shape."""
+    params = [p for p in params if p.requires_grad]
+    if not params or not is_initialized() or dist.get_world_size() == 1:
+        return
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is not None:
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n

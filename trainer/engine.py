@@ -20,8 +20,12 @@ class DDPEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float = 0.0):
+                 autocast_dtype: torch.dtype | None, grad_clip: float = 0.0,
+                 extra_params: list[nn.Parameter] | None = None):
         self.module = model.to(device)
+        # trainable parameters outside the model (an objective's bilinear W or classifier):
+        # DDP does not see them, so their gradients are averaged over ranks here
+        self.extra_params = list(extra_params or [])
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.autocast_dtype, self.grad_clip = device, autocast_dtype, grad_clip
         self.model: nn.Module = model
@@ -42,12 +46,20 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def no_sync(self):
+        """Defer DDP's gradient all-reduce (for all but the last of several backwards)."""
+        if isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def step(self) -> float:
         """Clip, step the optimizer and the schedule, clear gradients; returns the
         gradient norm before clipping (0 when clipping is off)."""
         norm = 0.0
+        distributed.average_gradients(self.extra_params)
         if self.grad_clip > 0:
-            norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+            params = [*self.module.parameters(), *self.extra_params]
+            norm = float(nn.utils.clip_grad_norm_(params, self.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

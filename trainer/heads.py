@@ -23,17 +23,32 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(h), dim=-1)
 
 
+class LinearProjection(nn.Module):
+    """One linear layer, L2-normalised output (NPID's 128-d and SoundCLR's 64-d projections)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(h), dim=-1)
+
+
 class ContrastiveModel(nn.Module):
-    """Encoder + head applied to every view: views [B, V, C, F, T] -> z [B, V, D]."""
+    """Encoder + head applied to every view.
+
+    views [B, V, C, F, T] -> {"h": [B, V, E] encoder embeddings, "z": [B, V, D] head outputs}.
+    """
 
     def __init__(self, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
         b, v = views.shape[:2]
         # views are stacked view-major so each BN batch mixes all clips of one view
         flat = views.transpose(0, 1).reshape(b * v, *views.shape[2:])
-        z = self.head(self.encoder(flat))
-        return z.reshape(v, b, -1).transpose(0, 1)
+        h = self.encoder(flat)
+        z = self.head(h)
+        return {"h": h.reshape(v, b, -1).transpose(0, 1), "z": z.reshape(v, b, -1).transpose(0, 1)}

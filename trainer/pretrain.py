@@ -13,17 +13,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import Batch, DataError, open_source, steps_per_epoch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
-from trainer.encoders import build_encoder
+from trainer.encoders import build_encoder, load_pretrained
 from trainer.engine import ENGINES
-from trainer.heads import ContrastiveModel, ProjectionHead
+from trainer.gradcache import GradCache
+from trainer.heads import ContrastiveModel
 from trainer.metrics import MetricWriter
-from trainer.objectives import build_objective
+from trainer.objectives import ObjectiveContext, build_objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.sync_bn import convert_global_bn
 
@@ -61,8 +63,11 @@ class Pretrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         distributed.barrier()
+        self.objective = build_objective(cfg.objective, cfg.model, ObjectiveContext(
+            rank=self.info.rank, world_size=self.info.world_size, device=self.device,
+            num_clips=self.manifest.num_clips, num_classes=len(self.manifest.vocabulary),
+            total_steps=self.total_steps, seed=cfg.seed))
         self.engine = self._build_engine()
-        self.objective = build_objective(cfg.objective.name, cfg.objective.temperature, self.info.rank)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info)
         self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
         self.step = 0
@@ -75,18 +80,24 @@ class Pretrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         encoder = build_encoder(cfg.model.encoder, in_channels=cfg.frontend.channels, width=cfg.model.width)
-        head = ProjectionHead(encoder.embedding_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
-        model = ContrastiveModel(encoder, head)
+        if cfg.model.pretrained:
+            report = load_pretrained(encoder, cfg.model.pretrained)
+            log.info("encoder weights from %s: %s", cfg.model.pretrained, report)
+        model = ContrastiveModel(encoder, self.objective.make_head(encoder.embedding_dim))
         if cfg.model.global_bn:
             model = convert_global_bn(model)
+        model.to(self.device)
+        self.objective.to(self.device).attach(model)
         torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
-        optimizer = build_optimizer(cfg.optim.name, model, cfg.optim.lr, cfg.optim.momentum,
+        trainable = nn.ModuleList([model, self.objective.extra])
+        optimizer = build_optimizer(cfg.optim.name, trainable, cfg.optim.lr, cfg.optim.momentum,
                                     cfg.optim.weight_decay, cfg.optim.lars_eta)
         scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, self.total_steps,
                                     cfg.optim.final_lr_ratio)
         dtype = {"fp32": None, "bf16": torch.bfloat16,
                  "auto": torch.bfloat16 if self.device.type == "cuda" else None}[cfg.train.precision]
-        return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip)
+        return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
+                                         extra_params=self.objective.parameters())
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -167,16 +178,27 @@ class Pretrainer:
         """One optimisation step; returns True when some rank was asked to stop (SIGTERM)."""
         t0 = time.perf_counter()
         self.engine.model.train()
-        z = self.engine.forward(batch.views)
-        loss = self.objective.loss(z, batch)
+        views = self.objective.model_views(batch.views)
+        cache = None
+        if self.cfg.train.grad_cache_chunk:
+            cache = GradCache(self.engine.forward, views, self.cfg.train.grad_cache_chunk, self.engine.no_sync)
+            out = cache.outputs()
+        else:
+            out = self.engine.forward(views)
+        with self.engine.autocast():  # the losses compute their logits in float32 themselves
+            loss = self.objective.loss(out, batch)
         nonfinite, stop = distributed.any_rank([not bool(torch.isfinite(loss)), self.stop_requested],
                                                self.device)
         if nonfinite:
             raise TrainingError(f"the loss is not finite at step {self.step + 1} (lr {self.engine.lr:.3g}); "
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
                                 f"and resume from the last checkpoint in {self.checkpointer.root}")
-        self.engine.backward(loss)
+        if cache is not None:
+            cache.backward(loss)
+        else:
+            self.engine.backward(loss)
         grad_norm = self.engine.step()
+        self.objective.after_step(self.engine.module, self.step)
         self.step += 1
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
             seconds = time.perf_counter() - t0
@@ -260,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         status = run(cfg)
     except (ConfigError, ManifestError) as err:
+        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # e.g. pretrained weights that do not fit, an objective without labels
         print(f"audioclr pretrain: error: {err}", file=sys.stderr)
         return 2
     except (TrainingError, DataError) as err:

@@ -1,39 +1,242 @@
-"""Objective registry: ``objective.name`` -> a class holding what the loss needs.
+"""Objective registry: ``objective.name`` -> a class holding what its loss needs.
 
-An objective exposes ``loss(z, batch) -> scalar`` and ``state_dict`` /
-``load_state_dict`` (for queues and memory banks); losses themselves are pure
-functions in the sibling modules.
+An objective says which head the model gets (``make_head``), which views go through the
+trained model (``model_views``), owns any extra trainable parameters (COLA's bilinear
+W, SoundCLR's classifier: their gradients are averaged over ranks by the engine), holds
+its state (MoCo's key encoder and queue, NPID's memory bank) and exposes
+``loss(out, batch)``, ``after_step(model, step)``, ``state_dict`` / ``load_state_dict``.
+The losses themselves are pure functions in the sibling modules.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from trainer import distributed
+from trainer.heads import LinearProjection, ProjectionHead
 from trainer.objectives.ntxent import nt_xent
 
 
-class SimCLR:
-    """NT-Xent over the embeddings of all ranks (gathered with gradient)."""
+@dataclass
+class ObjectiveContext:
+    """What objectives may need to know about the run."""
 
-    def __init__(self, temperature: float, rank: int = 0):
-        self.temperature = temperature
-        self.rank = rank
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    num_clips: int = 0
+    num_classes: int = 0
+    total_steps: int = 1
+    seed: int = 0
 
-    def loss(self, z: torch.Tensor, batch=None) -> torch.Tensor:
-        return nt_xent(z, distributed.gather_with_grad(z), self.rank, temperature=self.temperature)
 
-    def state_dict(self) -> dict:
-        return {}
+class _Base:
+    """Defaults for the parts most objectives do not need."""
 
-    def load_state_dict(self, state: dict) -> None:
+    def __init__(self, cfg, model_cfg, ctx: ObjectiveContext):
+        self.cfg, self.model_cfg, self.ctx = cfg, model_cfg, ctx
+        self.extra = nn.ModuleDict()
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        return ProjectionHead(embedding_dim, self.model_cfg.proj_hidden, self.model_cfg.proj_dim)
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once the model exists (MoCo copies it as its key encoder)."""
+
+    def model_views(self, views: torch.Tensor) -> torch.Tensor:
+        return views
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.extra.parameters())
+
+    def to(self, device: torch.device) -> _Base:
+        self.extra.to(device)
+        return self
+
+    def after_step(self, model: nn.Module, step: int) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {"extra": self.extra.state_dict()}
 
-OBJECTIVES = {"simclr": SimCLR}
+    def load_state_dict(self, state: dict) -> None:
+        self.extra.load_state_dict(state.get("extra", {}))
 
 
-def build_objective(name: str, temperature: float, rank: int):
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective '{name}': choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](temperature=temperature, rank=rank)
+class SimCLR(_Base):
+    """NT-Xent over the embeddings of all ranks (gathered with gradient)."""
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        z = out["z"]
+        return nt_xent(z, distributed.gather_with_grad(z), self.ctx.rank, temperature=self.cfg.temperature)
+
+
+class Cola(_Base):
+    """COLA: bilinear similarity of two segments, cross-entropy over the batch's candidates."""
+
+    def __init__(self, cfg, model_cfg, ctx):
+        from trainer.objectives.cola import Bilinear
+
+        super().__init__(cfg, model_cfg, ctx)
+        self.extra["bilinear"] = Bilinear(cfg.cola_dim)
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        from trainer.objectives.cola import ColaHead
+        return ColaHead(embedding_dim, self.cfg.cola_dim)
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        from trainer.objectives.cola import cola_loss
+
+        z = out["z"]
+        candidates = distributed.gather_with_grad(z[:, 1]) if self.cfg.global_negatives else z[:, 1]
+        rank = self.ctx.rank if self.cfg.global_negatives else 0
+        return cola_loss(z[:, 0], candidates, self.extra["bilinear"].weight, rank)
+
+
+class SupCon(_Base):
+    """Supervised contrastive loss over all ranks (positives: shared labels)."""
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        return LinearProjection(embedding_dim, self.model_cfg.proj_dim)
+
+    def supcon(self, out: dict, batch) -> torch.Tensor:
+        from trainer.objectives.supcon import supcon_loss
+
+        z = out["z"]
+        return supcon_loss(z, distributed.gather_with_grad(z), batch.labels,
+                           distributed.gather_no_grad(batch.labels), self.ctx.rank,
+                           temperature=self.cfg.temperature, overlap_weighting=self.cfg.overlap_weighting)
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        return self.supcon(out, batch)
+
+
+class Hybrid(SupCon):
+    """SoundCLR: alpha * SupCon + (1 - alpha) * cross-entropy of a linear classifier on
+    the L2-normalised encoder embedding of every view."""
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        if self.ctx.num_classes < 2:
+            raise ValueError("objective hybrid needs labelled shards (a vocabulary of >= 2 labels)")
+        self.extra["classifier"] = nn.Linear(embedding_dim, self.ctx.num_classes)
+        return super().make_head(embedding_dim)
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        from trainer.objectives.supcon import classification_loss, hybrid_loss
+
+        classifier = self.extra["classifier"]
+        h = F.normalize(out["h"].to(classifier.weight.dtype), dim=-1)
+        logits = classifier(h.reshape(-1, h.shape[-1]))
+        labels = batch.labels.repeat_interleave(h.shape[1], dim=0)
+        return hybrid_loss(self.supcon(out, batch), classification_loss(logits, labels), self.cfg.alpha)
+
+
+class MoCo(_Base):
+    """MoCo v2: queries from the trained model, keys from its momentum copy, negatives
+    from a queue sharded across ranks. Batch norm statistics are global (model.global_bn),
+    which keeps a rank's batch statistics from leaking the positive."""
+
+    def __init__(self, cfg, model_cfg, ctx):
+        from trainer.objectives.moco import ShardedQueue
+
+        super().__init__(cfg, model_cfg, ctx)
+        self.queue = ShardedQueue(cfg.queue_size, model_cfg.proj_dim, ctx.rank, ctx.world_size,
+                                  ctx.device, seed=ctx.seed)
+        self.key_model: nn.Module | None = None
+        self._keys: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.key_model = copy.deepcopy(model).to(self.ctx.device)
+        for p in self.key_model.parameters():
+            p.requires_grad_(False)
+
+    def model_views(self, views: torch.Tensor) -> torch.Tensor:
+        return views[:, :1]
+
+    @torch.no_grad()
+    def keys(self, views: torch.Tensor) -> torch.Tensor:
+        self.key_model.train()
+        return self.key_model(views[:, 1:2])["z"][:, 0].float()
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        from trainer.objectives.moco import moco_logits_loss
+
+        self._keys = self.keys(batch.views)
+        return moco_logits_loss(out["z"][:, 0], self._keys, self.queue.shard, self.ctx.rank,
+                                temperature=self.cfg.temperature)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        from trainer.objectives.moco import cosine_momentum, momentum_update
+
+        m = self.cfg.momentum
+        if self.cfg.momentum_schedule == "cosine":
+            m = cosine_momentum(step, self.ctx.total_steps, self.cfg.momentum)
+        momentum_update(self.key_model, model, m)
+        if self._keys is not None:
+            self.queue.enqueue(self._keys)
+            self._keys = None
+
+    def state_dict(self) -> dict:
+        return {"queue": self.queue.state_dict(), "key_model": self.key_model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue.load_state_dict(state["queue"])
+        self.key_model.load_state_dict(state["key_model"])
+
+
+class NPID(_Base):
+    """Instance discrimination against a memory bank of one row per clip, sharded across
+    ranks; NCE with m noise rows, or the exact softmax (objective.nce_noise=0)."""
+
+    def __init__(self, cfg, model_cfg, ctx):
+        from trainer.objectives.npid import ShardedMemoryBank
+
+        super().__init__(cfg, model_cfg, ctx)
+        self.bank = ShardedMemoryBank(ctx.num_clips, model_cfg.proj_dim, ctx.rank, ctx.world_size,
+                                      cfg.bank_momentum, ctx.device, seed=ctx.seed)
+        self.noise = torch.Generator(device="cpu").manual_seed(ctx.seed + 17)
+        self._pending: tuple | None = None
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        return LinearProjection(embedding_dim, self.model_cfg.proj_dim)
+
+    def model_views(self, views: torch.Tensor) -> torch.Tensor:
+        return views[:, :1]
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        from trainer.objectives.npid import npid_exact_loss, npid_nce_loss
+
+        z = out["z"][:, 0].float()
+        z_all = distributed.gather_with_grad(z)
+        idx_all = distributed.gather_no_grad(batch.indices)
+        self._pending = (idx_all, z_all.detach())
+        if self.cfg.nce_noise > 0:
+            return npid_nce_loss(z, z_all, idx_all, self.bank, self.ctx.rank, temperature=self.cfg.temperature,
+                                 num_noise=self.cfg.nce_noise, generator=self.noise)
+        return npid_exact_loss(z, z_all, idx_all, self.bank, self.ctx.rank, temperature=self.cfg.temperature)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if self._pending is not None:
+            self.bank.update(*self._pending)
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict(), "noise": self.noise.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])
+        self.noise.set_state(state["noise"])
+
+
+OBJECTIVES = {"simclr": SimCLR, "moco": MoCo, "npid": NPID, "cola": Cola, "supcon": SupCon, "hybrid": Hybrid}
+
+
+def build_objective(cfg, model_cfg, ctx: ObjectiveContext):
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{cfg.name}': choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[cfg.name](cfg, model_cfg, ctx)

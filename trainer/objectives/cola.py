@@ -1,0 +1,67 @@
+"""COLA (Saeed et al., ICASSP 2021): two segments of one clip are a positive pair, the
+second segments of the other clips are the negatives, similarity is bilinear."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ColaHead(nn.Module):
+    """Linear -> LayerNorm -> tanh: [N, in_dim] -> [N, dim] in (-1, 1), not normalised
+    (the bilinear similarity learns its own scale)."""
+
+    def __init__(self, in_dim: int, dim: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim), nn.Tanh())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class Bilinear(nn.Module):
+    """Holds W [dim, dim] of the similarity s(a, c) = a^T W c.
+
+    W starts as the identity, so training starts from the plain dot product of the head's
+    outputs; the start is deterministic, so every rank holds the same W without a broadcast.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim))
+
+    def forward(self, anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """anchors [N, dim], candidates [M, dim] -> similarities [N, M] (float32 or wider)."""
+        return bilinear_logits(anchors, candidates, self.weight)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; anything narrower is computed in float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def bilinear_logits(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, D] x [D, D] x [M, D] -> [N, M] with entry (i, j) = a_i^T W c_j, in float32 (or
+    float64), also inside an autocast region."""
+    with torch.autocast(anchors.device.type, enabled=False):
+        return (_wide(anchors) @ _wide(weight)) @ _wide(candidates).T
+
+
+def cola_loss(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Mean multi-class cross-entropy of this rank's anchors over all candidates.
+
+    anchors: [B, D] first segments of this rank's clips (head outputs);
+    candidates: [W*B, D] second segments of all ranks' clips in rank order (gathered with
+    gradient; pass this rank's [B, D] and rank 0 for in-batch negatives only);
+    weight: [D, D] the bilinear W. The positive of anchor i is candidate ``rank*B + i``
+    (the other segment of the same clip); the other W*B - 1 candidates are its negatives.
+    Returns a scalar (float32, or float64 for float64 inputs), the mean over the B anchors:
+    the mean of this over ranks is the loss of one process holding the global batch.
+    """
+    b = anchors.shape[0]
+    if candidates.shape[0] < (rank + 1) * b:
+        raise ValueError(f"candidates hold {candidates.shape[0]} rows: too few for rank {rank} with B={b}")
+    logits = bilinear_logits(anchors, candidates, weight)                      # [B, W*B]
+    target = torch.arange(b, device=anchors.device) + rank * b
+    return F.cross_entropy(logits, target)
