@@ -59,3 +59,11 @@ def test_loss_falls_under_sgd():
         opt.step()
         losses.append(float(loss))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+
+
+def test_logits_are_float32_under_autocast():
+    z = F.normalize(torch.randn(4, 2, 8), dim=-1)
+    want = nt_xent(z, z, 0, temperature=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nt_xent(z, z, 0, temperature=0.1)
+    assert got.dtype == torch.float32 and abs(float(got) - float(want)) < 1e-6

@@ -15,6 +15,11 @@ def nt_xent(local: torch.Tensor, everyone: torch.Tensor, rank: int, *, temperatu
     among all W*B*V - 1 other views, averaged over anchors and positives.
     Averaging this over ranks gives the loss of one process holding the global batch.
     """
+    with torch.autocast(local.device.type, enabled=False):  # float32 logits under autocast too
+        return _nt_xent(local, everyone, rank, temperature)
+
+
+def _nt_xent(local: torch.Tensor, everyone: torch.Tensor, rank: int, temperature: float) -> torch.Tensor:
     b, v, _ = local.shape
     anchors = local.float().transpose(0, 1).reshape(v * b, -1)          # [V*B, D] view-major
     cands = everyone.float().transpose(0, 1).reshape(-1, everyone.shape[-1])  # [V*W*B, D]
