@@ -217,6 +217,7 @@ class ObjectiveConfig:
     temperature: float = option(0.2, "softmax temperature of the contrastive loss")
     alpha: float = option(0.5, "hybrid: weight of SupCon in alpha*SupCon + (1-alpha)*CE")
     overlap_weighting: bool = option(False, "supcon/hybrid, multi-label: weight positives by label overlap")
+    supcon_dim: int = option(64, "supcon/hybrid: size of the linear projection")
     queue_size: int = option(65536, "moco: negatives in the queue (all ranks together)")
     momentum: float = option(0.999, "moco: momentum of the key encoder's EMA")
     momentum_schedule: str = option("constant", "moco: EMA momentum schedule", ("constant", "cosine"))

@@ -102,7 +102,7 @@ class SupCon(_Base):
     """Supervised contrastive loss over all ranks (positives: shared labels)."""
 
     def make_head(self, embedding_dim: int) -> nn.Module:
-        return LinearProjection(embedding_dim, self.model_cfg.proj_dim)
+        return LinearProjection(embedding_dim, self.cfg.supcon_dim)
 
     def supcon(self, out: dict, batch) -> torch.Tensor:
         from trainer.objectives.supcon import supcon_loss

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Peak memory of one SimCLR step: plain batches vs. gradient caching.
+
+    python tools/bench_gradcache.py [--batches 256,1024] [--cached 8192] [--chunk 256] [--width 16]
+
+Each configuration runs in its own process; the peak is the process's maximum resident
+set (CPU) or torch.cuda.max_memory_allocated (GPU). Gradient caching should hold the
+memory of one chunk plus the cached embeddings, whatever the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:
+    import contextlib
+
+    import torch
+
+    from dataio.frontend import FrontendConfig, LogMel
+    from trainer.config import ModelConfig, ObjectiveConfig
+    from trainer.encoders import build_encoder
+    from trainer.gradcache import GradCache
+    from trainer.heads import ContrastiveModel
+    from trainer.objectives import ObjectiveContext, build_objective
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    obj = build_objective(ObjectiveConfig(name="simclr"), ModelConfig(), ObjectiveContext(device=device))
+    enc = build_encoder("resnet18", width=width)
+    model = ContrastiveModel(enc, obj.make_head(enc.embedding_dim)).to(device)
+    frames = LogMel(FrontendConfig())(torch.zeros(1, int(16000 * seconds))).shape[-1]
+    views = torch.randn(batch, 2, 1, 64, frames, device=device)
+    start = time.perf_counter()
+    if chunk:
+        cache = GradCache(model, views, chunk, contextlib.nullcontext)
+        cache.backward(obj.loss(cache.outputs(), None))
+    else:
+        obj.loss(model(views), None).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"batch": batch, "chunk": chunk, "peak_mb": round(peak), "seconds": round(time.perf_counter() - start, 1),
+            "device": str(device)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="256,1024", help="plain batch sizes to compare with")
+    p.add_argument("--cached", type=int, default=8192, help="batch run with gradient caching")
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=0.5, help="view length")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        batch, chunk = map(int, args.one.split(","))
+        print(json.dumps(one_step(batch, chunk, args.width, args.seconds)))
+        return 0
+    runs = [(b, 0) for b in map(int, args.batches.split(","))] + [(args.cached, args.chunk)]
+    print(f"{'batch':>7}{'chunk':>7}{'peak MiB':>10}{'seconds':>9}")
+    for batch, chunk in runs:
+        out = subprocess.run([sys.executable, __file__, "--one", f"{batch},{chunk}", "--width", str(args.width),
+                              "--seconds", str(args.seconds)], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['batch']:>7}{r['chunk'] or '-':>7}{r['peak_mb']:>10}{r['seconds']:>9}  ({r['device']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
