@@ -56,10 +56,10 @@ def test_chunked_gradients_equal_the_whole_batch(name):
 
     obj, model, batch = _setup(name)
     cache = GradCache(model, batch.views, 5, no_sync=contextlib.nullcontext)  # 5+5+5+1 clips
-    cached_loss = obj.loss(cache.outputs(), batch)
-    cache.backward(cached_loss)
+    cached_loss = obj.loss_backward(cache.outputs(), batch, 3)  # NT-Xent: 3 clips' rows of logits a time
+    cache.backward()
     got = _grads(model, obj)
-    assert abs(float(cached_loss) - float(loss)) < 1e-10
+    assert abs(float(cached_loss) - float(loss)) < 1e-5
     assert want.keys() == got.keys() and len(want) >= 6
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-5, rtol=0), key

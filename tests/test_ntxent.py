@@ -67,3 +67,10 @@ def test_logits_are_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = nt_xent(z, z, 0, temperature=0.1)
     assert got.dtype == torch.float32 and abs(float(got) - float(want)) < 1e-6
+
+
+def test_row_blocks_add_up_to_the_loss():
+    z = F.normalize(torch.randn(5, 3, 4), dim=-1)
+    whole = nt_xent(z, z, 0, temperature=0.3)
+    parts = [nt_xent(z, z, 0, temperature=0.3, rows=slice(i, i + 4)) for i in range(0, 15, 4)]
+    assert abs(float(sum(parts)) - float(whole)) < 1e-6

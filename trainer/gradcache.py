@@ -38,8 +38,12 @@ class GradCache:
         self.whole = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_() for k in cached[0]}
         return self.whole
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()  # gradients w.r.t. the cached outputs (and the loss's own parameters)
+    def backward(self, loss: torch.Tensor | None = None) -> None:
+        """Re-run every chunk with a graph and back-propagate its slice of the gradient of
+        ``loss`` w.r.t. the cached outputs; ``loss=None``: that gradient is already in the
+        outputs' ``.grad`` (see :func:`blockwise_backward`)."""
+        if loss is not None:
+            loss.backward()  # gradients w.r.t. the cached outputs (and the loss's own parameters)
         grads = {k: v.grad for k, v in self.whole.items()}
         start = 0
         for i, part in enumerate(self.parts):
@@ -50,3 +54,21 @@ class GradCache:
                                 for k in out if grads[k] is not None)
                 surrogate.backward()
             start += len(part)
+
+
+def blockwise_backward(inputs: list[torch.Tensor], part: Callable[..., torch.Tensor], num_parts: int) -> torch.Tensor:
+    """Back-propagate a loss that is a sum of ``num_parts`` parts, one part at a time.
+
+    ``part(*leaves, i)`` computes part i from detached copies of ``inputs``; each part's
+    graph is freed after its backward, so an O(N^2) loss (N x N logits) holds one block
+    of rows at a time. The summed gradients then flow once through ``inputs``' own graph
+    (a gather across ranks, say). Returns the loss (detached).
+    """
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    total = torch.zeros((), device=inputs[0].device)
+    for i in range(num_parts):
+        value = part(*leaves, i)
+        value.backward()
+        total = total + value.detach()
+    torch.autograd.backward(inputs, [leaf.grad for leaf in leaves])
+    return total

@@ -179,14 +179,13 @@ class Pretrainer:
         t0 = time.perf_counter()
         self.engine.model.train()
         views = self.objective.model_views(batch.views)
-        cache = None
-        if self.cfg.train.grad_cache_chunk:
-            cache = GradCache(self.engine.forward, views, self.cfg.train.grad_cache_chunk, self.engine.no_sync)
-            out = cache.outputs()
-        else:
-            out = self.engine.forward(views)
+        cache, chunk = None, self.cfg.train.grad_cache_chunk
+        if chunk:
+            cache = GradCache(self.engine.forward, views, chunk, self.engine.no_sync)
+        out = cache.outputs() if cache else self.engine.forward(views)
         with self.engine.autocast():  # the losses compute their logits in float32 themselves
-            loss = self.objective.loss(out, batch)
+            # with gradient caching the loss is back-propagated to the cached outputs here
+            loss = self.objective.loss_backward(out, batch, chunk) if cache else self.objective.loss(out, batch)
         nonfinite, stop = distributed.any_rank([not bool(torch.isfinite(loss)), self.stop_requested],
                                                self.device)
         if nonfinite:
@@ -194,7 +193,7 @@ class Pretrainer:
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
                                 f"and resume from the last checkpoint in {self.checkpointer.root}")
         if cache is not None:
-            cache.backward(loss)
+            cache.backward()
         else:
             self.engine.backward(loss)
         grad_norm = self.engine.step()

@@ -61,6 +61,15 @@ class _Base:
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
 
+    def loss_backward(self, out: dict, batch, block: int) -> torch.Tensor:
+        """Gradient caching's first stage: back-propagate the loss to the cached ``out``
+        (and this objective's own parameters) with at most ``block`` clips' rows of
+        logits at a time where the loss allows; returns the loss (detached)."""
+        loss = self.loss(out, batch)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
     def state_dict(self) -> dict:
         return {"extra": self.extra.state_dict()}
 
@@ -74,6 +83,18 @@ class SimCLR(_Base):
     def loss(self, out: dict, batch) -> torch.Tensor:
         z = out["z"]
         return nt_xent(z, distributed.gather_with_grad(z), self.ctx.rank, temperature=self.cfg.temperature)
+
+    def loss_backward(self, out: dict, batch, block: int) -> torch.Tensor:
+        from trainer.gradcache import blockwise_backward
+
+        z = out["z"]
+        rows = z.shape[0] * z.shape[1]
+        step = max(1, block) * z.shape[1]
+
+        def part(local, everyone, i):
+            return nt_xent(local, everyone, self.ctx.rank, temperature=self.cfg.temperature,
+                           rows=slice(i * step, (i + 1) * step))
+        return blockwise_backward([z, distributed.gather_with_grad(z)], part, -(-rows // step))
 
 
 class Cola(_Base):
