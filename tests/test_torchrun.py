@@ -41,13 +41,14 @@ def _torchrun():
     return [exe] if exe else [PYTHON, "-m", "torch.distributed.run"]
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
-    importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali"))])
-def test_torchrun_two_processes(uneven_shards, tmp_path, backend):
+@pytest.mark.parametrize("extra", [["data.backend=torch"], pytest.param(["data.backend=dali"], marks=pytest.mark.skipif(
+    importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")),
+    ["objective.name=moco", "objective.queue_size=32", "train.grad_cache_chunk=0"],
+    ["train.grad_cache_chunk=2"]], ids=["torch", "dali", "moco", "gradcache"])
+def test_torchrun_two_processes(uneven_shards, tmp_path, extra):
     run_dir = tmp_path / "run"
     out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", *_train_args(uneven_shards, run_dir),
-                          f"data.backend={backend}"],
+                          f"--master-port={free_port()}", *_train_args(uneven_shards, run_dir), *extra],
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_run(run_dir)
