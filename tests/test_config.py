@@ -35,7 +35,7 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("optim.lrr=0.1", "unknown key 'optim.lrr' (did you mean optim.lr?)"),
     ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
-    ("optim.name=adamw", "optim.name: 'adamw' is not one of sgd, lars"),
+    ("optim.name=adam", "optim.name: 'adam' is not one of sgd, lars, adamw (did you mean 'adamw'?)"),
     ("data.batch_size=0.5", "data.batch_size: expected int"),
     ("train.epochs=0", "train.epochs: must be positive"),
     ("model.encoder=resnet81", "did you mean 'resnet18'"),

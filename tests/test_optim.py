@@ -31,4 +31,6 @@ def test_biases_and_norms_do_not_decay():
     decay, plain = param_groups(model, 1e-4)
     assert len(decay["params"]) == 1 and len(plain["params"]) == 3 and plain["weight_decay"] == 0
     assert isinstance(build_optimizer("sgd", model, 0.1, 0.9, 1e-4, 0.001), torch.optim.SGD)
+    adam = build_optimizer("adamw", model, 1e-3, 0.9, 1e-4, 0.001)
+    assert isinstance(adam, torch.optim.AdamW) and adam.param_groups[1]["weight_decay"] == 0
     assert not math.isnan(build_optimizer("lars", model, 0.1, 0.9, 1e-4, 0.001).param_groups[0]["lr"])

@@ -38,8 +38,9 @@ def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:
     views = torch.randn(batch, 2, 1, 64, frames, device=device)
     start = time.perf_counter()
     if chunk:
-        cache = GradCache(model, views, chunk, contextlib.nullcontext)
-        cache.backward(obj.loss(cache.outputs(), None))
+        cache = GradCache(model, views, chunk, contextlib.nullcontext)  # as the trainer does it
+        obj.loss_backward(cache.outputs(), None, chunk)
+        cache.backward()
     else:
         obj.loss(model(views), None).backward()
     if device.type == "cuda":

@@ -236,7 +236,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = option("sgd", "optimizer", ("sgd", "lars"))
+    name: str = option("sgd", "optimizer (adamw: momentum is its beta1)", ("sgd", "lars", "adamw"))
     lr: float = option(0.1, "peak learning rate (after warm-up)")
     momentum: float = option(0.9, "momentum")
     weight_decay: float = option(1e-4, "weight decay of conv / linear weights (not biases or norms)")

@@ -1,4 +1,4 @@
-"""Optimizers (SGD with momentum, LARS) and the warm-up + cosine learning-rate schedule."""
+"""Optimizers (SGD with momentum, LARS, AdamW) and the warm-up + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -64,7 +64,11 @@ def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float,
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
-    raise ValueError(f"unknown optimizer '{name}': choose sgd or lars")
+    if name == "adamw":  # COLA's recipe (Adam); ``momentum`` is beta1
+        for g in groups:
+            g.pop("lars_exclude")
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"unknown optimizer '{name}': choose sgd, lars or adamw")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, final_ratio: float = 0.0) -> float:
