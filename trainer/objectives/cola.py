@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.objectives.common import wide
+
 
 class ColaHead(nn.Module):
     """Linear -> LayerNorm -> tanh: [N, in_dim] -> [N, dim] in (-1, 1), not normalised
@@ -36,16 +38,11 @@ class Bilinear(nn.Module):
         return bilinear_logits(anchors, candidates, self.weight)
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; anything narrower is computed in float32."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def bilinear_logits(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[N, D] x [D, D] x [M, D] -> [N, M] with entry (i, j) = a_i^T W c_j, in float32 (or
     float64), also inside an autocast region."""
     with torch.autocast(anchors.device.type, enabled=False):
-        return (_wide(anchors) @ _wide(weight)) @ _wide(candidates).T
+        return (wide(anchors) @ wide(weight)) @ wide(candidates).T
 
 
 def cola_loss(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:

@@ -13,21 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer import distributed
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; anything narrower is computed in float32."""
-    return x if x.dtype == torch.float64 else x.float()
+from trainer.objectives.common import seeded_unit_rows, wide
 
 
 def initial_queue(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The whole queue before any key arrives: [size, dim] unit rows from ``seed`` (CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(size, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    return seeded_unit_rows(size, dim, seed, dtype)
 
 
 class ShardedQueue:
@@ -95,7 +89,7 @@ def moco_logits_loss(q_local: torch.Tensor, k_local: torch.Tensor, queue_shard: 
     at class 0. Mean over ranks == one process with batch W*B and the whole queue.
     Collective (through trainer.distributed helpers): call on every rank.
     """
-    q = _wide(q_local)
+    q = wide(q_local)
     b = q.shape[0]
     with torch.autocast(q.device.type, enabled=False):  # float32 logits under autocast too
         pos = (q * k_local.detach().to(q.dtype)).sum(1) / temperature            # [B]

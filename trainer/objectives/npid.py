@@ -16,17 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer import distributed
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; anything narrower is computed in float32."""
-    return x if x.dtype == torch.float64 else x.float()
+from trainer.objectives.common import seeded_unit_rows, wide
 
 
 def initial_bank(num_rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The whole bank before training: [num_rows, dim] unit rows from ``seed`` (CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(num_rows, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    return seeded_unit_rows(num_rows, dim, seed, dtype)
 
 
 class ShardedMemoryBank:
@@ -108,7 +103,7 @@ def npid_exact_loss(z_local: torch.Tensor, z_all: torch.Tensor, indices_all: tor
     row (summed over ranks with gradient). Scalar, float32 (float64 for float64 input);
     mean over ranks == one process with batch W*B and the whole bank. Collective.
     """
-    z = _wide(z_all)
+    z = wide(z_all)
     b = z_local.shape[0]
     idx = indices_all.to(z.device).long()
     with torch.autocast(z.device.type, enabled=False):  # float32 logits under autocast too
@@ -132,7 +127,7 @@ def npid_nce_loss(z_local: torch.Tensor, z_all: torch.Tensor, indices_all: torch
     generator stays in step); each rank computes the dot products for the rows it owns
     and they are summed over ranks with gradient. Scalar; collective.
     """
-    z = _wide(z_all)
+    z = wide(z_all)
     b, n = z_local.shape[0], bank.num_rows
     idx = indices_all.to(z.device).long()
     noise = torch.randint(0, n, (idx.shape[0], num_noise), generator=generator).to(z.device)

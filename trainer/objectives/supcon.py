@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; anything narrower is computed in float32."""
-    return x if x.dtype == torch.float64 else x.float()
+from trainer.objectives.common import wide
 
 
 def label_affinity(labels_a: torch.Tensor, labels_b: torch.Tensor, *,
@@ -66,8 +63,8 @@ def supcon_loss(local: torch.Tensor, everyone: torch.Tensor, labels_local: torch
         raise ValueError(f"everyone has {n} clips, labels_all {labels_all.shape[0]}: need W*B with B={b}")
     labels_local, labels_all = labels_local.to(local.device), labels_all.to(local.device)
     with torch.autocast(local.device.type, enabled=False):  # float32 logits under autocast too
-        anchors = _wide(local).transpose(0, 1).reshape(v * b, d)                 # view-major
-        cands = _wide(everyone).transpose(0, 1).reshape(v * n, d)
+        anchors = wide(local).transpose(0, 1).reshape(v * b, d)                 # view-major
+        cands = wide(everyone).transpose(0, 1).reshape(v * n, d)
         logits = anchors @ cands.T / temperature                                  # [V*B, V*W*B]
         weights, self_col = _positive_weights(labels_local, labels_all, rank, v, overlap_weighting, logits.dtype)
         logits = logits.scatter(1, self_col, float("-inf"))
@@ -98,7 +95,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     gives 0 attached to the graph) -> mean softmax cross-entropy over the labelled rows;
     or multi-hot [N, C] -> binary cross-entropy with logits, mean over all N*C entries.
     """
-    x = _wide(logits)
+    x = wide(logits)
     if labels.ndim == 2:
         return F.binary_cross_entropy_with_logits(x, labels.to(x.dtype))
     labelled = (labels >= 0).to(x.dtype)
