@@ -9,7 +9,8 @@ from dataio.frontend import FrontendConfig
 from trainer.checkpoint import encoder_meta, export_encoder, load_encoder
 from trainer.encoders import build_encoder
 from trainer.evaluate.embed import ClipEmbeddings
-from trainer.evaluate.knn import class_averaged_accuracy, knn_scores
+from trainer.evaluate.knn import knn_scores
+from trainer.evaluate.metrics import class_averaged_accuracy
 from trainer.evaluate.run import EvalConfig, evaluate_knn, splits_of
 
 

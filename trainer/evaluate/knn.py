@@ -20,9 +20,3 @@ def knn_scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, nu
         rows = np.repeat(np.arange(len(top)), k)
         np.add.at(out[lo:lo + chunk], (rows, train_labels[top].ravel()), weights.ravel())
     return out / out.sum(axis=1, keepdims=True)
-
-
-def class_averaged_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Mean over the classes present in ``labels`` of the fraction predicted right."""
-    classes = np.unique(labels)
-    return float(np.mean([np.mean(predictions[labels == c] == c) for c in classes]))

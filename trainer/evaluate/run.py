@@ -17,7 +17,8 @@ from dataio.schema import ConfigError, check, option
 from trainer.checkpoint import build_from_meta, load_encoder
 from trainer.config import load_config
 from trainer.evaluate.embed import ClipEmbeddings, embed_shards
-from trainer.evaluate.knn import class_averaged_accuracy, knn_scores
+from trainer.evaluate.knn import knn_scores
+from trainer.evaluate.metrics import class_averaged_accuracy
 
 log = logging.getLogger("audioclr.eval")
 PROTOCOLS = ("knn",)
