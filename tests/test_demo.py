@@ -12,7 +12,7 @@ def test_short_demo_beats_chance(tmp_path):
     summary = demo(tmp_path, DEMO_CONFIG, clips=120,
                    overrides=["train.epochs=6", "data.batch_size=32", "model.width=8",
                               "train.progress=false", "optim.warmup_steps=3"],
-                   eval_overrides=["eval.k=20"])
+                   eval_overrides=["eval.knn.k=20"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["knn_accuracy"] == summary["knn_accuracy"]
     assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written)

@@ -1,4 +1,4 @@
-"""kNN scoring, class-averaged accuracy, the fold / split protocols, encoder export."""
+"""kNN scoring, class-averaged accuracy, encoder export."""
 
 import numpy as np
 import pytest
@@ -8,10 +8,10 @@ from sklearn.metrics import balanced_accuracy_score
 from dataio.frontend import FrontendConfig
 from trainer.checkpoint import encoder_meta, export_encoder, load_encoder
 from trainer.encoders import build_encoder
-from trainer.evaluate.embed import ClipEmbeddings
+from trainer.evaluate.config import EvalConfig, KnnConfig
 from trainer.evaluate.knn import knn_scores
 from trainer.evaluate.metrics import class_averaged_accuracy
-from trainer.evaluate.run import EvalConfig, evaluate_knn, splits_of
+from trainer.evaluate.run import Evaluation
 
 
 def _unit(x):
@@ -43,29 +43,6 @@ def test_class_averaged_accuracy_equals_sklearn():
     assert class_averaged_accuracy(y, p) == pytest.approx(balanced_accuracy_score(y, p))
 
 
-def _emb(folds, splits):
-    n = len(folds)
-    return ClipEmbeddings(np.zeros((n, 2)), np.arange(n), np.arange(n) % 2, np.asarray(folds), splits,
-                          [str(i) for i in range(n)])
-
-
-def test_every_clip_is_tested_exactly_once_across_folds():
-    emb = _emb([1, 2, 3, 1, 2, 3, 1, 2], ["train"] * 8)
-    rounds = splits_of(emb, "auto", 0.2, 0)
-    assert [name for name, _ in rounds] == ["fold1", "fold2", "fold3"]
-    assert np.array_equal(sum(mask.astype(int) for _, mask in rounds), np.ones(8))
-
-
-def test_split_and_random_protocols():
-    emb = _emb([0] * 6, ["train", "train", "test", "train", "test", "train"])
-    ((name, mask),) = splits_of(emb, "auto", 0.2, 0)
-    assert name == "test" and mask.tolist() == [False, False, True, False, True, False]
-    ((name, mask),) = splits_of(_emb([0] * 10, ["train"] * 10), "auto", 0.2, 0)
-    assert name == "random" and mask.sum() == 2  # one per class, stratified
-    with pytest.raises(ValueError, match="no folds"):
-        splits_of(_emb([0] * 4, ["train"] * 4), "folds", 0.2, 0)
-
-
 def test_exported_encoder_rebuilds_and_separates_tones(tmp_path):
     from tests.shard_utils import make_shards
 
@@ -78,6 +55,7 @@ def test_exported_encoder_rebuilds_and_separates_tones(tmp_path):
     x = torch.randn(2, 1, 32, 51)
     assert torch.equal(loaded(x), encoder(x)) and front2 == frontend and meta["step"] == 5
     # three tones of different pitch: even a random encoder separates them by kNN
-    result = evaluate_knn(loaded, front2, 0.5, shards.root, EvalConfig(k=5, aggregate="vote"))
+    cfg = EvalConfig(pictures=False, knn=KnnConfig(k=5, aggregate="vote"))
+    result = Evaluation("knn", tmp_path, shards.root, cfg).run()
     assert result["rounds"].keys() == {"fold1", "fold2"}
-    assert result["class_averaged_accuracy"] > 0.9
+    assert result["metrics"]["class_averaged_accuracy"]["mean"] > 0.9

@@ -57,6 +57,11 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _tune(argv: list[str]) -> int:
+    from trainer.tune import main
+    return main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from trainer.demo import main
     return main(argv)
@@ -67,7 +72,8 @@ COMMANDS = {
     "shard": (_shard, "write audio files (folder or csv layout) as WebDataset shards"),
     "check-shards": (_check_shards, "decode every clip of a shard folder and list the broken ones"),
     "pretrain": (_pretrain, "contrastive pretraining from a YAML recipe"),
-    "eval": (_eval, "evaluate a run's exported encoder (kNN)"),
+    "eval": (_eval, "evaluate a run's exported encoder: knn, linear probe or fine-tuning, with pictures"),
+    "tune": (_tune, "Ray Tune sweep of the downstream evaluation (alpha, temperature, lr, k ...)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),
     "bench": (_bench, "benchmarks: `bench data` times the data back ends against the decode limit"),
 }

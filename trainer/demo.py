@@ -44,11 +44,12 @@ def demo(out: Path, config: Path, clips: int, overrides: list[str], eval_overrid
     t2 = time.time()
     trained = run_eval(run_dir, corpus, eval_cfg)
     scratch = run_eval(run_dir, corpus, eval_cfg, random_init=True)
-    summary = {"knn_accuracy": trained["class_averaged_accuracy"],
-               "knn_accuracy_random_init": scratch["class_averaged_accuracy"],
-               "knn_std": trained["std"], "knn_std_random_init": scratch["std"],
+    acc, acc0 = trained["metrics"]["class_averaged_accuracy"], scratch["metrics"]["class_averaged_accuracy"]
+    summary = {"knn_accuracy": acc["mean"], "knn_accuracy_random_init": acc0["mean"],
+               "knn_std": acc["std"], "knn_std_random_init": acc0["std"],
                "num_clips": trained["num_clips"], "num_classes": trained["num_classes"],
-               "k": trained["k"], "run_dir": str(run_dir), "corpus": str(corpus),
+               "k": min(eval_cfg.knn.k, min(s["train"] for s in trained["round_sizes"].values())),
+               "run_dir": str(run_dir), "corpus": str(corpus),
                "seconds": {"corpus": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1),
                            "eval": round(time.time() - t2, 1), "total": round(time.time() - t0, 1)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,158 +1,219 @@
-"""``audioclr eval --run RUN_DIR --data SHARDS --protocol knn [eval.k=20 ...]``."""
+"""``audioclr eval --run RUN_DIR --data SHARDS --protocol knn|linear|finetune [eval.a.b=v ...]``.
+
+Writes ``RUN_DIR/eval/<protocol>[_random_init].json``, the pictures (learning curves,
+confusion matrix, t-SNE) next to it and ``RUN_DIR/eval/summary.md`` over every result.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dataio.manifest import ManifestError, load_manifest
-from dataio.schema import ConfigError, check, option
+from dataio.schema import ConfigError
 from trainer.checkpoint import build_from_meta, load_encoder
 from trainer.config import load_config
-from trainer.evaluate.embed import ClipEmbeddings, embed_shards
-from trainer.evaluate.knn import knn_scores
-from trainer.evaluate.metrics import class_averaged_accuracy
+from trainer.evaluate.clips import load_clipset
+from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
+from trainer.evaluate.embed import ClipEmbeddings, embed_clips
+from trainer.evaluate.finetune import FineTuner
+from trainer.evaluate.learners import KnnLearner, LinearProbe
+from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
 
 log = logging.getLogger("audioclr.eval")
-PROTOCOLS = ("knn",)
 
 
-@dataclass
-class EvalConfig:
-    k: int = option(200, "neighbours (capped by the number of training clips)")
-    temperature: float = option(0.07, "temperature of the exp(similarity / T) vote weights")
-    aggregate: str = option("mean", "clip = mean of patch embeddings, or vote of its patches",
-                            ("mean", "vote"))
-    patch_seconds: float = option(0.0, "patch length, s; 0 = the encoder's training view length")
-    hop_seconds: float = option(0.0, "hop between patches, s; 0 = half a patch")
-    split: str = option("auto", "auto: folds if the shards have them, else their train/test split, "
-                        "else a seeded random split", ("auto", "folds", "split", "random"))
-    test_fraction: float = option(0.2, "test share of the seeded random split")
-    seed: int = option(0, "seed of the random split and of random-init encoders")
-    batch_size: int = option(128, "patches per encoder call")
-    device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
-
-    def __post_init__(self) -> None:
-        check(self.k > 0, "k", "must be positive")
-        check(self.temperature > 0, "temperature", "must be positive")
-        check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
-        check(self.patch_seconds >= 0 and self.hop_seconds >= 0, "patch_seconds", "must be >= 0")
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.device=cuda, but CUDA is not available")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-@dataclass
-class EvalRoot:
-    eval: EvalConfig = option(EvalConfig(), "evaluation settings")
+class Evaluation:
+    """One protocol on one saved encoder (or its architecture at random init) and one
+    labelled shard folder, advanced an epoch at a time (``step``) so that Ray Tune can
+    report and checkpoint between epochs."""
+
+    def __init__(self, protocol: str, run_dir: str | Path, data: str | Path, cfg: EvalConfig,
+                 random_init: bool = False):
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
+        self.protocol, self.cfg, self.data = protocol, cfg, str(data)
+        self.encoder_name = "random_init" if random_init else str(run_dir)
+        encoder, frontend, meta = load_encoder(run_dir)
+        if random_init:
+            torch.manual_seed(cfg.seed)
+            encoder, frontend = build_from_meta(meta)
+        manifest = load_manifest(data)
+        if manifest.sample_rate != frontend.sample_rate:
+            raise ConfigError(f"the shards in {data} are at {manifest.sample_rate} Hz but the encoder "
+                              f"was trained on {frontend.sample_rate} Hz: re-shard with --sample-rate")
+        self.clips = load_clipset(manifest)
+        self.device = pick_device(cfg.device)
+        patch_s = cfg.patch_seconds or meta["view_seconds"]
+        self.patch = int(patch_s * manifest.sample_rate)
+        self.hop = max(1, int((cfg.hop_seconds or patch_s / 2) * manifest.sample_rate))
+        self.rounds = make_rounds(self.clips, cfg.split, test_fraction=cfg.test_fraction,
+                                  val_fraction=cfg.val_fraction, seed=cfg.seed, max_rounds=cfg.max_rounds)
+        for r in self.rounds:
+            log.info("%s: %d train, %d val, %d test clips", r.name, len(r.train), len(r.val), len(r.test))
+        self.frozen: ClipEmbeddings | None = None
+        if protocol != "finetune":
+            self.frozen = embed_clips(encoder, frontend, self.clips, patch_seconds=patch_s,
+                                      hop_seconds=self.hop / manifest.sample_rate, batch_size=cfg.embed_batch,
+                                      device=self.device)
+        epochs = {"knn": 1, "linear": cfg.linear.epochs, "finetune": cfg.finetune.epochs}[protocol]
+        self.runner = RoundRunner(self.clips, self.rounds, self._learner_factory(encoder, frontend), epochs)
+
+    def _learner_factory(self, encoder, frontend):
+        cfg = self.cfg
+        if self.protocol == "knn":
+            return lambda i, r: KnnLearner(self.clips, self.frozen, r, cfg.knn)
+        if self.protocol == "linear":
+            return lambda i, r: LinearProbe(self.clips, self.frozen, r, cfg.linear, seed=cfg.seed + i)
+        return lambda i, r: FineTuner(self.clips, encoder, frontend, r, cfg.finetune, patch=self.patch,
+                                      hop=self.hop, embed_batch=cfg.embed_batch, seed=cfg.seed + i,
+                                      device=self.device)
+
+    @property
+    def done(self) -> bool:
+        return self.runner.done
+
+    @property
+    def metric(self) -> str:
+        return primary_metric(self.clips)
+
+    def step(self) -> dict:
+        return self.runner.step()
+
+    def run(self) -> dict:
+        while not self.done:
+            self.step()
+        return self.result()
+
+    def result(self) -> dict:
+        out = self.runner.result()
+        tested = out.pop("tested_rows")
+        predictions = out.pop("predictions", None)
+        clips = self.clips
+        if predictions is not None:
+            out["predictions"] = {clips.keys[r]: clips.class_names[p] for r, p in zip(tested, predictions)}
+        out["tested"] = [clips.keys[r] for r in tested]
+        return {"protocol": self.protocol, "encoder": self.encoder_name, "data": self.data,
+                "num_clips": len(clips), "num_classes": clips.num_classes, "multilabel": clips.multilabel,
+                "class_names": clips.class_names, "primary_metric": self.metric,
+                "round_sizes": {r.name: {"train": len(r.train), "val": len(r.val), "test": len(r.test)}
+                                for r in self.rounds},
+                **out, "history": self.runner.history, "settings": asdict(self.cfg)}
+
+    def tsne_embeddings(self) -> np.ndarray:
+        """[N, D] clip embeddings to picture: the frozen encoder's, or for fine-tuning the
+        first round's fine-tuned encoder's."""
+        if self.frozen is not None:
+            return self.frozen.clip_means()
+        return self.runner.learners[0].embeddings(np.arange(len(self.clips))).clip_means()
+
+    def state_dict(self) -> dict:
+        return self.runner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.runner.load_state_dict(state)
 
 
-def splits_of(emb: ClipEmbeddings, how: str, test_fraction: float, seed: int) -> list[tuple[str, np.ndarray]]:
-    """(name, boolean test mask) per evaluation round over the labelled clips."""
-    labelled = emb.labels >= 0
-    has_folds = bool((emb.folds[labelled] > 0).all()) and len(np.unique(emb.folds[labelled])) > 1
-    has_split = {"train", "test"} <= set(np.asarray(emb.splits)[labelled])
-    if how == "auto":
-        how = "folds" if has_folds else "split" if has_split else "random"
-    if how == "folds":
-        if not has_folds:
-            raise ValueError("eval.split=folds, but the shards' clips carry no folds")
-        return [(f"fold{f}", emb.folds == f) for f in np.unique(emb.folds[labelled])]
-    if how == "split":
-        if not has_split:
-            raise ValueError("eval.split=split, but the shards have no 'train' and 'test' clips")
-        return [("test", np.asarray(emb.splits) == "test")]
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(emb.labels), dtype=bool)
-    for c in np.unique(emb.labels[labelled]):  # stratified: each class split alike
-        rows = np.flatnonzero(emb.labels == c)
-        rng.shuffle(rows)
-        test[rows[:max(1, int(round(len(rows) * test_fraction)))]] = True
-    return [("random", test)]
-
-
-def knn_round(emb: ClipEmbeddings, test_mask: np.ndarray, cfg: EvalConfig, num_classes: int) -> float:
-    """Class-averaged accuracy on the clips of ``test_mask`` with the rest as the bank."""
-    labelled = emb.labels >= 0
-    train_rows, test_rows = np.flatnonzero(labelled & ~test_mask), np.flatnonzero(labelled & test_mask)
-    if cfg.aggregate == "mean":
-        means = emb.clip_means()
-        scores = knn_scores(means[train_rows], emb.labels[train_rows], means[test_rows], num_classes,
-                            k=cfg.k, temperature=cfg.temperature)
-    else:
-        unit = emb.patches / (np.linalg.norm(emb.patches, axis=1, keepdims=True) + 1e-12)
-        in_train, in_test = np.isin(emb.owner, train_rows), np.isin(emb.owner, test_rows)
-        patch_scores = knn_scores(unit[in_train], emb.labels[emb.owner[in_train]], unit[in_test],
-                                  num_classes, k=cfg.k, temperature=cfg.temperature)
-        sums = np.zeros((len(emb.labels), num_classes))
-        np.add.at(sums, emb.owner[in_test], patch_scores)
-        scores = sums[test_rows]
-    return class_averaged_accuracy(emb.labels[test_rows], scores.argmax(axis=1))
-
-
-def evaluate_knn(encoder: torch.nn.Module, frontend, view_seconds: float, data: str | Path,
-                 cfg: EvalConfig) -> dict:
-    """kNN evaluation of ``encoder`` on the labelled shards in ``data``."""
-    manifest = load_manifest(data)
-    if manifest.sample_rate != frontend.sample_rate:
-        raise ConfigError(f"the shards in {data} are at {manifest.sample_rate} Hz but the encoder "
-                          f"was trained on {frontend.sample_rate} Hz: re-shard with --sample-rate")
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    patch = cfg.patch_seconds or view_seconds
-    emb = embed_shards(encoder, frontend, manifest, patch_seconds=patch,
-                       hop_seconds=cfg.hop_seconds or patch / 2, batch_size=cfg.batch_size, device=device)
-    num_classes = max(len(manifest.vocabulary), int(emb.labels.max()) + 1)
-    rounds = {name: knn_round(emb, mask, cfg, num_classes)
-              for name, mask in splits_of(emb, cfg.split, cfg.test_fraction, cfg.seed)}
-    accs = np.array(list(rounds.values()))
-    return {"protocol": "knn", "data": str(data), "num_clips": int((emb.labels >= 0).sum()),
-            "num_classes": num_classes, "k": min(cfg.k, int((emb.labels >= 0).sum())),
-            "class_averaged_accuracy": float(accs.mean()), "std": float(accs.std()),
-            "rounds": rounds, "settings": asdict(cfg)}
-
-
-def write_result(run_dir: str | Path, name: str, result: dict) -> Path:
-    out = Path(run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
     tmp.replace(path)
+
+
+def draw_pictures(evaluation: Evaluation, result: dict, eval_dir: Path, stem: str) -> dict[str, str]:
+    """Learning curves (trained protocols), confusion matrix (single-label) and t-SNE PNGs
+    in ``eval_dir``; returns {picture: file name}."""
+    from trainer.evaluate import plots
+
+    clips, pictures = evaluation.clips, {}
+    title = f"{evaluation.protocol} - {evaluation.encoder_name}"
+    if evaluation.runner.epochs > 1:
+        keep = ("epoch", "train_loss", f"val_{evaluation.metric}", f"test_{evaluation.metric}")
+        history = {name: [{k: v for k, v in row.items() if k in keep} for row in rows]
+                   for name, rows in result["history"].items()}
+        plots.plot_learning_curves(history, eval_dir / f"{stem}_curves.png", title)
+        pictures["learning_curves"] = f"{stem}_curves.png"
+    if "predictions" in result:
+        row_of = {k: i for i, k in enumerate(clips.keys)}
+        rows = np.array([row_of[k] for k in result["predictions"]])
+        predicted = np.array([clips.class_names.index(c) for c in result["predictions"].values()])
+        counts = plots.confusion_matrix(clips.labels[rows], predicted, clips.num_classes)
+        plots.plot_confusion(counts, clips.class_names, eval_dir / f"{stem}_confusion.png", title)
+        pictures["confusion"] = f"{stem}_confusion.png"
+    if plots.plot_tsne(evaluation.tsne_embeddings(), clips.labels, clips.class_names,
+                       eval_dir / f"{stem}_tsne.png", title, seed=evaluation.cfg.seed):
+        pictures["tsne"] = f"{stem}_tsne.png"
+    return pictures
+
+
+def write_outputs(evaluation: Evaluation, result: dict, eval_dir: str | Path, stem: str) -> Path:
+    """``eval_dir/<stem>.json``; with ``eval.pictures`` its PNGs and ``summary.md``."""
+    eval_dir = Path(eval_dir)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    result["pictures"] = draw_pictures(evaluation, result, eval_dir, stem) if evaluation.cfg.pictures else {}
+    path = eval_dir / f"{stem}.json"
+    _atomic_json(path, result)
+    if evaluation.cfg.pictures:
+        from trainer.evaluate.plots import write_summary
+
+        write_summary(eval_dir)
     return path
 
 
-def run_eval(run_dir: str | Path, data: str | Path, cfg: EvalConfig, random_init: bool = False) -> dict:
-    """Evaluate the exported encoder of ``run_dir`` (or the same architecture at random
-    init) and write ``run_dir/eval/knn[_random_init].json``."""
-    encoder, frontend, meta = load_encoder(run_dir)
-    if random_init:
-        torch.manual_seed(cfg.seed)
-        encoder, frontend = build_from_meta(meta)
-    result = evaluate_knn(encoder, frontend, meta["view_seconds"], data, cfg)
-    result["encoder"] = "random_init" if random_init else str(run_dir)
-    write_result(run_dir, "knn_random_init" if random_init else "knn", result)
+def run_eval(run_dir: str | Path, data: str | Path, cfg: EvalConfig, protocol: str = "knn",
+             random_init: bool = False) -> dict:
+    """Evaluate the exported encoder of ``run_dir`` (or its architecture at random init)
+    and write ``run_dir/eval/<protocol>[_random_init].json`` with its pictures."""
+    evaluation = Evaluation(protocol, run_dir, data, cfg, random_init)
+    result = evaluation.run()
+    write_outputs(evaluation, result, Path(run_dir) / "eval", protocol + ("_random_init" if random_init else ""))
     return result
 
 
+def headline(result: dict) -> str:
+    m = result["primary_metric"]
+    stats = result["metrics"][m]
+    others = ", ".join(f"{k} {v['mean']:.4f}" for k, v in result["metrics"].items() if k != m)
+    return (f"{result['protocol']} {m}: {stats['mean']:.4f} +- {stats['std']:.4f} over "
+            f"{len(result['rounds'])} round(s) ({others})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="audioclr eval", description=__doc__)
+    p = argparse.ArgumentParser(prog="audioclr eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory holding encoder.safetensors + encoder.json")
     p.add_argument("--data", required=True, help="labelled shard folder (with manifest.json)")
     p.add_argument("--protocol", default="knn", choices=PROTOCOLS)
-    p.add_argument("--random-init", action="store_true", help="evaluate the architecture at random init")
-    p.add_argument("overrides", nargs="*", help="eval.k=20 eval.aggregate=vote ...")
+    p.add_argument("--config", help="YAML with an eval: section (e.g. the best.yaml of a sweep)")
+    p.add_argument("--random-init", action="store_true", help="the architecture at random init (scratch)")
+    p.add_argument("overrides", nargs="*", help="eval.knn.k=20 eval.finetune.lr=3e-4 ...")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(EvalRoot, None, args.overrides).eval
-        result = run_eval(args.run, args.data, cfg, args.random_init)
+        cfg = load_config(EvalRoot, args.config, args.overrides).eval
+        result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init)
     except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
         print(f"audioclr eval: error: {err}", file=sys.stderr)
         return 2
-    print(f"kNN class-averaged accuracy: {result['class_averaged_accuracy']:.4f} "
-          f"(+- {result['std']:.4f} over {len(result['rounds'])} round(s), k={result['k']})")
+    except FloatingPointError as err:
+        print(f"audioclr eval: error: {err}", file=sys.stderr)
+        return 1
+    print(headline(result))
+    if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
+        print("audioclr eval: warning: the metric is not finite (a class without test clips?)", file=sys.stderr)
+    print(f"results in {Path(args.run) / 'eval'}")
     return 0

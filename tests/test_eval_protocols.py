@@ -1,0 +1,179 @@
+"""The evaluation protocols: rounds (folds / split / random, validation carving), kNN,
+linear probe and fine-tuning end to end on a separable synthetic set, multi-label
+scoring, resuming an evaluation, and the pictures + summary page."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from dataio.frontend import FrontendConfig
+from tests.conftest import PYTHON, cli_env
+from tests.shard_utils import make_shards
+from trainer.checkpoint import encoder_meta, export_encoder
+from trainer.encoders import build_encoder
+from trainer.evaluate.clips import ClipSet
+from trainer.evaluate.config import EvalConfig, FinetuneConfig, KnnConfig, LinearConfig
+from trainer.evaluate.knn import knn_scores
+from trainer.evaluate.protocol import make_rounds, score
+from trainer.evaluate.run import Evaluation, run_eval
+
+
+def _clips(folds, splits=None, labels=None, multilabel=False, classes=2):
+    n = len(folds)
+    labels = np.arange(n) % classes if labels is None else np.asarray(labels)
+    targets = np.zeros((n, classes), dtype=np.float32)
+    targets[np.arange(n)[labels >= 0], labels[labels >= 0]] = 1
+    return ClipSet([f"k{i}" for i in range(n)], [b""] * n, labels, targets, np.asarray(folds),
+                   np.asarray(splits or [""] * n), [f"c{i}" for i in range(classes)], multilabel, 16000)
+
+
+def test_every_clip_is_tested_exactly_once_across_folds():
+    clips = _clips([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], labels=[0, 0, 1, 1, -1, 0, 1, 0, 1, 1, 0, 1])
+    rounds = make_rounds(clips, "auto", val_fraction=0.25)
+    assert [r.name for r in rounds] == ["fold1", "fold2", "fold3"]
+    tested = np.concatenate([r.test for r in rounds])
+    assert sorted(tested) == sorted(np.flatnonzero(clips.labels >= 0))  # the unlabelled clip 4 is never used
+    for r in rounds:
+        assert not set(r.train) & set(r.test) and not set(r.val) & set(r.test) and not set(r.val) & set(r.train)
+        assert len(r.val) >= 1 and (clips.folds[r.val] != clips.folds[r.test[0]]).all()
+    assert [r.name for r in make_rounds(clips, "folds", max_rounds=2)] == ["fold1", "fold2"]
+
+
+def test_split_protocol_uses_the_val_split_or_carves_one():
+    splits = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    (r,) = make_rounds(_clips([0] * 10, splits), "auto", val_fraction=0.5)
+    assert r.name == "test" and list(r.val) == [6, 7] and list(r.test) == [8, 9] and list(r.train) == list(range(6))
+    clips = _clips([0] * 8, ["train"] * 6 + ["test"] * 2)
+    (r,) = make_rounds(clips, "auto", val_fraction=0.34)
+    assert len(r.val) == 2 and set(clips.labels[r.val]) == {0, 1} and set(r.val) < set(range(6))
+    with pytest.raises(ValueError, match="no folds"):
+        make_rounds(_clips([0] * 4), "folds")
+
+
+def test_random_protocol_is_stratified_and_seeded():
+    clips = _clips([0] * 20)
+    (a,), (b,) = make_rounds(clips, "auto", seed=3), make_rounds(clips, "auto", seed=3)
+    assert a.name == "random" and list(a.test) == list(b.test)
+    assert np.bincount(clips.labels[a.test]).tolist() == [2, 2]
+
+
+def test_multilabel_knn_votes_match_a_brute_force_reference():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    train, test = unit(rng.normal(size=(25, 4))), unit(rng.normal(size=(6, 4)))
+    targets = (rng.random((25, 3)) < 0.4).astype(np.float32)
+    got = knn_scores(train, targets, test, 3, k=5, temperature=0.2, chunk=2)
+    for row, q in enumerate(test):
+        top = np.argsort(-(train @ q))[:5]
+        w = np.exp((train[top] @ q) / 0.2)
+        assert np.allclose(got[row], (w[:, None] * targets[top]).sum(0) / w.sum())
+
+
+def test_multilabel_score_equals_sklearn():
+    rng = np.random.default_rng(1)
+    targets = (rng.random((40, 4)) < 0.3).astype(np.float32)
+    targets[0] = 1  # every class has a positive
+    targets[1] = 0  # and a negative
+    scores = rng.random((40, 4))
+    clips = _clips([0] * 40, multilabel=True, classes=4)
+    clips.targets = targets
+    got = score(clips, np.arange(40), scores)
+    assert got["mAP"] == pytest.approx(average_precision_score(targets, scores, average="macro"))
+    assert got["auc"] == pytest.approx(roc_auc_score(targets, scores, average="macro"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    """Three tone classes in two folds, and a random-init encoder exported as a run."""
+    root = tmp_path_factory.mktemp("tones")
+    make_shards(root / "shards", [12, 12], seconds=1.0)
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", width=8).eval()
+    export_encoder(encoder, encoder_meta("resnet18", 8, FrontendConfig(n_mels=32), encoder.embedding_dim, 5, 0.5),
+                   root)
+    return root
+
+
+def _accuracy(result):
+    return result["metrics"]["class_averaged_accuracy"]["mean"]
+
+
+def test_knn_and_linear_probe_separate_tones(tones):
+    knn = Evaluation("knn", tones, tones / "shards", EvalConfig(pictures=False, knn=KnnConfig(k=5))).run()
+    linear = Evaluation("linear", tones, tones / "shards",
+                        EvalConfig(pictures=False, linear=LinearConfig(epochs=10))).run()
+    assert _accuracy(knn) > 0.9 and _accuracy(linear) > 0.9
+    assert linear["history"]["fold1"][-1]["train_loss"] < linear["history"]["fold1"][0]["train_loss"]
+    for result in (knn, linear):
+        assert sorted(result["tested"]) == [f"clip{i:05d}" for i in range(24)]  # each clip once
+        assert set(result["metrics"]) == {"class_averaged_accuracy", "macro_f1", "wAP"}
+
+
+@pytest.mark.parametrize("loss", ["ce", "hybrid"])
+def test_finetuning_reaches_high_accuracy(tones, loss):
+    cfg = EvalConfig(pictures=False, finetune=FinetuneConfig(epochs=12, batch_size=4, loss=loss))
+    result = Evaluation("finetune", tones, tones / "shards", cfg).run()
+    assert _accuracy(result) > 0.9, result["metrics"]
+
+
+def test_finetuning_from_random_init_runs_and_resumes_exactly(tones):
+    cfg = EvalConfig(pictures=False, val_fraction=0.25, finetune=FinetuneConfig(epochs=3, batch_size=4))
+    whole = Evaluation("finetune", tones, tones / "shards", cfg, random_init=True).run()
+    first = Evaluation("finetune", tones, tones / "shards", cfg, random_init=True)
+    first.step()
+    state = first.state_dict()
+    second = Evaluation("finetune", tones, tones / "shards", cfg, random_init=True)
+    second.load_state_dict(state)
+    resumed = second.run()
+    assert resumed["history"] == whole["history"] and resumed["encoder"] == "random_init"
+    assert all(np.isfinite(h[-1]["val_class_averaged_accuracy"]) for h in whole["history"].values())
+
+
+def test_multilabel_shards_are_scored_with_map(tones, tmp_path):
+    import shutil
+
+    shutil.copytree(tones / "shards", tmp_path / "shards")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({**manifest, "multi_label": True}))
+    for protocol in ("knn", "linear"):
+        result = Evaluation(protocol, tones, tmp_path / "shards",
+                            EvalConfig(pictures=False, knn=KnnConfig(k=5), linear=LinearConfig(epochs=5))).run()
+        assert result["multilabel"] and result["primary_metric"] == "mAP"
+        assert set(result["metrics"]) == {"mAP", "auc", "d_prime"} and result["metrics"]["mAP"]["mean"] > 0.9
+
+
+def test_eval_cli_writes_pictures_and_summary(tones, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tones, run, ignore=shutil.ignore_patterns("shards"))
+    cmd = [PYTHON, "-m", "trainer.cli", "eval", "--run", str(run), "--data", str(tones / "shards"),
+           "--protocol", "linear", "eval.linear.epochs=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class_averaged_accuracy" in done.stdout
+    out = run / "eval"
+    for name in ("linear.json", "linear_curves.png", "linear_confusion.png", "linear_tsne.png", "summary.md"):
+        assert (out / name).is_file(), name
+    assert (out / "linear_tsne.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "linear_confusion.png" in summary and "linear_curves.png" in summary
+    bad = subprocess.run(cmd[:-1] + ["eval.linear.epoch=3"], capture_output=True, text=True, env=cli_env())
+    assert bad.returncode == 2 and "eval.linear.epochs" in bad.stderr
+
+
+def test_run_eval_random_init_writes_its_own_result(tones, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tones, run, ignore=shutil.ignore_patterns("shards"))
+    run_eval(run, tones / "shards", EvalConfig(pictures=False, knn=KnnConfig(k=5)), "knn", random_init=True)
+    saved = json.loads((run / "eval" / "knn_random_init.json").read_text())
+    assert saved["encoder"] == "random_init" and saved["pictures"] == {}

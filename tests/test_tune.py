@@ -1,0 +1,106 @@
+"""``audioclr tune``: the sweep config, a 2x2 grid run through Ray Tune, and a sweep killed
+mid-way that resumes from its trials' checkpoints."""
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from dataio.frontend import FrontendConfig
+from dataio.schema import ConfigError
+from tests.conftest import PYTHON, cli_env
+from tests.shard_utils import make_shards
+from trainer.checkpoint import encoder_meta, export_encoder
+from trainer.config import load_config
+from trainer.encoders import build_encoder
+from trainer.evaluate.config import EvalRoot
+from trainer.tune import SweepConfig, nest, trial_eval_config
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    make_shards(root / "shards", [12, 12], seconds=1.0)
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", width=4).eval()
+    export_encoder(enc, encoder_meta("resnet18", 4, FrontendConfig(n_mels=32), enc.embedding_dim, 1, 0.5), root)
+    return root
+
+
+def _sweep_yaml(path, run, storage, name, epochs, space):
+    cfg = {"name": name, "storage": str(storage), "encoders": [str(run)], "data": str(run / "shards"),
+           "protocol": "finetune", "space": space, "ray": {"num_cpus": 2},
+           "eval": {"val_fraction": 0.25, "finetune": {"epochs": epochs, "batch_size": 4, "loss": "hybrid"}}}
+    path.write_text("# audioclr tune --config this.yaml\n" + yaml.safe_dump(cfg))
+    return path
+
+
+def _tune(config, *extra, **kw):
+    return subprocess.run([PYTHON, "-m", "trainer.cli", "tune", "--config", str(config), *extra],
+                          capture_output=True, text=True, env=cli_env(), **kw)
+
+
+def test_space_keys_are_checked_before_ray_starts(encoder_run, tmp_path):
+    assert nest({"finetune.alpha": 0.5, "seed": 1}) == {"finetune": {"alpha": 0.5}, "seed": 1}
+    assert trial_eval_config({}, {"finetune.alpha": 0.25}).finetune.alpha == 0.25
+    base = {"encoders": ["r"], "data": "d"}
+    with pytest.raises(ConfigError, match="finetune.alpah"):
+        load_config(SweepConfig, None, None, base={**base, "space": {"finetune.alpah": {"grid": [0.1]}}})
+    with pytest.raises(ConfigError, match="alpha"):  # out of [0, 1]
+        load_config(SweepConfig, None, None, base={**base, "space": {"finetune.alpha": {"grid": [1.5]}}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(SweepConfig, None, None, base={**base, "space": {"knn.k": {"grid": [1], "choice": [2]}}})
+    config = _sweep_yaml(tmp_path / "s.yaml", encoder_run, tmp_path, "noval", 1, {"finetune.alpha": {"grid": [0.5]}})
+    done = _tune(config, "eval.val_fraction=0")
+    assert done.returncode == 2 and "never on test clips" in done.stderr
+
+
+@pytest.mark.slow
+def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp_path):
+    space = {"finetune.alpha": {"grid": [0.25, 0.75]}, "finetune.temperature": {"grid": [0.1, 0.3]}}
+    config = _sweep_yaml(tmp_path / "grid.yaml", encoder_run, tmp_path / "sweeps", "grid", 1, space)
+    done = _tune(config, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "sweeps" / "grid"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    assert {(r["finetune.alpha"], r["finetune.temperature"]) for r in rows} == \
+        {(a, t) for a in ("0.25", "0.75") for t in ("0.1", "0.3")}
+    scores = [float(r["val_class_averaged_accuracy"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(r["epochs"] == "1" for r in rows)
+    assert (out / "results.md").read_text().count("\n| ") == 4
+    best = out / "best.yaml"
+    first = best.read_text().splitlines()[0]
+    assert first.startswith("# audioclr eval") and "--config" in first
+    cfg = load_config(EvalRoot, best).eval
+    assert (cfg.finetune.alpha, cfg.finetune.temperature) == (float(rows[0]["finetune.alpha"]),
+                                                              float(rows[0]["finetune.temperature"]))
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
+    space = {"finetune.alpha": {"grid": [0.25, 0.75]}}
+    config = _sweep_yaml(tmp_path / "kill.yaml", encoder_run, tmp_path / "sweeps", "kill", 6, space)
+    cmd = [PYTHON, "-m", "trainer.cli", "tune", "--config", str(config)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / "sweeps" / "kill" / "run_trial_*" / "checkpoint_*")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-sweep
+    first.wait()
+    done = _tune(config, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweeps" / "kill" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "6" for r in rows)
+    assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows  # continued, not restarted
+    changed = _tune(config, "eval.finetune.epochs=7", timeout=120)
+    assert changed.returncode == 2 and "other settings" in changed.stderr

@@ -1,0 +1,318 @@
+"""``audioclr tune --config configs/sweeps/X.yaml [key=value ...]``: Ray Tune searches over
+the downstream evaluation of saved encoders (fine-tuning's alpha, temperature, lr; kNN's
+k and temperature; ...).
+
+Each trial is one :class:`~trainer.evaluate.run.Evaluation` (every round / fold in
+lockstep); after each epoch it reports the mean over rounds of its validation and test
+metrics and checkpoints its state through Ray Tune, so ASHA can stop it early, a failed
+trial is retried from its last epoch, and rerunning the same command resumes a stopped
+sweep. Trials are ranked on validation clips only (``eval.val_fraction`` or the shards'
+``val`` split); the test columns are reported, never selected on.
+
+Writes into ``storage/name/``: ``results.csv`` and ``results.md`` (sorted by the
+metric) and ``best.yaml`` (ready for ``audioclr eval --config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dataio.manifest import ManifestError
+from dataio.schema import ConfigError, check, option
+from trainer.config import load_config, to_dict
+from trainer.evaluate.config import PROTOCOLS, EvalConfig
+
+log = logging.getLogger("audioclr.tune")
+SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class RayConfig:
+    address: str = option("", "'' = start Ray on this machine; 'auto' or ray://HOST:10001 = join a cluster")
+    num_cpus: int = option(0, "local Ray only: CPUs it may use (0 = all)")
+    num_gpus: int = option(-1, "local Ray only: GPUs it may use (-1 = all)")
+
+
+@dataclass
+class SweepConfig:
+    name: str = option("sweep", "experiment name: results go to storage/name (rerun = resume)")
+    storage: str = option("runs/sweeps", "folder of sweeps (on a cluster: a path every node shares)")
+    encoders: list[str] = option([], "run directories of the saved encoders to evaluate (searched as a grid)")
+    data: str = option("", "labelled shard folder")
+    protocol: str = option("finetune", "evaluation protocol of each trial", PROTOCOLS)
+    metric: str = option("", "validation metric to rank and stop on ('' = class_averaged_accuracy, "
+                         "or mAP for multi-label shards)")
+    mode: str = option("max", "maximise or minimise the metric", ("max", "min"))
+    space: dict[str, dict] = option({}, "eval key -> {grid: [..]} | {choice: [..]} | {uniform: [lo, hi]} "
+                                    "| {loguniform: [lo, hi]} | {randint: [lo, hi]}")
+    num_samples: int = option(1, "random draws of the sampled keys (with grid keys: per grid point)")
+    scheduler: str = option("fifo", "fifo: every trial runs all epochs; asha: early stopping", ("fifo", "asha"))
+    grace_period: int = option(1, "asha: epochs before a trial may be stopped")
+    reduction_factor: float = option(2.0, "asha: keep 1 / reduction_factor of the trials per rung")
+    cpus_per_trial: float = option(1.0, "CPUs reserved by each trial")
+    gpus_per_trial: float = option(0.0, "GPUs (or fractions of one) reserved by each trial")
+    max_failures: int = option(2, "retries of a failed trial, from its last checkpoint")
+    ray: RayConfig = option(RayConfig(), "where Ray runs")
+    eval: EvalConfig = option(EvalConfig(), "evaluation settings every trial starts from")
+
+    def __post_init__(self) -> None:
+        check(bool(self.encoders), "encoders", "list at least one run directory")
+        check(bool(self.data), "data", "set the labelled shard folder")
+        check(self.num_samples > 0, "num_samples", "must be positive")
+        check(self.grace_period > 0 and self.reduction_factor > 1, "grace_period",
+              "must be positive (and reduction_factor > 1)")
+        check(self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "cpus_per_trial", "must be positive")
+        for key, spec in self.space.items():
+            check_space(key, spec, self.eval)
+
+
+def nest(dotted: dict) -> dict:
+    """{"finetune.alpha": 0.5} -> {"finetune": {"alpha": 0.5}}."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def trial_eval_config(base: dict, params: dict) -> EvalConfig:
+    """The base ``eval`` settings with a trial's dotted ``params`` on top (checked)."""
+    return load_config(EvalConfig, None, None, base=_merge(base, nest(params)))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_space(key: str, spec: dict, base: EvalConfig) -> None:
+    """A search dimension must name one sampler and an existing eval key whose type takes
+    its values (a typo fails here, naming the key, not in a trial)."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+        raise ConfigError(f"space.{key}: give exactly one of {', '.join(SAMPLERS)}, e.g. {{grid: [0.1, 0.5]}}")
+    (kind, values), = spec.items()
+    if not isinstance(values, list) or not values or (kind not in ("grid", "choice") and len(values) != 2):
+        raise ConfigError(f"space.{key}.{kind}: expected " +
+                          ("a non-empty list" if kind in ("grid", "choice") else "[low, high]"))
+    for value in values:
+        try:
+            trial_eval_config(to_dict(base), {key: value})
+        except ConfigError as err:
+            raise ConfigError(f"space.{key}: {err}") from None
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    """Ray Tune's search space: the encoders as a grid, then each dimension of ``space``."""
+    from ray import tune
+
+    samplers = {"grid": tune.grid_search, "choice": tune.choice,
+                "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+                "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    encoders = [str(Path(e).resolve()) for e in cfg.encoders]
+    space = {"encoder": tune.grid_search(encoders) if len(encoders) > 1 else encoders[0]}
+    for key, spec in cfg.space.items():
+        (kind, values), = spec.items()
+        space[key] = samplers[kind](values)
+    return space
+
+
+def run_trial(params: dict, *, sweep: dict) -> None:
+    """One trial: the evaluation stepped epoch by epoch, each epoch reported to Ray Tune
+    with a checkpoint of every round's state (resumed from the last one on retry)."""
+    import torch
+    from ray import tune
+
+    from trainer.evaluate.run import Evaluation
+
+    knobs = {k: v for k, v in params.items() if k != "encoder"}
+    cfg = trial_eval_config(sweep["eval"], knobs)
+    evaluation = Evaluation(sweep["protocol"], params["encoder"], sweep["data"], cfg)
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            evaluation.load_state_dict(torch.load(Path(folder) / "state.pt", weights_only=False))
+        start = evaluation.runner.epoch
+    while not evaluation.done:
+        metrics = {**evaluation.step(), "start_epoch": start}
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(evaluation.state_dict(), Path(folder) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def preflight(cfg: SweepConfig) -> str:
+    """Check the data before any trial starts; return the validation metric's name."""
+    from dataio.manifest import load_manifest
+    from trainer.evaluate.clips import load_clipset
+    from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
+
+    for enc in cfg.encoders:
+        if not (Path(enc) / "encoder.json").is_file():
+            raise FileNotFoundError(f"encoders: {enc} holds no exported encoder (encoder.json)")
+    clips = load_clipset(load_manifest(cfg.data))
+    e = cfg.eval
+    rounds = make_rounds(clips, e.split, test_fraction=e.test_fraction, val_fraction=e.val_fraction,
+                         seed=e.seed, max_rounds=e.max_rounds)
+    if any(len(r.val) == 0 for r in rounds):
+        raise ConfigError("eval.val_fraction: a sweep ranks trials on validation clips, never on test clips; "
+                          "the shards have no 'val' split, so set eval.val_fraction (e.g. 0.2)")
+    metric = cfg.metric or primary_metric(clips)
+    valid = MULTI_LABEL_METRICS if clips.multilabel else SINGLE_LABEL_METRICS
+    if metric not in valid:
+        raise ConfigError(f"metric: '{metric}' is not one of {', '.join(valid)} for these shards")
+    return metric
+
+
+def start_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, include_dashboard=False)
+        return
+    ray.init(num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
+             include_dashboard=False)
+
+
+def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path):
+    """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sweep = {"protocol": cfg.protocol, "data": str(Path(cfg.data).resolve()), "eval": to_dict(cfg.eval)}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("resuming the sweep in %s", exp_dir)
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    epochs = {"knn": 1, "linear": cfg.eval.linear.epochs, "finetune": cfg.eval.finetune.epochs}[cfg.protocol]
+    scheduler = FIFOScheduler() if cfg.scheduler == "fifo" else ASHAScheduler(
+        time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
+        reduction_factor=cfg.reduction_factor)
+    return tune.Tuner(
+        trainable, param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(metric=f"val_{metric}", mode=cfg.mode, num_samples=cfg.num_samples,
+                                    scheduler=scheduler),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
+
+
+def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
+    """One row per trial: its parameters, epochs run, last validation and test metrics,
+    sorted best first (errored trials last)."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial": m.get("trial_id", Path(str(r.path)).name), "status": "error" if r.error else "ok"}
+        row["encoder"] = r.config.get("encoder", "")
+        row.update({k: r.config.get(k) for k in cfg.space})
+        row["epochs"] = m.get("epoch", 0)
+        row["resumed_from_epoch"] = m.get("start_epoch", 0)
+        row.update({k: m[k] for k in sorted(m) if k.startswith(("val_", "test_"))})
+        rows.append(row)
+    key = f"val_{metric}"
+    sign = -1 if cfg.mode == "max" else 1
+
+    def order(row: dict) -> tuple:
+        v = row.get(key)
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        return (0 if ok else 1, sign * v if ok else 0.0)
+
+    return sorted(rows, key=order)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_tables(rows: list[dict], exp_dir: Path) -> tuple[Path, Path]:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    csv_path, md_path = exp_dir / "results.csv", exp_dir / "results.md"
+    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+    shown = [c for c in columns if c != "encoder"] if len({r.get("encoder") for r in rows}) == 1 else columns
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        cells = [Path(str(row.get(c, ""))).name if c == "encoder" else _fmt(row.get(c, "")) for c in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
+    os.replace(md_path.with_suffix(".md.tmp"), md_path)
+    return csv_path, md_path
+
+
+def write_best(best: dict, cfg: SweepConfig, exp_dir: Path) -> Path:
+    """``best.yaml``: the eval settings of the best trial, opening with the command that runs them."""
+    knobs = {k: best[k] for k in cfg.space}
+    resolved = trial_eval_config(to_dict(cfg.eval), knobs)
+    path = exp_dir / "best.yaml"
+    header = (f"# audioclr eval --run {best['encoder']} --data {Path(cfg.data).resolve()} "
+              f"--protocol {cfg.protocol} --config {path}\n"
+              f"# best trial {best['trial']} of sweep '{cfg.name}': "
+              + ", ".join(f"{k}={v}" for k, v in knobs.items()) + "\n")
+    path.with_suffix(".yaml.tmp").write_text(header + yaml.safe_dump({"eval": to_dict(resolved)}, sort_keys=False))
+    os.replace(path.with_suffix(".yaml.tmp"), path)
+    return path
+
+
+def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
+    """Save the sweep's settings on the first run; a rerun with other settings under the
+    same name would mix two sweeps in one table, so it is refused."""
+    saved, now = exp_dir / "sweep.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=True)
+    if saved.is_file() and saved.read_text() != now:
+        raise ConfigError(f"{exp_dir} holds a sweep with other settings ({saved}); "
+                          f"give this one another name= or delete that folder")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not saved.is_file():
+        saved.write_text(now)
+
+
+def tune_sweep(cfg: SweepConfig) -> tuple[list[dict], Path]:
+    metric = preflight(cfg)
+    exp_dir = (Path(cfg.storage) / cfg.name).resolve()
+    same_sweep(cfg, exp_dir)
+    start_ray(cfg.ray)
+    results = build_tuner(cfg, metric, exp_dir).fit()
+    rows = result_rows(results, cfg, metric)
+    write_tables(rows, exp_dir)
+    if rows and rows[0]["status"] == "ok":
+        write_best(rows[0], cfg, exp_dir)
+    return rows, exp_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audioclr tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(SweepConfig, args.config, args.overrides)
+        rows, exp_dir = tune_sweep(cfg)
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
+        print(f"audioclr tune: error: {err}", file=sys.stderr)
+        return 2
+    print((exp_dir / "results.md").read_text())
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")
+    return 1 if failed == len(rows) else 0
