@@ -135,11 +135,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section (nested dicts merge, values replace)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -163,8 +164,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Defaults of ``cls`` <- ``base`` <- YAML at ``path`` <- dotted ``overrides``."""
     tree = dict(base or {})
     if path is not None:
-        tree = _merge(tree, read_yaml(path))
-    tree = _merge(tree, parse_overrides(overrides or []))
+        tree = merge_trees(tree, read_yaml(path))
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     return _build(cls, tree, "")
 
 

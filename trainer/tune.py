@@ -29,7 +29,7 @@ import yaml
 
 from dataio.manifest import ManifestError
 from dataio.schema import ConfigError, check, option
-from trainer.config import load_config, to_dict
+from trainer.config import load_config, merge_trees, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 
 log = logging.getLogger("audioclr.tune")
@@ -90,14 +90,7 @@ def nest(dotted: dict) -> dict:
 
 def trial_eval_config(base: dict, params: dict) -> EvalConfig:
     """The base ``eval`` settings with a trial's dotted ``params`` on top (checked)."""
-    return load_config(EvalConfig, None, None, base=_merge(base, nest(params)))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return load_config(EvalConfig, None, None, base=merge_trees(base, nest(params)))
 
 
 def check_space(key: str, spec: dict, base: EvalConfig) -> None:
@@ -302,9 +295,17 @@ def tune_sweep(cfg: SweepConfig) -> tuple[list[dict], Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
+    p.add_argument("--config", help="sweep YAML (configs/sweeps/*.yaml; required)")
+    p.add_argument("--help-config", action="store_true", help="list every sweep key with its default and doc")
     p.add_argument("overrides", nargs="*", help="name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
     args = p.parse_args(argv)
+    if args.help_config:
+        from trainer.config import describe
+
+        print("\n".join(describe(SweepConfig)))
+        return 0
+    if not args.config:
+        p.error("--config is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)

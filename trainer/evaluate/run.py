@@ -195,13 +195,21 @@ def headline(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory holding encoder.safetensors + encoder.json")
-    p.add_argument("--data", required=True, help="labelled shard folder (with manifest.json)")
+    p.add_argument("--run", help="run directory holding encoder.safetensors + encoder.json (required)")
+    p.add_argument("--data", help="labelled shard folder with manifest.json (required)")
+    p.add_argument("--help-config", action="store_true", help="list every eval key with its default and doc")
     p.add_argument("--protocol", default="knn", choices=PROTOCOLS)
     p.add_argument("--config", help="YAML with an eval: section (e.g. the best.yaml of a sweep)")
     p.add_argument("--random-init", action="store_true", help="the architecture at random init (scratch)")
     p.add_argument("overrides", nargs="*", help="eval.knn.k=20 eval.finetune.lr=3e-4 ...")
     args = p.parse_args(argv)
+    if args.help_config:
+        from trainer.config import describe
+
+        print("\n".join(describe(EvalRoot)))
+        return 0
+    if not args.run or not args.data:
+        p.error("--run and --data are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
