@@ -177,3 +177,17 @@ def test_run_eval_random_init_writes_its_own_result(tones, tmp_path):
     run_eval(run, tones / "shards", EvalConfig(pictures=False, knn=KnnConfig(k=5)), "knn", random_init=True)
     saved = json.loads((run / "eval" / "knn_random_init.json").read_text())
     assert saved["encoder"] == "random_init" and saved["pictures"] == {}
+
+
+def test_an_encoder_with_nan_weights_is_refused_with_a_message(tones, tmp_path):
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", width=8).eval()
+    with torch.no_grad():
+        encoder.conv1.weight.fill_(float("nan"))
+    export_encoder(encoder, encoder_meta("resnet18", 8, FrontendConfig(n_mels=32), encoder.embedding_dim, 1, 0.5),
+                   tmp_path)
+    done = subprocess.run([PYTHON, "-m", "trainer.cli", "eval", "--run", str(tmp_path), "--data",
+                           str(tones / "shards"), "--protocol", "linear"],
+                          capture_output=True, text=True, env=cli_env())
+    assert done.returncode == 2 and "non-finite embeddings" in done.stderr
+    assert not (tmp_path / "eval").exists()

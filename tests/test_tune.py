@@ -4,6 +4,7 @@ mid-way that resumes from its trials' checkpoints."""
 import csv
 import glob
 import os
+import re
 import signal
 import subprocess
 import time
@@ -83,24 +84,37 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
                                                               float(rows[0]["finetune.temperature"]))
 
 
+def _state_records_a_checkpoint(exp_dir) -> bool:
+    """True once Ray Tune's experiment snapshot names a trial checkpoint (a checkpoint folder
+    alone is not enough: the snapshot that makes it resumable follows a moment later)."""
+    for path in glob.glob(str(exp_dir / "experiment_state-*.json")):
+        try:
+            if re.search(r"checkpoint_\d{6}", open(path).read()):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
     space = {"finetune.alpha": {"grid": [0.25, 0.75]}}
-    config = _sweep_yaml(tmp_path / "kill.yaml", encoder_run, tmp_path / "sweeps", "kill", 6, space)
+    config = _sweep_yaml(tmp_path / "kill.yaml", encoder_run, tmp_path / "sweeps", "kill", 10, space)
     cmd = [PYTHON, "-m", "trainer.cli", "tune", "--config", str(config)]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
-    while not glob.glob(str(tmp_path / "sweeps" / "kill" / "run_trial_*" / "checkpoint_*")):
+    while not _state_records_a_checkpoint(tmp_path / "sweeps" / "kill"):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "no trial checkpoint within 300 s"
         time.sleep(0.2)
+    time.sleep(1.0)  # let the snapshot's write finish; the trials still have epochs to go
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-sweep
     first.wait()
     done = _tune(config, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "kill" / "results.csv")))
-    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "6" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "10" for r in rows)
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows  # continued, not restarted
-    changed = _tune(config, "eval.finetune.epochs=7", timeout=120)
+    changed = _tune(config, "eval.finetune.epochs=11", timeout=120)
     assert changed.returncode == 2 and "other settings" in changed.stderr

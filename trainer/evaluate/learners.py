@@ -44,7 +44,7 @@ class KnnLearner:
         self.means = emb.clip_means() if cfg.aggregate == "mean" else None
 
     def train_epoch(self, epoch: int) -> float:
-        return math.nan
+        return math.nan  # nothing to train: no loss to report
 
     def clip_scores(self, rows: np.ndarray) -> np.ndarray:
         c, train = self.clips.num_classes, self.rnd.train

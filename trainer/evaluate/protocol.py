@@ -154,7 +154,10 @@ class RoundRunner:
         means over the rounds (val keys only where rounds have validation clips)."""
         self.epoch += 1
         for rnd, learner in zip(self.rounds, self.learners):
-            row = {"epoch": self.epoch, "train_loss": float(learner.train_epoch(self.epoch - 1))}
+            row = {"epoch": self.epoch}
+            loss = float(learner.train_epoch(self.epoch - 1))
+            if math.isfinite(loss):  # kNN trains nothing
+                row["train_loss"] = loss
             if len(rnd.val):
                 row.update({f"val_{k}": v for k, v in score(self.clips, rnd.val, learner.clip_scores(rnd.val)).items()})
             self.test_scores[rnd.name] = learner.clip_scores(rnd.test)

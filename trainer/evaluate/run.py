@@ -70,6 +70,9 @@ class Evaluation:
             self.frozen = embed_clips(encoder, frontend, self.clips, patch_seconds=patch_s,
                                       hop_seconds=self.hop / manifest.sample_rate, batch_size=cfg.embed_batch,
                                       device=self.device)
+            if not np.isfinite(self.frozen.patches).all():
+                raise ValueError(f"the encoder of {self.encoder_name} gives non-finite embeddings "
+                                 f"(NaN or inf weights?): nothing to evaluate")
         epochs = {"knn": 1, "linear": cfg.linear.epochs, "finetune": cfg.finetune.epochs}[protocol]
         self.runner = RoundRunner(self.clips, self.rounds, self._learner_factory(encoder, frontend), epochs)
 
