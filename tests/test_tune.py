@@ -82,6 +82,13 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     cfg = load_config(EvalRoot, best).eval
     assert (cfg.finetune.alpha, cfg.finetune.temperature) == (float(rows[0]["finetune.alpha"]),
                                                               float(rows[0]["finetune.temperature"]))
+    # a driver killed while Ray copies its state leaves an empty file; a rerun sets it aside
+    (searcher,) = out.glob("basic-variant-state-*.json")
+    searcher.write_bytes(b"")
+    again = _tune(config, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 4
+    assert searcher.with_name(searcher.name + ".damaged").is_file()
 
 
 def _state_records_a_checkpoint(exp_dir) -> bool:

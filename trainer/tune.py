@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import os
@@ -183,6 +184,26 @@ def start_ray(cfg: RayConfig) -> None:
              include_dashboard=False)
 
 
+def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
+    """Ray copies its experiment and searcher state from the session folder into the
+    storage folder without a rename, so a driver killed mid-copy can leave an empty or
+    truncated file there; ``Tuner.restore`` then trusts it (the trials come back with an
+    empty config). Such a file is renamed ``*.damaged``: the trials and their checkpoints
+    are still listed in the last readable experiment state."""
+    import ray.cloudpickle as cloudpickle
+
+    damaged = []
+    for path in sorted(exp_dir.glob("experiment_state-*.json")) + sorted(exp_dir.glob("basic-variant-state-*.json")):
+        try:
+            with open(path, "rb") as f:
+                (json.load if path.name.startswith("experiment_state") else cloudpickle.load)(f)
+        except Exception as err:
+            log.warning("setting aside %s, damaged when the sweep was stopped (%r)", path.name, err)
+            path.rename(path.with_name(path.name + ".damaged"))
+            damaged.append(path)
+    return damaged
+
+
 def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path):
     """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already."""
     from ray import tune
@@ -191,9 +212,14 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path):
     sweep = {"protocol": cfg.protocol, "data": str(Path(cfg.data).resolve()), "eval": to_dict(cfg.eval)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    if tune.Tuner.can_restore(str(exp_dir)):
+    set_aside_damaged_state(exp_dir)
+    if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
         log.info("resuming the sweep in %s", exp_dir)
-        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        except Exception as err:
+            raise ConfigError(f"the sweep state in {exp_dir} cannot be read ({err!r}); give this sweep "
+                              f"another name= or delete that folder") from None
     epochs = {"knn": 1, "linear": cfg.eval.linear.epochs, "finetune": cfg.eval.finetune.epochs}[cfg.protocol]
     scheduler = FIFOScheduler() if cfg.scheduler == "fifo" else ASHAScheduler(
         time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
