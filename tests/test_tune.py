@@ -3,6 +3,7 @@ mid-way that resumes from its trials' checkpoints."""
 
 import csv
 import glob
+import json
 import os
 import re
 import signal
@@ -92,15 +93,22 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
 
 
 def _state_records_a_checkpoint(exp_dir) -> bool:
-    """True once Ray Tune's experiment snapshot names a trial checkpoint (a checkpoint folder
-    alone is not enough: the snapshot that makes it resumable follows a moment later)."""
+    """True once Ray Tune's experiment snapshot names a trial checkpoint that is still on
+    disk (a checkpoint folder alone is not enough: the snapshot that makes it resumable
+    follows a moment later, and Ray deletes the older checkpoint before that)."""
+    named = 0
     for path in glob.glob(str(exp_dir / "experiment_state-*.json")):
         try:
-            if re.search(r"checkpoint_\d{6}", open(path).read()):
-                return True
-        except OSError:
-            pass
-    return False
+            trials = json.load(open(path))["trial_data"]
+        except (OSError, ValueError, KeyError):
+            return False
+        for trial in trials:
+            trial_id = json.loads(trial[0])["trial_id"]
+            for name in re.findall(r'"checkpoint_dir_name": "(checkpoint_\d{6})"', trial[1]):
+                if not glob.glob(str(exp_dir / f"run_trial_{trial_id}_*" / name)):
+                    return False
+                named += 1
+    return named > 0
 
 
 @pytest.mark.slow
@@ -115,7 +123,6 @@ def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "no trial checkpoint within 300 s"
         time.sleep(0.2)
-    time.sleep(1.0)  # let the snapshot's write finish; the trials still have epochs to go
     os.killpg(first.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-sweep
     first.wait()
     done = _tune(config, timeout=600)
@@ -125,3 +132,15 @@ def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows  # continued, not restarted
     changed = _tune(config, "eval.finetune.epochs=11", timeout=120)
     assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
+def test_trials_whose_last_checkpoint_is_gone_are_restarted():
+    from types import SimpleNamespace
+
+    from trainer.tune import lost_checkpoints
+
+    gone = ValueError("Could not recover from checkpoint as it does not exist on storage anymore. Got ...")
+    fine = SimpleNamespace(error=None, metrics={"trial_id": "a"}, path="p")
+    other = SimpleNamespace(error=FloatingPointError("loss is nan"), metrics={"trial_id": "b"}, path="p")
+    assert not lost_checkpoints([fine, other])
+    assert lost_checkpoints([fine, SimpleNamespace(error=gone, metrics={}, path="p")])

@@ -204,8 +204,21 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
     return damaged
 
 
-def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path):
-    """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already."""
+def lost_checkpoints(results) -> bool:
+    """Whether a restored trial failed because its last checkpoint is gone. Ray deletes a
+    trial's older checkpoint as soon as a newer one is registered, and writes the
+    experiment state naming the newer one a moment later; a driver killed in between
+    leaves a state that names a deleted checkpoint. Such trials are then restarted."""
+    lost = [r for r in results if r.error and "does not exist on storage anymore" in str(r.error)]
+    for r in lost:
+        log.warning("trial %s lost its last checkpoint when the sweep was stopped: it restarts from epoch 0",
+                    (r.metrics or {}).get("trial_id", r.path))
+    return bool(lost)
+
+
+def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, restart_errored: bool = False):
+    """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already
+    (errored trials resume from their checkpoint, or with ``restart_errored`` from scratch)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -216,7 +229,8 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path):
     if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
         log.info("resuming the sweep in %s", exp_dir)
         try:
-            return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+            return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                      resume_errored=not restart_errored, restart_errored=restart_errored)
         except Exception as err:
             raise ConfigError(f"the sweep state in {exp_dir} cannot be read ({err!r}); give this sweep "
                               f"another name= or delete that folder") from None
@@ -311,6 +325,8 @@ def tune_sweep(cfg: SweepConfig) -> tuple[list[dict], Path]:
     same_sweep(cfg, exp_dir)
     start_ray(cfg.ray)
     results = build_tuner(cfg, metric, exp_dir).fit()
+    if lost_checkpoints(results):
+        results = build_tuner(cfg, metric, exp_dir, restart_errored=True).fit()
     rows = result_rows(results, cfg, metric)
     write_tables(rows, exp_dir)
     if rows and rows[0]["status"] == "ok":
