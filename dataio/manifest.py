@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataio.atomic import write_text_atomically
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -87,11 +89,7 @@ class Manifest:
 
     def write(self, folder: str | Path) -> Path:
         """Write ``manifest.json`` atomically into ``folder``."""
-        path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_text_atomically(Path(folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=1))
 
 
 def load_manifest(folder: str | Path, check_files: bool = True) -> Manifest:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from dataio.atomic import write_text_atomically
 from dataio.manifest import Manifest, ShardInfo
 
 REJECTED_NAME = "rejected.tsv"
@@ -261,14 +262,8 @@ def write_dali_index(path: Path, sample_lines: list[str]) -> None:
     position of the member's data (past its header, a multiple of 512) and ``size`` its
     length in bytes. ``sample_lines`` are those per-sample lines.
     """
-    _write_atomically(path, f"{DALI_INDEX_VERSION} {len(sample_lines)}\n"
+    write_text_atomically(path, f"{DALI_INDEX_VERSION} {len(sample_lines)}\n"
                       + "".join(line + "\n" for line in sample_lines))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -371,7 +366,7 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     sink = _ShardSink(out_dir, shard_size, shard_bytes)
     tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress)
     rejected = [(path, reason) for _, path, reason in sorted(tally.rejected)]
-    _write_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(
+    write_text_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(
         f"{_one_line(path, 10_000)}\t{_one_line(reason)}\n" for path, reason in rejected))
     if tally.num_clips == 0:
         raise ShardWriteError(f"none of the {len(items)} clips could be used; the reasons are "

@@ -24,6 +24,22 @@ def tiny_shards(tmp_path_factory) -> Path:
     return folder
 
 
+def export_random_encoder(run_dir: Path, width: int = 8, seed: int = 0, view_seconds: float = 0.5):
+    """A random-init ResNet-18 (32 mel bands) exported into ``run_dir`` as a finished run
+    would; returns the encoder (eval mode)."""
+    import torch
+
+    from dataio.frontend import FrontendConfig
+    from trainer.checkpoint import encoder_meta, export_encoder
+    from trainer.encoders import build_encoder
+
+    torch.manual_seed(seed)
+    encoder = build_encoder("resnet18", width=width).eval()
+    meta = encoder_meta("resnet18", width, FrontendConfig(n_mels=32), encoder.embedding_dim, 1, view_seconds)
+    export_encoder(encoder, meta, run_dir)
+    return encoder
+
+
 def cli_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dataio.frontend import FrontendConfig
-from tests.conftest import PYTHON, cli_env
+from tests.conftest import PYTHON, cli_env, export_random_encoder
 from tests.shard_utils import make_shards
 from trainer.checkpoint import encoder_meta, export_encoder
 from trainer.encoders import build_encoder
@@ -94,10 +94,7 @@ def tones(tmp_path_factory):
     """Three tone classes in two folds, and a random-init encoder exported as a run."""
     root = tmp_path_factory.mktemp("tones")
     make_shards(root / "shards", [12, 12], seconds=1.0)
-    torch.manual_seed(0)
-    encoder = build_encoder("resnet18", width=8).eval()
-    export_encoder(encoder, encoder_meta("resnet18", 8, FrontendConfig(n_mels=32), encoder.embedding_dim, 5, 0.5),
-                   root)
+    export_random_encoder(root, width=8)
     return root
 
 

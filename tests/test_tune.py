@@ -11,16 +11,12 @@ import subprocess
 import time
 
 import pytest
-import torch
 import yaml
 
-from dataio.frontend import FrontendConfig
 from dataio.schema import ConfigError
-from tests.conftest import PYTHON, cli_env
+from tests.conftest import PYTHON, cli_env, export_random_encoder
 from tests.shard_utils import make_shards
-from trainer.checkpoint import encoder_meta, export_encoder
 from trainer.config import load_config
-from trainer.encoders import build_encoder
 from trainer.evaluate.config import EvalRoot
 from trainer.tune import SweepConfig, nest, trial_eval_config
 
@@ -29,9 +25,7 @@ from trainer.tune import SweepConfig, nest, trial_eval_config
 def encoder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     make_shards(root / "shards", [12, 12], seconds=1.0)
-    torch.manual_seed(0)
-    enc = build_encoder("resnet18", width=4).eval()
-    export_encoder(enc, encoder_meta("resnet18", 4, FrontendConfig(n_mels=32), enc.embedding_dim, 1, 0.5), root)
+    export_random_encoder(root, width=4)
     return root
 
 

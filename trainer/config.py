@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from dataio.atomic import write_text_atomically
 from dataio.schema import ConfigError, check, option  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- merging
@@ -109,7 +110,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix}{err}") from None
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Put ``value`` at ``a.b.c`` in the nested dict ``tree``, making sections as needed."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -131,7 +133,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -171,10 +173,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
+from dataio.atomic import write_text_atomically
 from dataio.manifest import ManifestError
 from dataio.schema import ConfigError, check, option
-from trainer.config import load_config, merge_trees, to_dict
+from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 
 log = logging.getLogger("audioclr.tune")
@@ -81,11 +82,7 @@ def nest(dotted: dict) -> dict:
     """{"finetune.alpha": 0.5} -> {"finetune": {"alpha": 0.5}}."""
     tree: dict = {}
     for key, value in dotted.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(tree, key, value)
     return tree
 
 
@@ -277,20 +274,17 @@ def _fmt(v) -> str:
 
 def write_tables(rows: list[dict], exp_dir: Path) -> tuple[Path, Path]:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    csv_path, md_path = exp_dir / "results.csv", exp_dir / "results.md"
-    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = write_text_atomically(exp_dir / "results.csv", table.getvalue())
     shown = [c for c in columns if c != "encoder"] if len({r.get("encoder") for r in rows}) == 1 else columns
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         cells = [Path(str(row.get(c, ""))).name if c == "encoder" else _fmt(row.get(c, "")) for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    md_path.with_suffix(".md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(md_path.with_suffix(".md.tmp"), md_path)
-    return csv_path, md_path
+    return csv_path, write_text_atomically(exp_dir / "results.md", "\n".join(lines) + "\n")
 
 
 def write_best(best: dict, cfg: SweepConfig, exp_dir: Path) -> Path:
@@ -302,9 +296,7 @@ def write_best(best: dict, cfg: SweepConfig, exp_dir: Path) -> Path:
               f"--protocol {cfg.protocol} --config {path}\n"
               f"# best trial {best['trial']} of sweep '{cfg.name}': "
               + ", ".join(f"{k}={v}" for k, v in knobs.items()) + "\n")
-    path.with_suffix(".yaml.tmp").write_text(header + yaml.safe_dump({"eval": to_dict(resolved)}, sort_keys=False))
-    os.replace(path.with_suffix(".yaml.tmp"), path)
-    return path
+    return write_text_atomically(path, header + yaml.safe_dump({"eval": to_dict(resolved)}, sort_keys=False))
 
 
 def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
@@ -316,7 +308,7 @@ def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
                           f"give this one another name= or delete that folder")
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not saved.is_file():
-        saved.write_text(now)
+        write_text_atomically(saved, now)
 
 
 def tune_sweep(cfg: SweepConfig) -> tuple[list[dict], Path]:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataio.atomic import write_text_atomically
 from dataio.shard_writer import ClipItem
 
 MISSING_NAME = "missing.tsv"
@@ -47,10 +48,7 @@ def write_missing(listing: SourceListing, folder: Path) -> Path:
     """Write ``folder/missing.tsv`` (``<id_column><TAB>csv`` then one row per missing clip)."""
     path = Path(folder) / MISSING_NAME
     rows = "".join(f"{m.clip}\t{m.listed_in}\n" for m in listing.missing)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{listing.id_column}\tcsv\n{rows}")
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, f"{listing.id_column}\tcsv\n{rows}")
 
 
 class FileIndex:

@@ -19,7 +19,6 @@ import webdataset as wds
 from dataio.manifest import Manifest
 
 log = logging.getLogger(__name__)
-AUDIO_KEYS = ("flac", "wav", "ogg", "mp3")
 
 
 @dataclass
@@ -55,13 +54,6 @@ class ClipSet:
         return sf.SoundFile(io.BytesIO(self.audio[row]))
 
 
-def _audio_of(sample: dict) -> bytes:
-    for ext in AUDIO_KEYS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"no audio member ({', '.join(AUDIO_KEYS)})")
-
-
 def load_clipset(manifest: Manifest) -> ClipSet:
     """Every clip of ``manifest`` whose audio decodes; a broken clip is logged and left out
     (one bad file must not end an evaluation). Labels outside the vocabulary are ignored."""
@@ -70,7 +62,7 @@ def load_clipset(manifest: Manifest) -> ClipSet:
     for path in manifest.shard_paths():
         for sample in wds.tarfile_samples([{"url": str(path)}], handler=wds.warn_and_continue):
             try:
-                data, meta = _audio_of(sample), json.loads(sample["json"])
+                data, meta = sample["flac"], json.loads(sample["json"])  # the shards' KEY.flac + KEY.json
                 sf.info(io.BytesIO(data))  # reads the header: catches truncated and foreign files
             except Exception as err:
                 skipped += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,19 +19,26 @@ class ClipEmbeddings:
 
     patches: np.ndarray
     owner: np.ndarray
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_clips(self) -> int:
         return int(self.owner.max()) + 1 if len(self.owner) else 0
 
     def unit_patches(self) -> np.ndarray:
-        return self.patches / (np.linalg.norm(self.patches, axis=1, keepdims=True) + 1e-12)
+        """[P_total, D] L2-normalised patch embeddings (computed once: every round shares them)."""
+        if "unit" not in self._cache:
+            self._cache["unit"] = self.patches / (np.linalg.norm(self.patches, axis=1, keepdims=True) + 1e-12)
+        return self._cache["unit"]
 
     def clip_means(self) -> np.ndarray:
-        """[N, D]: the mean of each clip's L2-normalised patch embeddings, renormalised."""
-        sums = np.zeros((self.num_clips, self.patches.shape[1]), dtype=np.float64)
-        np.add.at(sums, self.owner, self.unit_patches())
-        return (sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+        """[N, D]: the mean of each clip's L2-normalised patch embeddings, renormalised
+        (computed once)."""
+        if "means" not in self._cache:
+            sums = np.zeros((self.num_clips, self.patches.shape[1]), dtype=np.float64)
+            np.add.at(sums, self.owner, self.unit_patches())
+            self._cache["means"] = (sums / (np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+        return self._cache["means"]
 
 
 def clip_patches(clips: ClipSet, rows, patch: int, hop: int) -> Iterator[tuple[int, np.ndarray]]:

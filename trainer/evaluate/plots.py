@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from dataio.atomic import write_text_atomically  # noqa: E402
+
 log = logging.getLogger(__name__)
 PNG_DPI = 100
 
@@ -297,7 +299,5 @@ def write_summary(eval_dir: str | Path) -> Path:
     else:
         lines += ["No evaluation results found.", ""]
     path = eval_dir / "summary.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "\n".join(lines).rstrip() + "\n")
     return path

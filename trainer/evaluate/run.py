@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataio.atomic import write_text_atomically
 from dataio.manifest import ManifestError, load_manifest
 from dataio.schema import ConfigError
 from trainer.checkpoint import build_from_meta, load_encoder
@@ -131,12 +132,6 @@ class Evaluation:
         self.runner.load_state_dict(state)
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
-
-
 def draw_pictures(evaluation: Evaluation, result: dict, eval_dir: Path, stem: str) -> dict[str, str]:
     """Learning curves (trained protocols), confusion matrix (single-label) and t-SNE PNGs
     in ``eval_dir``; returns {picture: file name}."""
@@ -169,7 +164,7 @@ def write_outputs(evaluation: Evaluation, result: dict, eval_dir: str | Path, st
     eval_dir.mkdir(parents=True, exist_ok=True)
     result["pictures"] = draw_pictures(evaluation, result, eval_dir, stem) if evaluation.cfg.pictures else {}
     path = eval_dir / f"{stem}.json"
-    _atomic_json(path, result)
+    write_text_atomically(path, json.dumps(result, indent=1, default=float))
     if evaluation.cfg.pictures:
         from trainer.evaluate.plots import write_summary
 
