@@ -6,7 +6,12 @@ decoding its share of the shards). Each back end is timed producing log-mel batc
 the training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
 mel stage alone is timed too (torchaudio and DALI), on 1 s waves already on the device.
 
-    audioclr bench data [--shards DIR] [--cores N] [--clip-seconds 10] [--out FILE.json]
+With ``--config RECIPE.yaml`` each back end is timed twice: with the recipe's
+augmentation chain (and its front end and view length) and without it, so the chain's
+cost to the data path is the ratio of the two.
+
+    audioclr bench data [--shards DIR] [--cores N] [--clip-seconds 10] [--config configs/demo.yaml]
+                        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import soundfile as sf
 import torch
 import webdataset as wds
 
+from dataio.augment import build_augmenter
+from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
-from dataio.pipeline import DataConfig, open_source, steps_per_epoch
+from dataio.pipeline import open_source
 
 
 def _decode_shards(paths: list[str]) -> int:
@@ -50,14 +57,19 @@ def decode_limit(manifest, cores: int) -> float:
 
 
 def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int, seconds: float,
-                 device: torch.device) -> float:
-    """Clips per second of one back end's log-mel batches on ``device`` (after warm-up)."""
+                 device: torch.device, recipe: dict | None = None) -> float:
+    """Clips per second of one back end's log-mel batches on ``device`` (after warm-up);
+    ``recipe`` = {"augment", "frontend", "view_seconds"} of a recipe (None: no augmentation)."""
+    recipe = recipe or {}
+    frontend = recipe.get("frontend") or FrontendConfig(sample_rate=manifest.sample_rate)
+    view_seconds = recipe.get("view_seconds", 1.0)
     # one endless epoch: steady-state throughput, not loader start-up (real epochs are long)
     cfg = DataConfig(shards=str(manifest.root), backend=backend, batch_size=batch_size, num_workers=cores,
-                     pairs_per_clip=pairs, steps_per_epoch=10**9)
-    steps = steps_per_epoch(cfg, manifest, 1)
-    source = open_source(cfg, manifest, FrontendConfig(), rank=0, world_size=1, seed=0, device=device,
-                         steps=steps, state=None)
+                     pairs_per_clip=pairs, steps_per_epoch=10**9, view_seconds=view_seconds)
+    augmenter = build_augmenter(recipe.get("augment"), frontend, view_seconds, num_views=cfg.num_views,
+                                pairs_per_clip=pairs, seed=0)
+    place = Placement(device=device, steps=steps_per_epoch(cfg, manifest, 1))
+    source = open_source(cfg, manifest, frontend, augmenter, place)
     clips, start, epoch = 0, None, 0
     while True:
         for i, batch in enumerate(source.epoch(epoch, 0)):
@@ -70,6 +82,14 @@ def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int
                 if time.perf_counter() - start > seconds:
                     return clips / (time.perf_counter() - start)
         epoch += 1
+
+
+def load_recipe(path: str) -> dict:
+    """The parts of a pretraining recipe the data path depends on."""
+    from trainer.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, path, ["data.shards=unused"])
+    return {"augment": cfg.augment, "frontend": cfg.frontend, "view_seconds": cfg.data.view_seconds}
 
 
 def gpu_mel_rates(batch: int = 2048, repeats: int = 20) -> dict:
@@ -135,10 +155,16 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     limit = decode_limit(manifest, cores)
     rows = {"decode_limit": limit}
+    recipe = load_recipe(args.config) if getattr(args, "config", None) else None
     for backend in args.backends.split(","):
-        rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device)
+        plain = dict(recipe, augment={}) if recipe else None
+        rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device,
+                                     plain)
+        if recipe and recipe["augment"]:
+            rows[f"{backend}+augment"] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs,
+                                                      args.seconds, device, recipe)
     result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": manifest.num_clips,
-              "pairs_per_clip": args.pairs, "clips_per_second": rows,
+              "pairs_per_clip": args.pairs, "recipe": getattr(args, "config", None), "clips_per_second": rows,
               "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}}
     if device.type == "cuda":
         result["gpu_mel_clips_per_second"] = gpu_mel_rates()
@@ -150,6 +176,8 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     print(f"device {result['device']}, {result['cores']} core(s), {result['clips']} clips, "
           f"pairs_per_clip {result['pairs_per_clip']}")
+    if result.get("recipe"):
+        print(f"'+augment' rows: the augmentation chain, front end and view length of {result['recipe']}")
     print(f"{'pipeline':<16}{'clips/s':>12}{'per core':>12}{'/ limit':>10}")
     for name, rate in result["clips_per_second"].items():
         ratio = result["ratio_to_limit"].get(name)
@@ -169,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pairs", type=int, default=1, help="data.pairs_per_clip")
     p.add_argument("--seconds", type=float, default=20.0, help="timing window per back end")
+    p.add_argument("--config", help="a pretraining recipe: also time each back end with its augmentation chain")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
     result = run(args)

@@ -2,11 +2,18 @@
 
 A pure ``@pipeline_def`` graph: read the rank's part of the shards (with their index
 files) -> decode FLAC, downmix, resample to the manifest's rate -> cut the views (random
-crops with a random gain; short clips zero-padded at a random offset) -> to the GPU when
-there is one -> spectrogram -> mel filter bank -> decibels -> normalise. The same
-``FrontendConfig`` drives this graph and the torchaudio front end; a test holds the two
-to the same log-mels. Pipeline checkpointing (reader position and random state) makes
-``resume=auto`` continue mid-epoch.
+crops; short clips zero-padded at a random offset) -> to the GPU when there is one ->
+then one of two endings, chosen by the augmentation chain:
+
+- no waveform op: spectrogram -> mel filter bank -> decibels -> normalise, in the
+  graph; the chain's log-mel ops then run on the device (``Augmenter.from_mels``);
+- waveform ops: the graph ends with the waves, and the chain runs whole on the device
+  (``Augmenter.from_waves``: waveform ops, torchaudio log-mel, log-mel ops).
+
+Either way each op runs once, in :mod:`dataio.augment`, on the same keys as with the
+torch back end. The same ``FrontendConfig`` drives the DALI and the torchaudio log-mel;
+a test holds the two to the same numbers. Pipeline checkpointing (reader position and
+random state) makes ``resume=auto`` continue mid-epoch.
 """
 
 from __future__ import annotations
@@ -19,16 +26,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dataio.frontend import FrontendConfig
+from dataio.augment import Augmenter, BatchIds
+from dataio.batch import Batch, DataConfig, DataError, Placement
+from dataio.frontend import FrontendConfig, analysis_window
 from dataio.manifest import Manifest
-from dataio.pipeline import Batch, DataConfig, DataError
 
 log = logging.getLogger(__name__)
-
-
-def periodic_hann(length: int) -> list[float]:
-    """The periodic Hann window torchaudio uses (DALI's default differs)."""
-    return torch.hann_window(length, periodic=True, dtype=torch.float64).tolist()
 
 
 def logmel_nodes(views, cfg: FrontendConfig):
@@ -38,7 +41,7 @@ def logmel_nodes(views, cfg: FrontendConfig):
     out = []
     for wave in views:
         spec = fn.spectrogram(wave, nfft=cfg.fft_size, window_length=cfg.win_length,
-                              window_step=cfg.hop_length, window_fn=periodic_hann(cfg.win_length),
+                              window_step=cfg.hop_length, window_fn=analysis_window(cfg).tolist(),
                               center_windows=True, reflect_padding=True, power=2, layout="ft")
         mel = fn.mel_filter_bank(spec, sample_rate=cfg.sample_rate, nfilter=cfg.n_mels,
                                  freq_low=cfg.f_min, freq_high=cfg.f_max or cfg.sample_rate / 2,
@@ -48,21 +51,17 @@ def logmel_nodes(views, cfg: FrontendConfig):
     return out
 
 
-def cut_views(audio, num: int, length: int, gain_db: float):
-    """``num`` random crops of ``length`` samples of a decoded clip node, each with a gain
-    uniform in +-``gain_db`` dB. The crop start is u * (n - length), u ~ U(0, 1): inside
-    the clip when it is long enough, a random zero-padding offset when it is not."""
-    import nvidia.dali.math as dmath
+def cut_views(audio, num: int, length: int):
+    """``num`` random crops of ``length`` samples of a decoded clip node. The crop start is
+    u * (n - length), u ~ U(0, 1): inside the clip when it is long enough, a random
+    zero-padding offset when it is not."""
     from nvidia.dali import fn, types
 
     n = fn.cast(audio.shape(), dtype=types.FLOAT)
     views = []
     for _ in range(num):
         start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (n - length), dtype=types.INT32)
-        crop = fn.slice(audio, start, length, axes=[0], out_of_bounds_policy="pad")
-        if gain_db > 0:
-            crop = crop * dmath.pow(10.0, fn.random.uniform(range=[-gain_db, gain_db]) / 20.0)
-        views.append(crop)
+        views.append(fn.slice(audio, start, length, axes=[0], out_of_bounds_policy="pad"))
     return views
 
 
@@ -85,10 +84,11 @@ def readable_shards(manifest: Manifest) -> list:
     return usable
 
 
-def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, rank: int,
-                   world_size: int, seed: int, device_id: int | None, checkpoint: str | None = None):
-    """The DALI pipeline of one rank; outputs ``views`` [K*V, F, T], ``meta`` and ``info``
-    (padded JSON and source-info bytes), K = ``data.pairs_per_clip`` view sets per clip."""
+def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+                   place: Placement, *, device_id: int | None, checkpoint: str | None = None):
+    """The DALI pipeline of one rank; outputs ``views`` [K*V, S] waves (the chain has
+    waveform ops) or [K*V, F, T] log-mels, ``meta`` and ``info`` (padded JSON and
+    source-info bytes), K = ``data.pairs_per_clip`` view sets per clip."""
     from nvidia.dali import fn, pipeline_def, types
 
     usable = readable_shards(manifest)
@@ -96,22 +96,24 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
     # without index files DALI indexes the tars itself when the pipeline starts
     index_paths = [str(manifest.root / s.index_file) for s in usable] \
         if all(s.index_file for s in usable) else None
-    length = int(round(data.view_seconds * manifest.sample_rate))
     views_per_clip = data.num_views * data.pairs_per_clip
+    rank, seed = place.rank, place.seed
 
     @pipeline_def(enable_checkpointing=True)
     def graph():
         flac, meta = fn.readers.webdataset(
             paths=paths, index_paths=index_paths or None, ext=["flac", "json"], shard_id=rank,
-            num_shards=world_size, random_shuffle=True, initial_fill=data.shuffle_buffer,
+            num_shards=place.world_size, random_shuffle=True, initial_fill=data.shuffle_buffer,
             seed=seed + 1, name="reader")
         info = fn.pad(fn.get_property(flac, key="source_info"), fill_value=0)
         audio, _ = fn.decoders.audio(flac, dtype=types.FLOAT, downmix=True,
                                      sample_rate=manifest.sample_rate)
-        views = cut_views(audio, views_per_clip, length, data.gain_db)
+        views = cut_views(audio, views_per_clip, augmenter.input_samples)
         if device_id is not None:
             views = [v.gpu() for v in views]
-        return fn.stack(*logmel_nodes(views, frontend)), fn.pad(meta, fill_value=0), info
+        if not augmenter.has_wave_ops:
+            views = logmel_nodes(views, frontend)
+        return fn.stack(*views), fn.pad(meta, fill_value=0), info
 
     return graph(batch_size=data.batch_size // data.pairs_per_clip, num_threads=data.num_workers or 1,
                  device_id=device_id, seed=seed + 1000 * rank + 1, prefetch_queue_depth=2,
@@ -123,17 +125,19 @@ def _strings(t: torch.Tensor) -> list[str]:
 
 
 class DaliBatches:
-    """Endless log-mel :class:`Batch` es of one rank from a DALI pipeline, with
-    ``state()`` for checkpoints (DALI's own pipeline checkpoint)."""
+    """Log-mel :class:`Batch` es of one rank from an endless DALI pipeline
+    (``next_batch(epoch, step)``), with ``state()`` for checkpoints (DALI's own pipeline
+    checkpoint)."""
 
-    def __init__(self, data: DataConfig, manifest: Manifest, frontend: FrontendConfig, *, rank: int,
-                 world_size: int, seed: int, device: torch.device, checkpoint: str | None = None):
+    def __init__(self, data: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+                 place: Placement, checkpoint: str | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.data, self.manifest, self.frontend, self.device = data, manifest, frontend, device
+        self.data, self.manifest, self.augmenter, self.place = data, manifest, augmenter, place
+        device = place.device
         device_id = device.index or 0 if device.type == "cuda" else None
-        pipe = build_pipeline(data, manifest, frontend, rank=rank, world_size=world_size, seed=seed,
-                              device_id=device_id, checkpoint=checkpoint)
+        augmenter.logmel.to(device)
+        pipe = build_pipeline(data, manifest, frontend, augmenter, place, device_id=device_id, checkpoint=checkpoint)
         try:  # the iterator decodes its first batch right away
             self.iterator = DALIGenericIterator([pipe], ["views", "meta", "info"])
         except RuntimeError as err:
@@ -150,28 +154,42 @@ class DaliBatches:
     def state(self) -> str:
         return self.iterator.checkpoints()[0]
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
+    def next_batch(self, epoch: int, step: int) -> Batch:
         try:
             out = next(self.iterator)[0]
         except RuntimeError as err:
             raise self._failure(err) from None
         k, v = self.data.pairs_per_clip, self.data.num_views
-        views = out["views"]
-        views = views.reshape(-1, k, v, *views.shape[-2:]).reshape(-1, v, 1, *views.shape[-2:])
-        if self.frontend.channels > 1:
-            views = views.expand(-1, -1, self.frontend.channels, -1, -1)
+        device = self.place.device
+        raw = out["views"].to(device, non_blocking=True)
+        raw = raw.reshape(-1, k * v, *raw.shape[2:]).reshape(-1, v, *raw.shape[2:])  # [clips*K, V, ...]
         metas = [json.loads(s) for s in _strings(out["meta"])]
+        indices = torch.tensor([int(m["index"]) for m in metas], device=device).repeat_interleave(k)
+        ids = BatchIds(indices=indices, draws=torch.arange(k, device=device).repeat(len(metas)), epoch=epoch,
+                       step=step, rank=self.place.rank)
+        views = self.augmenter.from_waves(raw, ids) if self.augmenter.has_wave_ops \
+            else self.augmenter.from_mels(raw, ids)
         labels = np.asarray([self.manifest.label_target(m.get("labels") or []) for m in metas])
         keys = [s.rsplit(":", 1)[-1].rsplit(".", 1)[0] for s in _strings(out["info"])]
         short = sum(float(m.get("duration", 0.0)) < self.data.view_seconds for m in metas)
-        rep = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
-        return Batch(views=views.to(self.device, non_blocking=True),
-                     labels=torch.from_numpy(np.repeat(labels, k, axis=0)).to(self.device),
-                     indices=torch.tensor(rep([int(m["index"]) for m in metas]), device=self.device),
-                     keys=rep(keys), short=short * k)
+        return Batch(views=views, labels=torch.from_numpy(np.repeat(labels, k, axis=0)).to(device),
+                     indices=indices, keys=[key for key in keys for _ in range(k)], short=short * k)
+
+
+class DaliSource:
+    """The DALI back end: one endless pipeline; its position is DALI's pipeline checkpoint."""
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+                 place: Placement, state: str | None = None):
+        self.steps = place.steps
+        self.batches = DaliBatches(cfg, manifest, frontend, augmenter, place, checkpoint=state)
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        for step in range(start_step, self.steps):
+            yield self.batches.next_batch(epoch, step)
+
+    def state(self) -> str:
+        return self.batches.state()
 
 
 def dali_available() -> bool:

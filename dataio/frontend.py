@@ -21,6 +21,7 @@ class FrontendConfig:
     win_ms: float = option(25.0, "analysis window length, milliseconds")
     hop_ms: float = option(10.0, "hop between frames, milliseconds")
     n_fft: int = option(0, "FFT size in samples; 0 = the next power of two >= the window")
+    window: str = option("hann", "analysis window (periodic)", ("hann", "hamming"))
     n_mels: int = option(64, "number of mel bands")
     f_min: float = option(50.0, "lowest mel band edge, Hz")
     f_max: float = option(0.0, "highest mel band edge, Hz; 0 = sample_rate / 2")
@@ -60,6 +61,14 @@ class FrontendConfig:
         return num_samples // self.hop_length + 1
 
 
+WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window}
+
+
+def analysis_window(cfg: FrontendConfig) -> torch.Tensor:
+    """The periodic analysis window of ``cfg``, float64 [win_length] (both front ends use it)."""
+    return WINDOWS[cfg.window](cfg.win_length, periodic=True, dtype=torch.float64)
+
+
 class LogMel(torch.nn.Module):
     """Waveforms ``[..., S]`` (float, in [-1, 1]) -> normalised log-mel ``[..., C, F, T]``."""
 
@@ -68,7 +77,7 @@ class LogMel(torch.nn.Module):
         self.cfg = cfg
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate, n_fft=cfg.fft_size, win_length=cfg.win_length,
-            hop_length=cfg.hop_length, f_min=cfg.f_min, f_max=cfg.f_max or None,
+            hop_length=cfg.hop_length, f_min=cfg.f_min, f_max=cfg.f_max or None, window_fn=WINDOWS[cfg.window],
             n_mels=cfg.n_mels, power=2.0, mel_scale=cfg.mel_scale, center=True)
 
     @torch.no_grad()

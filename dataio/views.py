@@ -1,4 +1,5 @@
-"""How views are drawn from a decoded clip: random crops with a random gain."""
+"""How views are drawn from a clip: random crops (zero-padded when the clip is short),
+and random gains for the fine-tuning crops."""
 
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ def random_gains(count: int, gain_db: float, rng: np.random.Generator) -> np.nda
     return 10.0 ** (rng.uniform(-gain_db, gain_db, size=(count, 1)) / 20.0)
 
 
-def read_views(source: sf.SoundFile, count: int, length: int, gain_db: float,
-               rng: np.random.Generator) -> np.ndarray:
+def read_views(source: sf.SoundFile, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` random crops read straight from an open audio file: only the frames the
     views need are decoded (a long clip pays for its views, not for its whole length).
     Mono float32 [count, length]; the channels are averaged."""
@@ -35,18 +35,7 @@ def read_views(source: sf.SoundFile, count: int, length: int, gain_db: float,
         part = source.read(min(length, source.frames), dtype="float32", always_2d=True).mean(axis=1)
         offset = max(-start, 0)
         views[i, offset:offset + len(part)] = part
-    return (views * random_gains(count, gain_db, rng)).astype(np.float32, copy=False)
-
-
-def draw_views(wave: np.ndarray, count: int, length: int, gain_db: float,
-               rng: np.random.Generator) -> np.ndarray:
-    """The same views as :func:`read_views`, cut from a decoded mono ``wave`` [S]."""
-    views = np.zeros((count, length), dtype=np.float32)
-    for i, start in enumerate(crop_starts(len(wave), length, count, rng)):
-        part = wave[max(start, 0):max(start, 0) + length]
-        offset = max(-start, 0)
-        views[i, offset:offset + len(part)] = part
-    return (views * random_gains(count, gain_db, rng)).astype(np.float32, copy=False)
+    return views
 
 
 def patch_starts(num_samples: int, patch: int, hop: int) -> list[int]:

@@ -9,12 +9,23 @@ from tests.shard_utils import make_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_overrides(shards: Path, run_dir: Path) -> list[str]:
-    """A pretraining small enough for a unit test: width-4 ResNet-18, 0.5 s views."""
+def demo_chain() -> dict:
+    """The augmentation chain of configs/demo.yaml."""
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["augment"]
+
+
+def tiny_overrides(shards: Path, run_dir: Path, augment: dict | None = None) -> list[str]:
+    """A pretraining small enough for a unit test: width-4 ResNet-18, 0.5 s views, the
+    demo's augmentation chain (or ``augment``)."""
+    import json
+
+    chain = demo_chain() if augment is None else augment
     return [f"data.shards={shards}", f"run_dir={run_dir}", "data.batch_size=4", "data.num_workers=1",
             "data.view_seconds=0.5", "frontend.n_mels=32", "model.width=4", "model.proj_hidden=16",
             "model.proj_dim=8", "optim.lr=0.05", "train.log_every=1", "train.progress=false",
-            "train.tensorboard=false"]
+            "train.tensorboard=false", f"augment={json.dumps(chain)}"]
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,23 @@ import numpy as np
 import pytest
 import torch
 
+from dataio.augment import build_augmenter
+from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.frontend import FrontendConfig
 from dataio.manifest import ManifestError, load_manifest, split_for_worker, split_shards
-from dataio.pipeline import DataConfig, steps_per_epoch
 from dataio.torch_pipeline import wave_loader
 from tests.shard_utils import make_shards
 
 
+def _augmenter(cfg, augment=None, frontend=None):
+    return build_augmenter(augment, frontend or FrontendConfig(), cfg.view_seconds, num_views=cfg.num_views,
+                           pairs_per_clip=cfg.pairs_per_clip, seed=3)
+
+
 def _epoch(manifest, cfg, epoch, rank, world, start_step=0):
-    steps = steps_per_epoch(cfg, manifest, world)
-    return list(wave_loader(cfg, manifest, epoch=epoch, start_step=start_step, steps=steps,
-                            rank=rank, world_size=world, seed=3))
+    place = Placement(rank=rank, world_size=world, seed=3, steps=steps_per_epoch(cfg, manifest, world))
+    return list(wave_loader(cfg, manifest, _augmenter(cfg), place, epoch=epoch, start_step=start_step,
+                            in_workers=False))
 
 
 def _indices(batches):
@@ -122,16 +129,36 @@ def test_pairs_per_clip_draw_several_view_sets_from_one_decode(even):
     assert not torch.equal(batch["waves"][0], batch["waves"][1])
 
 
-def test_workers_compute_log_mel_for_a_cpu_device(even):
-    from dataio.frontend import FrontendConfig
-    from dataio.pipeline import DeviceFeeder
-    from dataio.torch_pipeline import wave_loader
+@pytest.mark.parametrize("augment", [None, {"gain": {}, "rrc": {}, "time_mask": {}}], ids=["plain", "chain"])
+def test_workers_run_the_augmentation_stage_for_a_cpu_device(even, augment):
+    from dataio.torch_pipeline import DeviceFeeder
 
     cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=1)
-    kw = dict(epoch=0, start_step=0, steps=2, rank=0, world_size=1, seed=3)
-    front = FrontendConfig(n_mels=32)
-    waves = next(iter(wave_loader(cfg, even, **kw)))
-    mels = next(iter(wave_loader(cfg, even, frontend=front, **kw)))
+    aug = _augmenter(cfg, augment, FrontendConfig(n_mels=32))
+    place = Placement(seed=3, steps=2)
+    waves = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)))
+    mels = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=True)))
     assert "views" in mels and "waves" not in mels
-    feed = DeviceFeeder(front, torch.device("cpu"))
+    feed = DeviceFeeder(aug, place)
     assert torch.allclose(feed(waves).views, feed(mels).views, atol=1e-4)
+
+
+def test_one_process_and_two_ranks_see_the_same_augmented_views(even):
+    """Per-clip draws are keyed on the clip, not on the rank or batch it lands in."""
+    from dataio.torch_pipeline import DeviceFeeder
+
+    chain = {"gain": {}, "speed": {"p": 0.5}, "noise": {}, "rrc": {}, "time_mask": {}, "pitch_shift": {}}
+    cfg = DataConfig(shards=str(even.root), batch_size=4, num_workers=1, view_seconds=0.5)
+    aug = _augmenter(cfg, chain, FrontendConfig(n_mels=32))
+
+    def views(rank, world):
+        place = Placement(rank=rank, world_size=world, seed=3, steps=steps_per_epoch(cfg, even, world))
+        feed = DeviceFeeder(aug, place)
+        batches = wave_loader(cfg, even, aug, place, epoch=1, start_step=0, in_workers=False)
+        return {i: v for b in map(feed, batches) for i, v in zip(b.indices.tolist(), b.views)}
+
+    one = views(0, 1)
+    two = {**views(0, 2), **views(1, 2)}
+    assert set(one) == set(two) == set(range(80))
+    for index in one:
+        torch.testing.assert_close(one[index], two[index], rtol=0, atol=1e-6)

@@ -34,3 +34,14 @@ def test_biases_and_norms_do_not_decay():
     adam = build_optimizer("adamw", model, 1e-3, 0.9, 1e-4, 0.001)
     assert isinstance(adam, torch.optim.AdamW) and adam.param_groups[1]["weight_decay"] == 0
     assert not math.isnan(build_optimizer("lars", model, 0.1, 0.9, 1e-4, 0.001).param_groups[0]["lr"])
+
+
+def test_step_and_exponential_schedules():
+    from trainer.optim import lr_multiplier
+
+    step = dict(schedule="step", warmup=0, total=500, steps_per_epoch=10, milestones=(32.5, 42.5), decay=0.1)
+    assert [lr_multiplier(s, **step) for s in (0, 324, 325, 424, 425, 499)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    expo = dict(schedule="exponential", warmup=20, total=500, steps_per_epoch=10, decay=0.98)
+    assert lr_multiplier(9, **expo) == pytest.approx(0.5)
+    assert [lr_multiplier(s, **expo) for s in (20, 29, 30, 120)] == pytest.approx([1, 1, 0.98, 0.98 ** 10])

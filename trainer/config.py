@@ -10,104 +10,19 @@ line turns into exit status 2.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dataio.atomic import write_text_atomically
-from dataio.schema import ConfigError, check, option  # noqa: F401  (re-exported)
+from dataio.schema import ConfigError, build_section, check, describe, option  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- merging
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the type ``hint`` and convert the harmless cases."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(hint) or (Any, Any)
-        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, "
-                      f"got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a nested dict, checking every key and type."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in fields:
-            near = difflib.get_close_matches(str(name), list(fields), n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(prefix + n for n in near)}?)" if near else \
-                f" (valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})"
-            raise ConfigError(f"unknown key '{prefix}{name}'{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in values:
-            continue
-        key, hint, value = prefix + name, hints[name], values[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
-            continue
-        value = _coerce(value, hint, key)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            maybe = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}{maybe}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}{err}") from None
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -168,7 +83,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     if path is not None:
         tree = merge_trees(tree, read_yaml(path))
     tree = merge_trees(tree, parse_overrides(overrides or []))
-    return _build(cls, tree, "")
+    return build_section(cls, tree, "")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -176,27 +91,13 @@ def save_config(cfg: Any, path: str | Path) -> None:
     write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: ``name = default  # doc`` (for ``--help-config``)."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            lines += describe(hint, prefix + f.name + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-        lines.append(f"{prefix}{f.name} = {default!r}{extra}  # {f.metadata.get('doc', '')}")
-    return lines
-
-
 # ----------------------------------------------------------------------------- schema
 # Imported late: these modules import ``option``/``check`` from dataio.schema only.
 from dataclasses import dataclass  # noqa: E402
 
+from dataio.augment import parse_chain  # noqa: E402
+from dataio.batch import DataConfig  # noqa: E402
 from dataio.frontend import FrontendConfig  # noqa: E402
-from dataio.pipeline import DataConfig  # noqa: E402
 
 
 @dataclass
@@ -247,6 +148,12 @@ class OptimConfig:
     weight_decay: float = option(1e-4, "weight decay of conv / linear weights (not biases or norms)")
     lars_eta: float = option(0.001, "LARS trust coefficient")
     warmup_steps: int = option(0, "linear warm-up steps")
+    warmup_epochs: float = option(0.0, "linear warm-up in epochs (instead of warmup_steps)")
+    schedule: str = option("cosine", "after the warm-up: cosine to final_lr_ratio, step (x decay at each "
+                           "milestone epoch), exponential (x decay per epoch) or constant",
+                           ("cosine", "step", "exponential", "constant"))
+    milestones: list[float] = option([], "step schedule: epochs at which the learning rate is multiplied by decay")
+    decay: float = option(0.1, "step: factor per milestone; exponential: factor per epoch")
     final_lr_ratio: float = option(0.0, "learning rate at the end of the cosine, as a fraction of lr")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0 = off)")
 
@@ -255,6 +162,12 @@ class OptimConfig:
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.warmup_epochs >= 0 and not (self.warmup_epochs and self.warmup_steps), "warmup_epochs",
+              "must be >= 0, and not given together with warmup_steps")
+        check(0 < self.decay <= 1, "decay", "must be in (0, 1]")
+        check(all(m > 0 for m in self.milestones) and self.milestones == sorted(self.milestones), "milestones",
+              "must be positive epochs in increasing order")
+        check(self.schedule != "step" or bool(self.milestones), "milestones", "the step schedule needs milestones")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
 
@@ -288,6 +201,8 @@ class PretrainConfig:
     run_dir: str = option("runs/pretrain", "where checkpoints, metrics and the encoder go")
     seed: int = option(0, "seed of model init, data order and augmentation")
     data: DataConfig = option(DataConfig(), "training data")
+    augment: dict[str, Any] = option({}, "the augmentation chain: an ordered mapping NAME -> {op settings}, "
+                                     "waveform ops first, then log-mel ops (the ops are listed below)")
     frontend: FrontendConfig = option(FrontendConfig(), "log-mel features")
     model: ModelConfig = option(ModelConfig(), "encoder and projection head")
     objective: ObjectiveConfig = option(ObjectiveConfig(), "training objective")
@@ -296,3 +211,6 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.data.shards), "data.shards", "is required (a folder with manifest.json)")
+        for op in parse_chain(self.augment):
+            check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",
+                  f"{op.views} names a view that does not exist (data.num_views = {self.data.num_views})")

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataio.augment import build_augmenter
+from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
-from dataio.pipeline import Batch, DataError, open_source, steps_per_epoch
+from dataio.pipeline import open_source
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
@@ -58,6 +60,11 @@ class Pretrainer:
             raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
                               f"shards' {self.manifest.sample_rate} Hz ({self.manifest.root})")
         self.steps_per_epoch = steps_per_epoch(cfg.data, self.manifest, self.info.world_size)
+        self.augmenter = build_augmenter(cfg.augment, cfg.frontend, cfg.data.view_seconds,
+                                         num_views=cfg.data.num_views, pairs_per_clip=cfg.data.pairs_per_clip,
+                                         seed=cfg.seed)
+        if self.augmenter:
+            log.info("augmentation: %s", self.augmenter.describe())
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +82,7 @@ class Pretrainer:
         self._last_loss: float | None = None
         self._data_state = None  # a data back end's own position (DALI), from the checkpoint
         self.source = None
+        self._started = time.perf_counter()
 
     def _build_engine(self):
         cfg = self.cfg
@@ -92,8 +100,10 @@ class Pretrainer:
         trainable = nn.ModuleList([model, self.objective.extra])
         optimizer = build_optimizer(cfg.optim.name, trainable, cfg.optim.lr, cfg.optim.momentum,
                                     cfg.optim.weight_decay, cfg.optim.lars_eta)
-        scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, self.total_steps,
-                                    cfg.optim.final_lr_ratio)
+        o = cfg.optim
+        warmup = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
+        scheduler = build_scheduler(optimizer, warmup, self.total_steps, o.final_lr_ratio, schedule=o.schedule,
+                                    steps_per_epoch=self.steps_per_epoch, milestones=o.milestones, decay=o.decay)
         dtype = {"fp32": None, "bf16": torch.bfloat16,
                  "auto": torch.bfloat16 if self.device.type == "cuda" else None}[cfg.train.precision]
         return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
@@ -141,9 +151,10 @@ class Pretrainer:
     def train(self) -> str:
         """Run to ``total_steps`` (or until SIGTERM); returns 'finished' or 'interrupted'."""
         self.maybe_resume()
-        self.source = open_source(self.cfg.data, self.manifest, self.cfg.frontend, rank=self.info.rank,
-                                  world_size=self.info.world_size, seed=self.cfg.seed, device=self.device,
-                                  steps=self.steps_per_epoch, state=self._data_state)
+        place = Placement(rank=self.info.rank, world_size=self.info.world_size, seed=self.cfg.seed,
+                          device=self.device, steps=self.steps_per_epoch)
+        self.source = open_source(self.cfg.data, self.manifest, self.cfg.frontend, self.augmenter, place,
+                                  state=self._data_state)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = self._progress_bar()
         try:
@@ -204,6 +215,7 @@ class Pretrainer:
             values = distributed.reduce_mean({"loss": loss.item(), "skipped_clips": batch.skipped,
                                               "step_seconds": seconds}, self.device)
             values.update(lr=self.engine.lr, epoch=self.step / self.steps_per_epoch,
+                          elapsed=time.perf_counter() - self._started,
                           clips_per_second=self.cfg.data.batch_size * self.info.world_size / max(seconds, 1e-9))
             if grad_norm:
                 values["grad_norm"] = grad_norm
@@ -274,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(distributed.env_info().rank)
     if args.help_config:
+        from dataio.augment import describe_ops
         from trainer.config import describe
-        print("\n".join(describe(PretrainConfig)))
+        print("\n".join(describe(PretrainConfig) + describe_ops()))
         return 0
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)

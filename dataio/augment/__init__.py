@@ -1,0 +1,78 @@
+"""Augmentations of the published systems, as one keyed, batched chain.
+
+The ``augment:`` section of a recipe is an ordered mapping ``name -> settings``; the
+name is the op unless the entry says ``op:`` (so one op can appear twice). Waveform ops
+come first, then the log-mel is computed, then log-mel ops::
+
+    augment:
+      speed: {p: 0.5, factor: [0.9, 1.1]}
+      rrc: {time_scale: [0.6, 1.0], freq_scale: [0.6, 1.0]}
+      time_mask: {count: [1, 2], width: [0, 20]}
+
+``augment.rrc.p=0`` turns an entry off from the command line, ``augment.rrc=null``
+removes it. Every key is checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from dataio.augment.base import OpConfig
+from dataio.augment.chain import Augmenter, BatchIds
+from dataio.augment.mel import MEL_OPS
+from dataio.augment.wave import WAVE_OPS
+from dataio.schema import ConfigError, build_section, describe
+
+OPS: dict[str, type[OpConfig]] = {**WAVE_OPS, **MEL_OPS}
+
+__all__ = ["OPS", "Augmenter", "BatchIds", "build_augmenter", "describe_ops", "parse_chain"]
+
+
+def parse_chain(section: dict | None) -> list[OpConfig]:
+    """The validated ops of an ``augment:`` section, in order (entries set to null are
+    left out). Raises ConfigError naming ``augment.<name>.<key>``."""
+    ops: list[OpConfig] = []
+    for label, settings in (section or {}).items():
+        if settings is None:
+            continue
+        key = f"augment.{label}"
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{key}: expected a mapping of the op's settings, got {settings!r}")
+        name = settings.get("op") or label
+        if name not in OPS:
+            near = difflib.get_close_matches(str(name), list(OPS), n=1)
+            maybe = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{key}: unknown op '{name}'{maybe}; the ops are {', '.join(OPS)}")
+        op = build_section(OPS[name], {**settings, "op": name}, key + ".")
+        op.label = label
+        if ops and ops[-1].domain == "mel" and op.domain == "wave":
+            raise ConfigError(f"{key}: waveform op '{name}' comes after log-mel op '{ops[-1].label}'; "
+                              f"list the waveform ops first (they run before the log-mel)")
+        ops.append(op)
+    return ops
+
+
+def build_augmenter(section: dict | None, frontend, view_seconds: float, *, num_views: int,
+                    pairs_per_clip: int, seed: int) -> Augmenter:
+    """The run's :class:`Augmenter` (an empty chain when ``section`` is empty)."""
+    view_samples = int(round(view_seconds * frontend.sample_rate))
+    return Augmenter(parse_chain(section), frontend, view_samples, num_views=num_views,
+                     pairs_per_clip=pairs_per_clip, seed=seed)
+
+
+def describe_ops() -> list[str]:
+    """Every op with its settings, for ``--help-config``."""
+    lines = ["", "augment ops (augment.NAME.KEY; waveform ops first, then log-mel ops):"]
+    for name, cls in OPS.items():
+        doc = " ".join((cls.__doc__ or "").split())
+        lines.append(f"  {name} [{cls.domain}]: {doc}")
+        common = {f.name for f in dataclasses.fields(OpConfig)}
+        for line in describe(cls, "    "):
+            if line.strip().split(" ")[0] not in common:
+                lines.append(line)
+    lines.append("  every op also takes: " + "; ".join(
+        f"{f.name} ({f.metadata['doc']})" for f in dataclasses.fields(OpConfig) if f.name != "op"))
+    return lines
+
+

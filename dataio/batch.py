@@ -1,0 +1,90 @@
+"""The contract both data back ends keep: the data config, the batch they yield, where
+a source sits (rank, world size, seed, device, steps), and the error they raise.
+
+No back end imports the dispatcher (:mod:`dataio.pipeline`); both import this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dataio.manifest import Manifest
+from dataio.schema import check, option
+
+BACKENDS = ("torch", "dali")
+
+
+@dataclass
+class DataConfig:
+    shards: str = option("", "folder holding manifest.json and the training shards")
+    backend: str = option("torch", "data back end: torch (webdataset + torchaudio) or dali", BACKENDS)
+    batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
+    num_workers: int = option(2, "loader worker processes per rank (DALI: CPU threads)")
+    num_views: int = option(2, "views drawn from each clip")
+    view_seconds: float = option(1.0, "length of one view, seconds")
+    pairs_per_clip: int = option(1, "view sets drawn from one decoded clip (long clips pay their decode once)")
+    short_clips: str = option("pad", "clips shorter than a view: zero-padded (at a random offset) or "
+                              "skipped (torch back end only); counted either way", ("pad", "skip"))
+    shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
+    steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
+        check(self.view_seconds > 0, "view_seconds", "must be positive")
+        check(self.pairs_per_clip >= 1 and self.batch_size % self.pairs_per_clip == 0, "pairs_per_clip",
+              f"must be >= 1 and divide batch_size ({self.batch_size})")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
+        check(not (self.backend == "dali" and self.short_clips == "skip"), "short_clips",
+              "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
+
+
+class DataError(RuntimeError):
+    """The data cannot be read as configured; the message says what to do."""
+
+
+@dataclass
+class Batch:
+    """One training batch on the training device.
+
+    views: [B, V, C, F, T] normalised log-mel, augmented; labels: [B] int64 (-1 =
+    unlabelled), or [B, num_classes] float32 multi-hot when the manifest is multi-label;
+    indices: [B] int64 dataset positions (the shards' ``index``); keys: B clip keys;
+    skipped: clips that failed to decode (or were too short, with short_clips=skip) while
+    this batch was assembled; short: clips in it shorter than a view (zero-padded).
+    """
+
+    views: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    keys: list[str]
+    skipped: int = 0
+    short: int = 0
+
+
+@dataclass
+class Placement:
+    """Where a data source runs: its rank among ``world_size``, the run's seed, the
+    training device, and the steps every rank runs per epoch."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    steps: int = 1
+
+
+def steps_per_epoch(cfg: DataConfig, manifest: Manifest, world_size: int) -> int:
+    """Steps every rank runs per epoch: the same number on all ranks, from the manifest
+    alone, so no rank waits on another that ran out of data."""
+    if cfg.steps_per_epoch:
+        return cfg.steps_per_epoch
+    clips_per_step = world_size * cfg.batch_size // cfg.pairs_per_clip
+    steps = manifest.num_clips // clips_per_step
+    check(steps > 0, "data.batch_size", f"{world_size} rank(s) x {cfg.batch_size // cfg.pairs_per_clip} "
+          f"clips exceeds the {manifest.num_clips} clips of {manifest.root}: lower the batch size")
+    return steps

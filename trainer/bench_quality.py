@@ -1,0 +1,246 @@
+"""The learning-quality benchmark: does pretraining learn what a linear probe can use?
+
+``audioclr bench quality --csv path,label,fold.csv --config configs/demo.yaml [--epochs N | --minutes M]``
+
+On any labelled set with folds it shards the audio (once), pretrains the recipe for each
+seed, and scores by leave-one-fold-out, on the same folds:
+
+- the pretrained encoder: linear probe and kNN;
+- the same architecture at random init: linear probe and kNN (the bar pretraining must clear);
+- hand-crafted features: per-band mean and std of the log-mel and of 20 MFCCs over the
+  clip, standardised, multinomial logistic regression.
+
+The table goes to the screen, everything to ``OUT/quality.json``, with the wall times.
+Evaluation patches have a fixed length (``--patch-seconds``), independent of the
+recipe's view length, so changing the recipe never moves the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataio.atomic import write_text_atomically
+from dataio.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from dataio.schema import ConfigError
+from trainer.config import PretrainConfig, load_config
+
+log = logging.getLogger("audioclr.bench.quality")
+PROTOCOLS = ("linear", "knn")
+
+
+def shard_csv(csv: Path, out: Path, sample_rate: int) -> Path:
+    """Shards of the CSV's clips in ``out`` (rewritten only when the CSV changes)."""
+    from dataio.shard_writer import write_shards
+    from dataio.sources import load_layout
+
+    stamp = hashlib.sha256(csv.read_bytes()).hexdigest()[:16] + f"-{sample_rate}"
+    marker = out / "source.txt"
+    if (out / MANIFEST_NAME).is_file() and marker.is_file() and marker.read_text() == stamp:
+        return out
+    listing = load_layout("csv", csv)
+    if not listing.items:
+        raise ConfigError(f"--csv {csv}: no audio clip listed there was found")
+    write_shards(listing.items, out, dataset=csv.stem, sample_rate=sample_rate, shard_size=0, shard_bytes=0,
+                 seed=0, workers=0, min_seconds=0.01, overwrite=True, vocabulary=listing.vocabulary,
+                 progress=False)
+    marker.write_text(stamp)
+    return out
+
+
+def handcrafted_features(clips, sample_rate: int) -> np.ndarray:
+    """[N, 168] per clip: mean and std over time of a 64-band log-mel (dB, 25 ms / 10 ms)
+    and of its first 20 DCT coefficients (MFCCs)."""
+    from dataio.frontend import FrontendConfig, LogMel
+
+    front = FrontendConfig(sample_rate=sample_rate, n_mels=64, norm_mean=0.0, norm_std=1.0)
+    logmel = LogMel(front)
+    dct = torch.from_numpy(_dct_matrix(64, 20))
+    rows = []
+    for i in range(len(clips)):
+        wave = clips.wave(i)
+        if len(wave) < front.win_length:
+            wave = np.pad(wave, (0, front.win_length - len(wave)))
+        mel = logmel(torch.from_numpy(wave))[0]  # [F, T] dB
+        mfcc = dct @ mel
+        rows.append(torch.cat([mel.mean(1), mel.std(1, unbiased=False), mfcc.mean(1),
+                               mfcc.std(1, unbiased=False)]).numpy())
+    return np.stack(rows)
+
+
+def _dct_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Orthonormal DCT-II rows [n_out, n_in]."""
+    k, n = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
+    m = np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) * np.sqrt(2.0 / n_in)
+    m[0] /= np.sqrt(2.0)
+    return m.astype(np.float32)
+
+
+def handcrafted_baseline(shards: Path, seed: int = 0) -> dict:
+    """Leave-one-fold-out class-averaged accuracy of logistic regression on hand-crafted features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from trainer.evaluate.clips import load_clipset
+    from trainer.evaluate.metrics import class_averaged_accuracy
+    from trainer.evaluate.protocol import make_rounds
+
+    clips = load_clipset(load_manifest(shards))
+    feats = handcrafted_features(clips, clips.sample_rate)
+    scores = []
+    for rnd in make_rounds(clips, "folds", test_fraction=0.2, val_fraction=0.0, seed=seed, max_rounds=0):
+        scaler = StandardScaler().fit(feats[rnd.train])
+        model = LogisticRegression(max_iter=5000, C=1.0, random_state=seed)
+        model.fit(scaler.transform(feats[rnd.train]), clips.labels[rnd.train])
+        predicted = model.predict(scaler.transform(feats[rnd.test]))
+        scores.append(class_averaged_accuracy(clips.labels[rnd.test], predicted))
+    return {"class_averaged_accuracy": float(np.mean(scores)), "folds": [float(s) for s in scores]}
+
+
+def seconds_per_epoch(config: str, shards: Path, out: Path, overrides: list[str], epochs: int = 3) -> float:
+    """Wall seconds one epoch of the recipe takes here, from a short run (its first
+    epoch, which pays for start-up, is left out)."""
+    from trainer.pretrain import run
+
+    cfg = load_config(PretrainConfig, config, [*overrides, f"data.shards={shards}", f"run_dir={out}",
+                                               f"train.epochs={epochs}", "train.log_every=1",
+                                               "train.resume=none", "train.progress=false"])
+    run(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(records) // epochs
+    first, last = records[per_epoch - 1], records[-1]
+    return (last["elapsed"] - first["elapsed"]) / (epochs - 1)
+
+
+def pretrain(config: str, shards: Path, run_dir: Path, seed: int, epochs: int, overrides: list[str]) -> float:
+    """Pretrain (or finish pretraining) one seed; returns the wall seconds spent now."""
+    from trainer.pretrain import TrainingError, run
+
+    if (run_dir / "encoder.json").is_file():
+        return 0.0
+    cfg = load_config(PretrainConfig, config, [*overrides, f"seed={seed}", f"data.shards={shards}",
+                                               f"run_dir={run_dir}", f"train.epochs={epochs}"])
+    start = time.perf_counter()
+    if run(cfg) != "finished":
+        raise TrainingError(f"pretraining {run_dir} was interrupted; rerun the benchmark to resume it")
+    return time.perf_counter() - start
+
+
+def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float) -> dict:
+    """Fold-mean class-averaged accuracy of each protocol, pretrained and at random init."""
+    from trainer.evaluate.config import EvalRoot
+    from trainer.evaluate.run import run_eval
+
+    cfg = load_config(EvalRoot, None, [f"eval.seed={seed}", f"eval.patch_seconds={patch_seconds}",
+                                       "eval.split=folds", "eval.pictures=false"]).eval
+    out = {}
+    for protocol in PROTOCOLS:
+        for random_init in (False, True):
+            result = run_eval(run_dir, shards, cfg, protocol, random_init)
+            metric = result["metrics"]["class_averaged_accuracy"]
+            out[f"{protocol}{'_random_init' if random_init else ''}"] = {
+                "mean": metric["mean"], "std": metric["std"],
+                "folds": [r["class_averaged_accuracy"] for r in result["rounds"].values()]}
+    return out
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """Mean and std over seeds of each fold-mean score."""
+    keys = next(iter(per_seed.values())).keys()
+    out = {}
+    for key in keys:
+        values = [s[key]["mean"] for s in per_seed.values()]
+        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": values}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base = load_config(PretrainConfig, args.config, ["data.shards=unused", *args.overrides])
+    if args.csv:
+        shards = shard_csv(Path(args.csv), out / "shards", base.frontend.sample_rate)
+    else:
+        shards = Path(args.shards)
+    manifest = load_manifest(shards)
+    epochs = args.epochs or base.train.epochs
+    timing = {}
+    if args.minutes:
+        per_epoch = seconds_per_epoch(args.config, shards, out / "calibration", args.overrides)
+        epochs = max(1, int(args.minutes * 60 // per_epoch))
+        timing["calibrated_seconds_per_epoch"] = per_epoch
+        log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
+    per_seed, pretrain_seconds = {}, {}
+    for seed in args.seeds:
+        run_dir = out / f"seed{seed}"
+        pretrain_seconds[seed] = pretrain(args.config, shards, run_dir, seed, epochs, args.overrides)
+        per_seed[seed] = evaluate(run_dir, shards, seed, args.patch_seconds)
+    hand = handcrafted_baseline(shards)
+    timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
+    result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
+              "classes": len(manifest.vocabulary), "config": args.config, "overrides": args.overrides,
+              "epochs": epochs, "seeds": args.seeds, "patch_seconds": args.patch_seconds,
+              "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
+              "handcrafted": hand, "timing": timing}
+    write_text_atomically(out / "quality.json", json.dumps(result, indent=1))
+    return result
+
+
+def print_table(result: dict) -> None:
+    s = result["summary"]
+    hand = result["handcrafted"]["class_averaged_accuracy"]
+    seeds = ",".join(map(str, result["seeds"]))
+    print(f"\nlearning quality on {result['data']} ({result['clips']} clips, {result['classes']} classes, "
+          f"leave-one-fold-out, class-averaged accuracy)\nrecipe {result['config']} "
+          f"{' '.join(result['overrides'])}, {result['epochs']} epochs, seeds {seeds} (mean +- std over seeds)")
+    print(f"  {'encoder':<28}{'linear probe':>16}{'kNN':>16}")
+    for name, key in (("pretrained", ""), ("random init", "_random_init")):
+        lin, knn = s[f"linear{key}"], s[f"knn{key}"]
+        print(f"  {name:<28}{lin['mean']:>9.3f} +- {lin['std']:.3f}{knn['mean']:>9.3f} +- {knn['std']:.3f}")
+    print(f"  {'hand-crafted + logistic reg.':<28}{hand:>9.3f}")
+    gain = s["linear"]["mean"] - s["linear_random_init"]["mean"]
+    minutes = [v / 60 for v in result["timing"]["pretrain_seconds"].values() if v]
+    spent = f"{np.mean(minutes):.1f} min per seed" if minutes else "reused"
+    print(f"  pretrained - random init (linear): {gain:+.3f}; pretraining {spent}; "
+          f"total {result['timing']['total_seconds'] / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audioclr bench quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", help="path,label,fold CSV of labelled audio (paths relative to the CSV)")
+    src.add_argument("--shards", help="a labelled shard folder with folds instead of --csv")
+    p.add_argument("--config", required=True, help="pretraining recipe")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=0, help="pretraining epochs (default: the recipe's)")
+    budget.add_argument("--minutes", type=float, default=0.0,
+                        help="pretraining time budget per seed: epochs are set from a short timed run")
+    p.add_argument("--seeds", default="0", help="comma-separated pretraining seeds, e.g. 0,1")
+    p.add_argument("--patch-seconds", type=float, default=1.0, help="evaluation patch length, s")
+    p.add_argument("--out", default="runs/quality", help="folder for shards, runs and quality.json")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.05 augment.rrc.p=0")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        if args.epochs < 0 or args.minutes < 0 or not args.seeds or not math.isfinite(args.minutes):
+            raise ConfigError("--epochs and --minutes must be positive and --seeds not empty")
+        result = run(args)
+    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as err:
+        print(f"audioclr bench quality: error: {err}", file=sys.stderr)
+        return 2
+    print_table(result)
+    print(f"results in {Path(args.out) / 'quality.json'}")
+    return 0
