@@ -24,6 +24,8 @@ class DataConfig:
     num_workers: int = option(2, "loader worker processes per rank (DALI: CPU threads)")
     num_views: int = option(2, "views drawn from each clip")
     view_seconds: float = option(1.0, "length of one view, seconds")
+    view_gap: float = option(0.0, "the views of a clip start at least this far apart, seconds, where the "
+                             "clip is long enough (as far apart as it allows otherwise); 0 = independent")
     pairs_per_clip: int = option(1, "view sets drawn from one decoded clip (long clips pay their decode once)")
     short_clips: str = option("pad", "clips shorter than a view: zero-padded (at a random offset) or "
                               "skipped (torch back end only); counted either way", ("pad", "skip"))
@@ -35,6 +37,9 @@ class DataConfig:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(self.view_seconds > 0, "view_seconds", "must be positive")
+        check(self.view_gap >= 0, "view_gap", "must be >= 0")
+        check(not (self.backend == "dali" and self.view_gap and self.num_views != 2), "view_gap",
+              "with backend dali, a gap between views needs num_views 2")
         check(self.pairs_per_clip >= 1 and self.batch_size % self.pairs_per_clip == 0, "pairs_per_clip",
               f"must be >= 1 and divide batch_size ({self.batch_size})")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")

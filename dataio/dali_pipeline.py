@@ -51,18 +51,31 @@ def logmel_nodes(views, cfg: FrontendConfig):
     return out
 
 
-def cut_views(audio, num: int, length: int):
+def cut_views(audio, num: int, length: int, *, group: int = 2, gap: int = 0):
     """``num`` random crops of ``length`` samples of a decoded clip node. The crop start is
     u * (n - length), u ~ U(0, 1): inside the clip when it is long enough, a random
-    zero-padding offset when it is not."""
+    zero-padding offset when it is not. With ``gap`` (pairs of views, ``group`` = 2)
+    the two starts of each pair are at least ``gap`` samples apart where the clip allows
+    (as far apart as it allows otherwise), as :func:`dataio.views.crop_starts` draws them."""
+    import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
     n = fn.cast(audio.shape(), dtype=types.FLOAT)
-    views = []
-    for _ in range(num):
-        start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (n - length), dtype=types.INT32)
-        views.append(fn.slice(audio, start, length, axes=[0], out_of_bounds_policy="pad"))
-    return views
+    room = n - length
+    uniform = lambda: fn.random.uniform(range=[0.0, 1.0])  # noqa: E731
+    starts = []
+    for _ in range(num // group if gap else 0):
+        short = fn.cast(room < 0, dtype=types.FLOAT)
+        g = dmath.min(float(gap), dmath.max(room, 0.0))
+        a, b = uniform() * (dmath.max(room, 0.0) - g), uniform() * (dmath.max(room, 0.0) - g)
+        lo, hi = dmath.min(a, b), dmath.max(a, b) + g
+        first = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)
+        pair = (first * lo + (1 - first) * hi, first * hi + (1 - first) * lo)
+        starts += [short * (uniform() * room) + (1 - short) * s for s in pair]
+    while len(starts) < num:
+        starts.append(uniform() * room)
+    return [fn.slice(audio, fn.cast(s, dtype=types.INT32), length, axes=[0], out_of_bounds_policy="pad")
+            for s in starts]
 
 
 def readable_shards(manifest: Manifest) -> list:
@@ -108,7 +121,8 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
         info = fn.pad(fn.get_property(flac, key="source_info"), fill_value=0)
         audio, _ = fn.decoders.audio(flac, dtype=types.FLOAT, downmix=True,
                                      sample_rate=manifest.sample_rate)
-        views = cut_views(audio, views_per_clip, augmenter.input_samples)
+        views = cut_views(audio, views_per_clip, augmenter.input_samples, group=data.num_views,
+                          gap=int(round(data.view_gap * manifest.sample_rate)))
         if device_id is not None:
             views = [v.gpu() for v in views]
         if not augmenter.has_wave_ops:

@@ -103,6 +103,7 @@ class WaveBatches(IterableDataset):
         self.epoch, self.start_step, self.in_workers = epoch, start_step, in_workers
         self.view_len = int(round(cfg.view_seconds * manifest.sample_rate))
         self.read_len = augmenter.input_samples
+        self.gap = int(round(cfg.view_gap * manifest.sample_rate))
 
     def rank_shards(self) -> list[int]:
         order = np.random.default_rng((self.place.seed, self.epoch)).permutation(len(self.manifest.shards))
@@ -164,7 +165,8 @@ class WaveBatches(IterableDataset):
             with sf.SoundFile(io.BytesIO(sample["flac"])) as source:
                 if source.samplerate != self.manifest.sample_rate or source.frames == 0:
                     raise ValueError(f"rate {source.samplerate} Hz, {source.frames} samples")
-                views = read_views(source, self.cfg.num_views * self.cfg.pairs_per_clip, self.read_len, rng)
+                views = read_views(source, self.cfg.num_views * self.cfg.pairs_per_clip, self.read_len, rng,
+                                   gap=self.gap, group=self.cfg.num_views)
                 length = source.frames
             if not np.isfinite(views).all():
                 raise ValueError("non-finite samples")

@@ -1,5 +1,7 @@
 """The DALI back end on CPU (device_id=None): parity with torchaudio, rank split, K pairs per clip."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,52 @@ def test_both_back_ends_apply_the_same_chain_to_the_same_numbers(tmp_path, chain
     worst = max(float((torch_views[i] - dali_views[i]).abs().max()) for i in range(16))
     print(f"max |torch - DALI| after the chain: {worst:.2e}")
     assert worst < (1e-5 if aug.has_wave_ops else 1e-4)
+
+
+def _ramp_shards(folder, seconds_list, rate=16000):
+    """One shard of clips whose sample i is i / 2**15: a crop's first sample is its start."""
+    import io
+    import json
+    import tarfile
+
+    import soundfile as sf
+
+    from dataio.manifest import Manifest, ShardInfo
+    from tests.shard_utils import write_dali_indexes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "shard-00000.tar", "w") as tar:
+        for index, seconds in enumerate(seconds_list):
+            n = int(seconds * rate)
+            buf = io.BytesIO()
+            sf.write(buf, (np.arange(n) / 2 ** 15).astype(np.float32), rate, format="FLAC", subtype="PCM_16")
+            for ext, payload in (("flac", buf.getvalue()), ("json", json.dumps(
+                    {"index": index, "labels": ["a"], "duration": seconds}).encode())):
+                info = tarfile.TarInfo(f"clip{index:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    Manifest(dataset="ramp", sample_rate=rate, num_clips=len(seconds_list), shards=[ShardInfo(
+        url="shard-00000.tar", count=len(seconds_list))], vocabulary=["a"], root=folder).write(folder)
+    write_dali_indexes(folder)
+    return load_manifest(folder)
+
+
+def test_view_gap_keeps_the_two_views_apart_in_the_dali_graph(tmp_path):
+    from dataio.dali_pipeline import build_pipeline
+
+    manifest = _ramp_shards(tmp_path, [1.0, 1.2, 1.5, 0.8] * 4)  # views of 0.25 s, gap 0.5 s
+    cfg = DataConfig(shards=str(tmp_path), batch_size=16, num_workers=1, view_seconds=0.25, view_gap=0.5)
+    aug = build_augmenter({"gain": {"db": [0.0, 0.0]}}, FrontendConfig(n_mels=32), 0.25, num_views=2,
+                          pairs_per_clip=1, seed=0)
+    pipe = build_pipeline(cfg, manifest, FrontendConfig(n_mels=32), aug, Placement(), device_id=None)
+    gaps = []
+    for _ in range(4):
+        views, meta, _ = pipe.run()
+        for clip, m in zip(views, meta):
+            seconds = json.loads(bytes(np.array(m)).rstrip(b"\0"))["duration"]
+            starts = np.round(np.array(clip)[:, 0] * 2 ** 15) / 16000
+            room = seconds - 0.25
+            assert starts.min() >= 0 and starts.max() <= room + 1e-3
+            gaps.append((room, abs(starts[0] - starts[1])))
+    assert all(gap >= min(0.5, room) - 1e-3 for room, gap in gaps)
+    assert len({round(g, 3) for _, g in gaps}) > 4, "still random"

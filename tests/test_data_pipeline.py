@@ -162,3 +162,17 @@ def test_one_process_and_two_ranks_see_the_same_augmented_views(even):
     assert set(one) == set(two) == set(range(80))
     for index in one:
         torch.testing.assert_close(one[index], two[index], rtol=0, atol=1e-6)
+
+
+def test_view_gap_keeps_the_views_of_a_clip_apart():
+    from dataio.views import crop_starts
+
+    rng = np.random.default_rng(0)
+    for n in (20000, 24000, 32000, 48000, 100000):
+        for _ in range(50):
+            starts = crop_starts(n, 8000, 3, rng, gap=8000)
+            room = n - 8000
+            assert min(starts) >= 0 and max(starts) <= room
+            spread = np.diff(sorted(starts))
+            assert spread.min() >= min(8000, room // 2)
+    assert crop_starts(4000, 8000, 2, rng, gap=8000)[0] <= 0, "a short clip is still padded"

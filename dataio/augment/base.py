@@ -86,13 +86,12 @@ class BuildContext:
 class Rows:
     """The batch an op works on: N = B x V rows (row = b * V + v), B = clips x K pairs.
 
-    view: [N] view index of each row; slot: [N] the clip slot (rows of one clip share it);
-    partners(salt): [N] row index of another clip's row, same view, a fresh derangement
-    of the clip slots per (batch key, salt, view); frontend: the log-mel settings.
+    view: [N] view index of each row; partners(salt): [N] row index of another clip's
+    row, same view, a fresh derangement of the batch's clips per (batch key, salt, view);
+    frontend: the log-mel settings.
     """
 
     view: torch.Tensor
-    slot: torch.Tensor
     partners: Callable[[int], torch.Tensor]
     frontend: FrontendConfig
 

@@ -127,14 +127,13 @@ class Augmenter:
         draw = ids.draws.to(device).repeat_interleave(v)
         view = torch.arange(v, device=device).repeat(b)
         base = scalar_key(self.seed, ids.epoch)
-        slot = torch.arange(b * v, device=device) // (v * self.pairs)
         batch_key = scalar_key(self.seed, ids.epoch, ids.step, ids.rank)
         pairs, clips = self.pairs, b // self.pairs
 
         def partners(salt: int) -> torch.Tensor:
             return _derangement_rows(scalar_key(batch_key, salt), clips, pairs, v).to(device)
 
-        ctx = Rows(view=view, slot=slot, partners=partners, frontend=self.frontend)
+        ctx = Rows(view=view, partners=partners, frontend=self.frontend)
         return _RowState(ctx=ctx, view_keys=row_keys(base, index, draw, view), clip_keys=row_keys(base, index, draw))
 
 
