@@ -216,6 +216,9 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataio.batch import DataError
+    from trainer.pretrain import TrainingError
+
     p = argparse.ArgumentParser(prog="audioclr bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -241,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, ValueError, FileNotFoundError) as err:
         print(f"audioclr bench quality: error: {err}", file=sys.stderr)
         return 2
+    except (TrainingError, DataError) as err:  # interrupted (SIGTERM: checkpoint saved), non-finite loss
+        print(f"audioclr bench quality: error: {err}", file=sys.stderr)
+        return 1
     print_table(result)
     print(f"results in {Path(args.out) / 'quality.json'}")
     return 0
