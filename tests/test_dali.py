@@ -131,9 +131,11 @@ def test_both_back_ends_apply_the_same_chain_to_the_same_numbers(tmp_path, chain
         torch_views.update(zip(batch.indices.tolist(), batch.views))
     dali = DaliBatches(cfg, manifest, frontend, aug, place)
     dali_views = {}
+    threads = torch.get_num_threads()
     for step in range(4):
         batch = dali.next_batch(0, step)
         dali_views.update(zip(batch.indices.tolist(), batch.views))
+    assert torch.get_num_threads() == threads  # the log-mel ops' one thread beside DALI is given back
     assert set(torch_views) == set(dali_views) == set(range(16))
     worst = max(float((torch_views[i] - dali_views[i]).abs().max()) for i in range(16))
     print(f"max |torch - DALI| after the chain: {worst:.2e}")
@@ -187,3 +189,16 @@ def test_view_gap_keeps_the_two_views_apart_in_the_dali_graph(tmp_path):
             gaps.append((room, abs(starts[0] - starts[1])))
     assert all(gap >= min(0.5, room) - 1e-3 for room, gap in gaps)
     assert len({round(g, 3) for _, g in gaps}) > 4, "still random"
+
+
+def test_log_mel_ops_beside_dali_take_one_thread_on_a_cpu_and_give_it_back():
+    from dataio.dali_pipeline import one_thread_beside_dali
+
+    threads = torch.get_num_threads()
+    with one_thread_beside_dali(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    with pytest.raises(KeyError), one_thread_beside_dali(torch.device("cpu")):
+        raise KeyError("a failing op")
+    assert torch.get_num_threads() == threads
+    with one_thread_beside_dali(torch.device("meta")):  # any device but a CPU: untouched
+        assert torch.get_num_threads() == threads
