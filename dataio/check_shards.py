@@ -8,20 +8,61 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 from concurrent import futures
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import webdataset as wds
 
 from dataio.manifest import ManifestError, load_manifest
 
 
-def check_shard(path: str) -> tuple[int, list[tuple[str, str]]]:
+def member_problem(sample: dict, sample_rate: int, num_clips: int, vocabulary: set[str]) -> str | None:
+    """What either back end would trip on in one sample, or None: a missing member, JSON
+    that is not an object with an ``index`` below ``num_clips`` and a list of known
+    ``labels``, audio that does not decode, is empty, has another rate or is not finite."""
+    for ext in ("json", "flac"):
+        if ext not in sample:
+            return f"no .{ext} member"
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"labels JSON does not parse: {err}"
+    if not isinstance(meta, dict):
+        return f"labels JSON is a {type(meta).__name__}, not an object"
+    index = meta.get("index")
+    if not isinstance(index, int) or not 0 <= index < num_clips:
+        return f"labels JSON: 'index' {index!r} is not an integer in [0, {num_clips})"
+    labels = meta.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return f"labels JSON: 'labels' {labels!r} is not a list of names"
+    unknown = [x for x in labels if x not in vocabulary]
+    if unknown:
+        return f"labels JSON: {unknown[:3]} not in the manifest's vocabulary"
+    try:
+        wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+    except sf.LibsndfileError as err:
+        return f"audio does not decode: {err.error_string}"
+    except Exception as err:  # noqa: BLE001 -- every way audio fails to decode is a finding
+        return f"audio does not decode: {type(err).__name__}: {err}"
+    if rate != sample_rate:
+        return f"audio at {rate} Hz, the manifest says {sample_rate} Hz"
+    if wave.size == 0:
+        return "empty audio (0 samples)"
+    if not np.isfinite(wave).all():
+        return "non-finite audio samples"
+    return None
+
+
+def check_shard(path: str, sample_rate: int, num_clips: int,
+                vocabulary: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
     """(members read, [(member key or shard, reason)]) of one shard."""
     problems: list[tuple[str, str]] = []
+    known = set(vocabulary)
 
     def on_error(exc: Exception) -> bool:
         problems.append((Path(path).name, f"unreadable tar data: {exc!r}"[:200]))
@@ -30,14 +71,27 @@ def check_shard(path: str) -> tuple[int, list[tuple[str, str]]]:
     count = 0
     for sample in wds.tarfile_samples([{"url": path}], handler=on_error):
         count += 1
-        try:
-            json.loads(sample["json"])
-            wave, _ = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
-            if wave.size == 0:
-                raise ValueError("no samples")
-        except Exception as err:  # every way a member can be broken is a finding here
-            problems.append((sample.get("__key__", "?"), f"{type(err).__name__}: {err}"[:200]))
+        problem = member_problem(sample, sample_rate, num_clips, known)
+        if problem:
+            problems.append((sample.get("__key__", "?"), problem[:200]))
     return count, problems
+
+
+def index_problems(root: Path, shard) -> list[tuple[str, str]]:
+    """What the DALI reader would trip on in a shard's index file (its second field is
+    the number of samples it lists)."""
+    if not shard.index_file:
+        return []
+    path = root / shard.index_file
+    try:
+        listed = int(path.read_text().split("\n", 1)[0].split()[1])
+    except FileNotFoundError:
+        return [(shard.index_file, "DALI index file missing (data.backend=dali cannot read this shard)")]
+    except (OSError, ValueError, IndexError, UnicodeDecodeError) as err:
+        return [(shard.index_file, f"DALI index file unreadable: {err!r}"[:200])]
+    if listed != shard.count:
+        return [(shard.index_file, f"DALI index lists {listed} samples, the manifest says {shard.count}")]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = [str(x) for x in manifest.shard_paths()]
     bad = 0
     with futures.ProcessPoolExecutor(args.workers or None) as pool:
-        for shard, (count, problems) in zip(manifest.shards, pool.map(check_shard, paths)):
+        checks = pool.map(check_shard, paths, itertools.repeat(manifest.sample_rate),
+                          itertools.repeat(manifest.num_clips), itertools.repeat(tuple(manifest.vocabulary)))
+        for shard, (count, problems) in zip(manifest.shards, checks):
             if count != shard.count:
                 problems.append((shard.url, f"{count} members read, the manifest says {shard.count}"))
+            problems += index_problems(manifest.root, shard)
             for key, reason in problems:
                 print(f"{shard.url}\t{key}\t{reason}")
             bad += len(problems)

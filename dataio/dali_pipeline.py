@@ -187,6 +187,16 @@ class DaliBatches:
     def state(self) -> str:
         return self.iterator.checkpoints()[0]
 
+    def _meta(self, text: str, source: str) -> dict:
+        """A clip's JSON member, parsed, with an int ``index``; DataError naming the member if not."""
+        try:
+            meta = json.loads(text)
+            meta["index"] = int(meta["index"])
+            return meta
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"malformed clip JSON {source} ({err!r}): list the broken members with "
+                            f"`audioclr check-shards {self.manifest.root}` and re-shard them") from None
+
     def next_batch(self, epoch: int, step: int) -> Batch:
         try:
             out = next(self.iterator)[0]
@@ -196,8 +206,8 @@ class DaliBatches:
         device = self.place.device
         raw = out["views"].to(device, non_blocking=True)
         raw = raw.reshape(-1, k * v, *raw.shape[2:]).reshape(-1, v, *raw.shape[2:])  # [clips*K, V, ...]
-        metas = [json.loads(s) for s in _strings(out["meta"])]
-        indices = torch.tensor([int(m["index"]) for m in metas], device=device).repeat_interleave(k)
+        metas = [self._meta(text, src) for text, src in zip(_strings(out["meta"]), _strings(out["info"]))]
+        indices = torch.tensor([m["index"] for m in metas], device=device).repeat_interleave(k)
         ids = BatchIds(indices=indices, draws=torch.arange(k, device=device).repeat(len(metas)), epoch=epoch,
                        step=step, rank=self.place.rank)
         if self.augmenter.has_wave_ops:

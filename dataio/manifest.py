@@ -50,6 +50,7 @@ class Manifest:
     shards: list[ShardInfo]
     vocabulary: list[str] = field(default_factory=list)
     multi_label: bool = False
+    rejected: dict = field(default_factory=dict)  # {"clips": n, "reasons": {kind: n}, "list": file}
     root: Path = Path(".")
     _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -81,6 +82,7 @@ class Manifest:
             "num_clips": self.num_clips,
             "vocabulary": self.vocabulary,
             "multi_label": self.multi_label,
+            "rejected": self.rejected,
             "shards": [
                 {"url": s.url, "count": s.count, "bytes": s.bytes, "index_file": s.index_file}
                 for s in self.shards
@@ -106,7 +108,8 @@ def load_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
         manifest = Manifest(dataset=raw["dataset"], sample_rate=int(raw["sample_rate"]),
                             num_clips=int(raw["num_clips"]), shards=shards,
                             vocabulary=list(raw.get("vocabulary", [])),
-                            multi_label=bool(raw.get("multi_label", False)), root=path.parent)
+                            multi_label=bool(raw.get("multi_label", False)),
+                            rejected=dict(raw.get("rejected") or {}), root=path.parent)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"malformed manifest {path}: {err!r}") from err
     if sum(s.count for s in shards) != manifest.num_clips:
@@ -118,18 +121,6 @@ def load_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ManifestError(f"manifest {path} lists shards that do not exist: {shown}")
     return manifest
-
-
-def split_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """Shard ids read by ``rank``: every ``world_size``-th one, starting at ``rank``.
-
-    Raises when there are fewer shards than ranks: a rank without data would hang
-    the others (re-shard with a smaller ``--shard-size``).
-    """
-    if num_shards < world_size:
-        raise ManifestError(f"{num_shards} shard(s) cannot feed {world_size} ranks without "
-                            f"overlap: re-shard with at least {world_size} shards")
-    return list(range(rank, num_shards, world_size))
 
 
 @dataclass(frozen=True)
@@ -146,6 +137,19 @@ class WorkerSplit:
     shards: tuple[int, ...]
     sample_stride: int = 1
     sample_offset: int = 0
+
+
+def split_for_reader(shard_order: list[int], rank: int, world_size: int, worker: int,
+                     num_workers: int) -> WorkerSplit:
+    """What loader ``worker`` of ``rank`` reads of the epoch's shards (``shard_order``, the
+    same on every rank). With at least one shard per rank the ranks split the shards and
+    their workers split those; with fewer shards than ranks every reader reads all of
+    them, in one shared order, and keeps every (ranks x workers)-th sample: either way
+    each clip is read once per pass and no rank is left without data."""
+    if len(shard_order) >= world_size:
+        return split_for_worker(shard_order[rank::world_size], worker, num_workers)
+    return WorkerSplit(tuple(shard_order), sample_stride=world_size * num_workers,
+                       sample_offset=rank * num_workers + worker)
 
 
 def split_for_worker(rank_shards: list[int], worker: int, num_workers: int) -> WorkerSplit:

@@ -37,7 +37,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shard-bytes", type=parse_size, default=0, help="payload per shard, e.g. 64MB or 1GB")
     add("--seed", type=int, default=0, help="seed of the order of clips in the shards")
     add("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
-    add("--min-seconds", type=float, default=0.1, help="reject clips shorter than this, seconds")
+    add("--min-seconds", type=float, default=0.025, help="reject clips shorter than this, seconds "
+        "(shorter ones are padded when trained on: notes and drum hits are short)")
     add("--dataset", default=None, help="dataset name in the manifest (default: SRC's name)")
     add("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
     _add_layout_arguments(parser)
@@ -100,5 +101,6 @@ def run_shard(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     print(f"rejected clips and reasons: {report.out_dir / REJECTED_NAME}")
-    print(f"listed clips missing on disk: {missing_path}")
+    if listing.missing:
+        print(f"listed clips missing on disk: {missing_path}")
     return 0

@@ -21,6 +21,7 @@ import pickle
 import re
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,13 @@ def soundfile_loader(item: ClipItem) -> tuple[np.ndarray, int]:
     """
     if not Path(item.path).is_file():
         raise FileNotFoundError(item.path)
-    samples, rate = sf.read(item.path, dtype="float32", always_2d=True)
+    with open(item.path, "rb") as f:  # Python opens any name the file system holds, UTF-8 or not
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        try:
+            samples, rate = sf.read(f, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as err:
+            raise ValueError(f"libsndfile: {err.error_string}") from None
     return samples, int(rate)
 
 
@@ -157,7 +164,10 @@ def encode_flac(mono: np.ndarray, rate: int) -> bytes:
 
 
 def _one_line(text: object, limit: int = 200) -> str:
-    return " ".join(str(text).split())[:limit]
+    """``text`` on one line, with the bytes of a file name that is not UTF-8 written as
+    ``\\xNN`` (such names reach Python as lone surrogates, which no UTF-8 file can hold)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return " ".join(text.split())[:limit]
 
 
 def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
@@ -340,7 +350,7 @@ def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[Clip
 
 def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str,
                  sample_rate: int = 16000, shard_size: int = 0, shard_bytes: int = 0,
-                 seed: int = 0, workers: int = 0, min_seconds: float = 0.1,
+                 seed: int = 0, workers: int = 0, min_seconds: float = 0.025,
                  overwrite: bool = False, loader: Loader = soundfile_loader,
                  vocabulary: list[str] | None = None, progress: bool = True) -> WriteReport:
     """Turn ``items`` into WebDataset shards, DALI indexes and a manifest in ``out_dir``.
@@ -372,7 +382,10 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
         raise ShardWriteError(f"none of the {len(items)} clips could be used; the reasons are "
                               f"listed in {out_dir / REJECTED_NAME}")
     vocab = sorted(tally.labels) if vocabulary is None else list(vocabulary)
+    kinds = Counter(reason.split(":")[0].strip() for _, reason in rejected)
     Manifest(dataset=dataset, sample_rate=sample_rate, num_clips=tally.num_clips,
-             shards=sink.shards, vocabulary=vocab, multi_label=tally.multi_label).write(out_dir)
+             shards=sink.shards, vocabulary=vocab, multi_label=tally.multi_label,
+             rejected={"clips": len(rejected), "reasons": dict(sorted(kinds.items())),
+                       "list": REJECTED_NAME}).write(out_dir)
     return WriteReport(tally.num_clips, rejected, len(sink.shards), out_dir,
                        time.perf_counter() - start)

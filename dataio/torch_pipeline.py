@@ -30,22 +30,23 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import Batch, DataConfig, Placement
-from dataio.manifest import Manifest, split_for_worker, split_shards
+from dataio.batch import Batch, DataConfig, DataError, Placement
+from dataio.manifest import Manifest, split_for_reader
 from dataio.views import read_views
 
 log = logging.getLogger(__name__)
 
 
-class NoReadableClips(RuntimeError):
+class NoReadableClips(DataError):
     """A worker's shards yielded no sample at all."""
 
 
-def _raw_samples(manifest: Manifest, shard_ids: list[int], errors: list) -> Iterator[dict]:
+def _raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list) -> Iterator[dict]:
     """Samples ({'__key__', 'flac', 'json'}) of the given shards, in order; a corrupt or
-    truncated tar is logged, counted in ``errors`` and left behind."""
+    truncated tar is logged, kept in ``tar_errors`` (not counted as skipped clips) and
+    left behind."""
     def on_error(exc: Exception) -> bool:
-        errors.append(repr(exc))
+        tar_errors.append(repr(exc))
         log.warning("skipping unreadable shard data: %r", exc)
         return True
 
@@ -55,19 +56,24 @@ def _raw_samples(manifest: Manifest, shard_ids: list[int], errors: list) -> Iter
         yield from wds.tarfile_samples(src, handler=on_error)
 
 
-def _worker_stream(manifest: Manifest, split, rank_seed: tuple, errors: list) -> Iterator[tuple]:
+def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tuple]:
     """Endless (pass number, raw sample) pairs of one worker: its shards in a fresh order
     each pass, keeping every ``stride``-th sample; raises if a whole pass is empty."""
+    tar_errors: list = []
     for pass_no in itertools.count():
         order = np.random.default_rng((*rank_seed, pass_no)).permutation(len(split.shards))
         shard_ids = [split.shards[i] for i in order]
         found = False
-        for k, sample in enumerate(_raw_samples(manifest, shard_ids, errors)):
+        for k, sample in enumerate(_raw_samples(manifest, shard_ids, tar_errors)):
             if k % split.sample_stride == split.sample_offset and "flac" in sample:
                 found = True
                 yield pass_no, sample
         if not found:
-            raise NoReadableClips(f"no readable clip in shards {[manifest.shards[i].url for i in split.shards]}")
+            urls = [manifest.shards[i].url for i in split.shards]
+            raise NoReadableClips(f"no readable clip in shard(s) {', '.join(urls[:5])}"
+                                  + (f" (+{len(urls) - 5} more)" if len(urls) > 5 else "")
+                                  + (f" of {manifest.root}: {tar_errors[-1]}" if tar_errors else
+                                     f" of {manifest.root}") + "; check them with `audioclr check-shards`")
 
 
 def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator) -> Iterator[tuple]:
@@ -105,29 +111,33 @@ class WaveBatches(IterableDataset):
         self.read_len = augmenter.input_samples
         self.gap = int(round(cfg.view_gap * manifest.sample_rate))
 
-    def rank_shards(self) -> list[int]:
-        order = np.random.default_rng((self.place.seed, self.epoch)).permutation(len(self.manifest.shards))
-        return [int(order[i]) for i in split_shards(len(order), self.place.rank, self.place.world_size)]
-
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
         logical = ((info.id if info else 0) + self.start_step) % workers
-        split = split_for_worker(self.rank_shards(), logical, workers)
+        seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
+        order = [int(i) for i in np.random.default_rng((seed, self.epoch)).permutation(len(self.manifest.shards))]
+        split = split_for_reader(order, rank, world, logical, workers)
+        # a worker reading only its own shards shuffles them by itself; readers that share
+        # shards and split their samples must read them in one order
+        rank_seed = (seed, self.epoch, rank, logical) if split.sample_stride == 1 else \
+            (seed, self.epoch, rank, 0) if len(order) >= world else (seed, self.epoch, 0, 0)
         steps = self.place.steps
         my_steps = range(logical, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
-        seed, rank = self.place.seed, self.place.rank
-        rank_seed = (seed, self.epoch, rank, logical if split.sample_stride == 1 else 0)
         rng = np.random.default_rng((seed, self.epoch, rank, logical, 7))
-        samples = _shuffled(_worker_stream(self.manifest, split, rank_seed, errors),
+        samples = _shuffled(_worker_stream(self.manifest, split, rank_seed),
                             self.cfg.shuffle_buffer, rng)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
         done = len(range(logical, min(self.start_step, steps), workers))
-        for _ in itertools.islice(samples, clips * done):
-            pass
-        for step in my_steps[done:]:
-            yield self._batch(samples, errors, step)
+        self._bad_since = None
+        try:
+            for _ in itertools.islice(samples, clips * done):
+                pass
+            for step in my_steps[done:]:
+                yield self._batch(samples, errors, step)
+        except DataError as err:  # handed over as data: a DataLoader would wrap it in a worker traceback
+            yield {"data_error": str(err)}
 
     def _batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
         waves, labels, indices, draws, keys = [], [], [], [], []
@@ -137,12 +147,15 @@ class WaveBatches(IterableDataset):
             pass_no, sample = next(samples)
             clip = self._decode(sample, pass_no, errors)
             if clip is None:
+                self._no_clip(pass_no, errors)
                 continue
             if clip[3] < self.view_len:
                 if self.cfg.short_clips == "skip":
                     errors.append(f"{sample['__key__']}: {clip[3]} samples, shorter than a view")
+                    self._no_clip(pass_no, errors)
                     continue
                 short += k
+            self._bad_since = None
             waves.extend(clip[0].reshape(k, self.cfg.num_views, -1))
             labels.extend([clip[1]] * k)
             indices.extend([clip[2]] * k)
@@ -154,6 +167,15 @@ class WaveBatches(IterableDataset):
         if self.in_workers:
             out["views"] = self.augmenter.from_waves(out.pop("waves"), batch_ids(out, self.place.rank))
         return out
+
+    def _no_clip(self, pass_no: int, errors: list) -> None:
+        """Raise once a whole pass over this worker's samples gave no usable clip."""
+        if self._bad_since is None:
+            self._bad_since = pass_no
+        elif pass_no >= self._bad_since + 2:  # pass _bad_since + 1 was all failures
+            raise NoReadableClips(f"no usable clip in a whole pass over this worker's shards of "
+                                  f"{self.manifest.root} ({len(errors)} failures; last: {errors[-1]}); "
+                                  f"list the broken members with `audioclr check-shards`")
 
     def _decode(self, sample: dict, pass_no: int, errors: list):
         """(views [K*V, S], label id, index, length in samples) of one raw sample, or None
@@ -202,9 +224,26 @@ def keep_freed_memory() -> bool:
 def _worker_init(_: int) -> None:
     keep_freed_memory()
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
-    # a scheduler's SIGTERM goes to the whole process group: the trainer handles it (saves
-    # a checkpoint, then exits); its loader workers must live until then
+    # a scheduler's SIGTERM and a Ctrl-C go to the whole process group: the trainer handles
+    # them (saves a checkpoint, then exits); its loader workers must live until then, and
+    # die with it (the DataLoader's workers watch their parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> bool:
+    """Linux: this process gets SIGKILL when its parent dies (a trainer killed with -9
+    leaves no orphan workers). No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        return libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def wave_loader(cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement, *,
@@ -248,12 +287,30 @@ class TorchSource:
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
         self.in_workers = place.device.type == "cpu" and cfg.num_workers > 0
         self.feed = DeviceFeeder(augmenter, place)
+        self._batches = None
+        if len(manifest.shards) < place.world_size and place.rank == 0:
+            log.warning("%d shard(s) for %d ranks: every rank reads every shard and keeps its share of "
+                        "the clips; re-shard with at least %d shards to read each byte once",
+                        len(manifest.shards), place.world_size, place.world_size * max(cfg.num_workers, 1))
 
     def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         loader = wave_loader(self.cfg, self.manifest, self.augmenter, self.place, epoch=epoch,
                              start_step=start_step, in_workers=self.in_workers)
-        for wave_batch in loader:
-            yield self.feed(wave_batch)
+        self._batches = iter(loader)
+        try:
+            for wave_batch in self._batches:
+                if "data_error" in wave_batch:
+                    raise DataError(f"rank {self.place.rank}: {wave_batch['data_error']}")
+                yield self.feed(wave_batch)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the loader workers now (at interpreter exit they would be joined forever:
+        they ignore SIGTERM, which belongs to the trainer)."""
+        batches, self._batches = self._batches, None
+        if batches is not None and hasattr(batches, "_shutdown_workers"):
+            batches._shutdown_workers()
 
     def state(self) -> None:
         return None

@@ -80,3 +80,19 @@ def corrupt_member(shard: Path, which: int = 2, ext: str = "flac") -> str:
     data[member.offset_data:member.offset_data + member.size] = noise
     shard.write_bytes(bytes(data))
     return member.name.rsplit(".", 1)[0]
+
+
+def rewrite_members(folder: Path, change) -> None:
+    """Rewrite every shard of ``folder`` with each member's payload replaced by
+    ``change(name, payload)``; the manifest's byte counts and the DALI indexes follow."""
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(tar_path, "w") as tar:
+            for name, payload in members:
+                _add(tar, name, change(name, payload))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["bytes"] = (folder / shard["url"]).stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_dali_indexes(folder)

@@ -7,7 +7,7 @@ import torch
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig
-from dataio.manifest import ManifestError, load_manifest, split_for_worker, split_shards
+from dataio.manifest import ManifestError, load_manifest, split_for_reader, split_for_worker
 from dataio.torch_pipeline import wave_loader
 from tests.shard_utils import make_shards
 
@@ -76,14 +76,15 @@ def test_starting_mid_epoch_gives_the_same_batches(even):
         assert torch.equal(a["waves"], b["waves"])
 
 
-def test_corrupt_shard_is_skipped_and_counted(tmp_path):
+def test_truncated_shard_is_logged_and_left_behind_not_counted_as_clips(tmp_path, caplog):
     manifest = make_shards(tmp_path, [10, 10])
     path = tmp_path / "shard-00001.tar"
     path.write_bytes(path.read_bytes()[:9000])  # truncated mid-member
     cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0)
     batches = _epoch(manifest, cfg, 0, 0, 1)
     assert len(batches) == 5
-    assert sum(b["skipped"] for b in batches) > 0
+    assert sum(b["skipped"] for b in batches) == 0  # "skipped" counts clips that failed, not tar errors
+    assert "skipping unreadable shard data" in caplog.text and "shard-00001.tar" in caplog.text
 
 
 def test_missing_shard_named_at_start(tmp_path):
@@ -94,9 +95,7 @@ def test_missing_shard_named_at_start(tmp_path):
 
 
 def test_split_helpers():
-    assert split_shards(5, 1, 2) == [1, 3]
-    with pytest.raises(ManifestError, match="at least 3 shards"):
-        split_shards(2, 0, 3)
+    assert split_for_reader([0, 1, 2, 3, 4], 1, 2, 0, 1).shards == (1, 3)
     assert split_for_worker([0, 2, 4], 1, 2).shards == (2,)
     w = split_for_worker([1], 1, 2)
     assert (w.shards, w.sample_stride, w.sample_offset) == ((1,), 2, 1)
@@ -176,3 +175,19 @@ def test_view_gap_keeps_the_views_of_a_clip_apart():
             spread = np.diff(sorted(starts))
             assert spread.min() >= min(8000, room // 2)
     assert crop_starts(4000, 8000, 2, rng, gap=8000)[0] <= 0, "a short clip is still padded"
+
+
+@pytest.mark.parametrize("counts", [[7], [3, 5], [4, 4, 4], [2, 3, 4, 5, 6]])
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)])
+def test_every_clip_is_read_once_per_pass_whatever_the_shards_ranks_and_workers(counts, world, workers):
+    order = list(range(len(counts)))[::-1]  # the epoch's shard order, shared by all ranks
+    seen = []
+    for rank in range(world):
+        for worker in range(workers):
+            split = split_for_reader(order, rank, world, worker, workers)
+            stream = [(s, i) for s in split.shards for i in range(counts[s])]
+            mine = [x for k, x in enumerate(stream) if k % split.sample_stride == split.sample_offset]
+            if sum(counts) >= world * workers:
+                assert mine, f"reader {rank}/{worker} gets no clip"
+            seen += mine
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))

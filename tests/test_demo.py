@@ -19,6 +19,6 @@ def test_short_demo_beats_chance(tmp_path):
     chance = 1 / summary["num_classes"]
     assert summary["num_classes"] == 10 and summary["num_clips"] == 120
     assert summary["knn_accuracy"] > chance + 0.1
-    assert (tmp_path / "run" / "eval" / "knn.json").is_file()
-    assert (tmp_path / "run" / "eval" / "knn_random_init.json").is_file()
+    assert (tmp_path / "run" / "eval" / "corpus" / "knn.json").is_file()
+    assert (tmp_path / "run" / "eval" / "corpus" / "knn_random_init.json").is_file()
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*")), "TensorBoard events"

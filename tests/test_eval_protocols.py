@@ -156,7 +156,7 @@ def test_eval_cli_writes_pictures_and_summary(tones, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "class_averaged_accuracy" in done.stdout
-    out = run / "eval"
+    out = run / "eval" / "shards"
     for name in ("linear.json", "linear_curves.png", "linear_confusion.png", "linear_tsne.png", "summary.md"):
         assert (out / name).is_file(), name
     assert (out / "linear_tsne.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -164,6 +164,12 @@ def test_eval_cli_writes_pictures_and_summary(tones, tmp_path):
     assert "linear_confusion.png" in summary and "linear_curves.png" in summary
     bad = subprocess.run(cmd[:-1] + ["eval.linear.epoch=3"], capture_output=True, text=True, env=cli_env())
     assert bad.returncode == 2 and "eval.linear.epochs" in bad.stderr
+    first = (out / "linear.json").read_bytes()
+    again = subprocess.run(cmd + ["eval.pictures=false"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert again.returncode == 0 and f"results in {out / 'linear-2.json'}" in again.stdout
+    assert (out / "linear.json").read_bytes() == first, "an earlier result is never replaced unasked"
+    subprocess.run(cmd + ["eval.pictures=false", "--overwrite"], check=True, capture_output=True, env=cli_env())
+    assert not (out / "linear-3.json").exists() and (out / "linear.json").read_bytes() != first
 
 
 def test_run_eval_random_init_writes_its_own_result(tones, tmp_path):
@@ -172,7 +178,7 @@ def test_run_eval_random_init_writes_its_own_result(tones, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tones, run, ignore=shutil.ignore_patterns("shards"))
     run_eval(run, tones / "shards", EvalConfig(pictures=False, knn=KnnConfig(k=5)), "knn", random_init=True)
-    saved = json.loads((run / "eval" / "knn_random_init.json").read_text())
+    saved = json.loads((run / "eval" / "shards" / "knn_random_init.json").read_text())
     assert saved["encoder"] == "random_init" and saved["pictures"] == {}
 
 

@@ -1,6 +1,8 @@
 """Every objective trains end to end from a config, and its state (queue, key encoder,
 memory bank) survives an interruption: stopped-and-resumed equals uninterrupted."""
 
+import signal
+
 import pytest
 import torch
 
@@ -24,7 +26,8 @@ def _train(cfg, stop_after=None):
         step = trainer.train_step
 
         def stopping(batch):
-            trainer.stop_requested = trainer.step + 1 >= stop_after
+            if trainer.step + 1 >= stop_after:
+                trainer.stop_signal = signal.SIGTERM
             return step(batch)
         trainer.train_step = stopping
     try:

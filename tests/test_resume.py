@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
+from trainer.checkpoint import load_tensors
 
 TOTAL = 30
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
@@ -23,7 +24,7 @@ def _cmd(shards, run_dir, *extra):
 
 
 def _final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{TOTAL:08d}" / "state.pt", weights_only=False)
+    return load_tensors(run_dir / "checkpoints" / f"step_{TOTAL:08d}" / "state.pt")
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -66,11 +67,14 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_shards,
     assert steps == list(range(1, TOTAL + 1)), "metrics read as one run"
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_signal(tiny_shards, tmp_path, sig):
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_cmd(tiny_shards, ref), env=cli_env(), check=True, capture_output=True)
-    proc = _run_until(_cmd(tiny_shards, run, "train.ckpt_every=1000"), run / "metrics.jsonl", signal.SIGTERM)
-    assert proc.returncode == 0, proc.stderr.read().decode()
+    proc = _run_until(_cmd(tiny_shards, run, "train.ckpt_every=1000"), run / "metrics.jsonl", sig)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err
     (saved,) = (run / "checkpoints").iterdir()
     assert 0 < int(saved.name.split("_")[1]) < TOTAL
     subprocess.run(_cmd(tiny_shards, run), env=cli_env(), check=True, capture_output=True)

@@ -168,7 +168,7 @@ def test_rejections_are_listed_with_reasons(tmp_path):
     nan = _noise(0.3, RATE, 1, seed=5)
     nan[100] = np.nan
     sf.write(src / "nan.wav", nan, RATE, subtype="FLOAT")
-    sf.write(src / "short.wav", _noise(0.05, RATE, 1, seed=6), RATE)
+    sf.write(src / "short.wav", _noise(0.01, RATE, 1, seed=6), RATE)  # under the 25 ms default
     items = folder_items(tmp_path / "src") + [ClipItem(str(tmp_path / "gone.wav"), ["lab"])]
 
     out = tmp_path / "out"

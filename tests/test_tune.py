@@ -138,3 +138,28 @@ def test_trials_whose_last_checkpoint_is_gone_are_restarted():
     other = SimpleNamespace(error=FloatingPointError("loss is nan"), metrics={"trial_id": "b"}, path="p")
     assert not lost_checkpoints([fine, other])
     assert lost_checkpoints([fine, SimpleNamespace(error=gone, metrics={}, path="p")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT])
+def test_ctrl_c_stops_a_sweep_with_its_state_saved_and_exit_130(encoder_run, tmp_path, sig):
+    space = {"finetune.alpha": {"grid": [0.25, 0.75]}}
+    config = _sweep_yaml(tmp_path / "stop.yaml", encoder_run, tmp_path / "sweeps", "stop", 40, space)
+    cmd = [PYTHON, "-m", "trainer.cli", "tune", "--config", str(config)]
+    first = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while not _state_records_a_checkpoint(tmp_path / "sweeps" / "stop"):
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.time() < deadline, "no trial checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, sig)  # as a terminal's Ctrl-C: the whole foreground group
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err and "Rerun the same command to resume" in err, err[-3000:]
+    assert (tmp_path / "sweeps" / "stop" / "results.csv").is_file()
+    done = _tune(config, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweeps" / "stop" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows)
+    assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows

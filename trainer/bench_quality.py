@@ -145,7 +145,7 @@ def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float) -> di
     out = {}
     for protocol in PROTOCOLS:
         for random_init in (False, True):
-            result = run_eval(run_dir, shards, cfg, protocol, random_init)
+            result = run_eval(run_dir, shards, cfg, protocol, random_init, overwrite=True)
             metric = result["metrics"]["class_averaged_accuracy"]
             out[f"{protocol}{'_random_init' if random_init else ''}"] = {
                 "mean": metric["mean"], "std": metric["std"],

@@ -1,45 +1,57 @@
-"""Atomic checkpoints, resume, and the exported encoder.
+"""Verified checkpoints, resume, and the exported encoder.
 
 A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``state.pt``
 (everything every rank shares: model, optimizer, scheduler, objective state, step, data
-position) and ``rank_XXXXX.pt`` (each rank's RNG states). It is assembled under
-``step_XXXXXXXX.tmp`` and renamed when complete, so a killed run never leaves a
-half-written checkpoint where ``resume=auto`` would find it. The run directory must be
-on storage every node sees.
+position), ``rank_XXXXX.pt`` (each rank's RNG states) and ``meta.json`` (step, world
+size and the sha256 of every other file). It is assembled under ``step_XXXXXXXX.tmp``,
+every file fsynced, ``meta.json`` last, then renamed into place: a killed run or a full
+disk never leaves a half-written checkpoint where ``resume=auto`` would find it. Resume
+takes the newest checkpoint whose files match their sums; a damaged one is renamed
+``step_XXXXXXXX.damaged`` (never deleted) and the one before it is taken.
+
+Nothing is unpickled: every ``.pt`` is read with ``weights_only=True`` (tensors and plain
+values only), so a planted file cannot run code. The run directory must be on storage
+every node sees.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dataio.frontend import FrontendConfig
 from trainer import distributed
 from trainer.encoders import build_encoder
+from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, sha256
+
+__all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder"]
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+META = "meta.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+_STEP_FOLDER = re.compile(r"step_\d{8}")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -47,73 +59,164 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class Checkpointer:
-    """Writes, finds and reads the checkpoints of one run (every rank calls ``save``)."""
+def verify(folder: Path) -> str | None:
+    """None when every file of the checkpoint matches its sha256, else what is wrong."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        sums = meta["sha256"]
+    except FileNotFoundError:
+        return f"no {META} (written last, so the checkpoint was never completed)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{META} unreadable ({type(err).__name__})"
+    if STATE not in sums:
+        return f"{META} lists no {STATE}"
+    for name, expected in sums.items():
+        try:
+            if sha256(folder / name) != expected:
+                return f"{name} does not match its sha256 (changed or truncated after it was written)"
+        except OSError as err:
+            return f"{name} unreadable ({err.strerror or type(err).__name__})"
+    return None
 
-    def __init__(self, run_dir: str | Path, keep_last: int, info: distributed.DistInfo):
+
+class Checkpointer:
+    """Writes, verifies, finds and reads the checkpoints of one run (every rank calls
+    ``save`` and ``resume_point``)."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int, info: distributed.DistInfo,
+                 device: torch.device | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.info = info
+        self.device = device or torch.device("cpu")
 
     def complete(self) -> list[Path]:
-        """Finished checkpoints, oldest first."""
+        """Checkpoint folders that were renamed into place, oldest first (not verified)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and p.suffix != ".tmp"
-                      and (p / STATE).is_file())
+        return sorted(p for p in self.root.iterdir() if _STEP_FOLDER.fullmatch(p.name) and p.is_dir())
 
     def latest(self) -> Path | None:
         found = self.complete()
         return found[-1] if found else None
 
+    def resume_point(self) -> Path | None:
+        """The newest checkpoint that verifies. Rank 0 checks them newest first, renames
+        each damaged one ``*.damaged`` with a warning naming it, and tells the others."""
+        chosen = None
+        if self.info.is_main:
+            for folder in reversed(self.complete()):
+                problem = verify(folder)
+                if problem is None:
+                    chosen = folder
+                    break
+                aside = _free_name(folder.with_name(folder.name + ".damaged"))
+                folder.rename(aside)
+                log.warning("checkpoint %s is damaged: %s; set aside as %s, trying the one before",
+                            folder, problem, aside.name)
+        chosen = distributed.broadcast_object(None if chosen is None else str(chosen))
+        return None if chosen is None else Path(chosen)
+
     def save(self, step: int, shared: dict, per_rank: dict) -> Path:
+        """Write the checkpoint of ``step``; on any failure (a full disk, ...) every rank
+        raises :class:`CheckpointError` and the checkpoints already there are untouched."""
         final = self.root / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if self.info.is_main and tmp.exists():
-            shutil.rmtree(tmp)
+        error = None
+        try:
+            if self.info.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
         distributed.barrier()
-        tmp.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(per_rank, tmp / f"rank_{self.info.rank:05d}.pt")
-        distributed.barrier()
+        if error is None and tmp.is_dir():
+            error = _try(lambda: durable_write(tmp / f"rank_{self.info.rank:05d}.pt",
+                                                lambda f: torch.save(per_rank, f)))
+        elif error is None:
+            error = FileNotFoundError(f"{tmp} was not created")
+        failed, = distributed.any_rank([error is not None], self.device)
+        if not failed and self.info.is_main:
+            error = _try(lambda: self._finish(tmp, final, step, shared))
+        failed, = distributed.any_rank([error is not None], self.device)
+        if failed:
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {describe_error(error) if error else 'another rank failed'}; "
+                f"the last good checkpoint ({last.name if last else 'none yet'}) is unchanged")
         if self.info.is_main:
-            _atomic_torch_save(shared, tmp / STATE)
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": self.info.world_size}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
             for old in self.complete()[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
         return final
 
+    def _finish(self, tmp: Path, final: Path, step: int, shared: dict) -> None:
+        durable_write(tmp / STATE, lambda f: torch.save(shared, f))
+        sums = {p.name: sha256(p) for p in sorted(tmp.glob("*.pt"))}
+        meta = {"step": step, "world_size": self.info.world_size, "sha256": sums}
+        durable_write(tmp / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        fsync_folder(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_folder(self.root)
+
     def load(self, folder: str | Path) -> tuple[dict, dict | None]:
         """(shared state, this rank's state or None when the run had fewer ranks)."""
         folder = Path(folder)
-        if not (folder / STATE).is_file():
-            raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {STATE})")
-        shared = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a checkpoint folder" +
+                                  (" (it is a file)" if folder.exists() else " (it does not exist)"))
+        problem = verify(folder)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
+        shared = load_tensors(folder / STATE)
         mine = folder / f"rank_{self.info.rank:05d}.pt"
-        per_rank = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else None
+        per_rank = load_tensors(mine) if mine.is_file() else None
         return shared, per_rank
+
+
+def _try(action) -> BaseException | None:
+    try:
+        action()
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        return err
+    return None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def export_encoder(encoder: torch.nn.Module, meta: dict, run_dir: str | Path) -> Path:
     """Write ``encoder.safetensors`` + ``encoder.json`` (all that rebuilds the encoder and
-    its front end) into ``run_dir``, each atomically."""
+    its front end) into ``run_dir``, each fsynced and renamed into place."""
     run_dir = Path(run_dir)
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    tmp = run_dir / (ENCODER_WEIGHTS + ".tmp")
-    save_file(weights, str(tmp))
-    tmp.replace(run_dir / ENCODER_WEIGHTS)
-    tmp = run_dir / (ENCODER_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(run_dir / ENCODER_META)
+    try:
+        tmp = run_dir / (ENCODER_WEIGHTS + ".tmp")
+        save_file(weights, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(run_dir / ENCODER_WEIGHTS)
+        durable_write(run_dir / ENCODER_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"could not export the encoder to {run_dir}: {describe_error(err)}") from None
     return run_dir / ENCODER_WEIGHTS
 
 
@@ -137,7 +240,18 @@ def load_encoder(run_dir: str | Path) -> tuple[torch.nn.Module, FrontendConfig, 
     if not meta_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no exported encoder ({ENCODER_META} + "
                                 f"{ENCODER_WEIGHTS}); has its pretraining finished?")
-    meta = json.loads(meta_path.read_text())
-    encoder, frontend = build_from_meta(meta)
-    encoder.load_state_dict(load_file(str(weights_path)))
+    try:
+        meta = json.loads(meta_path.read_text())
+        encoder, frontend = build_from_meta(meta)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path}: not a valid encoder description ({describe_error(err)})") from None
+    try:
+        weights = load_file(str(weights_path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{weights_path}: unreadable ({describe_error(err)})") from None
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights_path} does not fit the encoder {meta_path} describes "
+                              f"({describe_error(err)})") from None
     return encoder.eval(), frontend, meta

@@ -55,6 +55,11 @@ def _pretrain(argv: list[str]) -> int:
     return main(argv)
 
 
+def _launch(argv: list[str]) -> int:
+    from trainer.launch import main
+    return main(argv)
+
+
 def _eval(argv: list[str]) -> int:
     from trainer.evaluate.run import main
     return main(argv)
@@ -75,6 +80,7 @@ COMMANDS = {
     "shard": (_shard, "write audio files (folder or csv layout) as WebDataset shards"),
     "check-shards": (_check_shards, "decode every clip of a shard folder and list the broken ones"),
     "pretrain": (_pretrain, "contrastive pretraining from a YAML recipe"),
+    "launch": (_launch, "torchrun with audioclr's exit codes: launch [torchrun options] pretrain ..."),
     "eval": (_eval, "evaluate a run's exported encoder: knn, linear probe or fine-tuning, with pictures"),
     "tune": (_tune, "Ray Tune sweep of the downstream evaluation (alpha, temperature, lr, k ...)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),

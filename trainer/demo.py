@@ -42,8 +42,8 @@ def demo(out: Path, config: Path, clips: int, overrides: list[str], eval_overrid
     if status != "finished":
         raise TrainingError(f"pretraining was {status}; rerun the demo to resume it")
     t2 = time.time()
-    trained = run_eval(run_dir, corpus, eval_cfg)
-    scratch = run_eval(run_dir, corpus, eval_cfg, random_init=True)
+    trained = run_eval(run_dir, corpus, eval_cfg, overwrite=True)
+    scratch = run_eval(run_dir, corpus, eval_cfg, random_init=True, overwrite=True)
     acc, acc0 = trained["metrics"]["class_averaged_accuracy"], scratch["metrics"]["class_averaged_accuracy"]
     summary = {"knn_accuracy": acc["mean"], "knn_accuracy_random_init": acc0["mean"],
                "knn_std": acc["std"], "knn_std_random_init": acc0["std"],

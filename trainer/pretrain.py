@@ -20,7 +20,7 @@ from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import open_source
 from trainer import distributed
-from trainer.checkpoint import Checkpointer, encoder_meta, export_encoder, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, CheckpointError, encoder_meta, export_encoder, rng_state, set_rng_state
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
 from trainer.encoders import build_encoder, load_pretrained
 from trainer.engine import ENGINES
@@ -29,9 +29,11 @@ from trainer.heads import ContrastiveModel
 from trainer.metrics import MetricWriter
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.safe_files import describe_error
 from trainer.sync_bn import convert_global_bn
 
 log = logging.getLogger("audioclr.pretrain")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 128 + signal
 
 
 class TrainingError(RuntimeError):
@@ -67,7 +69,7 @@ class Pretrainer:
             log.info("augmentation: %s", self.augmenter.describe())
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_run_dir(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")
         distributed.barrier()
         self.objective = build_objective(cfg.objective, cfg.model, ObjectiveContext(
@@ -75,10 +77,11 @@ class Pretrainer:
             num_clips=self.manifest.num_clips, num_classes=len(self.manifest.vocabulary),
             total_steps=self.total_steps, seed=cfg.seed))
         self.engine = self._build_engine()
-        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info, self.device)
         self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
         self.step = 0
-        self.stop_requested = False
+        self.stop_signal = 0  # SIGTERM or SIGINT, once received: save and leave
+        self._signalled_at = 0.0
         self._last_loss: float | None = None
         self._data_state = None  # a data back end's own position (DALI), from the checkpoint
         self.source = None
@@ -89,12 +92,17 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         encoder = build_encoder(cfg.model.encoder, in_channels=cfg.frontend.channels, width=cfg.model.width)
         if cfg.model.pretrained:
-            report = load_pretrained(encoder, cfg.model.pretrained)
+            try:
+                report = load_pretrained(encoder, cfg.model.pretrained)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"model.pretrained: {err}") from None
             log.info("encoder weights from %s: %s", cfg.model.pretrained, report)
         model = ContrastiveModel(encoder, self.objective.make_head(encoder.embedding_dim))
         if cfg.model.global_bn:
             model = convert_global_bn(model)
         model.to(self.device)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.objective.to(self.device).attach(model)
         torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
         trainable = nn.ModuleList([model, self.objective.extra])
@@ -120,10 +128,13 @@ class Pretrainer:
 
     def maybe_resume(self) -> None:
         choice = self.cfg.train.resume
-        folder = self.checkpointer.latest() if choice == "auto" else None if choice == "none" else Path(choice)
+        folder = self.checkpointer.resume_point() if choice == "auto" else None if choice == "none" else Path(choice)
         if folder is None:
             return
-        shared, mine = self.checkpointer.load(folder)
+        try:
+            shared, mine = self.checkpointer.load(folder)
+        except CheckpointError as err:
+            raise (ConfigError(f"train.resume: {err}") if choice != "auto" else err) from None
         self._report_differences(shared)
         self.engine.load_state_dict(shared["engine"])
         self.objective.load_state_dict(shared["objective"])
@@ -155,7 +166,7 @@ class Pretrainer:
                           device=self.device, steps=self.steps_per_epoch)
         self.source = open_source(self.cfg.data, self.manifest, self.cfg.frontend, self.augmenter, place,
                                   state=self._data_state)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         bar = self._progress_bar()
         try:
             while self.step < self.total_steps:
@@ -170,8 +181,9 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{self._last_loss:.3f}", refresh=False)
                     if stop:
                         self.save_checkpoint()
-                        log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun with "
-                                    "train.resume=auto to continue", self.step)
+                        log.warning("stopped by %s at step %d; checkpoint saved, rerun with "
+                                    "train.resume=auto to continue", signal.Signals(stop).name, self.step)
+                        self.stop_signal = stop
                         return "interrupted"
                     if self.step % self.cfg.train.ckpt_every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
@@ -183,10 +195,12 @@ class Pretrainer:
             return "finished"
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-    def train_step(self, batch: Batch) -> bool:
-        """One optimisation step; returns True when some rank was asked to stop (SIGTERM)."""
+    def train_step(self, batch: Batch) -> int:
+        """One optimisation step; returns the signal (SIGTERM, SIGINT) when some rank was
+        asked to stop, else 0."""
         t0 = time.perf_counter()
         self.engine.model.train()
         views = self.objective.model_views(batch.views)
@@ -197,8 +211,9 @@ class Pretrainer:
         with self.engine.autocast():  # the losses compute their logits in float32 themselves
             # with gradient caching the loss is back-propagated to the cached outputs here
             loss = self.objective.loss_backward(out, batch, chunk) if cache else self.objective.loss(out, batch)
-        nonfinite, stop = distributed.any_rank([not bool(torch.isfinite(loss)), self.stop_requested],
-                                               self.device)
+        nonfinite, *stops = distributed.any_rank([not bool(torch.isfinite(loss))] +
+                                                 [self.stop_signal == s for s in STOP_SIGNALS], self.device)
+        stop = next((s for s, flag in zip(STOP_SIGNALS, stops) if flag), 0)
         if nonfinite:
             raise TrainingError(f"the loss is not finite at step {self.step + 1} (lr {self.engine.lr:.3g}); "
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
@@ -227,9 +242,12 @@ class Pretrainer:
         """Clips left out (undecodable, or short with short_clips=skip) and zero-padded
         (shorter than a view) in this epoch, summed over ranks."""
         totals = distributed.reduce_sum(counts, self.device)
+        if totals["skipped"]:
+            log.warning("epoch %d: %d clip(s) skipped (undecodable, or too short with short_clips=skip)",
+                        epoch, totals["skipped"])
+        if totals["short"]:  # notes and drum hits are short by nature: padding them is normal
+            log.info("epoch %d: %d view(s) zero-padded (clips shorter than a view)", epoch, totals["short"])
         if totals["skipped"] or totals["short"]:
-            log.warning("epoch %d: %d clip(s) skipped (undecodable or too short), %d padded "
-                        "(shorter than a view)", epoch, totals["skipped"], totals["short"])
             self.metrics.write(self.step, {f"epoch_{k}_clips": v for k, v in totals.items()})
 
     def _progress_bar(self):
@@ -238,8 +256,15 @@ class Pretrainer:
         return tqdm(total=self.total_steps, initial=self.step, disable=not enabled,
                     desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        # a second signal leaves now, without a checkpoint; one within 2 s is the same stop
+        # arriving twice (a terminal's Ctrl-C reaches the ranks and torchrun, which forwards it)
+        if self.stop_signal and time.monotonic() - self._signalled_at > 2.0:
+            raise KeyboardInterrupt
+        if self.stop_signal:
+            return
+        self.stop_signal, self._signalled_at = signum, time.monotonic()
+        log.warning("%s received: finishing the step, then saving a checkpoint", signal.Signals(signum).name)
 
     def export(self) -> None:
         if not self.info.is_main:
@@ -251,8 +276,23 @@ class Pretrainer:
         log.info("encoder exported to %s", path)
 
     def close(self) -> None:
+        if self.source is not None and hasattr(self.source, "close"):
+            self.source.close()  # loader workers stop now, not at interpreter exit
         self.metrics.close()
         distributed.close()
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir``, or say in a ConfigError why it cannot be used."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run_dir: cannot write into {run_dir}: {describe_error(err)}") from None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -267,9 +307,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def run(cfg: PretrainConfig) -> str:
     """Pretrain with ``cfg``; returns 'finished' or 'interrupted'."""
+    return run_trainer(cfg)[0]
+
+
+def run_trainer(cfg: PretrainConfig) -> tuple[str, int]:
+    """('finished' | 'interrupted', the stopping signal or 0)."""
     trainer = Pretrainer(cfg)
     try:
-        return trainer.train()
+        return trainer.train(), trainer.stop_signal
     finally:
         trainer.close()
 
@@ -290,20 +335,36 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.config import describe
         print("\n".join(describe(PretrainConfig) + describe_ops()))
         return 0
+    rank = distributed.env_info().rank
+
+    def report(err, everywhere: bool = False) -> None:
+        """Errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only."""
+        if everywhere or rank == 0:
+            print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        status = run(cfg)
+        status, stopped_by = run_trainer(cfg)
+    except KeyboardInterrupt:
+        report("interrupted before a checkpoint could be saved")
+        return 128 + signal.SIGINT
     except (ConfigError, ManifestError) as err:
-        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+        report(err)
         return 2
     except ValueError as err:  # e.g. pretrained weights that do not fit, an objective without labels
-        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+        report(err)
         return 2
-    except (TrainingError, DataError) as err:
-        print(f"audioclr pretrain: error: {err}", file=sys.stderr)
+    except TrainingError as err:
+        report(err)
+        return 1
+    except (DataError, CheckpointError) as err:  # one rank's data or disk: that rank says so
+        report(err, everywhere=True)
+        return 1
+    except OSError as err:  # a full disk or a vanished folder while writing metrics or logs
+        report(describe_error(err), everywhere=True)
         return 1
     log.info("pretraining %s: %s", status, cfg.run_dir)
-    return 0
+    return 128 + stopped_by if stopped_by else 0
 
 
 def setup_logging(rank: int) -> None:

@@ -21,6 +21,8 @@ import io
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from dataio.manifest import ManifestError
 from dataio.schema import ConfigError, check, option
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
+from trainer.safe_files import CheckpointError
 
 log = logging.getLogger("audioclr.tune")
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -128,6 +131,7 @@ def run_trial(params: dict, *, sweep: dict) -> None:
     import torch
     from ray import tune
 
+    from trainer.checkpoint import load_tensors
     from trainer.evaluate.run import Evaluation
 
     knobs = {k: v for k, v in params.items() if k != "encoder"}
@@ -137,7 +141,7 @@ def run_trial(params: dict, *, sweep: dict) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            evaluation.load_state_dict(torch.load(Path(folder) / "state.pt", weights_only=False))
+            evaluation.load_state_dict(load_tensors(Path(folder) / "state.pt"))
         start = evaluation.runner.epoch
     while not evaluation.done:
         metrics = {**evaluation.step(), "start_epoch": start}
@@ -187,18 +191,27 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
     truncated file there; ``Tuner.restore`` then trusts it (the trials come back with an
     empty config). Such a file is renamed ``*.damaged``: the trials and their checkpoints
     are still listed in the last readable experiment state."""
-    import ray.cloudpickle as cloudpickle
-
     damaged = []
     for path in sorted(exp_dir.glob("experiment_state-*.json")) + sorted(exp_dir.glob("basic-variant-state-*.json")):
         try:
             with open(path, "rb") as f:
-                (json.load if path.name.startswith("experiment_state") else cloudpickle.load)(f)
+                # the searcher state is a pickle: its opcodes are walked to the STOP, never run
+                json.load(f) if path.name.startswith("experiment_state") else _walk_pickle(f.read())
         except Exception as err:
             log.warning("setting aside %s, damaged when the sweep was stopped (%r)", path.name, err)
             path.rename(path.with_name(path.name + ".damaged"))
             damaged.append(path)
     return damaged
+
+
+def _walk_pickle(data: bytes) -> None:
+    """Raise unless ``data`` is one complete pickle (checked opcode by opcode, nothing executed)."""
+    import pickletools
+
+    if not data:
+        raise ValueError("empty file")
+    for _ in pickletools.genops(data):
+        pass
 
 
 def lost_checkpoints(results) -> bool:
@@ -311,13 +324,39 @@ def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
         write_text_atomically(saved, now)
 
 
-def tune_sweep(cfg: SweepConfig) -> tuple[list[dict], Path]:
+class GracefulStop:
+    """Ctrl-C (SIGINT) and SIGTERM stop a sweep alike: Ray Tune is asked to stop through
+    SIGUSR1 (it then saves its experiment state once more), the trials keep their
+    checkpoints, and the command exits 128 + signal. A second signal leaves at once."""
+
+    def __init__(self):
+        self.signal = 0
+
+    def __enter__(self):
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards it as SIGUSR1
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: stopping the sweep after Ray Tune saves its state (again to leave now)",
+                    signal.Signals(signum).name)
+        signal.raise_signal(signal.SIGUSR1)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list[dict], Path]:
     metric = preflight(cfg)
     exp_dir = (Path(cfg.storage) / cfg.name).resolve()
     same_sweep(cfg, exp_dir)
     start_ray(cfg.ray)
     results = build_tuner(cfg, metric, exp_dir).fit()
-    if lost_checkpoints(results):
+    if lost_checkpoints(results) and not (stop and stop.signal):
         results = build_tuner(cfg, metric, exp_dir, restart_errored=True).fit()
     rows = result_rows(results, cfg, metric)
     write_tables(rows, exp_dir)
@@ -343,11 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)
-        rows, exp_dir = tune_sweep(cfg)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
+        with GracefulStop() as stop:
+            rows, exp_dir = tune_sweep(cfg, stop)
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"audioclr tune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("audioclr tune: stopped at once; trial checkpoints are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     print((exp_dir / "results.md").read_text())
+    if stop.signal:
+        print(f"audioclr tune: stopped by {signal.Signals(stop.signal).name}; the table above holds the trials "
+              f"so far. Rerun the same command to resume the sweep ({exp_dir})", file=sys.stderr)
+        return 128 + stop.signal
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")
     return 1 if failed == len(rows) else 0

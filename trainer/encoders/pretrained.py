@@ -71,12 +71,21 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
         path = Path(path_or_state_dict)
         source = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights not found: {path}")
+            raise FileNotFoundError(f"pretrained weights not found: {path}" +
+                                    (" (it is a folder, not a file)" if path.is_dir() else ""))
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
+            try:
+                state = load_file(str(path), device="cpu")
+            except (OSError, SafetensorError) as err:
+                raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from trainer.safe_files import CheckpointError, load_tensors
+            try:
+                state = load_tensors(path)
+            except CheckpointError as err:
+                raise ValueError(str(err)) from None
     while isinstance(state, Mapping) and any(isinstance(state.get(k), Mapping) for k in WRAPPER_KEYS):
         state = next(state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping))
     if not isinstance(state, Mapping):

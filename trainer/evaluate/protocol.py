@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.metrics import (
@@ -186,10 +187,17 @@ class RoundRunner:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "history": self.history, "test_scores": self.test_scores,
+        # tensors and plain floats only: the state is read back with weights_only=True
+        history = {name: [{k: float(v) for k, v in row.items()} for row in rows]
+                   for name, rows in self.history.items()}
+        scores = {name: torch.from_numpy(np.asarray(v)) for name, v in self.test_scores.items()}
+        return {"epoch": self.epoch, "history": history, "test_scores": scores,
                 "learners": [learner.state_dict() for learner in self.learners]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.history, self.test_scores = state["epoch"], state["history"], state["test_scores"]
+        self.epoch = state["epoch"]
+        self.history = {name: [{k: (int(v) if k == "epoch" else v) for k, v in row.items()} for row in rows]
+                        for name, rows in state["history"].items()}
+        self.test_scores = {name: v.numpy() for name, v in state["test_scores"].items()}
         for learner, s in zip(self.learners, state["learners"]):
             learner.load_state_dict(s)

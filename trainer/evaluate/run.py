@@ -1,7 +1,9 @@
 """``audioclr eval --run RUN_DIR --data SHARDS --protocol knn|linear|finetune [eval.a.b=v ...]``.
 
-Writes ``RUN_DIR/eval/<protocol>[_random_init].json``, the pictures (learning curves,
-confusion matrix, t-SNE) next to it and ``RUN_DIR/eval/summary.md`` over every result.
+Writes ``RUN_DIR/eval/<DATA SET>/<protocol>[_random_init].json`` (the data set is the shard
+folder's name; an earlier result gets a ``-2``, ``-3`` ... sibling unless ``--overwrite``), the
+pictures (learning curves, confusion matrix, t-SNE) next to it and ``summary.md`` over every
+result of that data set.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.manifest import ManifestError, load_manifest
 from dataio.schema import ConfigError
-from trainer.checkpoint import build_from_meta, load_encoder
+from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.config import load_config
 from trainer.evaluate.clips import load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
@@ -172,13 +174,27 @@ def write_outputs(evaluation: Evaluation, result: dict, eval_dir: str | Path, st
     return path
 
 
+def result_stem(eval_dir: Path, stem: str, overwrite: bool) -> str:
+    """``stem``, or when ``eval_dir/<stem>.json`` exists and ``overwrite`` is off, the first
+    free ``stem-2``, ``stem-3``, ...: an earlier result is never replaced unasked."""
+    if overwrite or not (eval_dir / f"{stem}.json").exists():
+        return stem
+    n = 2
+    while (eval_dir / f"{stem}-{n}.json").exists():
+        n += 1
+    return f"{stem}-{n}"
+
+
 def run_eval(run_dir: str | Path, data: str | Path, cfg: EvalConfig, protocol: str = "knn",
-             random_init: bool = False) -> dict:
+             random_init: bool = False, overwrite: bool = False) -> dict:
     """Evaluate the exported encoder of ``run_dir`` (or its architecture at random init)
-    and write ``run_dir/eval/<protocol>[_random_init].json`` with its pictures."""
+    and write ``run_dir/eval/<data set>/<protocol>[_random_init].json`` with its pictures,
+    the data set being the shard folder's name (``result["file"]`` says where)."""
     evaluation = Evaluation(protocol, run_dir, data, cfg, random_init)
     result = evaluation.run()
-    write_outputs(evaluation, result, Path(run_dir) / "eval", protocol + ("_random_init" if random_init else ""))
+    eval_dir = Path(run_dir) / "eval" / Path(data).resolve().name
+    stem = result_stem(eval_dir, protocol + ("_random_init" if random_init else ""), overwrite)
+    result["file"] = str(write_outputs(evaluation, result, eval_dir, stem))
     return result
 
 
@@ -199,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", default="knn", choices=PROTOCOLS)
     p.add_argument("--config", help="YAML with an eval: section (e.g. the best.yaml of a sweep)")
     p.add_argument("--random-init", action="store_true", help="the architecture at random init (scratch)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result of the same data set and protocol (default: a new -N suffix)")
     p.add_argument("overrides", nargs="*", help="eval.knn.k=20 eval.finetune.lr=3e-4 ...")
     args = p.parse_args(argv)
     if args.help_config:
@@ -211,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
-        result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as err:
+        result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"audioclr eval: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
@@ -221,5 +239,5 @@ def main(argv: list[str] | None = None) -> int:
     print(headline(result))
     if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
         print("audioclr eval: warning: the metric is not finite (a class without test clips?)", file=sys.stderr)
-    print(f"results in {Path(args.run) / 'eval'}")
+    print(f"results in {result['file']}")
     return 0

@@ -1,0 +1,330 @@
+"""Faults injected on purpose: planted code, damaged checkpoints, a full disk, bad data,
+signals. Each ends with a message naming the problem and a known exit code, within a time
+limit (a hang fails the test), and never runs code from a file."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, cli_env, tiny_overrides
+from tests.dist_utils import free_port
+from tests.shard_utils import make_shards, rewrite_members, write_dali_indexes
+from trainer.checkpoint import CheckpointError, load_tensors, verify
+
+LIMIT = 240  # seconds any one command may take; a hang fails the test
+
+
+class Payload:
+    """Unpickling this makes the folder ``marker``: proof that code from a file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _pretrain(shards, run_dir, *extra, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), *extra],
+                          env=cli_env(), capture_output=True, text=True, timeout=LIMIT, preexec_fn=preexec)
+
+
+def _reseal(folder: Path) -> None:
+    """Rewrite the checkpoint's sha256 sums, as someone planting a file would."""
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in meta["sha256"]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _plain_error(out: subprocess.CompletedProcess, code: int) -> str:
+    assert out.returncode == code, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr
+
+
+# ---------------------------------------------------------------------- no code from files
+@pytest.mark.parametrize("planted", ["state.pt", "rank_00000.pt"])
+def test_a_pickled_object_planted_in_a_checkpoint_is_refused_and_never_run(tiny_shards, tmp_path, planted):
+    run_dir, marker = tmp_path / "run", tmp_path / "code_ran"
+    _plain_error(_pretrain(tiny_shards, run_dir, "train.max_steps=2"), 0)
+    folder = run_dir / "checkpoints" / "step_00000002"
+    torch.save({"engine": Payload(marker)}, folder / planted)
+    _reseal(folder)
+    err = _plain_error(_pretrain(tiny_shards, run_dir, "train.max_steps=3"), 1)
+    assert not marker.exists()
+    assert f"{folder / planted}: refused" in err and "never unpickles" in err
+
+
+def test_planted_pretrained_weights_are_refused_with_exit_2(tiny_shards, tmp_path):
+    weights, marker = tmp_path / "weights.pt", tmp_path / "code_ran"
+    torch.save({"conv1.weight": Payload(marker)}, weights)
+    err = _plain_error(_pretrain(tiny_shards, tmp_path / "run", "train.max_steps=1",
+                                 f"model.pretrained={weights}"), 2)
+    assert not marker.exists() and f"model.pretrained: {weights}: refused" in err
+
+
+def test_eval_refuses_an_encoder_file_that_is_a_pickle(tiny_shards, tmp_path):
+    from tests.conftest import export_random_encoder
+
+    export_random_encoder(tmp_path, width=4)
+    marker = tmp_path / "code_ran"
+    torch.save({"conv1.weight": Payload(marker)}, tmp_path / "encoder.safetensors")
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "eval", "--run", str(tmp_path), "--data", str(tiny_shards)],
+                         env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    err = _plain_error(out, 2)
+    assert not marker.exists() and f"{tmp_path / 'encoder.safetensors'}: unreadable" in err, err
+
+
+def test_a_sweep_trial_state_and_searcher_state_are_never_unpickled(tmp_path):
+    from trainer.tune import set_aside_damaged_state
+
+    marker = tmp_path / "code_ran"
+    torch.save({"runner": Payload(marker)}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="state.pt: refused"):
+        load_tensors(tmp_path / "state.pt")
+    import pickle
+    good = pickle.dumps(Payload(marker))
+    (tmp_path / "basic-variant-state-1.json").write_bytes(good)
+    (tmp_path / "basic-variant-state-2.json").write_bytes(good[: len(good) // 2])
+    damaged = set_aside_damaged_state(tmp_path)
+    assert [p.name for p in damaged] == ["basic-variant-state-2.json"]
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- verified checkpoints
+def test_damaged_newest_checkpoint_is_set_aside_and_resume_stays_exact(tiny_shards, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _plain_error(_pretrain(tiny_shards, ref, "train.max_steps=6"), 0)
+    keep = ("train.max_steps=6", "train.ckpt_every=2", "train.keep_last=3")
+    _plain_error(_pretrain(tiny_shards, run, *keep), 0)
+    ckpts = run / "checkpoints"
+    with open(ckpts / "step_00000006" / "state.pt", "r+b") as f:
+        f.truncate(1000)  # a crash of the storage after the rename
+    (ckpts / "step_00000004" / "rank_00000.pt").write_bytes(b"\0" * 64)
+    err = _plain_error(_pretrain(tiny_shards, run, *keep), 0)
+    assert "step_00000006 is damaged: state.pt does not match its sha256" in err
+    assert "step_00000004 is damaged: rank_00000.pt" in err and "resumed from" in err
+    assert (ckpts / "step_00000006.damaged").is_dir() and (ckpts / "step_00000004.damaged").is_dir()
+    assert verify(ckpts / "step_00000006") is None
+    a, b = (load_tensors(d / "checkpoints" / "step_00000006" / "state.pt") for d in (ref, run))
+    for key, value in a["engine"]["model"].items():
+        assert torch.equal(value, b["engine"]["model"][key]), key
+
+
+def test_resume_from_a_named_folder_that_is_not_a_checkpoint_exits_2(tiny_shards, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for target, words in ((a_file, "it is a file"), (tmp_path / "missing", "does not exist"),
+                          (tmp_path, "no meta.json")):
+        err = _plain_error(_pretrain(tiny_shards, tmp_path / "run", "train.max_steps=1",
+                                     f"train.resume={target}"), 2)
+        assert "train.resume: " in err and words in err, err
+
+
+def test_a_run_dir_that_is_a_file_or_under_a_file_exits_2(tiny_shards, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    for run_dir, words in ((tmp_path / "taken", "is a file, not a folder"),
+                           (tmp_path / "taken" / "run", "cannot write into")):
+        err = _plain_error(_pretrain(tiny_shards, run_dir, "train.max_steps=1"), 2)
+        assert "run_dir: " in err and str(run_dir) in err and words in err, err
+
+
+def _file_size_limit(limit: int):
+    def apply():  # Python ignores SIGXFSZ, so an oversized write fails with EFBIG as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_while_saving_stops_the_run_and_keeps_the_last_checkpoint(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    _plain_error(_pretrain(tiny_shards, run, "train.max_steps=2"), 0)
+    good = run / "checkpoints" / "step_00000002"
+    size = (good / "state.pt").stat().st_size
+    err = _plain_error(_pretrain(tiny_shards, run, "train.max_steps=4", preexec=_file_size_limit(size // 2)), 1)
+    assert "could not write checkpoint" in err and "step_00000004" in err, err
+    assert "the last good checkpoint (step_00000002) is unchanged" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    assert verify(good) is None
+
+
+# ---------------------------------------------------------------------- shard writing
+def test_shard_writer_survives_every_bad_file_and_counts_it_in_the_manifest(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    src = tmp_path / "src"
+    for label in ("hit", "note"):
+        (src / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(src / label / f"{i}.wav", np.random.default_rng(i).normal(0, 0.1, 8000), 16000)
+    os.rename(src / "hit" / "0.wav", os.fsencode(src / "hit") + b"/caf\xe9.wav")  # a Latin-1 name
+    sf.write(src / "hit" / "click.wav", np.ones(480) * 0.1, 16000)  # 30 ms: kept
+    sf.write(src / "hit" / "tick.wav", np.ones(160) * 0.1, 16000)  # 10 ms: too short
+    (src / "note" / "garbage.flac").write_bytes(os.urandom(3000))
+    (src / "note" / "empty.wav").write_bytes(b"")
+    (src / "note" / "folder.wav").mkdir()  # not a file: not listed
+    wav = (src / "note" / "1.wav").read_bytes()
+    (src / "note" / "cut.wav").write_bytes(wav[:40])  # the header only
+    sf.write(src / "note" / "nan.wav", np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "shard", "--layout", "folder", "--out", str(tmp_path / "shards"),
+                          "--workers", "1", str(src)], env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["num_clips"] == 7  # 6 good (one with a non-UTF-8 name) + the 30 ms click
+    assert manifest["rejected"]["clips"] == 5 and manifest["rejected"]["list"] == "rejected.tsv"
+    rejected = (tmp_path / "shards" / "rejected.tsv").read_text(encoding="utf-8")
+    for words in ("tick.wav\ttoo short", "garbage.flac\tunreadable", "empty.wav\tunreadable: empty file",
+                  "cut.wav\tunreadable", "nan.wav\tnon-finite"):
+        assert words in rejected, (words, rejected)
+
+
+# ---------------------------------------------------------------------- data that cannot train
+needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
+BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
+
+
+def _noise(name: str, payload: bytes) -> bytes:
+    return os.urandom(len(payload)) if name.endswith(".flac") else payload
+
+
+BAD_DATA = {  # name: (how the shards are spoiled, what the message says on torch, on DALI)
+    "empty_shards": (None, "no readable clip in shard(s)", "no readable shard"),
+    "json_unparsable": (lambda n, p: b'{"index": 3, "labels": [' if n.endswith(".json") else p,
+                        "no usable clip in a whole pass", "malformed clip JSON"),
+    "json_without_index": (lambda n, p: b'{"labels": ["c1"]}' if n.endswith(".json") else p,
+                           "no usable clip in a whole pass", "malformed clip JSON"),
+    "audio_garbage": (_noise, "no usable clip in a whole pass", "error"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    make_shards(folder, [6, 6, 6, 6], seconds=0.8)
+    write_dali_indexes(folder)
+    return folder
+
+
+def _spoiled(good: Path, folder: Path, case: str) -> Path:
+    shutil.copytree(good, folder)
+    change = BAD_DATA[case][0]
+    if change is None:
+        for tar in folder.glob("*.tar"):
+            tar.write_bytes(b"")
+    else:
+        rewrite_members(folder, change)
+    return folder
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_data_that_cannot_train_stops_within_seconds_with_a_message(good_shards, tmp_path, case, backend):
+    shards = _spoiled(good_shards, tmp_path / "shards", case)
+    start = time.time()
+    out = _pretrain(shards, tmp_path / "run", "train.max_steps=3", f"data.backend={backend}")
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert BAD_DATA[case][1 if backend == "torch" else 2] in out.stderr, out.stderr[-3000:]
+    assert time.time() - start < 120
+    if case != "empty_shards":
+        check = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", str(shards), "--workers", "1"],
+                               env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+        assert check.returncode == 1 and "24 problem(s)" in check.stderr, check.stderr[-2000:]
+
+
+def test_check_shards_catches_a_wrong_sample_rate_and_empty_audio(tmp_path):
+    make_shards(tmp_path / "a", [3], rate=8000)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["sample_rate"] = 16000
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", str(tmp_path / "a"), "--workers", "1"],
+                         env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert out.returncode == 1 and out.stdout.count("audio at 8000 Hz, the manifest says 16000 Hz") == 3
+    make_shards(tmp_path / "b", [3, 3])
+    write_dali_indexes(tmp_path / "b")
+    import io
+
+    import soundfile as sf
+    silent = io.BytesIO()
+    sf.write(silent, [], 16000, format="WAV", subtype="PCM_16")  # decodes to 0 samples
+    rewrite_members(tmp_path / "b", lambda n, p: silent.getvalue() if n == "clip00001.flac" else p)
+    (tmp_path / "b" / "shard-00001.idx").unlink()
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", str(tmp_path / "b"), "--workers", "1"],
+                         env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert out.returncode == 1 and "clip00001\tempty audio" in out.stdout and "DALI index file missing" in out.stdout
+
+
+def _torchrun(shards, run_dir, *extra) -> subprocess.CompletedProcess:
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [PYTHON, "-m", "torch.distributed.run"]
+    return subprocess.run([*launcher, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                           "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), *extra],
+                          env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+
+
+def test_one_shard_two_ranks_trains_with_the_clips_split(tmp_path):
+    make_shards(tmp_path / "one", [16], seconds=0.8)
+    out = _torchrun(tmp_path / "one", tmp_path / "run", "train.max_steps=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 shard(s) for 2 ranks: every rank reads every shard" in out.stderr
+    assert (tmp_path / "run" / "encoder.safetensors").is_file()
+
+
+def test_a_rank_whose_data_is_unreadable_ends_every_rank(good_shards, tmp_path):
+    shards = tmp_path / "half"
+    shutil.copytree(good_shards, shards)
+    for tar in sorted(shards.glob("*.tar"))[1::2]:  # ranks read every other shard: one rank gets none
+        tar.write_bytes(b"")
+    for seed in range(20):  # a seed whose epoch-0 order gives one rank both empty shards
+        import numpy as np
+        order = np.random.default_rng((seed, 0)).permutation(4)
+        if {int(order[0]), int(order[2])} == {1, 3} or {int(order[1]), int(order[3])} == {1, 3}:
+            break
+    start = time.time()
+    out = _torchrun(shards, tmp_path / "run", "train.max_steps=4", f"seed={seed}")
+    assert out.returncode != 0 and time.time() - start < 180
+    assert "no readable clip in shard(s)" in out.stderr, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------- many ranks: exit codes
+def _launch(shards, run_dir, *extra, **kw):
+    cmd = [PYTHON, "-m", "trainer.cli", "launch", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "pretrain", *tiny_overrides(shards, run_dir), *extra]
+    return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_launch_reports_a_config_error_once_with_exit_2(good_shards, tmp_path):
+    proc = _launch(good_shards, tmp_path / "run", "optim.lrr=3")
+    _, err = proc.communicate(timeout=LIMIT)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert err.count("unknown key 'optim.lrr'") == 1, err[-3000:]
+
+
+def test_launch_names_the_rank_whose_data_failed_with_exit_1(good_shards, tmp_path):
+    shards = _spoiled(good_shards, tmp_path / "shards", "empty_shards")
+    proc = _launch(shards, tmp_path / "run", "train.max_steps=3")
+    _, err = proc.communicate(timeout=LIMIT)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "rank 0: no readable clip" in err or "rank 1: no readable clip" in err
+    assert "audioclr launch: rank" in err and "failed first" in err
+
+
+def test_sigterm_to_launch_saves_on_every_rank_and_exits_143(good_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = _launch(good_shards, run, "train.max_steps=100000", "train.ckpt_every=100000")
+    deadline = time.time() + LIMIT
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(15)
+    _, err = proc.communicate(timeout=LIMIT)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    (saved,) = (run / "checkpoints").iterdir()
+    assert verify(saved) is None and (saved / "rank_00001.pt").is_file()

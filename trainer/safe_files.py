@@ -1,0 +1,68 @@
+"""The files a run reads and writes: nothing is unpickled beyond tensors and plain
+values (``weights_only=True``), and whatever is written is fsynced and renamed into place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file cannot be written or trusted; the message names it."""
+
+
+def load_tensors(path: str | Path) -> dict:
+    """A ``torch.save`` file of tensors and plain values, refusing anything that would run
+    code when unpickled."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
+    except Exception as err:  # noqa: BLE001 -- the unpickler raises many kinds; all mean "refused"
+        first = str(err).strip().splitlines()
+        reason = "it holds Python objects other than tensors and plain values, which audioclr " \
+                 "never unpickles" if "Weights only load failed" in str(err) else \
+                 f"unreadable ({type(err).__name__}: {first[0][:200] if first else ''})"
+        raise CheckpointError(f"{path}: refused: {reason}") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, write) -> None:
+    """``write(file)`` into ``path`` through a sibling ``.tmp``, fsynced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an I/O failure: the OS's words and the file, or the first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
