@@ -202,7 +202,7 @@ BAD_DATA = {  # name: (how the shards are spoiled, what the message says on torc
                         "no usable clip in a whole pass", "malformed clip JSON"),
     "json_without_index": (lambda n, p: b'{"labels": ["c1"]}' if n.endswith(".json") else p,
                            "no usable clip in a whole pass", "malformed clip JSON"),
-    "audio_garbage": (_noise, "no usable clip in a whole pass", "error"),
+    "audio_garbage": (_noise, "no usable clip in a whole pass", "DALI stopped on a clip"),
 }
 
 
@@ -328,3 +328,51 @@ def test_sigterm_to_launch_saves_on_every_rank_and_exits_143(good_shards, tmp_pa
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     (saved,) = (run / "checkpoints").iterdir()
     assert verify(saved) is None and (saved / "rank_00001.pt").is_file()
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_loader_workers_die_with_a_killed_trainer(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run), "train.max_steps=100000",
+           "data.num_workers=2"]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + LIMIT
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) >= 2, "the loader workers"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 2.5  # at once (the DataLoader's own parent check runs every 5 s, between batches)
+    while any(_alive(c) for c in children):
+        assert time.time() < deadline, "a loader worker outlived its trainer"
+        time.sleep(0.1)
+
+
+def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
+    """The DataLoader notices a dead parent only between batches; a worker deep in one
+    (a slow shard, a huge batch) is ended by the kernel as its parent dies."""
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, sys; from dataio.torch_pipeline import die_with_parent; "
+             f"assert die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "sum(i * i for i in iter(int, 1))")  # busy forever
+    spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
+    parent = subprocess.Popen([PYTHON, "-c", spawn], env=cli_env())
+    deadline = time.time() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    busy = pid_file.read_text()
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 5
+    while _alive(busy):
+        assert time.time() < deadline, "the busy child outlived its parent"
+        time.sleep(0.05)

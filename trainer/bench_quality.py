@@ -116,6 +116,7 @@ def seconds_per_epoch(config: str, shards: Path, out: Path, overrides: list[str]
                                                "train.resume=none", "train.progress=false"])
     run(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "elapsed" in r]  # step records, not the per-epoch clip counts
     per_epoch = len(records) // epochs
     first, last = records[per_epoch - 1], records[-1]
     return (last["elapsed"] - first["elapsed"]) / (epochs - 1)
