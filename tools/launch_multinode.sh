@@ -8,6 +8,7 @@ config=${1:?usage: launch_multinode.sh CONFIG [key=value ...]}; shift
 if [[ -z "${GPUS:-}" ]]; then
   GPUS=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
-exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$GPUS" \
+# torchrun's agent with audioclr's exit codes (2 bad config, 1 error, 130/143 stopped and saved)
+exec python3 -m trainer.launch --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$GPUS" \
   --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-  -m trainer.pretrain --config "$config" "$@"
+  pretrain --config "$config" "$@"
