@@ -351,9 +351,14 @@ def test_loader_workers_die_with_a_killed_trainer(tiny_shards, tmp_path):
     proc.kill()
     proc.wait()
     deadline = time.time() + 2.5  # at once (the DataLoader's own parent check runs every 5 s, between batches)
-    while any(_alive(c) for c in children):
-        assert time.time() < deadline, "a loader worker outlived its trainer"
-        time.sleep(0.1)
+    try:
+        while any(_alive(c) for c in children):
+            assert time.time() < deadline, "a loader worker outlived its trainer"
+            time.sleep(0.1)
+    finally:
+        for c in children:
+            if _alive(c):
+                os.kill(int(c), 9)
 
 
 def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
@@ -373,6 +378,10 @@ def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
     parent.kill()
     parent.wait()
     deadline = time.time() + 5
-    while _alive(busy):
-        assert time.time() < deadline, "the busy child outlived its parent"
-        time.sleep(0.05)
+    try:
+        while _alive(busy):
+            assert time.time() < deadline, "the busy child outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if _alive(busy):
+            os.kill(int(busy), 9)  # a failed run leaves no busy orphan behind
