@@ -78,3 +78,14 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
 
 def test_there_are_configs():
     assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+def test_fast_precision_is_bf16_only_where_the_hardware_computes_it():
+    import torch
+
+    from trainer.pretrain import autocast_dtype, cpu_computes_bf16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fast", cpu) == (torch.bfloat16 if cpu_computes_bf16() else None)
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fast", torch.device("cuda")) == torch.bfloat16

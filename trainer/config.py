@@ -179,7 +179,9 @@ class TrainConfig:
     ckpt_every: int = option(500, "steps between checkpoints (a final one is always written)")
     keep_last: int = option(3, "checkpoints kept (older ones are deleted)")
     resume: str = option("auto", "'auto' = newest checkpoint of run_dir, 'none', or a checkpoint folder")
-    precision: str = option("auto", "autocast dtype: auto = bf16 on GPU, fp32 on CPU", ("auto", "fp32", "bf16"))
+    precision: str = option("auto", "autocast dtype: auto = bf16 on GPU, fp32 on CPU; fast = bf16 wherever the "
+                            "hardware computes it natively (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32",
+                            ("auto", "fast", "fp32", "bf16"))
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))

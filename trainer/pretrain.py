@@ -40,6 +40,22 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, ...); the message says why."""
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast
+    speeds convolutions up instead of emulating them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` on ``device``: the autocast dtype, or None for fp32."""
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+    return {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None,
+            "fast": torch.bfloat16 if native else None}[precision]
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -112,8 +128,8 @@ class Pretrainer:
         warmup = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
         scheduler = build_scheduler(optimizer, warmup, self.total_steps, o.final_lr_ratio, schedule=o.schedule,
                                     steps_per_epoch=self.steps_per_epoch, milestones=o.milestones, decay=o.decay)
-        dtype = {"fp32": None, "bf16": torch.bfloat16,
-                 "auto": torch.bfloat16 if self.device.type == "cuda" else None}[cfg.train.precision]
+        dtype = autocast_dtype(cfg.train.precision, self.device)
+        log.info("precision: %s (train.precision=%s)", "bf16 autocast" if dtype else "fp32", cfg.train.precision)
         return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
                                          extra_params=self.objective.parameters())
 
