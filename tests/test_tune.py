@@ -156,7 +156,10 @@ def test_ctrl_c_stops_a_sweep_with_its_state_saved_and_exit_130(encoder_run, tmp
     os.killpg(first.pid, sig)  # as a terminal's Ctrl-C: the whole foreground group
     out, err = first.communicate(timeout=120)
     assert first.returncode == 128 + sig, err[-3000:]
-    assert "Traceback" not in err and "Rerun the same command to resume" in err, err[-3000:]
+    # lines from Ray's trial workers carry a "(run_trial pid=N)" prefix: as Ray tears a worker
+    # down it may print an ignored SystemExit of its own; the command itself prints none
+    ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
+    assert "Traceback" not in ours and "Rerun the same command to resume" in ours, err[-3000:]
     assert (tmp_path / "sweeps" / "stop" / "results.csv").is_file()
     done = _tune(config, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
