@@ -166,3 +166,13 @@ def test_ctrl_c_stops_a_sweep_with_its_state_saved_and_exit_130(encoder_run, tmp
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "stop" / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows)
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows
+
+
+def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
+    from trainer.tune import GracefulStop
+
+    with pytest.raises(KeyboardInterrupt):  # main() turns it into exit 130 with a message
+        with GracefulStop():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the previous handler is back"

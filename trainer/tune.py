@@ -338,8 +338,8 @@ class GracefulStop:
         return self
 
     def _on_signal(self, signum, frame) -> None:
-        if self.signal:
-            raise KeyboardInterrupt
+        if self.signal or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second signal, or Ray Tune is not running yet: leave now
         self.signal = signum
         log.warning("%s received: stopping the sweep after Ray Tune saves its state (again to leave now)",
                     signal.Signals(signum).name)
