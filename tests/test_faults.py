@@ -388,3 +388,11 @@ def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
     finally:
         if _alive(busy):
             os.kill(int(busy), 9)  # a failed run leaves no busy orphan behind
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_short_clips_is_normal_not_a_warning(tmp_path, backend):
+    make_shards(tmp_path / "notes", [3, 5, 9, 10], seconds=0.03)  # 30 ms notes, 0.5 s views
+    write_dali_indexes(tmp_path / "notes")
+    err = _plain_error(_pretrain(tmp_path / "notes", tmp_path / "run", "train.epochs=2", f"data.backend={backend}"), 0)
+    assert "INFO audioclr.pretrain: epoch 1: 24 view(s) zero-padded" in err and "WARNING" not in err, err[-2000:]
