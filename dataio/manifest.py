@@ -18,6 +18,7 @@ has named subsets (AudioSet's segment lists, FSDnoisy18k's clean / noisy parts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,12 +132,16 @@ class WorkerSplit:
     samples in those shards (in reading order) it keeps every ``sample_stride``-th,
     starting at ``sample_offset``. With enough shards the split is by shard (stride 1);
     with fewer shards than workers every worker reads the rank's shards and keeps its
-    share of the samples, so no sample is seen twice either way.
+    share of the samples, so no sample is seen twice either way. ``order_key``: who
+    shuffles the shards alike each pass ((rank, worker) for a reader alone on its
+    shards, (rank, 0) for a rank's workers sharing them, (0, 0) for ranks sharing them):
+    readers that split the samples of the same shards must read them in one order.
     """
 
     shards: tuple[int, ...]
     sample_stride: int = 1
     sample_offset: int = 0
+    order_key: tuple[int, int] = (0, 0)
 
 
 def split_for_reader(shard_order: list[int], rank: int, world_size: int, worker: int,
@@ -147,9 +152,10 @@ def split_for_reader(shard_order: list[int], rank: int, world_size: int, worker:
     them, in one shared order, and keeps every (ranks x workers)-th sample: either way
     each clip is read once per pass and no rank is left without data."""
     if len(shard_order) >= world_size:
-        return split_for_worker(shard_order[rank::world_size], worker, num_workers)
+        split = split_for_worker(shard_order[rank::world_size], worker, num_workers)
+        return dataclasses.replace(split, order_key=(rank, worker if split.sample_stride == 1 else 0))
     return WorkerSplit(tuple(shard_order), sample_stride=world_size * num_workers,
-                       sample_offset=rank * num_workers + worker)
+                       sample_offset=rank * num_workers + worker, order_key=(0, 0))
 
 
 def split_for_worker(rank_shards: list[int], worker: int, num_workers: int) -> WorkerSplit:

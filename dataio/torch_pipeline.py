@@ -118,10 +118,7 @@ class WaveBatches(IterableDataset):
         seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
         order = [int(i) for i in np.random.default_rng((seed, self.epoch)).permutation(len(self.manifest.shards))]
         split = split_for_reader(order, rank, world, logical, workers)
-        # a worker reading only its own shards shuffles them by itself; readers that share
-        # shards and split their samples must read them in one order
-        rank_seed = (seed, self.epoch, rank, logical) if split.sample_stride == 1 else \
-            (seed, self.epoch, rank, 0) if len(order) >= world else (seed, self.epoch, 0, 0)
+        rank_seed = (seed, self.epoch, *split.order_key)
         steps = self.place.steps
         my_steps = range(logical, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
@@ -204,17 +201,22 @@ def batch_ids(wave_batch: dict, rank: int) -> BatchIds:
                     step=wave_batch["step"], rank=rank)
 
 
+def _libc():
+    """The C library (glibc's calls below are no-ops, or raise, elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to serve tensors up to 32 MiB from its heap and to keep freed memory,
     instead of mapping fresh pages for every large tensor and unmapping them when it is
     freed: the augmentation stage allocates a dozen batch-sized temporaries per batch, and
     first-touching new pages (page faults) cost more than the arithmetic on them (about
     2.5x on the stage, measured on this project's CPU machines). No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         m_trim_threshold, m_mmap_threshold = -1, -3
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 512 << 20))
     except (OSError, AttributeError):
@@ -235,11 +237,8 @@ def _worker_init(_: int) -> None:
 def die_with_parent() -> bool:
     """Linux: this process gets SIGKILL when its parent dies (a trainer killed with -9
     leaves no orphan workers). No-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         pr_set_pdeathsig = 1
         return libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
     except (OSError, AttributeError):

@@ -181,10 +181,12 @@ def test_view_gap_keeps_the_views_of_a_clip_apart():
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)])
 def test_every_clip_is_read_once_per_pass_whatever_the_shards_ranks_and_workers(counts, world, workers):
     order = list(range(len(counts)))[::-1]  # the epoch's shard order, shared by all ranks
-    seen = []
+    seen, order_keys = [], {}
     for rank in range(world):
         for worker in range(workers):
             split = split_for_reader(order, rank, world, worker, workers)
+            if split.sample_stride > 1:  # readers splitting the samples of the same shards read them alike
+                assert order_keys.setdefault(split.shards, split.order_key) == split.order_key
             stream = [(s, i) for s in split.shards for i in range(counts[s])]
             mine = [x for k, x in enumerate(stream) if k % split.sample_stride == split.sample_offset]
             if sum(counts) >= world * workers:
