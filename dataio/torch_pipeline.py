@@ -16,10 +16,12 @@ skipped samples' bytes but decodes nothing.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import logging
+import os
 import signal
 from collections.abc import Iterator
 
@@ -223,7 +225,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent: int = 0) -> None:
     keep_freed_memory()
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     # a scheduler's SIGTERM and a Ctrl-C go to the whole process group: the trainer handles
@@ -232,6 +234,8 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    if parent and os.getppid() != parent:  # it died before the line above took effect
+        os._exit(0)
 
 
 def die_with_parent() -> bool:
@@ -253,7 +257,7 @@ def wave_loader(cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       prefetch_factor=2 if cfg.num_workers else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
 
 
 class DeviceFeeder:

@@ -28,6 +28,12 @@ def tiny_overrides(shards: Path, run_dir: Path, augment: dict | None = None) -> 
             "train.tensorboard=false", f"augment={json.dumps(chain)}"]
 
 
+def checkpoint_weights(folder: Path) -> dict:
+    """The whole model a checkpoint folder holds (``engine/weights.safetensors``)."""
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "engine" / "weights.safetensors"))
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_shards")
@@ -42,7 +48,7 @@ def export_random_encoder(run_dir: Path, width: int = 8, seed: int = 0, view_sec
 
     from dataio.frontend import FrontendConfig
     from trainer.checkpoint import encoder_meta, export_encoder
-    from trainer.encoders import build_encoder
+    from trainer.models.encoders import build_encoder
 
     torch.manual_seed(seed)
     encoder = build_encoder("resnet18", width=width).eval()

@@ -4,8 +4,7 @@ import subprocess
 
 import torch
 
-from tests.conftest import PYTHON, cli_env, tiny_overrides
-from trainer.checkpoint import load_tensors
+from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_checkpoints(tiny_shards, tmp_path):
@@ -17,8 +16,8 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_checkpoints(tiny_shards,
     assert "loss is not finite at step" in out.stderr and "Traceback" not in out.stderr
     saved = sorted((run_dir / "checkpoints").iterdir())
     assert saved and all(not p.name.endswith(".tmp") for p in saved)
-    state = load_tensors(saved[-1] / "state.pt")
-    assert all(torch.isfinite(v).all() for v in state["engine"]["model"].values() if v.is_floating_point())
+    weights = checkpoint_weights(saved[-1])
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
 def test_eval_of_a_run_without_encoder_names_the_problem(tiny_shards, tmp_path):

@@ -13,18 +13,16 @@ B = 4
 
 def _setup(name: str, rank: int, world: int):
     from trainer.config import ModelConfig, ObjectiveConfig
-    from trainer.encoders import build_encoder
-    from trainer.heads import ContrastiveModel
+    from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
-    from trainer.sync_bn import convert_global_bn
+    from trainer.parallel.sync_bn import convert_global_bn
 
     torch.manual_seed(0)
     cfg = ObjectiveConfig(name=name, temperature=0.2, cola_dim=16, queue_size=32, nce_noise=6, momentum=0.9)
     obj = build_objective(cfg, ModelConfig(proj_hidden=16, proj_dim=8),
                           ObjectiveContext(rank=rank, world_size=world, num_classes=3, num_clips=2 * B))
     enc = build_encoder("resnet18", in_channels=1, width=4)
-    model = convert_global_bn(ContrastiveModel(enc, obj.make_head(enc.embedding_dim))).double()
-    obj.extra.double()
+    model = convert_global_bn(obj.build_model(enc)).double()
     obj.attach(model)
     return obj, model
 
@@ -38,20 +36,18 @@ def _batch(rank: int, world: int):
 
 
 def _loss_and_grads(rank: int, world: int, name: str):
-    from trainer import distributed
-    from trainer.engine import DDPEngine
+    from trainer.parallel import distributed
+    from trainer.parallel.engine import DDPEngine
 
     obj, model = _setup(name, rank, world)
-    opt = torch.optim.SGD([*model.parameters(), *obj.parameters()], lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    engine = DDPEngine(model, opt, sched, torch.device("cpu"), None, extra_params=obj.parameters())
+    engine = DDPEngine(model, opt, sched, torch.device("cpu"), None)
     batch = _batch(rank, world)
     loss = obj.loss(engine.forward(obj.model_views(batch.views)), batch)
     engine.backward(loss)
-    distributed.average_gradients(obj.parameters())
     mean_loss = distributed.reduce_mean({"loss": loss.item()}, torch.device("cpu"))["loss"]
-    params = [*engine.module.named_parameters(), *obj.extra.named_parameters()]
-    grads = {n: p.grad.clone() for n, p in params if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in engine.module.named_parameters() if p.grad is not None}
     stats = {n: b.clone() for n, b in engine.module.named_buffers() if "running" in n}
     return mean_loss, grads, stats
 

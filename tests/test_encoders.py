@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.encoders import ENCODERS, build_encoder, load_pretrained
-from trainer.heads import ContrastiveModel, ProjectionHead
+from trainer.models.encoders import ENCODERS, build_encoder, load_pretrained
+from trainer.models.heads import ContrastiveModel, ProjectionHead
 
 
 def _z(out: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:

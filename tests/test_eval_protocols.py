@@ -14,12 +14,12 @@ from dataio.frontend import FrontendConfig
 from tests.conftest import PYTHON, cli_env, export_random_encoder
 from tests.shard_utils import make_shards
 from trainer.checkpoint import encoder_meta, export_encoder
-from trainer.encoders import build_encoder
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import EvalConfig, FinetuneConfig, KnnConfig, LinearConfig
 from trainer.evaluate.knn import knn_scores
 from trainer.evaluate.protocol import make_rounds, score
 from trainer.evaluate.run import Evaluation, run_eval
+from trainer.models.encoders import build_encoder
 
 
 def _clips(folds, splits=None, labels=None, multilabel=False, classes=2):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from trainer.config import ModelConfig, ObjectiveConfig
-from trainer.gradcache import GradCache
-from trainer.heads import ContrastiveModel, LinearProjection
+from trainer.models.heads import ContrastiveModel, LinearProjection
 from trainer.objectives import ObjectiveContext, build_objective
+from trainer.parallel.gradcache import GradCache
 
 
 class TinyEncoder(nn.Module):
@@ -33,8 +33,7 @@ def _setup(name):
     enc = TinyEncoder()
     # SimCLR's MLP head has batch norm (chunk statistics): a linear head here
     head = LinearProjection(enc.embedding_dim, 6) if name == "simclr" else obj.make_head(enc.embedding_dim)
-    model = ContrastiveModel(enc, head).double()
-    obj.extra.double()
+    model = ContrastiveModel(enc, head, obj.make_parts(enc.embedding_dim)).double()
     obj.attach(model)
     g = torch.Generator().manual_seed(1)
     views = torch.randn(16, 2, 1, 12, 14, generator=g, dtype=torch.float64)
@@ -43,8 +42,7 @@ def _setup(name):
 
 
 def _grads(model, obj):
-    params = [*model.named_parameters(), *obj.extra.named_parameters()]
-    return {n: p.grad.clone() for n, p in params if p.grad is not None}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name", ["simclr", "cola", "supcon", "hybrid"])
@@ -55,7 +53,7 @@ def test_chunked_gradients_equal_the_whole_batch(name):
     want = _grads(model, obj)
 
     obj, model, batch = _setup(name)
-    cache = GradCache(model, batch.views, 5, no_sync=contextlib.nullcontext)  # 5+5+5+1 clips
+    cache = GradCache(model, batch.views, 5, accumulating=contextlib.nullcontext)  # 5+5+5+1 clips
     cached_loss = obj.loss_backward(cache.outputs(), batch, 3)  # NT-Xent: 3 clips' rows of logits a time
     cache.backward()
     got = _grads(model, obj)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed
 from trainer.objectives.cola import Bilinear, ColaHead, cola_loss
 from trainer.objectives.moco import ShardedQueue, moco_logits_loss
 from trainer.objectives.npid import ShardedMemoryBank, npid_exact_loss, npid_nce_loss
 from trainer.objectives.supcon import classification_loss, hybrid_loss, label_affinity, supcon_loss
+from trainer.parallel import distributed
 
 
 def _falls(losses: list[float], by: float = 0.05) -> bool:
@@ -49,7 +49,7 @@ def test_cola_modules_and_bf16():
     out = head(torch.randn(3, 8))
     assert out.shape == (3, 5) and out.abs().max() < 1
     assert torch.equal(bil.weight.data, torch.eye(5))
-    assert torch.allclose(bil(out, out), out @ out.T)
+    assert torch.allclose(bil(out) @ out.T, out @ out.T)
     assert cola_loss(out.bfloat16(), out.bfloat16(), bil.weight, 0).dtype == torch.float32
 
 

@@ -46,8 +46,8 @@ def test_objective_trains_and_resumes_exactly(tiny_shards, tmp_path, name):
     assert status == "finished"
     for key, value in ref.engine.module.state_dict().items():
         assert torch.equal(value, resumed.engine.module.state_dict()[key]), key
-    for a, b in zip(ref.objective.parameters(), resumed.objective.parameters()):
-        assert torch.equal(a, b)
+    if name in ("cola", "hybrid"):  # the objective's own parameters are part of the model
+        assert any(key.startswith("parts.") for key in ref.engine.module.state_dict())
     if name == "moco":
         assert torch.equal(ref.objective.queue.shard, resumed.objective.queue.shard)
     if name == "npid":

@@ -2,7 +2,7 @@
 holding all of it: loss, gradients, updates, and checkpoints across a world-size change.
 
 The one-process side runs in the test process itself (no process group: every helper of
-trainer.distributed answers for a world of one); the 2-rank side runs in spawned workers.
+trainer.parallel.distributed answers for a world of one); the 2-rank side runs in spawned workers.
 """
 
 import math
@@ -32,7 +32,7 @@ def _encoder():
 
 def _grads_and_mean_loss(loss, params) -> tuple[float, dict]:
     """What DDP would leave: gradients averaged over ranks, and the mean loss."""
-    from trainer import distributed
+    from trainer.parallel import distributed
 
     distributed.average_gradients(params)
     mean = distributed.reduce_mean({"loss": loss.item()}, torch.device("cpu"))["loss"]
@@ -135,8 +135,8 @@ INDICES = torch.tensor([5, 0, 3, 6, 2, 3])  # row 3 twice: the last update wins 
 def _npid(rank: int, world: int, starts: list) -> list[dict]:
     """For each starting bank state: exact loss + gradients, two NCE steps (the first sets
     Z) + gradients of the second, then the full bank after one update."""
-    from trainer import distributed
     from trainer.objectives.npid import ShardedMemoryBank, npid_exact_loss, npid_nce_loss
+    from trainer.parallel import distributed
 
     out = []
     b = GLOBAL_B // world

@@ -29,7 +29,9 @@ def _train_args(shards, run_dir):
 def _check_run(run_dir):
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     assert ckpt.name == f"step_{STEPS:08d}"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt", "state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["engine", "meta.json", "rank_00000.pt", "rank_00001.pt",
+                                                     "state.pt"]
+    assert sorted(p.name for p in (ckpt / "engine").iterdir()) == ["optimizer.pt", "weights.safetensors"]
     assert (run_dir / "encoder.safetensors").is_file() and (run_dir / "encoder.json").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -25,15 +25,14 @@ def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:
 
     from dataio.frontend import FrontendConfig, LogMel
     from trainer.config import ModelConfig, ObjectiveConfig
-    from trainer.encoders import build_encoder
-    from trainer.gradcache import GradCache
-    from trainer.heads import ContrastiveModel
+    from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
+    from trainer.parallel.gradcache import GradCache
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     obj = build_objective(ObjectiveConfig(name="simclr"), ModelConfig(), ObjectiveContext(device=device))
     enc = build_encoder("resnet18", width=width)
-    model = ContrastiveModel(enc, obj.make_head(enc.embedding_dim)).to(device)
+    model = obj.build_model(enc).to(device)
     frames = LogMel(FrontendConfig())(torch.zeros(1, int(16000 * seconds))).shape[-1]
     views = torch.randn(batch, 2, 1, 64, frames, device=device)
     start = time.perf_counter()

@@ -1,13 +1,15 @@
 """Verified checkpoints, resume, and the exported encoder.
 
-A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``state.pt``
-(everything every rank shares: model, optimizer, scheduler, objective state, step, data
-position), ``rank_XXXXX.pt`` (each rank's RNG states) and ``meta.json`` (step, world
-size and the sha256 of every other file). It is assembled under ``step_XXXXXXXX.tmp``,
-every file fsynced, ``meta.json`` last, then renamed into place: a killed run or a full
-disk never leaves a half-written checkpoint where ``resume=auto`` would find it. Resume
-takes the newest checkpoint whose files match their sums; a damaged one is renamed
-``step_XXXXXXXX.damaged`` (never deleted) and the one before it is taken.
+A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``engine/`` (what
+the engine saves from every rank: DDP's ``model.pt`` with model, optimizer and schedule;
+DeepSpeed's sharded files), ``state.pt`` (what every rank shares: objective state, step,
+config), ``rank_XXXXX.pt`` (each rank's RNG states and data position) and ``meta.json``
+(step, world size, the engine that wrote it and the sha256 of every other file). It is
+assembled under ``step_XXXXXXXX.tmp``, every file fsynced, ``meta.json`` last, then
+renamed into place: a killed run or a full disk never leaves a half-written checkpoint
+where ``resume=auto`` would find it. Resume takes the newest checkpoint whose files match
+their sums; a damaged one is renamed ``step_XXXXXXXX.damaged`` (never deleted) and the
+one before it is taken.
 
 Nothing is unpickled: every ``.pt`` is read with ``weights_only=True`` (tensors and plain
 values only), so a planted file cannot run code. The run directory must be on storage
@@ -16,6 +18,7 @@ every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dataio.frontend import FrontendConfig
-from trainer import distributed
-from trainer.encoders import build_encoder
+from trainer.models.encoders import build_encoder
+from trainer.parallel import distributed
 from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, sha256
 
 __all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder"]
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 META = "meta.json"
+ENGINE = "engine"  # the engine's own files: save(folder) / load(folder)
+FORMAT = 2  # 1: the model and optimizer inside state.pt (before engines saved themselves)
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
 _STEP_FOLDER = re.compile(r"step_\d{8}")
@@ -77,6 +82,8 @@ def verify(folder: Path) -> str | None:
         return f"{META} unreadable ({type(err).__name__})"
     if STATE not in sums:
         return f"{META} lists no {STATE}"
+    if not isinstance(sums, dict):
+        return f"{META}: sha256 is not a mapping"
     for name, expected in sums.items():
         try:
             if sha256(folder / name) != expected:
@@ -124,9 +131,10 @@ class Checkpointer:
         chosen = distributed.broadcast_object(None if chosen is None else str(chosen))
         return None if chosen is None else Path(chosen)
 
-    def save(self, step: int, shared: dict, per_rank: dict) -> Path:
-        """Write the checkpoint of ``step``; on any failure (a full disk, ...) every rank
-        raises :class:`CheckpointError` and the checkpoints already there are untouched."""
+    def save(self, step: int, shared: dict, per_rank: dict, engine) -> Path:
+        """Write the checkpoint of ``step`` (every rank calls it; ``engine.save`` writes its
+        own files into ``engine/``); on any failure (a full disk, ...) every rank raises
+        :class:`CheckpointError` and the checkpoints already there are untouched."""
         final = self.root / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         error = None
@@ -134,18 +142,17 @@ class Checkpointer:
             if self.info.is_main:
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
+                (tmp / ENGINE).mkdir(parents=True)
         except OSError as err:
             error = err
         distributed.barrier()
         if error is None and tmp.is_dir():
-            error = _try(lambda: durable_write(tmp / f"rank_{self.info.rank:05d}.pt",
-                                                lambda f: torch.save(per_rank, f)))
+            error = _try(lambda: self._write_mine(tmp, per_rank, engine))
         elif error is None:
             error = FileNotFoundError(f"{tmp} was not created")
         failed, = distributed.any_rank([error is not None], self.device)
         if not failed and self.info.is_main:
-            error = _try(lambda: self._finish(tmp, final, step, shared))
+            error = _try(lambda: self._finish(tmp, final, step, shared, engine.saved_as()))
         failed, = distributed.any_rank([error is not None], self.device)
         if failed:
             if self.info.is_main:
@@ -160,19 +167,31 @@ class Checkpointer:
         distributed.barrier()
         return final
 
-    def _finish(self, tmp: Path, final: Path, step: int, shared: dict) -> None:
+    def _write_mine(self, tmp: Path, per_rank: dict, engine) -> None:
+        """This rank's part: the engine's files (a collective) and the rank file, fsynced."""
+        before = set(_files(tmp / ENGINE))
+        engine.save(tmp / ENGINE)
+        for path in set(_files(tmp / ENGINE)) - before:  # what this rank wrote, durably
+            with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        durable_write(tmp / f"rank_{self.info.rank:05d}.pt", lambda f: torch.save(per_rank, f))
+
+    def _finish(self, tmp: Path, final: Path, step: int, shared: dict, engine: dict) -> None:
         durable_write(tmp / STATE, lambda f: torch.save(shared, f))
-        sums = {p.name: sha256(p) for p in sorted(tmp.glob("*.pt"))}
-        meta = {"step": step, "world_size": self.info.world_size, "sha256": sums}
+        sums = {p.relative_to(tmp).as_posix(): sha256(p) for p in _files(tmp)}
+        meta = {"format": FORMAT, "step": step, "world_size": self.info.world_size, **engine, "sha256": sums}
         durable_write(tmp / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        for folder in sorted({p.parent for p in _files(tmp)}, key=lambda p: -len(p.parts)):
+            fsync_folder(folder)
         fsync_folder(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         fsync_folder(self.root)
 
-    def load(self, folder: str | Path) -> tuple[dict, dict | None]:
-        """(shared state, this rank's state or None when the run had fewer ranks)."""
+    def load(self, folder: str | Path) -> tuple[dict, dict | None, dict]:
+        """(shared state, this rank's state or None when the run had fewer ranks, the
+        meta.json record: world size, engine); the engine's files are in ``folder/engine``."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder" +
@@ -180,10 +199,22 @@ class Checkpointer:
         problem = verify(folder)
         if problem is not None:
             raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
+        meta = json.loads((folder / META).read_text())
+        if meta.get("format", 1) != FORMAT:
+            raise CheckpointError(f"checkpoint {folder} has format {meta.get('format', 1)} (written by an older "
+                                  f"audioclr, the model inside state.pt); this version reads format {FORMAT}. "
+                                  f"Finish that run with the version that started it, or start a new run")
         shared = load_tensors(folder / STATE)
         mine = folder / f"rank_{self.info.rank:05d}.pt"
         per_rank = load_tensors(mine) if mine.is_file() else None
-        return shared, per_rank
+        return shared, per_rank, meta
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted (no ``.tmp`` leftovers of an interrupted write)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
 
 
 def _try(action) -> BaseException | None:

@@ -185,7 +185,8 @@ class TrainConfig:
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
-    engine: str = option("ddp", "how the model is replicated across ranks", ("ddp",))
+    engine: str = option("ddp", "how the model is replicated across ranks: ddp (PyTorch DDP) or deepspeed "
+                         "(ZeRO, set in the deepspeed section)", ("ddp", "deepspeed"))
     progress: bool = option(True, "progress bar on rank 0")
     tensorboard: bool = option(True, "write TensorBoard events to run_dir/tb")
     grad_cache_chunk: int = option(0, "gradient caching: clips per forward chunk (0 = off); "
@@ -201,6 +202,32 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = option(1, "ZeRO stage: 0 = data parallel; 1 = optimizer state split across ranks; "
+                             "2 = and gradients; 3 = and parameters", (0, 1, 2, 3))
+    precision: str = option("fp32", "weights and gradients: fp32 (train.precision may add autocast), or bf16 / "
+                            "fp16 weights with fp32 master weights (fp16: dynamic loss scaling, a GPU)",
+                            ("fp32", "bf16", "fp16"))
+    offload_optimizer: bool = option(False, "keep the optimizer state and its step in host memory (ZeRO >= 1)")
+    offload_params: bool = option(False, "keep the parameters in host memory between uses (ZeRO-3)")
+    reduce_bucket_size: int = option(0, "elements per gradient reduction bucket; 0 = the model's parameter "
+                                     "count, at most 5e8 (DeepSpeed allocates the whole bucket on every rank)")
+    allgather_bucket_size: int = option(0, "elements per parameter all-gather bucket (ZeRO-1/2); 0 = as "
+                                        "reduce_bucket_size")
+    overlap_comm: bool = option(False, "overlap gradient reduction with the backward pass")
+    config: dict[str, Any] = option({}, "any other DeepSpeed config key, merged as is (e.g. {zero_optimization: "
+                                    "{contiguous_gradients: true}}); batch sizes, optimizer, scheduler, clipping "
+                                    "and the keys above stay audioclr's")
+
+    def __post_init__(self) -> None:
+        check(self.reduce_bucket_size >= 0, "reduce_bucket_size", "must be >= 0 (0 = auto)")
+        check(self.allgather_bucket_size >= 0, "allgather_bucket_size", "must be >= 0 (0 = auto)")
+        check(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+              "needs zero_stage >= 1 (stage 0 does not partition the optimizer)")
+        check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+
+
+@dataclass
 class PretrainConfig:
     run_dir: str = option("runs/pretrain", "where checkpoints, metrics and the encoder go")
     seed: int = option(0, "seed of model init, data order and augmentation")
@@ -212,6 +239,7 @@ class PretrainConfig:
     objective: ObjectiveConfig = option(ObjectiveConfig(), "training objective")
     optim: OptimConfig = option(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = option(TrainConfig(), "loop, checkpoints and precision")
+    deepspeed: DeepSpeedConfig = option(DeepSpeedConfig(), "the DeepSpeed engine (train.engine=deepspeed)")
 
     def __post_init__(self) -> None:
         check(bool(self.data.shards), "data.shards", "is required (a folder with manifest.json)")

@@ -13,24 +13,31 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dataio.augment import build_augmenter
 from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import open_source
-from trainer import distributed
-from trainer.checkpoint import Checkpointer, CheckpointError, encoder_meta, export_encoder, rng_state, set_rng_state
+from trainer.checkpoint import (
+    ENGINE,
+    Checkpointer,
+    CheckpointError,
+    encoder_meta,
+    export_encoder,
+    rng_state,
+    set_rng_state,
+)
+from trainer.commands import config_parser, print_help_config, run_guarded
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
-from trainer.encoders import build_encoder, load_pretrained
-from trainer.engine import ENGINES
-from trainer.gradcache import GradCache
-from trainer.heads import ContrastiveModel
 from trainer.metrics import MetricWriter
+from trainer.models.encoders import build_encoder, load_pretrained
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel import distributed
+from trainer.parallel.engine import build_engine
+from trainer.parallel.gradcache import GradCache
+from trainer.parallel.sync_bn import convert_global_bn
 from trainer.safe_files import describe_error
-from trainer.sync_bn import convert_global_bn
 
 log = logging.getLogger("audioclr.pretrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 128 + signal
@@ -71,7 +78,10 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.train.device, distributed.env_info().local_rank)
-        self.info = distributed.init(self.device.type)
+        if cfg.train.engine == "deepspeed":
+            from trainer.parallel.deepspeed_engine import check_section
+            check_section(cfg, self.device)
+        self.info = distributed.init(self.device.type, always=cfg.train.engine == "deepspeed")
         self.run_dir = Path(cfg.run_dir)
         self.manifest = load_manifest(cfg.data.shards)
         if self.manifest.sample_rate != cfg.frontend.sample_rate:
@@ -113,32 +123,34 @@ class Pretrainer:
             except (OSError, ValueError) as err:
                 raise ConfigError(f"model.pretrained: {err}") from None
             log.info("encoder weights from %s: %s", cfg.model.pretrained, report)
-        model = ContrastiveModel(encoder, self.objective.make_head(encoder.embedding_dim))
+        model = self.objective.build_model(encoder)
         if cfg.model.global_bn:
             model = convert_global_bn(model)
         model.to(self.device)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.objective.to(self.device).attach(model)
+        self.objective.attach(model)
         torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
-        trainable = nn.ModuleList([model, self.objective.extra])
-        optimizer = build_optimizer(cfg.optim.name, trainable, cfg.optim.lr, cfg.optim.momentum,
+        optimizer = build_optimizer(cfg.optim.name, model, cfg.optim.lr, cfg.optim.momentum,
                                     cfg.optim.weight_decay, cfg.optim.lars_eta)
         o = cfg.optim
         warmup = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
         scheduler = build_scheduler(optimizer, warmup, self.total_steps, o.final_lr_ratio, schedule=o.schedule,
                                     steps_per_epoch=self.steps_per_epoch, milestones=o.milestones, decay=o.decay)
         dtype = autocast_dtype(cfg.train.precision, self.device)
-        log.info("precision: %s (train.precision=%s)", "bf16 autocast" if dtype else "fp32", cfg.train.precision)
-        return ENGINES[cfg.train.engine](model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
-                                         extra_params=self.objective.parameters())
+        engine = build_engine(cfg.train.engine, model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
+                              deepspeed=cfg.deepspeed, batch_size=cfg.data.batch_size)
+        log.info("engine: %s; precision: %s (train.precision=%s)", describe_engine(engine),
+                 "bf16 autocast" if engine.autocast_dtype else "no autocast", cfg.train.precision)
+        return engine
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        shared = {"engine": self.engine.state_dict(), "objective": self.objective.state_dict(),
-                  "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                  "world_size": self.info.world_size, "config": to_dict(self.cfg)}
-        path = self.checkpointer.save(self.step, shared, {"rng": rng_state(), "data": self.source.state()})
+        shared = {"objective": self.objective.state_dict(), "step": self.step,
+                  "steps_per_epoch": self.steps_per_epoch, "world_size": self.info.world_size,
+                  "config": to_dict(self.cfg)}
+        path = self.checkpointer.save(self.step, shared, {"rng": rng_state(), "data": self.source.state()},
+                                      self.engine)
         log.info("checkpoint %s", path)
         return path
 
@@ -148,11 +160,15 @@ class Pretrainer:
         if folder is None:
             return
         try:
-            shared, mine = self.checkpointer.load(folder)
+            shared, mine, meta = self.checkpointer.load(folder)
         except CheckpointError as err:
             raise (ConfigError(f"train.resume: {err}") if choice != "auto" else err) from None
+        why_not = self.engine.can_load(meta, self.info.world_size, int(meta.get("world_size", 0)))
+        if why_not:
+            raise ConfigError(f"train.resume: checkpoint {folder} cannot resume here: {why_not}. "
+                              f"{how_to_resume(meta, folder)}")
         self._report_differences(shared)
-        self.engine.load_state_dict(shared["engine"])
+        self.engine.load(folder / ENGINE)
         self.objective.load_state_dict(shared["objective"])
         self.step = int(shared["step"])
         if mine is not None:
@@ -218,11 +234,11 @@ class Pretrainer:
         """One optimisation step; returns the signal (SIGTERM, SIGINT) when some rank was
         asked to stop, else 0."""
         t0 = time.perf_counter()
-        self.engine.model.train()
+        self.engine.train()
         views = self.objective.model_views(batch.views)
         cache, chunk = None, self.cfg.train.grad_cache_chunk
         if chunk:
-            cache = GradCache(self.engine.forward, views, chunk, self.engine.no_sync)
+            cache = GradCache(self.engine.forward, views, chunk, self.engine.accumulating)
         out = cache.outputs() if cache else self.engine.forward(views)
         with self.engine.autocast():  # the losses compute their logits in float32 themselves
             # with gradient caching the loss is back-propagated to the cached outputs here
@@ -235,11 +251,15 @@ class Pretrainer:
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
                                 f"and resume from the last checkpoint in {self.checkpointer.root}")
         if cache is not None:
-            cache.backward()
+            cache.backward(backward=self.engine.backward)
         else:
             self.engine.backward(loss)
         grad_norm = self.engine.step()
-        self.objective.after_step(self.engine.module, self.step)
+        if self.objective.reads_model:  # MoCo's momentum update reads every weight
+            with self.engine.gathered() as model:
+                self.objective.after_step(model, self.step)
+        else:
+            self.objective.after_step(self.engine.module, self.step)
         self.step += 1
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
             seconds = time.perf_counter() - t0
@@ -283,19 +303,46 @@ class Pretrainer:
         log.warning("%s received: finishing the step, then saving a checkpoint", signal.Signals(signum).name)
 
     def export(self) -> None:
-        if not self.info.is_main:
-            return
-        encoder = self.engine.module.encoder
-        meta = encoder_meta(self.cfg.model.encoder, self.cfg.model.width, self.cfg.frontend,
-                            encoder.embedding_dim, self.step, self.cfg.data.view_seconds)
-        path = export_encoder(encoder, meta, self.run_dir)
-        log.info("encoder exported to %s", path)
+        """Rank 0 writes the encoder (every rank enters: ZeRO-3 gathers the weights)."""
+        error = None
+        with self.engine.gathered() as model:
+            if self.info.is_main:
+                encoder = model.encoder
+                meta = encoder_meta(self.cfg.model.encoder, self.cfg.model.width, self.cfg.frontend,
+                                    encoder.embedding_dim, self.step, self.cfg.data.view_seconds)
+                try:
+                    log.info("encoder exported to %s", export_encoder(encoder, meta, self.run_dir))
+                except CheckpointError as err:
+                    error = err
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if self.source is not None and hasattr(self.source, "close"):
             self.source.close()  # loader workers stop now, not at interpreter exit
         self.metrics.close()
         distributed.close()
+
+
+def describe_engine(engine) -> str:
+    saved = engine.saved_as()
+    if saved["engine"] == "deepspeed":
+        return f"deepspeed ZeRO-{saved['zero_stage']}, {saved['precision']} weights"
+    return saved["engine"]
+
+
+def how_to_resume(meta: dict, folder: Path) -> str:
+    """What a checkpoint holds, and how to go on from it."""
+    ranks = meta.get("world_size", "?")
+    if meta.get("engine", "ddp") == "deepspeed":
+        stage, precision = meta.get("zero_stage"), meta.get("precision", "fp32")
+        held = (f"It holds DeepSpeed ZeRO-{stage} state ({precision} weights) from {ranks} rank(s): resume it with "
+                f"train.engine=deepspeed deepspeed.zero_stage={stage} deepspeed.precision={precision}" +
+                (f" on {ranks} rank(s)" if stage else ""))
+    else:
+        held = f"It holds DDP state from {ranks} rank(s): resume it with train.engine=ddp (any world size)"
+    return (f"{held}. The optimizer state does not convert between engines or ZeRO partitions; to go on "
+            f"otherwise, start a new run from its weights with model.pretrained={folder} (a new run_dir)")
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -336,51 +383,32 @@ def run_trainer(cfg: PretrainConfig) -> tuple[str, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="audioclr pretrain", description=__doc__)
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--help-config", action="store_true", help="list every key with its default and doc")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=5")
+    p = config_parser("audioclr pretrain", __doc__, "YAML recipe (configs/*.yaml)",
+                      "dotted overrides, e.g. optim.lr=0.1 train.epochs=5")
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(distributed.env_info().rank)
+    rank = distributed.env_info().rank
+    setup_logging(rank)
     if args.help_config:
         from dataio.augment import describe_ops
-        from trainer.config import describe
-        print("\n".join(describe(PretrainConfig) + describe_ops()))
-        return 0
-    rank = distributed.env_info().rank
+        return print_help_config(PretrainConfig, *describe_ops())
 
-    def report(err, everywhere: bool = False) -> None:
-        """Errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only."""
-        if everywhere or rank == 0:
-            print(f"audioclr pretrain: error: {err}", file=sys.stderr)
-
-    try:
+    def work() -> int:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         status, stopped_by = run_trainer(cfg)
-    except KeyboardInterrupt:
-        report("interrupted before a checkpoint could be saved")
-        return 128 + signal.SIGINT
-    except (ConfigError, ManifestError) as err:
-        report(err)
-        return 2
-    except ValueError as err:  # e.g. pretrained weights that do not fit, an objective without labels
-        report(err)
-        return 2
-    except TrainingError as err:
-        report(err)
-        return 1
-    except (DataError, CheckpointError) as err:  # one rank's data or disk: that rank says so
-        report(err, everywhere=True)
-        return 1
-    except OSError as err:  # a full disk or a vanished folder while writing metrics or logs
-        report(describe_error(err), everywhere=True)
-        return 1
-    log.info("pretraining %s: %s", status, cfg.run_dir)
-    return 128 + stopped_by if stopped_by else 0
+        log.info("pretraining %s: %s", status, cfg.run_dir)
+        return 128 + stopped_by if stopped_by else 0
+
+    # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
+    # one rank's data or disk: that rank says so
+    return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
+                       run_errors=(TrainingError,), own_errors=(DataError, CheckpointError), quiet=rank != 0,
+                       on_interrupt="error: interrupted before a checkpoint could be saved")
 
 
 def setup_logging(rank: int) -> None:

@@ -15,7 +15,6 @@ metric) and ``best.yaml`` (ready for ``audioclr eval --config``).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -31,8 +30,8 @@ from pathlib import Path
 import yaml
 
 from dataio.atomic import write_text_atomically
-from dataio.manifest import ManifestError
 from dataio.schema import ConfigError, check, option
+from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
@@ -366,36 +365,27 @@ def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="audioclr tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="sweep YAML (configs/sweeps/*.yaml; required)")
-    p.add_argument("--help-config", action="store_true", help="list every sweep key with its default and doc")
-    p.add_argument("overrides", nargs="*", help="name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
+    p = config_parser("audioclr tune", __doc__, "sweep YAML (configs/sweeps/*.yaml; required)",
+                      "name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
     args = p.parse_args(argv)
     if args.help_config:
-        from trainer.config import describe
-
-        print("\n".join(describe(SweepConfig)))
-        return 0
+        return print_help_config(SweepConfig)
     if not args.config:
         p.error("--config is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> int:
         cfg = load_config(SweepConfig, args.config, args.overrides)
         with GracefulStop() as stop:
             rows, exp_dir = tune_sweep(cfg, stop)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError, CheckpointError) as err:
-        print(f"audioclr tune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("audioclr tune: stopped at once; trial checkpoints are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
-    print((exp_dir / "results.md").read_text())
-    if stop.signal:
-        print(f"audioclr tune: stopped by {signal.Signals(stop.signal).name}; the table above holds the trials "
-              f"so far. Rerun the same command to resume the sweep ({exp_dir})", file=sys.stderr)
-        return 128 + stop.signal
-    failed = sum(r["status"] != "ok" for r in rows)
-    print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")
-    return 1 if failed == len(rows) else 0
+        print((exp_dir / "results.md").read_text())
+        if stop.signal:
+            print(f"audioclr tune: stopped by {signal.Signals(stop.signal).name}; the table above holds the trials "
+                  f"so far. Rerun the same command to resume the sweep ({exp_dir})", file=sys.stderr)
+            return 128 + stop.signal
+        failed = sum(r["status"] != "ok" for r in rows)
+        print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")
+        return 1 if failed == len(rows) else 0
+
+    return run_guarded("audioclr tune", work, input_errors=(*INPUT_ERRORS, CheckpointError),
+                       on_interrupt="stopped at once; trial checkpoints are kept, rerun the same command to resume")

@@ -20,7 +20,7 @@ from trainer.evaluate.config import FinetuneConfig
 from trainer.evaluate.embed import ClipEmbeddings, patch_batches
 from trainer.evaluate.learners import clip_average
 from trainer.evaluate.protocol import Round
-from trainer.heads import LinearProjection
+from trainer.models.heads import LinearProjection
 from trainer.objectives.supcon import classification_loss, hybrid_loss, supcon_loss
 from trainer.optim import build_optimizer, warmup_cosine
 

@@ -8,7 +8,6 @@ result of that data set.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 
 from dataio.atomic import write_text_atomically
-from dataio.manifest import ManifestError, load_manifest
+from dataio.manifest import load_manifest
 from dataio.schema import ConfigError
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
+from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
 from trainer.evaluate.clips import load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
@@ -207,37 +207,29 @@ def headline(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="audioclr eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = config_parser("audioclr eval", __doc__, "YAML with an eval: section (e.g. the best.yaml of a sweep)",
+                      "eval.knn.k=20 eval.finetune.lr=3e-4 ...")
     p.add_argument("--run", help="run directory holding encoder.safetensors + encoder.json (required)")
     p.add_argument("--data", help="labelled shard folder with manifest.json (required)")
-    p.add_argument("--help-config", action="store_true", help="list every eval key with its default and doc")
     p.add_argument("--protocol", default="knn", choices=PROTOCOLS)
-    p.add_argument("--config", help="YAML with an eval: section (e.g. the best.yaml of a sweep)")
     p.add_argument("--random-init", action="store_true", help="the architecture at random init (scratch)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result of the same data set and protocol (default: a new -N suffix)")
-    p.add_argument("overrides", nargs="*", help="eval.knn.k=20 eval.finetune.lr=3e-4 ...")
     args = p.parse_args(argv)
     if args.help_config:
-        from trainer.config import describe
-
-        print("\n".join(describe(EvalRoot)))
-        return 0
+        return print_help_config(EvalRoot)
     if not args.run or not args.data:
         p.error("--run and --data are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> int:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
         result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError, CheckpointError) as err:
-        print(f"audioclr eval: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"audioclr eval: error: {err}", file=sys.stderr)
-        return 1
-    print(headline(result))
-    if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
-        print("audioclr eval: warning: the metric is not finite (a class without test clips?)", file=sys.stderr)
-    print(f"results in {result['file']}")
-    return 0
+        print(headline(result))
+        if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
+            print("audioclr eval: warning: the metric is not finite (a class without test clips?)", file=sys.stderr)
+        print(f"results in {result['file']}")
+        return 0
+
+    return run_guarded("audioclr eval", work, input_errors=(*INPUT_ERRORS, CheckpointError),
+                       run_errors=(FloatingPointError,))

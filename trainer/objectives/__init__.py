@@ -1,10 +1,10 @@
 """Objective registry: ``objective.name`` -> a class holding what its loss needs.
 
-An objective says which head the model gets (``make_head``), which views go through the
-trained model (``model_views``), owns any extra trainable parameters (COLA's bilinear
-W, SoundCLR's classifier: their gradients are averaged over ranks by the engine), holds
-its state (MoCo's key encoder and queue, NPID's memory bank) and exposes
-``loss(out, batch)``, ``after_step(model, step)``, ``state_dict`` / ``load_state_dict``.
+An objective builds the model it trains (``build_model``: the encoder, the head it wants
+and its own trainable parts, COLA's bilinear W or SoundCLR's classifier, all in one
+module), says which views go through it (``model_views``), holds its state (MoCo's key
+encoder and queue, NPID's memory bank) and exposes ``loss(out, batch)``,
+``after_step(model, step)``, ``state_dict`` / ``load_state_dict``.
 The losses themselves are pure functions in the sibling modules.
 """
 
@@ -14,12 +14,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trainer import distributed
-from trainer.heads import LinearProjection, ProjectionHead
+from trainer.models.heads import ContrastiveModel, LinearProjection, ObjectiveParts, ProjectionHead
 from trainer.objectives.ntxent import nt_xent
+from trainer.parallel import distributed
 
 
 @dataclass
@@ -38,12 +37,22 @@ class ObjectiveContext:
 class _Base:
     """Defaults for the parts most objectives do not need."""
 
+    reads_model = False  # after_step reads the trained weights (an engine gathers them first)
+
     def __init__(self, cfg, model_cfg, ctx: ObjectiveContext):
         self.cfg, self.model_cfg, self.ctx = cfg, model_cfg, ctx
-        self.extra = nn.ModuleDict()
+
+    def build_model(self, encoder: nn.Module) -> ContrastiveModel:
+        """The module the engine trains: ``encoder``, this objective's head and parts."""
+        dim = encoder.embedding_dim
+        return ContrastiveModel(encoder, self.make_head(dim), self.make_parts(dim))
 
     def make_head(self, embedding_dim: int) -> nn.Module:
         return ProjectionHead(embedding_dim, self.model_cfg.proj_hidden, self.model_cfg.proj_dim)
+
+    def make_parts(self, embedding_dim: int) -> ObjectiveParts:
+        """Trainable modules of the objective's own, applied inside the model's forward."""
+        return ObjectiveParts()
 
     def attach(self, model: nn.Module) -> None:
         """Called once the model exists (MoCo copies it as its key encoder)."""
@@ -51,19 +60,12 @@ class _Base:
     def model_views(self, views: torch.Tensor) -> torch.Tensor:
         return views
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.extra.parameters())
-
-    def to(self, device: torch.device) -> _Base:
-        self.extra.to(device)
-        return self
-
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
 
     def loss_backward(self, out: dict, batch, block: int) -> torch.Tensor:
         """Gradient caching's first stage: back-propagate the loss to the cached ``out``
-        (and this objective's own parameters) with at most ``block`` clips' rows of
+        with at most ``block`` clips' rows of
         logits at a time where the loss allows; returns the loss (detached)."""
         loss = self.loss(out, batch)
         if torch.isfinite(loss):
@@ -71,10 +73,10 @@ class _Base:
         return loss.detach()
 
     def state_dict(self) -> dict:
-        return {"extra": self.extra.state_dict()}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.extra.load_state_dict(state.get("extra", {}))
+        pass
 
 
 class SimCLR(_Base):
@@ -85,7 +87,7 @@ class SimCLR(_Base):
         return nt_xent(z, distributed.gather_with_grad(z), self.ctx.rank, temperature=self.cfg.temperature)
 
     def loss_backward(self, out: dict, batch, block: int) -> torch.Tensor:
-        from trainer.gradcache import blockwise_backward
+        from trainer.parallel.gradcache import blockwise_backward
 
         z = out["z"]
         rows = z.shape[0] * z.shape[1]
@@ -100,23 +102,21 @@ class SimCLR(_Base):
 class Cola(_Base):
     """COLA: bilinear similarity of two segments, cross-entropy over the batch's candidates."""
 
-    def __init__(self, cfg, model_cfg, ctx):
-        from trainer.objectives.cola import Bilinear
-
-        super().__init__(cfg, model_cfg, ctx)
-        self.extra["bilinear"] = Bilinear(cfg.cola_dim)
+    def make_parts(self, embedding_dim: int) -> ObjectiveParts:
+        from trainer.objectives.cola import ColaParts
+        return ColaParts(self.cfg.cola_dim)
 
     def make_head(self, embedding_dim: int) -> nn.Module:
         from trainer.objectives.cola import ColaHead
         return ColaHead(embedding_dim, self.cfg.cola_dim)
 
     def loss(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.cola import cola_loss
+        from trainer.objectives.cola import cola_projected_loss
 
         z = out["z"]
         candidates = distributed.gather_with_grad(z[:, 1]) if self.cfg.global_negatives else z[:, 1]
         rank = self.ctx.rank if self.cfg.global_negatives else 0
-        return cola_loss(z[:, 0], candidates, self.extra["bilinear"].weight, rank)
+        return cola_projected_loss(out["aw"], candidates, rank)
 
 
 class SupCon(_Base):
@@ -141,19 +141,19 @@ class Hybrid(SupCon):
     """SoundCLR: alpha * SupCon + (1 - alpha) * cross-entropy of a linear classifier on
     the L2-normalised encoder embedding of every view."""
 
-    def make_head(self, embedding_dim: int) -> nn.Module:
+    def make_parts(self, embedding_dim: int) -> ObjectiveParts:
+        from trainer.objectives.supcon import ClassifierParts
+
         if self.ctx.num_classes < 2:
             raise ValueError("objective hybrid needs labelled shards (a vocabulary of >= 2 labels)")
-        self.extra["classifier"] = nn.Linear(embedding_dim, self.ctx.num_classes)
-        return super().make_head(embedding_dim)
+        return ClassifierParts(embedding_dim, self.ctx.num_classes)
 
     def loss(self, out: dict, batch) -> torch.Tensor:
         from trainer.objectives.supcon import classification_loss, hybrid_loss
 
-        classifier = self.extra["classifier"]
-        h = F.normalize(out["h"].to(classifier.weight.dtype), dim=-1)
-        logits = classifier(h.reshape(-1, h.shape[-1]))
-        labels = batch.labels.repeat_interleave(h.shape[1], dim=0)
+        logits = out["logits"]
+        labels = batch.labels.repeat_interleave(logits.shape[1], dim=0)
+        logits = logits.reshape(-1, logits.shape[-1])
         return hybrid_loss(self.supcon(out, batch), classification_loss(logits, labels), self.cfg.alpha)
 
 
@@ -161,6 +161,8 @@ class MoCo(_Base):
     """MoCo v2: queries from the trained model, keys from its momentum copy, negatives
     from a queue sharded across ranks. Batch norm statistics are global (model.global_bn),
     which keeps a rank's batch statistics from leaking the positive."""
+
+    reads_model = True
 
     def __init__(self, cfg, model_cfg, ctx):
         from trainer.objectives.moco import ShardedQueue

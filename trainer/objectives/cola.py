@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.heads import ObjectiveParts
 from trainer.objectives.common import wide
 
 
@@ -33,16 +34,26 @@ class Bilinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.eye(dim))
 
-    def forward(self, anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """anchors [N, dim], candidates [M, dim] -> similarities [N, M] (float32 or wider)."""
-        return bilinear_logits(anchors, candidates, self.weight)
+    def forward(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors [N, dim] -> a^T W [N, dim] (float32 or wider): the anchors' side of the
+        similarity, computed where W is (inside the model's forward)."""
+        return project(anchors, self.weight)
 
 
-def bilinear_logits(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[N, D] x [D, D] x [M, D] -> [N, M] with entry (i, j) = a_i^T W c_j, in float32 (or
-    float64), also inside an autocast region."""
+class ColaParts(ObjectiveParts):
+    """COLA's W inside the model: adds ``"aw"`` [B, dim], the first segments' a^T W."""
+
+    def __init__(self, dim: int):
+        super().__init__({"bilinear": Bilinear(dim)})
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"aw": self["bilinear"](out["z"][:, 0])}
+
+
+def project(anchors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, D] x [D, D] -> [N, D], a^T W in float32 (or float64), also under autocast."""
     with torch.autocast(anchors.device.type, enabled=False):
-        return (wide(anchors) @ wide(weight)) @ wide(candidates).T
+        return wide(anchors) @ wide(weight)
 
 
 def cola_loss(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
@@ -56,9 +67,15 @@ def cola_loss(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Ten
     Returns a scalar (float32, or float64 for float64 inputs), the mean over the B anchors:
     the mean of this over ranks is the loss of one process holding the global batch.
     """
-    b = anchors.shape[0]
+    return cola_projected_loss(project(anchors, weight), candidates, rank)
+
+
+def cola_projected_loss(projected: torch.Tensor, candidates: torch.Tensor, rank: int) -> torch.Tensor:
+    """:func:`cola_loss` from the anchors' a^T W [B, D] (what :class:`ColaParts` adds)."""
+    b = projected.shape[0]
     if candidates.shape[0] < (rank + 1) * b:
         raise ValueError(f"candidates hold {candidates.shape[0]} rows: too few for rank {rank} with B={b}")
-    logits = bilinear_logits(anchors, candidates, weight)                      # [B, W*B]
-    target = torch.arange(b, device=anchors.device) + rank * b
+    with torch.autocast(projected.device.type, enabled=False):
+        logits = wide(projected) @ wide(candidates).T                           # [B, W*B]
+    target = torch.arange(b, device=projected.device) + rank * b
     return F.cross_entropy(logits, target)

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from trainer import distributed
 from trainer.objectives.common import seeded_unit_rows, wide
+from trainer.parallel import distributed
 
 
 def initial_queue(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -87,7 +87,7 @@ def moco_logits_loss(q_local: torch.Tensor, k_local: torch.Tensor, queue_shard: 
     over the B queries of ``logaddexp(pos, lse_queue) - pos`` (pos = q.k / tau), a scalar
     in float32 (float64 for float64 queries): the cross-entropy of [pos, queue logits]
     at class 0. Mean over ranks == one process with batch W*B and the whole queue.
-    Collective (through trainer.distributed helpers): call on every rank.
+    Collective (through trainer.parallel.distributed helpers): call on every rank.
     """
     q = wide(q_local)
     b = q.shape[0]

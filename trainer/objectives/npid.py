@@ -4,7 +4,7 @@ vector per clip, sharded across ranks, with the exact softmax or NCE.
 Rank r owns the contiguous rows ``r*ceil(N/W) .. min((r+1)*ceil(N/W), N) - 1`` (the last
 block is shorter, possibly empty). Every rank sees the whole global batch (embeddings
 gathered with gradient, indices gathered), scores it against the rows it owns, and the
-partial results are combined with the gradient-carrying helpers of trainer.distributed,
+partial results are combined with the gradient-carrying helpers of trainer.parallel.distributed,
 so the loss is exactly the one over the whole bank.
 """
 
@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed
 from trainer.objectives.common import seeded_unit_rows, wide
+from trainer.parallel import distributed
 
 
 def initial_bank(num_rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -5,8 +5,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from trainer.models.heads import ObjectiveParts
 from trainer.objectives.common import wide
+
+
+class ClassifierParts(ObjectiveParts):
+    """SoundCLR's linear classifier inside the model: adds ``"logits"`` [B, V, C], the
+    classes' scores of every view's L2-normalised encoder embedding."""
+
+    def __init__(self, embedding_dim: int, num_classes: int):
+        super().__init__({"classifier": nn.Linear(embedding_dim, num_classes)})
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        classifier = self["classifier"]
+        return {"logits": classifier(F.normalize(out["h"].to(classifier.weight.dtype), dim=-1))}
 
 
 def label_affinity(labels_a: torch.Tensor, labels_b: torch.Tensor, *,

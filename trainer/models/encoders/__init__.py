@@ -14,7 +14,7 @@ vgglike             VGG-like CNN (FSDnoisy18k paper)       512  (8w)           4
 crnn                3 conv blocks + BiGRU (FSDnoisy18k)    128  (2w)           0.12 M
 ==================  =====================================  ==================  =============
 
-(parameter counts for 1-channel input.) ``load_pretrained`` (``trainer.encoders.pretrained``)
+(parameter counts for 1-channel input.) ``load_pretrained`` (``trainer.models.encoders.pretrained``)
 copies torchvision-named weights from a local file into resnet18/resnet50/efficientnet_b0.
 """
 
@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from trainer.encoders.efficientnet import efficientnet_b0
-from trainer.encoders.fsdnoisy import crnn, vgglike
-from trainer.encoders.pretrained import LoadReport, load_pretrained
-from trainer.encoders.resnet import resnet18, resnet50
+from trainer.models.encoders.efficientnet import efficientnet_b0
+from trainer.models.encoders.fsdnoisy import crnn, vgglike
+from trainer.models.encoders.pretrained import LoadReport, load_pretrained
+from trainer.models.encoders.resnet import resnet18, resnet50
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,

@@ -2,7 +2,7 @@
 
 ``conv1``, ``bn1``, ``layer1.0.conv1`` ... ``layer1.0.downsample.0/1`` match torchvision's
 ResNet, so a state dict saved with that naming loads (minus ``fc``, see
-``trainer.encoders.pretrained``). Input ``[N, C, F, T]`` (C = 1 log-mel channel by default,
+``trainer.models.encoders.pretrained``). Input ``[N, C, F, T]`` (C = 1 log-mel channel by default,
 3 for ImageNet-style replicated log-mel), output ``[N, embedding_dim]`` after global average
 pooling over frequency and time.
 

@@ -34,16 +34,31 @@ class LinearProjection(nn.Module):
         return F.normalize(self.linear(h), dim=-1)
 
 
-class ContrastiveModel(nn.Module):
-    """Encoder + head applied to every view.
+class ObjectiveParts(nn.ModuleDict):
+    """An objective's own trainable modules (COLA's bilinear W, SoundCLR's classifier).
 
-    views [B, V, C, F, T] -> {"h": [B, V, E] encoder embeddings, "z": [B, V, D] head outputs}.
+    They live inside the model and are applied to its outputs in its forward: one module
+    then holds every trained parameter, and an engine that shards parameters (ZeRO-3)
+    materialises them where they are used, inside the forward of the module owning them.
+    ``forward(out)`` returns the extra outputs the objective's loss reads (none here).
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder + head applied to every view, then the objective's parts.
+
+    views [B, V, C, F, T] -> {"h": [B, V, E] encoder embeddings, "z": [B, V, D] head
+    outputs, and whatever ``parts`` adds}.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, parts: ObjectiveParts | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.parts = parts if parts is not None else ObjectiveParts()
 
     def forward(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
         b, v = views.shape[:2]
@@ -51,4 +66,6 @@ class ContrastiveModel(nn.Module):
         flat = views.transpose(0, 1).reshape(b * v, *views.shape[2:])
         h = self.encoder(flat)
         z = self.head(h)
-        return {"h": h.reshape(v, b, -1).transpose(0, 1), "z": z.reshape(v, b, -1).transpose(0, 1)}
+        out = {"h": h.reshape(v, b, -1).transpose(0, 1), "z": z.reshape(v, b, -1).transpose(0, 1)}
+        out.update(self.parts(out))
+        return out

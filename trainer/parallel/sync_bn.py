@@ -1,7 +1,7 @@
 """Batch norm whose statistics cover the global batch, on any backend (gloo included).
 
 torch's SyncBatchNorm needs a GPU; this one uses the differentiable all-reduce of
-``trainer.distributed``, so two CPU processes with batch B compute exactly what one
+``trainer.parallel.distributed``, so two CPU processes with batch B compute exactly what one
 process computes with batch 2B, forward and backward.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.distributed import all_reduce_sum_with_grad, is_initialized
+from trainer.parallel.distributed import all_reduce_sum_with_grad, is_initialized
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -36,12 +36,18 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU)."""
+def init(device_type: str, timeout_s: float = 1800.0, always: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); ``always``:
+    a group of one as well when there is a single process (DeepSpeed wants a group)."""
     info = env_info()
-    if info.world_size > 1 and not is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+    if is_initialized():
+        return info
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if info.world_size > 1:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    elif always:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return info
 
 

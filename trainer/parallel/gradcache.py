@@ -23,13 +23,13 @@ class GradCache:
     batch's outputs as leaves that require grad; the caller computes its loss on them (and
     may check it) and calls ``backward(loss)``, which re-runs every chunk with a graph and
     back-propagates its slice of the loss's gradient. ``forward``: views [b, ...] -> dict
-    of [b, ...] tensors; ``no_sync``: a context deferring DDP's all-reduce, used for every
-    chunk but the last.
+    of [b, ...] tensors; ``accumulating``: the engine's context in which a backward adds
+    to the step's gradients without reducing them, used for every chunk but the last.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], dict], views: torch.Tensor, chunk: int,
-                 no_sync: Callable[[], contextlib.AbstractContextManager]):
-        self.forward, self.parts, self.no_sync = forward, views.split(chunk), no_sync
+                 accumulating: Callable[[], contextlib.AbstractContextManager]):
+        self.forward, self.parts, self.accumulating = forward, views.split(chunk), accumulating
         self.whole: dict[str, torch.Tensor] = {}
 
     def outputs(self) -> dict[str, torch.Tensor]:
@@ -38,21 +38,23 @@ class GradCache:
         self.whole = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_() for k in cached[0]}
         return self.whole
 
-    def backward(self, loss: torch.Tensor | None = None) -> None:
+    def backward(self, loss: torch.Tensor | None = None,
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> None:
         """Re-run every chunk with a graph and back-propagate its slice of the gradient of
         ``loss`` w.r.t. the cached outputs; ``loss=None``: that gradient is already in the
-        outputs' ``.grad`` (see :func:`blockwise_backward`)."""
+        outputs' ``.grad`` (see :func:`blockwise_backward`). ``backward``: the engine's
+        (DeepSpeed must run every backward of its model itself)."""
         if loss is not None:
             loss.backward()  # gradients w.r.t. the cached outputs (and the loss's own parameters)
         grads = {k: v.grad for k, v in self.whole.items()}
         start = 0
         for i, part in enumerate(self.parts):
-            sync = contextlib.nullcontext() if i == len(self.parts) - 1 else self.no_sync()
+            sync = contextlib.nullcontext() if i == len(self.parts) - 1 else self.accumulating()
             with sync:
                 out = self.forward(part)
                 surrogate = sum((out[k].float() * grads[k][start:start + len(part)].float()).sum()
                                 for k in out if grads[k] is not None)
-                surrogate.backward()
+                backward(surrogate)
             start += len(part)
 
 

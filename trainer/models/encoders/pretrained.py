@@ -5,6 +5,8 @@
 - a ``.pth`` / ``.pt`` state dict, possibly wrapped as ``{"state_dict": ...}`` or
   ``{"model": ...}`` (training checkpoints) and possibly with DDP's ``module.`` prefix;
 - a ``.safetensors`` file;
+- an audioclr run folder (its exported ``encoder.safetensors``) or checkpoint folder
+  (``step_N``: the encoder part of ``engine/weights.safetensors``, whichever engine wrote it);
 - or an in-memory ``{name: tensor}`` mapping.
 
 Classifier keys (``fc.*`` for ResNets, ``classifier.*`` for EfficientNet) are dropped: the
@@ -70,9 +72,15 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
     else:
         path = Path(path_or_state_dict)
         source = str(path)
+        encoder_only = path.is_dir() and (path / "engine" / "weights.safetensors").is_file()
+        if encoder_only:
+            path = path / "engine" / "weights.safetensors"
+        elif path.is_dir() and (path / "encoder.safetensors").is_file():
+            path = path / "encoder.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights not found: {path}" +
-                                    (" (it is a folder, not a file)" if path.is_dir() else ""))
+                                    (" (a folder without encoder.safetensors or engine/weights.safetensors)"
+                                     if path.is_dir() else ""))
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file
@@ -80,6 +88,8 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
                 state = load_file(str(path), device="cpu")
             except (OSError, SafetensorError) as err:
                 raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+            if encoder_only:  # a whole model's weights: keep the encoder's
+                state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         else:
             from trainer.safe_files import CheckpointError, load_tensors
             try:

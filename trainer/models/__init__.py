@@ -1,0 +1,1 @@
+"""Encoders, projection heads, and the module an engine trains (model + objective parameters)."""
