@@ -266,13 +266,24 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
         check_section(cfg, cpu)
 
 
-def test_eval_reads_an_encoder_trained_under_zero_3(tiny_shards, tmp_path):
+def test_eval_and_a_tune_sweep_read_an_encoder_trained_under_zero_3(tiny_shards, tmp_path):
+    import yaml
+
     run = tmp_path / "run"
     _plain(_pretrain(*_cmd(tiny_shards, run, 3), "train.max_steps=2"), 0)
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "eval", "--run", str(run), "--data", str(tiny_shards),
                           "--protocol", "knn"], env=cli_env(), capture_output=True, text=True, timeout=300)
     _plain(out, 0)
     assert list((run / "eval").rglob("knn*.json"))
+    sweep = {"name": "zero3", "storage": str(tmp_path / "sweeps"), "encoders": [str(run)], "data": str(tiny_shards),
+             "protocol": "finetune", "space": {"finetune.alpha": {"grid": [0.5]}}, "ray": {"num_cpus": 2},
+             "eval": {"val_fraction": 0.25, "finetune": {"epochs": 1, "batch_size": 4, "loss": "hybrid"}}}
+    config = tmp_path / "sweep.yaml"
+    config.write_text("# audioclr tune --config sweep.yaml\n" + yaml.safe_dump(sweep))
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "tune", "--config", str(config)], env=cli_env(),
+                         capture_output=True, text=True, timeout=600)
+    _plain(out, 0)
+    assert "1 trial(s), 0 failed" in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed launcher")
