@@ -13,13 +13,14 @@ import torch
 from dataio.manifest import Manifest
 from dataio.schema import check, option
 
-BACKENDS = ("torch", "dali")
+BACKENDS = ("torch", "dali", "synthetic")
 
 
 @dataclass
 class DataConfig:
     shards: str = option("", "folder holding manifest.json and the training shards")
-    backend: str = option("torch", "data back end: torch (webdataset + torchaudio) or dali", BACKENDS)
+    backend: str = option("torch", "data back end: torch (webdataset + torchaudio), dali, or synthetic (one "
+                          "fixed batch on the device every step: the model's speed without input)", BACKENDS)
     batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
     num_workers: int = option(2, "loader worker processes per rank (DALI: CPU threads)")
     num_views: int = option(2, "views drawn from each clip")
@@ -31,6 +32,7 @@ class DataConfig:
                               "skipped (torch back end only); counted either way", ("pad", "skip"))
     shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
     steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
+    synthetic_clips: int = option(100_000, "backend synthetic without shards: the clips an epoch counts")
 
     def __post_init__(self) -> None:
         check(self.batch_size > 0, "batch_size", "must be positive")
@@ -44,6 +46,7 @@ class DataConfig:
               f"must be >= 1 and divide batch_size ({self.batch_size})")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
+        check(self.synthetic_clips > 0, "synthetic_clips", "must be positive")
         check(not (self.backend == "dali" and self.short_clips == "skip"), "short_clips",
               "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
 

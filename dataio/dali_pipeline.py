@@ -246,17 +246,20 @@ def dali_available() -> bool:
     return True
 
 
-def numpy_logmel(waves: np.ndarray, frontend: FrontendConfig) -> np.ndarray:
-    """DALI log-mels of float32 waves [N, S] (CPU), for parity tests and benchmarks."""
+def numpy_logmel(waves: np.ndarray, frontend: FrontendConfig, device: str = "cpu") -> np.ndarray:
+    """DALI log-mels of float32 waves [N, S], computed on the CPU or (``device="gpu"``)
+    GPU 0, for parity tests and benchmarks."""
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def
     def graph():
         wave = fn.external_source(name="wave")
-        return logmel_nodes([wave], frontend)[0]
+        return logmel_nodes([wave.gpu() if device == "gpu" else wave], frontend)[0]
 
-    pipe = graph(batch_size=len(waves), num_threads=1, device_id=None)
+    pipe = graph(batch_size=len(waves), num_threads=1, device_id=0 if device == "gpu" else None)
     pipe.build()
     pipe.feed_input("wave", [w.astype(np.float32) for w in waves])
     (out,) = pipe.run()
+    if device == "gpu":
+        out = out.as_cpu()
     return np.stack([np.array(t) for t in out])

@@ -1,8 +1,8 @@
 """The back-end switch: ``data.backend`` -> the source a run trains from.
 
-Both sources yield :class:`dataio.batch.Batch` es through ``epoch(epoch, start_step)``
+The sources yield :class:`dataio.batch.Batch` es through ``epoch(epoch, start_step)``
 and report their position with ``state()`` (``None`` when the step alone positions
-them). Both hand their batches to the same :class:`dataio.augment.Augmenter`.
+them). The real ones hand their batches to the same :class:`dataio.augment.Augmenter`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from dataio.manifest import Manifest
 def open_source(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
                 place: Placement, state=None):
     """The configured back end; ``state`` is what its ``state()`` returned at a checkpoint."""
+    if cfg.backend == "synthetic":
+        from dataio.synthetic import SyntheticSource
+        return SyntheticSource(cfg, manifest, frontend, augmenter, place)
     if cfg.backend == "dali":
         from dataio.dali_pipeline import DaliSource
         return DaliSource(cfg, manifest, frontend, augmenter, place, state=state)

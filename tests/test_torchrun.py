@@ -1,6 +1,7 @@
 """Real launches: torchrun with two processes, and two torchrun agents as two nodes."""
 
 import importlib.util
+import json
 import shutil
 import subprocess
 
@@ -33,7 +34,9 @@ def _check_run(run_dir):
                                                      "state.pt"]
     assert sorted(p.name for p in (ckpt / "engine").iterdir()) == ["optimizer.pt", "weights.safetensors"]
     assert (run_dir / "encoder.safetensors").is_file() and (run_dir / "encoder.json").is_file()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == STEPS
+    assert all(r["allreduce_seconds"] > 0 and r["rank_skew"] >= 1.0 for r in records), "two ranks' telemetry"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["train"]["max_steps"] == STEPS and resolved["data"]["batch_size"] == 4
 

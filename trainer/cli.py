@@ -40,11 +40,14 @@ def _check_shards(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("data", "quality"):
-        print("usage: audioclr bench data|quality [--help]", file=sys.stderr)
+    if not argv or argv[0] not in ("data", "quality", "train"):
+        print("usage: audioclr bench data|train|quality [--help]", file=sys.stderr)
         return 2
     if argv[0] == "quality":
         from trainer.bench_quality import main
+        return main(argv[1:])
+    if argv[0] == "train":
+        from trainer.bench_train import main
         return main(argv[1:])
     from dataio.bench import main
     return main(argv[1:])
@@ -85,7 +88,8 @@ COMMANDS = {
     "tune": (_tune, "Ray Tune sweep of the downstream evaluation (alpha, temperature, lr, k ...)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),
     "bench": (_bench, "benchmarks: `bench data` times the data back ends against the decode limit; "
-              "`bench quality` scores pretraining on real labelled audio against baselines"),
+              "`bench train` times the training step against a bare PyTorch loop and real data against "
+              "synthetic; `bench quality` scores pretraining on real labelled audio against baselines"),
 }
 
 

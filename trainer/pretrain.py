@@ -18,6 +18,7 @@ from dataio.augment import build_augmenter
 from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import open_source
+from dataio.synthetic import synthetic_manifest
 from trainer.checkpoint import (
     ENGINE,
     Checkpointer,
@@ -38,6 +39,7 @@ from trainer.parallel.engine import build_engine
 from trainer.parallel.gradcache import GradCache
 from trainer.parallel.sync_bn import convert_global_bn
 from trainer.safe_files import describe_error
+from trainer.telemetry import Telemetry
 
 log = logging.getLogger("audioclr.pretrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 128 + signal
@@ -83,7 +85,8 @@ class Pretrainer:
             check_section(cfg, self.device)
         self.info = distributed.init(self.device.type, always=cfg.train.engine == "deepspeed")
         self.run_dir = Path(cfg.run_dir)
-        self.manifest = load_manifest(cfg.data.shards)
+        self.manifest = load_manifest(cfg.data.shards) if cfg.data.shards else \
+            synthetic_manifest(cfg.data, cfg.frontend)
         if self.manifest.sample_rate != cfg.frontend.sample_rate:
             raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
                               f"shards' {self.manifest.sample_rate} Hz ({self.manifest.root})")
@@ -103,6 +106,8 @@ class Pretrainer:
             num_clips=self.manifest.num_clips, num_classes=len(self.manifest.vocabulary),
             total_steps=self.total_steps, seed=cfg.seed))
         self.engine = self._build_engine()
+        self.telemetry = Telemetry(self.device, cfg.data.batch_size)
+        self.engine.watch_allreduce(self.telemetry)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info, self.device)
         self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
         self.step = 0
@@ -204,7 +209,7 @@ class Pretrainer:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 counts = {"skipped": 0, "short": 0}
-                for batch in self.source.epoch(epoch, start):
+                for batch in self._timed(self.source.epoch(epoch, start)):
                     counts["skipped"] += batch.skipped
                     counts["short"] += batch.short
                     stop = self.train_step(batch)
@@ -230,19 +235,34 @@ class Pretrainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _timed(self, batches):
+        """``batches``, with the time spent waiting for each counted as data wait."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.telemetry.waited(time.perf_counter() - start)
+            yield batch
+
     def train_step(self, batch: Batch) -> int:
         """One optimisation step; returns the signal (SIGTERM, SIGINT) when some rank was
         asked to stop, else 0."""
         t0 = time.perf_counter()
+        logging_now = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
+        tel = self.telemetry
+        tel.start_step(detailed=logging_now)
         self.engine.train()
         views = self.objective.model_views(batch.views)
         cache, chunk = None, self.cfg.train.grad_cache_chunk
-        if chunk:
-            cache = GradCache(self.engine.forward, views, chunk, self.engine.accumulating)
-        out = cache.outputs() if cache else self.engine.forward(views)
-        with self.engine.autocast():  # the losses compute their logits in float32 themselves
-            # with gradient caching the loss is back-propagated to the cached outputs here
-            loss = self.objective.loss_backward(out, batch, chunk) if cache else self.objective.loss(out, batch)
+        with tel.phase("forward"):
+            if chunk:
+                cache = GradCache(self.engine.forward, views, chunk, self.engine.accumulating)
+            out = cache.outputs() if cache else self.engine.forward(views)
+            with self.engine.autocast():  # the losses compute their logits in float32 themselves
+                # with gradient caching the loss is back-propagated to the cached outputs here
+                loss = self.objective.loss_backward(out, batch, chunk) if cache else self.objective.loss(out, batch)
         nonfinite, *stops = distributed.any_rank([not bool(torch.isfinite(loss))] +
                                                  [self.stop_signal == s for s in STOP_SIGNALS], self.device)
         stop = next((s for s, flag in zip(STOP_SIGNALS, stops) if flag), 0)
@@ -250,21 +270,25 @@ class Pretrainer:
             raise TrainingError(f"the loss is not finite at step {self.step + 1} (lr {self.engine.lr:.3g}); "
                                 f"nothing was updated. Lower optim.lr or raise objective.temperature, "
                                 f"and resume from the last checkpoint in {self.checkpointer.root}")
-        if cache is not None:
-            cache.backward(backward=self.engine.backward)
-        else:
-            self.engine.backward(loss)
-        grad_norm = self.engine.step()
-        if self.objective.reads_model:  # MoCo's momentum update reads every weight
-            with self.engine.gathered() as model:
-                self.objective.after_step(model, self.step)
-        else:
-            self.objective.after_step(self.engine.module, self.step)
+        with tel.phase("backward"):
+            if cache is not None:
+                cache.backward(backward=self.engine.backward)
+            else:
+                self.engine.backward(loss)
+        with tel.phase("optimizer"):
+            grad_norm = self.engine.step()
+            if self.objective.reads_model:  # MoCo's momentum update reads every weight
+                with self.engine.gathered() as model:
+                    self.objective.after_step(model, self.step)
+            else:
+                self.objective.after_step(self.engine.module, self.step)
         self.step += 1
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+        tel.step_done(time.perf_counter() - t0)
+        if logging_now:
             seconds = time.perf_counter() - t0
             values = distributed.reduce_mean({"loss": loss.item(), "skipped_clips": batch.skipped,
                                               "step_seconds": seconds}, self.device)
+            values.update(self.telemetry.record())
             values.update(lr=self.engine.lr, epoch=self.step / self.steps_per_epoch,
                           elapsed=time.perf_counter() - self._started,
                           clips_per_second=self.cfg.data.batch_size * self.info.world_size / max(seconds, 1e-9))

@@ -137,6 +137,17 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+@torch.no_grad()
+def reduce_max(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The largest value of each scalar over ranks (one collective for all of them)."""
+    if not values or not is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
 def reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum scalar counts over ranks."""
     world = dist.get_world_size() if is_initialized() else 1

@@ -56,6 +56,10 @@ class Engine:
         kept there)."""
         yield self.module
 
+    def watch_allreduce(self, telemetry) -> bool:
+        """Have the gradient all-reduce timed into ``telemetry``; False where it cannot be."""
+        return False
+
     def saved_as(self) -> dict:
         """What a checkpoint of this engine holds, for meta.json and the resume check."""
         return {"engine": self.name}
@@ -91,6 +95,13 @@ class DDPEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def watch_allreduce(self, telemetry) -> bool:
+        if not isinstance(self.model, DistributedDataParallel):
+            return False
+        from trainer.telemetry import time_allreduce
+        time_allreduce(self.model, telemetry)
+        return True
 
     def accumulating(self):
         """Backwards inside add their gradients without DDP's all-reduce; the next

@@ -1,0 +1,57 @@
+"""Step telemetry in metrics.jsonl, the synthetic source, and the input-bound warning."""
+
+import json
+import logging
+import time
+
+from tests.conftest import tiny_overrides
+from trainer.config import PretrainConfig, load_config
+from trainer.pretrain import Pretrainer
+
+KEYS = {"data_wait_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "allreduce_seconds",
+        "rank_skew", "step_seconds_slowest_rank", "clips_per_second_per_rank", "data_wait_fraction",
+        "peak_memory_mib"}
+
+
+def _run(overrides, slow_data: float = 0.0):
+    trainer = Pretrainer(load_config(PretrainConfig, None, overrides))
+    if slow_data:
+        timed = trainer._timed
+
+        trainer._timed = lambda batches: timed(_sleepy(batches, slow_data))
+    try:
+        assert trainer.train() == "finished"
+    finally:
+        trainer.close()
+    return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sleepy(batches, seconds):
+    for batch in batches:
+        time.sleep(seconds)
+        yield batch
+
+
+def test_synthetic_data_trains_without_shards_and_records_where_time_goes(tmp_path):
+    records = _run([f"run_dir={tmp_path}", "data.backend=synthetic", "data.synthetic_clips=64", "data.batch_size=8",
+                    "model.width=4", "model.proj_hidden=16", "model.proj_dim=8", "frontend.n_mels=32",
+                    "data.view_seconds=0.5", "train.epochs=1", "train.log_every=2", "train.progress=false",
+                    "train.tensorboard=false"])
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    for r in records:
+        assert KEYS <= set(r), KEYS - set(r)
+        phases = r["forward_seconds"] + r["backward_seconds"] + r["optimizer_seconds"]
+        assert 0 < phases <= r["step_seconds_slowest_rank"] * 1.05
+        assert r["rank_skew"] == 1.0 and r["allreduce_seconds"] == 0.0 and r["peak_memory_mib"] > 0
+        assert r["data_wait_fraction"] < 0.1, "the synthetic source costs nothing"
+
+
+def test_an_input_bound_run_is_warned_about(tiny_shards, tmp_path, caplog, monkeypatch):
+    import trainer.telemetry
+
+    monkeypatch.setattr(trainer.telemetry, "WARN_WINDOW", 2)  # judged over 2 steps, not 50
+    with caplog.at_level(logging.WARNING, logger="audioclr.telemetry"):
+        records = _run([*tiny_overrides(tiny_shards, tmp_path), "train.max_steps=4", "train.log_every=2"],
+                       slow_data=0.5)
+    assert records[-1]["data_wait_fraction"] > 0.1 and records[-1]["data_wait_seconds"] >= 0.5
+    assert any("input-bound" in m and "waits for data" in m for m in caplog.messages)

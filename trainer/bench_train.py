@@ -1,0 +1,206 @@
+"""``audioclr bench train``: how fast one process trains, against a bare PyTorch loop.
+
+Three measurements of the same model, batch and precision:
+
+  (a) bare:      model + NT-Xent + SGD in a plain loop, the batch already on the device;
+  (b) synthetic: audioclr's training step (engine, objective, telemetry, checks) fed by
+                 ``data.backend: synthetic``, one fixed batch on the device;
+  (c) real:      the same step fed from shards (``--data``) through each back end, with
+                 the recipe's augmentation chain (``--config``, or none).
+
+b/a is what the trainer's machinery costs; c/b tells input-bound (> 1) from
+compute-bound (1.0). Each runs ``--warmup`` steps, then times ``--steps`` in windows of 5,
+(a) and (b) taking turns, and keeps the median window; a table and a JSON record come out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("audioclr.bench_train")
+
+
+def bare_step(args, device: torch.device, frames: int):
+    """(a): no engine, no checks; autocast and channels-last as asked. Returns one step."""
+    from trainer.models.encoders import build_encoder
+    from trainer.models.heads import ContrastiveModel, ProjectionHead
+    from trainer.objectives.ntxent import nt_xent
+    from trainer.pretrain import autocast_dtype
+
+    torch.manual_seed(0)
+    encoder = build_encoder(args.encoder, in_channels=1, width=args.width)
+    model = ContrastiveModel(encoder, ProjectionHead(encoder.embedding_dim)).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    views = torch.randn(args.batch, 2, 1, args.n_mels, frames, device=device)
+    dtype = autocast_dtype(args.precision, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            z = model(views)["z"]
+            loss = nt_xent(z, z, 0, temperature=0.2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def timed(steps: dict, args, device: torch.device, window: int = 5) -> dict:
+    """Per-step time of each of ``steps`` (name -> one step): the median over windows of
+    ``window`` steps, the loops' windows taken in turn so that a busy moment of the
+    machine or a drift of its clock touches them alike; after ``args.warmup`` steps each."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    windows: dict[str, list[float]] = {name: [] for name in steps}
+    for first in range(0, args.steps, window):
+        n = min(window, args.steps - first)
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                step()
+            _sync(device)
+            windows[name].append((time.perf_counter() - start) / n)
+    out = {}
+    for name, per_step in windows.items():
+        seconds = statistics.median(per_step)
+        out[name] = {"ms_per_step": 1e3 * seconds, "clips_per_second": args.batch / seconds,
+                     "ms_per_step_windows": [round(1e3 * t, 2) for t in per_step]}
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainer_step(args, backend: str, shards: str, run_dir: Path):
+    """(b) and (c): audioclr's own step, fed by ``backend``; (the step, the trainer)."""
+    from dataio.batch import Placement
+    from dataio.pipeline import open_source
+    from trainer.config import PretrainConfig, load_config
+    from trainer.pretrain import Pretrainer
+
+    overrides = [f"run_dir={run_dir}", f"data.backend={backend}", f"data.batch_size={args.batch}",
+                 f"data.view_seconds={args.view_seconds}", f"frontend.n_mels={args.n_mels}",
+                 f"model.encoder={args.encoder}", f"model.width={args.width}", f"train.precision={args.precision}",
+                 f"train.channels_last={str(args.channels_last).lower()}", f"train.engine={args.engine}",
+                 f"train.device={args.device}", "train.max_steps=1000000000", "train.log_every=1000000000",
+                 "train.ckpt_every=1000000000", "train.progress=false", "train.tensorboard=false",
+                 "optim.lr=0.01", "optim.warmup_steps=0", "objective.name=simclr", "objective.temperature=0.2",
+                 f"data.num_workers={args.workers}", f"data.shards={shards}"]
+    if backend == "synthetic" or not args.config:
+        overrides.append("augment={}")
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    trainer = Pretrainer(cfg)
+    place = Placement(rank=trainer.info.rank, world_size=trainer.info.world_size, seed=cfg.seed,
+                      device=trainer.device, steps=trainer.steps_per_epoch)
+    trainer.source = open_source(cfg.data, trainer.manifest, cfg.frontend, trainer.augmenter, place)
+    batches = _endless(trainer)
+    return (lambda: trainer.train_step(next(batches))), trainer
+
+
+def _endless(trainer):
+    epoch = 0
+    while True:
+        yield from trainer._timed(trainer.source.epoch(epoch, 0))
+        epoch += 1
+
+
+def run(args) -> dict:
+    from dataio.frontend import FrontendConfig
+    from trainer.pretrain import pick_device
+
+    device = pick_device(args.device, 0)
+    frontend = FrontendConfig(n_mels=args.n_mels)
+    frames = frontend.num_frames(int(round(args.view_seconds * frontend.sample_rate)))
+    report = {"encoder": args.encoder, "width": args.width, "batch": args.batch, "views": [2, 1, args.n_mels, frames],
+              "precision": args.precision, "channels_last": args.channels_last, "engine": args.engine,
+              "device": str(device), "threads": torch.get_num_threads(), "rows": {}}
+    rows = report["rows"]
+    with tempfile.TemporaryDirectory() as tmp:
+        step, trainer = trainer_step(args, "synthetic", "", Path(tmp) / "synthetic")
+        try:
+            rows.update(timed({"bare": bare_step(args, device, frames), "synthetic": step}, args, device))
+        finally:
+            trainer.close()
+        for backend in args.backends.split(",") if args.data else []:
+            try:
+                step, trainer = trainer_step(args, backend, args.data, Path(tmp) / backend)
+                try:
+                    rows[backend] = timed({backend: step}, args, trainer.device)[backend]
+                    tel = trainer.telemetry
+                    rows[backend]["data_wait_fraction"] = tel.wait / max(tel.wait + tel.busy, 1e-12)
+                finally:
+                    trainer.close()
+            except Exception as err:  # noqa: BLE001 -- a missing DALI, a bad shard folder: a row says so
+                rows[backend] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    base, synthetic = rows["bare"]["ms_per_step"], rows["synthetic"]["ms_per_step"]
+    rows["synthetic"]["vs_bare"] = synthetic / base
+    for backend in args.backends.split(",") if args.data else []:
+        if "ms_per_step" in rows[backend]:
+            rows[backend]["vs_synthetic"] = rows[backend]["ms_per_step"] / synthetic
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['encoder']} width {report['width']}, batch {report['batch']} x views "
+             f"{report['views']}, {report['precision']}, channels_last={report['channels_last']}, "
+             f"engine {report['engine']}, {report['device']} ({report['threads']} threads)",
+             "| loop | clips/s | ms/step | ratio | data wait |", "|---|---|---|---|---|"]
+    for name, row in report["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | - | - | failed: {row['error']} | - |")
+            continue
+        ratio = (f"{row['vs_bare']:.3f} x bare" if "vs_bare" in row else
+                 f"{row['vs_synthetic']:.3f} x synthetic" if "vs_synthetic" in row else "1")
+        wait = f"{100 * row['data_wait_fraction']:.1f}%" if "data_wait_fraction" in row else "-"
+        lines.append(f"| {name} | {row['clips_per_second']:.0f} | {row['ms_per_step']:.1f} | {ratio} | {wait} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audioclr bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64, help="clips per step (two views each)")
+    p.add_argument("--view-seconds", type=float, default=1.0)
+    p.add_argument("--n-mels", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fast", "auto"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--data", help="shard folder for the real-data rows (c)")
+    p.add_argument("--backends", default="torch,dali", help="back ends for (c)")
+    p.add_argument("--workers", type=int, default=2, help="data.num_workers for (c)")
+    p.add_argument("--config", help="recipe whose augmentation chain (c) runs")
+    p.add_argument("--out", help="write the JSON record here too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from trainer.commands import run_guarded
+
+    def work() -> int:
+        report = run(args)
+        print(table(report))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return 0
+    return run_guarded("audioclr bench train", work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
