@@ -55,3 +55,27 @@ def test_an_input_bound_run_is_warned_about(tiny_shards, tmp_path, caplog, monke
                        slow_data=0.5)
     assert records[-1]["data_wait_fraction"] > 0.1 and records[-1]["data_wait_seconds"] >= 0.5
     assert any("input-bound" in m and "waits for data" in m for m in caplog.messages)
+
+
+def test_threads_auto_leaves_a_busy_core_alone(monkeypatch):
+    import os
+
+    import torch
+
+    import trainer.threads as threads
+
+    ticks = iter([{0: (0, 0), 1: (0, 0)}, {0: (95, 100), 1: (3, 100)}])  # core 1 busy with other work
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(ticks))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads.set_threads(0, torch.device("cpu")) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's or the user's choice stands
+        torch.set_num_threads(2)
+        assert threads.set_threads(0, torch.device("cpu")) == 2
+        assert threads.set_threads(1, torch.device("cpu")) == 1, "a number is taken as given"
+    finally:
+        torch.set_num_threads(before)

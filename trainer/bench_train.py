@@ -146,6 +146,7 @@ def run(args) -> dict:
                     trainer.close()
             except Exception as err:  # noqa: BLE001 -- a missing DALI, a bad shard folder: a row says so
                 rows[backend] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    report["threads"] = torch.get_num_threads()  # as train.threads set them
     base, synthetic = rows["bare"]["ms_per_step"], rows["synthetic"]["ms_per_step"]
     rows["synthetic"]["vs_bare"] = synthetic / base
     for backend in args.backends.split(",") if args.data else []:

@@ -185,6 +185,8 @@ class TrainConfig:
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
+    threads: int = option(0, "CPU threads of the training process; 0 = auto: the cores idle at start (a core "
+                          "another process keeps busy would stall every step), or OMP_NUM_THREADS when set")
     engine: str = option("ddp", "how the model is replicated across ranks: ddp (PyTorch DDP) or deepspeed "
                          "(ZeRO, set in the deepspeed section)", ("ddp", "deepspeed"))
     progress: bool = option(True, "progress bar on rank 0")
@@ -199,6 +201,7 @@ class TrainConfig:
         check(self.ckpt_every > 0, "ckpt_every", "must be positive")
         check(self.keep_last > 0, "keep_last", "must be positive")
         check(self.grad_cache_chunk >= 0, "grad_cache_chunk", "must be >= 0")
+        check(self.threads >= 0, "threads", "must be >= 0 (0 = auto)")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from trainer.parallel.gradcache import GradCache
 from trainer.parallel.sync_bn import convert_global_bn
 from trainer.safe_files import describe_error
 from trainer.telemetry import Telemetry
+from trainer.threads import set_threads
 
 log = logging.getLogger("audioclr.pretrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 128 + signal
@@ -80,6 +81,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.train.device, distributed.env_info().local_rank)
+        log.info("CPU threads: %d", set_threads(cfg.train.threads, self.device))
         if cfg.train.engine == "deepspeed":
             from trainer.parallel.deepspeed_engine import check_section
             check_section(cfg, self.device)
