@@ -193,10 +193,10 @@ def distributed_logsumexp(local_logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def average_gradients(params) -> None:
-    """Average ``.grad`` over ranks in place, for trainable parameters DDP does not own
-    (an objective's bilinear W or classifier). One collective for all of them; a rank
-    where a parameter has no gradient contributes zeros, so ranks never disagree on the
-    collective's shape."""
+    """Average ``.grad`` over ranks in place, as DDP does for the modules it wraps (tests
+    use it as the reference for losses computed outside an engine). One collective for
+    all of them; a rank where a parameter has no gradient contributes zeros, so ranks
+    never disagree on the collective's shape."""
     params = [p for p in params if p.requires_grad]
     if not params or not is_initialized() or dist.get_world_size() == 1:
         return
