@@ -45,3 +45,30 @@ def test_step_and_exponential_schedules():
     expo = dict(schedule="exponential", warmup=20, total=500, steps_per_epoch=10, decay=0.98)
     assert lr_multiplier(9, **expo) == pytest.approx(0.5)
     assert [lr_multiplier(s, **expo) for s in (20, 29, 30, 120)] == pytest.approx([1, 1, 0.98, 0.98 ** 10])
+
+
+def test_the_fused_update_steps_as_the_plain_one():
+    from trainer.optim import build_optimizer
+
+    for name in ("sgd",):
+        runs = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+            opt = build_optimizer(name, model, 0.05, 0.9, 1e-4, 0.001, fused=fused)
+            for step in range(3):
+                torch.manual_seed(step)
+                model(torch.randn(16, 6)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            runs.append([p.detach().clone() for p in model.parameters()])
+        for a, b in zip(*runs):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+
+
+def test_fused_for_another_optimizer_is_refused_naming_the_key():
+    from trainer.config import ConfigError, PretrainConfig, load_config
+
+    for name in ("lars", "adamw"):
+        with pytest.raises(ConfigError, match=f"optim.kernel: fused is for sgd only, not {name}"):
+            load_config(PretrainConfig, None, ["data.shards=x", f"optim.name={name}", "optim.kernel=fused"])

@@ -57,12 +57,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float,
-                    weight_decay: float, lars_eta: float) -> torch.optim.Optimizer:
+                    weight_decay: float, lars_eta: float, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: PyTorch's one-kernel update, for sgd (AdamW's fused CPU kernel drifted
+    from the plain one in a 3-step test; LARS has none)."""
     groups = param_groups(model, weight_decay)
+    if fused and name != "sgd":
+        raise ValueError(f"optim.kernel: fused is for sgd only, not {name}")
+    kernel = {"fused": True} if fused else {}
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
     if name == "adamw":  # COLA's recipe (Adam); ``momentum`` is beta1

@@ -138,8 +138,10 @@ class Pretrainer:
             model.to(memory_format=torch.channels_last)
         self.objective.attach(model)
         torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
+        fused = cfg.optim.kernel == "fused" or (cfg.optim.kernel == "auto" and self.device.type == "cuda"
+                                                and cfg.optim.name == "sgd")
         optimizer = build_optimizer(cfg.optim.name, model, cfg.optim.lr, cfg.optim.momentum,
-                                    cfg.optim.weight_decay, cfg.optim.lars_eta)
+                                    cfg.optim.weight_decay, cfg.optim.lars_eta, fused=fused)
         o = cfg.optim
         warmup = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
         scheduler = build_scheduler(optimizer, warmup, self.total_steps, o.final_lr_ratio, schedule=o.schedule,
