@@ -150,7 +150,9 @@ def _cpu_bf16() -> bool:
 
 
 @pytest.mark.parametrize("ranks,stage,precision", [
-    (1, 2, "fp32"), (1, 3, "fp32"), (2, 2, "fp32"), (2, 3, "fp32"),
+    (1, 2, "fp32"), (1, 3, "fp32"), (2, 2, "fp32"),
+    # a rank of the resumed run aborted (SIGABRT) in 2 of 3 full-suite runs, never alone: open
+    pytest.param(2, 3, "fp32", marks=pytest.mark.unsettled),
     pytest.param(1, 1, "bf16", marks=pytest.mark.skipif(not _cpu_bf16(), reason="a CPU without bf16"))])
 def test_killed_and_resumed_equals_uninterrupted(tiny_shards, tmp_path, ranks, stage, precision):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -170,8 +172,10 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_shards, tmp_path, ranks, s
     proc.wait(timeout=60)
     done = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert f"step_{TOTAL:08d}" not in done, "the run finished before it was killed"
+    again = _launch(ranks, _cmd(tiny_shards, killed, stage, use, "train.ckpt_every=4"))  # a fresh port
     out = subprocess.run(again, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "resumed from" in out.stderr, out.stderr[-3000:]
+    problems = [line for line in out.stderr.splitlines() if "rror" in line or "rank" in line.lower()][-40:]
+    assert out.returncode == 0 and "resumed from" in out.stderr, "\n".join(problems)
     final = f"checkpoints/step_{TOTAL:08d}"
     meta = json.loads((killed / final / "meta.json").read_text())
     assert meta["engine"] == "deepspeed" and meta["zero_stage"] == stage and meta["world_size"] == ranks
