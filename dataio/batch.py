@@ -23,6 +23,13 @@ class DataConfig:
                           "fixed batch on the device every step: the model's speed without input)", BACKENDS)
     batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
     num_workers: int = option(2, "loader worker processes per rank (DALI: CPU threads)")
+    prefetch: int = option(2, "batches each loader worker keeps ready (DALI: the pipeline's queue depth)")
+    persistent_workers: bool = option(True, "torch back end: one loader for the whole run, its workers preparing "
+                                      "the next epoch while this one ends (false: fresh workers every epoch)")
+    worker_threads: int = option(1, "torch back end: CPU threads of each loader worker (the workers are the "
+                                 "parallelism; more only helps with fewer workers than cores)")
+    pin_memory: bool = option(True, "torch back end on a GPU: batches in page-locked host memory, copied to the "
+                              "device without blocking the step")
     num_views: int = option(2, "views drawn from each clip")
     view_seconds: float = option(1.0, "length of one view, seconds")
     view_gap: float = option(0.0, "the views of a clip start at least this far apart, seconds, where the "
@@ -37,6 +44,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.prefetch >= 1, "prefetch", "must be >= 1")
+        check(self.worker_threads >= 1, "worker_threads", "must be >= 1")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(self.view_seconds > 0, "view_seconds", "must be positive")
         check(self.view_gap >= 0, "view_gap", "must be >= 0")

@@ -131,7 +131,7 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
         return fn.stack(*views), fn.pad(meta, fill_value=0), info
 
     return graph(batch_size=data.batch_size // data.pairs_per_clip, num_threads=data.num_workers or 1,
-                 device_id=device_id, seed=seed + 1000 * rank + 1, prefetch_queue_depth=2,
+                 device_id=device_id, seed=seed + 1000 * rank + 1, prefetch_queue_depth=data.prefetch,
                  checkpoint=checkpoint)
 
 

@@ -103,8 +103,10 @@ def build_section(cls: type, values: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = build_section(hint, value, key + ".")
             continue
-        value = coerce(value, hint, key)
         choices = f.metadata.get("choices")
+        if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
+        value = coerce(value, hint, key)
         if choices and value not in choices:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             maybe = f" (did you mean '{near[0]}'?)" if near else ""

@@ -96,19 +96,23 @@ def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator) -> I
 
 
 class WaveBatches(IterableDataset):
-    """Batches ``start_step .. steps-1`` of one epoch for one rank.
+    """Batches of one rank from ``start_step`` of ``epoch`` on: to the end of that epoch,
+    or through every later epoch too (``run_long``, the loader's workers living for the
+    whole run).
 
-    Step ``s`` belongs to logical worker ``s % W`` (W = loader workers). DataLoader polls
-    its workers round-robin from worker 0, so worker ``w`` plays logical worker
-    ``(w + start_step) % W``: batches arrive in step order whatever the start step.
-    With ``in_workers`` the workers run the augmentation stage and yield log-mel
-    ``views``; otherwise they yield ``waves`` [B, V, augmenter.input_samples].
+    Global step ``g`` (epoch * steps + step) belongs to logical worker ``g % W`` (W =
+    loader workers). DataLoader polls its workers round-robin from worker 0, so worker
+    ``w`` plays logical worker ``(w + first) % W``, ``first`` being the loader's first
+    global step: batches arrive in step order wherever the loader starts, and the same
+    step gets the same batch from a loader started at any earlier step. With
+    ``in_workers`` the workers run the augmentation stage and yield log-mel ``views``;
+    otherwise they yield ``waves`` [B, V, augmenter.input_samples].
     """
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement, *,
-                 epoch: int, start_step: int, in_workers: bool):
+                 epoch: int, start_step: int, in_workers: bool, run_long: bool = False):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
-        self.epoch, self.start_step, self.in_workers = epoch, start_step, in_workers
+        self.epoch, self.start_step, self.in_workers, self.run_long = epoch, start_step, in_workers, run_long
         self.view_len = int(round(cfg.view_seconds * manifest.sample_rate))
         self.read_len = augmenter.input_samples
         self.gap = int(round(cfg.view_gap * manifest.sample_rate))
@@ -116,27 +120,36 @@ class WaveBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
-        logical = ((info.id if info else 0) + self.start_step) % workers
-        seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
-        order = [int(i) for i in np.random.default_rng((seed, self.epoch)).permutation(len(self.manifest.shards))]
-        split = split_for_reader(order, rank, world, logical, workers)
-        rank_seed = (seed, self.epoch, *split.order_key)
-        steps = self.place.steps
-        my_steps = range(logical, steps, workers)  # lazily: an epoch may be very long
-        errors: list = []
-        rng = np.random.default_rng((seed, self.epoch, rank, logical, 7))
-        samples = _shuffled(_worker_stream(self.manifest, split, rank_seed),
-                            self.cfg.shuffle_buffer, rng)
-        clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
-        done = len(range(logical, min(self.start_step, steps), workers))
-        self._bad_since = None
+        logical = ((info.id if info else 0) + self.epoch * self.place.steps + self.start_step) % workers
+        first, epoch = self.start_step, self.epoch
         try:
-            for _ in itertools.islice(samples, clips * done):
-                pass
-            for step in my_steps[done:]:
-                yield self._batch(samples, errors, step)
+            while True:
+                yield from self._epoch_batches(epoch, first, logical, workers)
+                if not self.run_long:
+                    return
+                epoch, first = epoch + 1, 0
         except DataError as err:  # handed over as data: a DataLoader would wrap it in a worker traceback
             yield {"data_error": str(err)}
+
+    def _epoch_batches(self, epoch: int, start_step: int, logical: int, workers: int) -> Iterator[dict]:
+        """This logical worker's batches of ``epoch`` from ``start_step`` on."""
+        self.epoch = epoch  # _batch and _decode read it
+        seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
+        order = [int(i) for i in np.random.default_rng((seed, epoch)).permutation(len(self.manifest.shards))]
+        split = split_for_reader(order, rank, world, logical, workers)
+        rank_seed = (seed, epoch, *split.order_key)
+        steps = self.place.steps
+        mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
+        errors: list = []
+        rng = np.random.default_rng((seed, epoch, rank, logical, 7))
+        samples = _shuffled(_worker_stream(self.manifest, split, rank_seed), self.cfg.shuffle_buffer, rng)
+        clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
+        done = len(range(mine.start, min(start_step, steps), workers))
+        self._bad_since = None
+        for _ in itertools.islice(samples, clips * done):
+            pass
+        for step in mine[done:]:
+            yield self._batch(samples, errors, step)
 
     def _batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
         waves, labels, indices, draws, keys = [], [], [], [], []
@@ -225,9 +238,9 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def _worker_init(_: int, parent: int = 0) -> None:
+def _worker_init(_: int, parent: int = 0, threads: int = 1) -> None:
     keep_freed_memory()
-    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    torch.set_num_threads(threads)  # data.worker_threads: one core per worker, the workers are the parallelism
     # a scheduler's SIGTERM and a Ctrl-C go to the whole process group: the trainer handles
     # them (saves a checkpoint, then exits); its loader workers must live until then, and
     # die with it (the DataLoader's workers watch their parent)
@@ -238,26 +251,27 @@ def _worker_init(_: int, parent: int = 0) -> None:
         os._exit(0)
 
 
-def die_with_parent() -> bool:
-    """Linux: this process gets SIGKILL when its parent dies (a trainer killed with -9
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Linux: this process gets ``sig`` when its parent dies (a trainer killed with -9
     leaves no orphan workers). No-op elsewhere."""
     try:
         libc = _libc()
         pr_set_pdeathsig = 1
-        return libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
+        return libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
 
 def wave_loader(cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement, *,
-                epoch: int, start_step: int, in_workers: bool) -> DataLoader:
+                epoch: int, start_step: int, in_workers: bool, run_long: bool = False) -> DataLoader:
     """A DataLoader over :class:`WaveBatches` (batching happens inside the workers)."""
     dataset = WaveBatches(cfg, manifest, augmenter, place, epoch=epoch, start_step=start_step,
-                          in_workers=in_workers)
+                          in_workers=in_workers, run_long=run_long)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                      prefetch_factor=2 if cfg.num_workers else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
+                      prefetch_factor=cfg.prefetch if cfg.num_workers else None,
+                      persistent_workers=False, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                      worker_init_fn=functools.partial(_worker_init, parent=os.getpid(),
+                                                       threads=cfg.worker_threads))
 
 
 class DeviceFeeder:
@@ -282,36 +296,52 @@ class DeviceFeeder:
 
 
 class TorchSource:
-    """The webdataset back end: a fresh loader per epoch, positioned from the step alone.
-    On a CPU training device the loader workers run the augmentation stage, in parallel
-    with the training step, instead of the (busy) main process."""
+    """The webdataset back end, positioned from the step alone. With
+    ``data.persistent_workers`` one loader serves the whole run (its workers start once
+    and prepare the next epoch's first batches while this one ends); otherwise a fresh
+    loader per epoch. On a CPU training device the loader workers run the augmentation
+    stage, in parallel with the training step, instead of the (busy) main process."""
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
         self.in_workers = place.device.type == "cpu" and cfg.num_workers > 0
         self.feed = DeviceFeeder(augmenter, place)
         self._batches = None
+        self._next = None  # (epoch, step) the open loader yields next
         if len(manifest.shards) < place.world_size and place.rank == 0:
             log.warning("%d shard(s) for %d ranks: every rank reads every shard and keeps its share of "
                         "the clips; re-shard with at least %d shards to read each byte once",
                         len(manifest.shards), place.world_size, place.world_size * max(cfg.num_workers, 1))
 
     def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        loader = wave_loader(self.cfg, self.manifest, self.augmenter, self.place, epoch=epoch,
-                             start_step=start_step, in_workers=self.in_workers)
-        self._batches = iter(loader)
-        try:
-            for wave_batch in self._batches:
-                if "data_error" in wave_batch:
-                    raise DataError(f"rank {self.place.rank}: {wave_batch['data_error']}")
-                yield self.feed(wave_batch)
-        finally:
+        run_long = self.cfg.persistent_workers and self.cfg.num_workers > 0
+        if self._batches is None or self._next != (epoch, start_step):
             self.close()
+            self._batches = iter(wave_loader(self.cfg, self.manifest, self.augmenter, self.place, epoch=epoch,
+                                             start_step=start_step, in_workers=self.in_workers,
+                                             run_long=run_long))
+            self._next = (epoch, start_step)
+        try:
+            for step in range(start_step, self.place.steps):
+                wave_batch = next(self._batches, None)
+                if wave_batch is not None and "data_error" in wave_batch:
+                    raise DataError(f"rank {self.place.rank}: {wave_batch['data_error']}")
+                at = None if wave_batch is None else (wave_batch["epoch"], wave_batch["step"])
+                if at != (epoch, step):
+                    got = "its end" if at is None else f"step {at[1]} of epoch {at[0]}"
+                    raise DataError(f"rank {self.place.rank}: the loader gave {got} where step {step} of "
+                                    f"epoch {epoch} was due")
+                self._next = (epoch, step + 1)
+                yield self.feed(wave_batch)
+            self._next = (epoch + 1, 0)
+        finally:
+            if not run_long or self._next != (epoch + 1, 0):
+                self.close()  # the epoch was left early (stop, error): no loader is kept for later
 
     def close(self) -> None:
         """Stop the loader workers now (at interpreter exit they would be joined forever:
         they ignore SIGTERM, which belongs to the trainer)."""
-        batches, self._batches = self._batches, None
+        batches, self._batches, self._next = self._batches, None, None
         if batches is not None and hasattr(batches, "_shutdown_workers"):
             batches._shutdown_workers()
 

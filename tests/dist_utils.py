@@ -51,3 +51,42 @@ def run_workers(fn, world: int, *args, timeout: float = 240.0) -> list:
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_launch(launcher_pid: int) -> list[int]:
+    """SIGKILL a torchrun launch as a lost node loses it: every rank (torchrun starts each
+    in a session of its own, so killing the launcher's group alone leaves them running),
+    their loader workers, and the launcher. Returns the ranks' pids."""
+    import signal
+
+    ranks = children(launcher_pid)
+    for pid in ranks:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(launcher_pid, signal.SIGKILL)
+    return ranks

@@ -193,3 +193,44 @@ def test_every_clip_is_read_once_per_pass_whatever_the_shards_ranks_and_workers(
                 assert mine, f"reader {rank}/{worker} gets no clip"
             seen += mine
     assert sorted(seen) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
+
+
+def test_a_run_long_loader_gives_every_epoch_what_fresh_loaders_give(even):
+    """data.persistent_workers: one loader across epochs, its workers never restarted, yields
+    what a fresh loader per epoch yields, from any start (3 workers, steps not a multiple)."""
+    from dataio.batch import Placement
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=3, shuffle_buffer=7)
+    steps = steps_per_epoch(cfg, even, 2)
+    assert steps % 3, "the workers' turns must cross epoch boundaries unevenly"
+    place = Placement(rank=1, world_size=2, seed=3, steps=steps)
+    fresh = _epoch(even, cfg, 1, 1, 2, start_step=2) + _epoch(even, cfg, 2, 1, 2) + _epoch(even, cfg, 3, 1, 2)
+    endless = iter(wave_loader(cfg, even, _augmenter(cfg), place, epoch=1, start_step=2, in_workers=False,
+                               run_long=True))
+    long = [next(endless) for _ in fresh]
+    assert [(b["epoch"], b["step"]) for b in long] == [(b["epoch"], b["step"]) for b in fresh]
+    for a, b in zip(fresh, long):
+        assert a["keys"] == b["keys"] and torch.equal(a["waves"], b["waves"])
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_live_across_epochs_and_die_when_an_epoch_is_left(even, persistent):
+    from dataio.torch_pipeline import TorchSource
+    cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=2, shuffle_buffer=7,
+                     persistent_workers=persistent)
+    place = Placement(rank=0, world_size=1, seed=3, steps=steps_per_epoch(cfg, even, 1))
+    source = TorchSource(cfg, even, _augmenter(cfg), place)
+    pids = []
+    for epoch in range(3):
+        batches = list(source.epoch(epoch, 0))
+        assert len(batches) == place.steps
+        pids.append(sorted(w.pid for w in source._batches._workers) if source._batches is not None else None)
+    if persistent:
+        assert pids[0] == pids[1] == pids[2] and pids[0], "the same worker processes serve every epoch"
+    else:
+        assert pids == [None] * 3, "each epoch's loader is closed at its end"
+    for _ in zip(range(2), source.epoch(3, 0)):  # left after 2 steps, as a stop or max_steps leaves it
+        pass
+    assert source._batches is None, "an epoch left early closes its loader"
+    again = list(source.epoch(3, 2))  # and a later request starts where it is asked
+    assert len(again) == place.steps - 2
+    source.close()

@@ -7,7 +7,7 @@ import subprocess
 from tests.conftest import REPO, cli_env
 
 STAGES = ["cuda_tests", "dali_gpu_mel_vs_torch", "corpus", "bench_data", "bench_train_resnet18",
-          "bench_train_resnet50", "torchrun_nccl_2gpu"]
+          "bench_train_resnet50", "bench_train_resnet18_compiled", "torchrun_nccl_2gpu"]
 
 
 def test_gpu_check_runs_what_it_can_and_names_what_it_cannot(tmp_path):
@@ -19,6 +19,7 @@ def test_gpu_check_runs_what_it_can_and_names_what_it_cannot(tmp_path):
     stages = report["stages"]
     assert stages["cuda_tests"]["status"] == "skipped: no CUDA device"
     assert stages["torchrun_nccl_2gpu"]["status"] == "skipped: 0 GPU(s): needs 2"
+    assert stages["bench_train_resnet18_compiled"]["status"] == "skipped: torch.compile takes minutes on a CPU"
     for name in ("corpus", "bench_data", "bench_train_resnet18", "bench_train_resnet50"):
         assert stages[name]["status"] == "ok", stages[name].get("tail")
     rows = stages["bench_train_resnet18"]["result"]["rows"]

@@ -2,14 +2,17 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 import yaml
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
-from tests.dist_utils import free_port
+from tests.dist_utils import alive, children, free_port
 from tests.shard_utils import make_shards
 
 STEPS = 6  # more than one epoch: 27 clips // (2 ranks x 4) = 3 steps per epoch
@@ -57,6 +60,39 @@ def test_torchrun_two_processes(uneven_shards, tmp_path, extra):
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_run(run_dir)
+
+
+def test_ranks_save_and_stop_when_their_launcher_is_killed(uneven_shards, tmp_path):
+    """torchrun gives every rank a session of its own: a launcher killed with -9 (by hand, by
+    an out-of-memory killer) would leave them training on, unseen, beside the rerun that
+    resumes the run. Each rank hears of its launcher's death as a SIGTERM: a checkpoint,
+    then exit."""
+    run_dir = tmp_path / "run"
+    cmd = [*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           "-m", "trainer.pretrain", *tiny_overrides(uneven_shards, run_dir), "train.max_steps=100000",
+           "train.ckpt_every=100000"]
+    launcher = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or len(children(launcher.pid)) < 2:
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        assert time.time() < deadline, "no training step within 240 s"
+        time.sleep(0.05)
+    ranks = children(launcher.pid)
+    os.kill(launcher.pid, signal.SIGKILL)  # the launcher only: its ranks are in sessions of their own
+    launcher.wait(timeout=60)
+    deadline = time.time() + 120
+    try:
+        while any(alive(pid) for pid in ranks):
+            assert time.time() < deadline, "the ranks outlived their launcher by 120 s"
+            time.sleep(0.05)
+    finally:
+        for pid in filter(alive, ranks):  # no orphan outlives a failed test
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    err = launcher.stderr.read()
+    assert "SIGTERM received" in err and "checkpoint saved" in err, err[-3000:]
+    (saved,) = (run_dir / "checkpoints").iterdir()
+    assert 0 < int(saved.name.split("_")[1]) < 100000
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ Stages, each in its own process group under a time limit (a stage that overruns 
 killed and reported, the rest go on): the machine; the CUDA-marked tests; DALI's GPU
 log-mel against torchaudio's; a demo corpus as shards; ``audioclr bench data``;
 ``audioclr bench train`` for ResNet-18 and ResNet-50 in bf16 on synthetic and real
-batches; a 2-step ``torchrun`` NCCL run where there are two GPUs. A stage that cannot run
+batches, and ResNet-18 with ``torch.compile`` (what ``train.compile: auto`` buys); a 2-step ``torchrun`` NCCL run where there are two GPUs. A stage that cannot run
 here (no GPU, no DALI, one GPU) is reported as skipped with the reason. Everything lands
 in ``OUT_DIR/gpu_check.json`` (each stage: status, seconds, its JSON result, its output's
 tail) and a short ``OUT_DIR/report.txt``. ``--quick``: tiny sizes, for a CPU smoke run.
@@ -105,6 +105,11 @@ def plan(out: Path, quick: bool, f: dict) -> list[tuple]:
          [PY, "-m", "trainer.cli", "bench", "train", "--encoder", "resnet50", "--width", "8" if small else "64",
           "--batch", "8" if small else "256", "--backends", backends, *train, "--out", str(out / "bench_r50.json")],
          120, out / "bench_r50.json"),
+        ("bench_train_resnet18_compiled", None if gpu else "torch.compile takes minutes on a CPU",
+         [PY, "-m", "trainer.cli", "bench", "train", "--encoder", "resnet18", "--width", "64", "--batch", "512",
+          "--compile", "on", "--steps", "30", "--warmup", "5", "--precision", "bf16", "--channels-last",
+          "--view-seconds", "0.95", "--out", str(out / "bench_r18_compiled.json")],
+         180, out / "bench_r18_compiled.json"),
         ("torchrun_nccl_2gpu", None if f["gpus"] >= 2 else f"{f['gpus']} GPU(s): needs 2",
          [PY, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "trainer.pretrain",
           f"data.shards={shards}", f"run_dir={work / 'nccl'}", "train.max_steps=2", "data.batch_size=16",

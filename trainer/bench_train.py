@@ -41,6 +41,8 @@ def bare_step(args, device: torch.device, frames: int):
     model = ContrastiveModel(encoder, ProjectionHead(encoder.embedding_dim)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.compile == "on":
+        model.encoder.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     views = torch.randn(args.batch, 2, 1, args.n_mels, frames, device=device)
     dtype = autocast_dtype(args.precision, device)
@@ -96,10 +98,11 @@ def trainer_step(args, backend: str, shards: str, run_dir: Path):
                  f"data.view_seconds={args.view_seconds}", f"frontend.n_mels={args.n_mels}",
                  f"model.encoder={args.encoder}", f"model.width={args.width}", f"train.precision={args.precision}",
                  f"train.channels_last={str(args.channels_last).lower()}", f"train.engine={args.engine}",
+                 f"train.compile={args.compile}",
                  f"train.device={args.device}", "train.max_steps=1000000000", "train.log_every=1000000000",
                  "train.ckpt_every=1000000000", "train.progress=false", "train.tensorboard=false",
                  "optim.lr=0.01", "optim.warmup_steps=0", "objective.name=simclr", "objective.temperature=0.2",
-                 f"data.num_workers={args.workers}", f"data.shards={shards}"]
+                 f"data.num_workers={args.workers}", f"data.shards={shards}", *args.set]
     if backend == "synthetic" or not args.config:
         overrides.append("augment={}")
     cfg = load_config(PretrainConfig, args.config, overrides)
@@ -126,7 +129,8 @@ def run(args) -> dict:
     frontend = FrontendConfig(n_mels=args.n_mels)
     frames = frontend.num_frames(int(round(args.view_seconds * frontend.sample_rate)))
     report = {"encoder": args.encoder, "width": args.width, "batch": args.batch, "views": [2, 1, args.n_mels, frames],
-              "precision": args.precision, "channels_last": args.channels_last, "engine": args.engine,
+              "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+              "engine": args.engine, "overrides": args.set,
               "device": str(device), "threads": torch.get_num_threads(), "rows": {}}
     rows = report["rows"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +162,7 @@ def run(args) -> dict:
 def table(report: dict) -> str:
     lines = [f"{report['encoder']} width {report['width']}, batch {report['batch']} x views "
              f"{report['views']}, {report['precision']}, channels_last={report['channels_last']}, "
+             f"compile={report['compile']}, "
              f"engine {report['engine']}, {report['device']} ({report['threads']} threads)",
              "| loop | clips/s | ms/step | ratio | data wait |", "|---|---|---|---|---|"]
     for name, row in report["rows"].items():
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-mels", type=int, default=64)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fast", "auto"))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", default="off", choices=("off", "on"),
+                   help="torch.compile the encoder in (a) and (b, c) alike")
     p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="data.num_workers for (c)")
     p.add_argument("--config", help="recipe whose augmentation chain (c) runs")
     p.add_argument("--out", help="write the JSON record here too")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pretrain config override for (b) and (c), e.g. --set data.prefetch=4 (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from trainer.commands import run_guarded

@@ -188,6 +188,11 @@ class TrainConfig:
                             ("auto", "fast", "fp32", "bf16"))
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
+    compile: str = option("auto", "torch.compile the encoder: on, off, or auto = on a GPU, falling back to "
+                          "eager with a warning if compilation fails (tried before the first step)",
+                          ("off", "auto", "on"))
+    cudnn_benchmark: bool = option(True, "GPU: let cuDNN time its convolution algorithms once per batch shape "
+                                   "and keep the fastest (training batches all have one shape)")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
     threads: int = option(0, "CPU threads of the training process; 0 = auto: the cores idle at start (a core "
                           "another process keeps busy would stall every step), or OMP_NUM_THREADS when set")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import open_source
 from dataio.synthetic import synthetic_manifest
+from dataio.torch_pipeline import die_with_parent
 from trainer.checkpoint import (
     ENGINE,
     Checkpointer,
@@ -39,6 +41,7 @@ from trainer.parallel.engine import build_engine
 from trainer.parallel.gradcache import GradCache
 from trainer.parallel.sync_bn import convert_global_bn
 from trainer.safe_files import describe_error
+from trainer.speed import compile_encoder, set_cudnn_benchmark, wants_compile
 from trainer.telemetry import Telemetry
 from trainer.threads import set_threads
 
@@ -137,6 +140,7 @@ class Pretrainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.objective.attach(model)
+        self._compile(model)
         torch.manual_seed(cfg.seed + 7919 * (self.info.rank + 1))
         fused = cfg.optim.kernel == "fused" or (cfg.optim.kernel == "auto" and self.device.type == "cuda"
                                                 and cfg.optim.name == "sgd")
@@ -152,6 +156,25 @@ class Pretrainer:
         log.info("engine: %s; precision: %s (train.precision=%s)", describe_engine(engine),
                  "bf16 autocast" if engine.autocast_dtype else "no autocast", cfg.train.precision)
         return engine
+
+    def _compile(self, model: torch.nn.Module) -> None:
+        """``train.compile`` and ``train.cudnn_benchmark``, before the engine wraps the model."""
+        cfg = self.cfg
+        set_cudnn_benchmark(cfg.train.cudnn_benchmark, self.device)
+        if not wants_compile(cfg.train.compile, self.device):
+            return
+        if cfg.train.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3:
+            if cfg.train.compile == "on":
+                raise ConfigError("train.compile: on is not supported with deepspeed.zero_stage=3 (ZeRO-3 "
+                                  "gathers each layer's weights inside the forward); use train.compile=off")
+            log.info("train.compile=auto: off under ZeRO-3")
+            return
+        f = cfg.frontend
+        frames = f.num_frames(int(round(cfg.data.view_seconds * f.sample_rate)))
+        views = torch.zeros(cfg.data.batch_size, cfg.data.num_views, f.channels, f.n_mels, frames, device=self.device)
+        dtype = autocast_dtype(cfg.train.precision, self.device)
+        log.info("encoder: %s", compile_encoder(model, cfg.train.compile, self.device,
+                                                 self.objective.model_views(views), dtype))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -427,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_help_config(PretrainConfig, *describe_ops())
 
     def work() -> int:
+        stop_with_launcher()
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         status, stopped_by = run_trainer(cfg)
         log.info("pretraining %s: %s", status, cfg.run_dir)
@@ -437,6 +461,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
                        run_errors=(TrainingError,), own_errors=(DataError, CheckpointError), quiet=rank != 0,
                        on_interrupt="error: interrupted before a checkpoint could be saved")
+
+
+def stop_with_launcher() -> None:
+    """A rank started by a launcher (torchrun, the deepspeed launcher) gets SIGTERM when
+    the launcher dies: it saves a checkpoint and exits, as for a scheduler's stop. torchrun
+    starts every rank in a session of its own, so a launcher killed with -9 would otherwise
+    leave its ranks training on, unseen, beside the rerun that resumes their run."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # it died before the line above took effect
+        raise TrainingError("the launcher of this rank is gone; rerun the launch command to resume")
 
 
 def setup_logging(rank: int) -> None:

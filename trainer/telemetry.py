@@ -80,9 +80,9 @@ class Telemetry:
         mine = {"data_wait_seconds": self.wait / steps, "step_compute_seconds": self.busy / steps,
                 "allreduce_seconds": self.allreduce_seconds / steps}
         mine.update({f"{name}_seconds": value / max(self.timed_steps, 1) for name, value in self.phases.items()})
-        values = distributed.reduce_mean(mine, self.device)
+        values = distributed.reduce_mean({**mine, "step": step_time}, self.device)
+        mean_step = values.pop("step")
         slowest = distributed.reduce_max({"step": step_time}, self.device)["step"]
-        mean_step = distributed.reduce_mean({"step": step_time}, self.device)["step"]
         values.update(rank_skew=slowest / max(mean_step, 1e-12), step_seconds_slowest_rank=slowest,
                       clips_per_second_per_rank=self.batch_size / max(mean_step, 1e-12),
                       data_wait_fraction=values["data_wait_seconds"] / max(mean_step, 1e-12),

@@ -126,32 +126,30 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _reduce(values: dict[str, float], device: torch.device, op) -> dict[str, float]:
+    """``op`` of each scalar over ranks, one collective for all of them."""
+    if not values or not is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
+
+
 def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for all of them)."""
-    if not values or not is_initialized():
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    """Average scalar metrics over ranks."""
+    world = dist.get_world_size() if is_initialized() else 1
+    return {k: v / world for k, v in _reduce(values, device, dist.ReduceOp.SUM).items()}
 
 
-@torch.no_grad()
 def reduce_max(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The largest value of each scalar over ranks (one collective for all of them)."""
-    if not values or not is_initialized():
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist()))
+    """The largest value of each scalar over ranks."""
+    return _reduce(values, device, dist.ReduceOp.MAX)
 
 
 def reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum scalar counts over ranks."""
-    world = dist.get_world_size() if is_initialized() else 1
-    return {k: v * world for k, v in reduce_mean(values, device).items()}
+    return _reduce(values, device, dist.ReduceOp.SUM)
 
 
 @torch.no_grad()
