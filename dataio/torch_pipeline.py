@@ -267,9 +267,15 @@ def wave_loader(cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place
     """A DataLoader over :class:`WaveBatches` (batching happens inside the workers)."""
     dataset = WaveBatches(cfg, manifest, augmenter, place, epoch=epoch, start_step=start_step,
                           in_workers=in_workers, run_long=run_long)
+    # a forked worker inherits the parent's OpenMP state but not its thread team: its first
+    # multi-threaded op waits forever on threads that are not there. One thread per worker
+    # never forms a team; more need workers started fresh (spawn: a second or two each,
+    # once per run with persistent workers)
+    context = "spawn" if cfg.worker_threads > 1 and cfg.num_workers else None
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       prefetch_factor=cfg.prefetch if cfg.num_workers else None,
                       persistent_workers=False, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                      multiprocessing_context=context,
                       worker_init_fn=functools.partial(_worker_init, parent=os.getpid(),
                                                        threads=cfg.worker_threads))
 

@@ -135,3 +135,31 @@ def test_loader_workers_get_the_threads_and_prefetch_asked_for(tiny_shards, tmp_
 class _Threads(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield torch.get_num_threads()
+
+
+WORKERS_AFTER_PARALLEL_WORK = """
+import sys, torch
+from dataio.augment import build_augmenter
+from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.frontend import FrontendConfig
+from dataio.manifest import load_manifest
+from dataio.torch_pipeline import wave_loader
+from tests.conftest import demo_chain
+torch.set_num_threads(2)
+x = torch.randn(1000, 1000)
+(x @ x).sum()  # the parent's OpenMP team exists before the workers are made
+manifest = load_manifest(sys.argv[1])
+cfg = DataConfig(shards=sys.argv[1], batch_size=4, num_workers=1, worker_threads=2, view_seconds=0.5)
+aug = build_augmenter(demo_chain(), FrontendConfig(n_mels=32), 0.5, num_views=2, pairs_per_clip=1, seed=0)
+place = Placement(rank=0, world_size=1, seed=0, steps=steps_per_epoch(cfg, manifest, 1))
+batch = next(iter(wave_loader(cfg, manifest, aug, place, epoch=0, start_step=0, in_workers=True)))
+print("views", tuple(batch["views"].shape))
+"""
+
+
+def test_workers_with_several_threads_do_not_hang_after_the_parent_computed(tiny_shards):
+    """A forked worker's first multi-threaded op waits forever on the parent's OpenMP team
+    (it is not copied by fork): workers with more than one thread are spawned fresh."""
+    out = subprocess.run([PYTHON, "-c", WORKERS_AFTER_PARALLEL_WORK, str(tiny_shards)], env=cli_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and "views (4, 2, 1, 32, 51)" in out.stdout, out.stderr[-3000:]

@@ -7,9 +7,10 @@ Stages, each in its own process group under a time limit (a stage that overruns 
 killed and reported, the rest go on): the machine; the CUDA-marked tests; DALI's GPU
 log-mel against torchaudio's; a demo corpus as shards; ``audioclr bench data``;
 ``audioclr bench train`` for ResNet-18 and ResNet-50 in bf16 on synthetic and real
-batches, and ResNet-18 with ``torch.compile`` (what ``train.compile: auto`` buys); a 2-step ``torchrun`` NCCL run where there are two GPUs. A stage that cannot run
-here (no GPU, no DALI, one GPU) is reported as skipped with the reason. Everything lands
-in ``OUT_DIR/gpu_check.json`` (each stage: status, seconds, its JSON result, its output's
+batches, and ResNet-18 with ``torch.compile`` (what ``train.compile: auto`` buys); a
+2-step ``torchrun`` NCCL run where there are two GPUs. A stage that cannot run here (no
+GPU, no DALI, one GPU) is reported as skipped with the reason. Everything lands in
+``OUT_DIR/gpu_check.json`` (each stage: status, seconds, its JSON result, its output's
 tail) and a short ``OUT_DIR/report.txt``. ``--quick``: tiny sizes, for a CPU smoke run.
 """
 
