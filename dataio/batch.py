@@ -38,6 +38,9 @@ class DataConfig:
     short_clips: str = option("pad", "clips shorter than a view: zero-padded (at a random offset) or "
                               "skipped (torch back end only); counted either way", ("pad", "skip"))
     shuffle_buffer: int = option(512, "clips held in each worker's shuffle buffer")
+    resampled: bool = option(False, "torch back end: every loader worker of every rank draws whole shards with "
+                             "replacement from all of them (an epoch is counted in clips), so any number of ranks x "
+                             "workers trains on any number of shards; false: each clip once per epoch")
     steps_per_epoch: int = option(0, "steps per epoch; 0 = clips // (world_size * batch_size)")
     synthetic_clips: int = option(100_000, "backend synthetic without shards: the clips an epoch counts")
 
@@ -56,6 +59,8 @@ class DataConfig:
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
         check(self.synthetic_clips > 0, "synthetic_clips", "must be positive")
+        check(not (self.backend == "dali" and self.resampled), "resampled",
+              "needs backend torch (DALI's reader splits the shards itself)")
         check(not (self.backend == "dali" and self.short_clips == "skip"), "short_clips",
               "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
 

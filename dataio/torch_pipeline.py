@@ -55,7 +55,9 @@ def _raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list) -> 
     paths = manifest.shard_paths()
     for sid in shard_ids:
         src = [{"url": str(paths[sid])}]
-        yield from wds.tarfile_samples(src, handler=on_error)
+        for sample in wds.tarfile_samples(src, handler=on_error):
+            sample["__shard__"] = sid
+            yield sample
 
 
 def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tuple]:
@@ -78,13 +80,39 @@ def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tupl
                                      f" of {manifest.root}") + "; check them with `audioclr check-shards`")
 
 
-def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator) -> Iterator[tuple]:
+def _resampled_stream(manifest: Manifest, rng_key: tuple) -> Iterator[tuple]:
+    """Endless (draw number, raw sample) pairs of ``data.resampled``: whole shards drawn
+    with replacement from all of them, so any number of readers always has data. Raises
+    once every shard has been drawn and none gave a sample."""
+    rng = np.random.default_rng(rng_key)
+    tar_errors: list = []
+    empty: set[int] = set()
+    for draw in itertools.count():
+        sid = int(rng.integers(len(manifest.shards)))
+        found = False
+        for sample in _raw_samples(manifest, [sid], tar_errors):
+            if "flac" in sample:
+                found = True
+                yield draw, sample
+        if found:
+            empty = set()
+            continue
+        empty.add(sid)
+        if len(empty) == len(manifest.shards):
+            raise NoReadableClips(f"no readable clip in any shard of {manifest.root}"
+                                  + (f": {tar_errors[-1]}" if tar_errors else "")
+                                  + "; check them with `audioclr check-shards`")
+
+
+def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator,
+              mix_passes: bool = False) -> Iterator[tuple]:
     """A seeded shuffle buffer that never mixes two passes (so one pass over a worker's
-    clips is yielded completely before the next begins)."""
+    clips is yielded completely before the next begins), unless ``mix_passes`` (the
+    draws of a resampled stream)."""
     buffer: list = []
     current = None
     for item in stream:
-        if current is not None and item[0] != current:
+        if not mix_passes and current is not None and item[0] != current:
             while buffer:
                 yield buffer.pop(int(rng.integers(len(buffer))))
         current = item[0]
@@ -136,13 +164,16 @@ class WaveBatches(IterableDataset):
         self.epoch = epoch  # _batch and _decode read it
         seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
         order = [int(i) for i in np.random.default_rng((seed, epoch)).permutation(len(self.manifest.shards))]
-        split = split_for_reader(order, rank, world, logical, workers)
-        rank_seed = (seed, epoch, *split.order_key)
         steps = self.place.steps
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
         rng = np.random.default_rng((seed, epoch, rank, logical, 7))
-        samples = _shuffled(_worker_stream(self.manifest, split, rank_seed), self.cfg.shuffle_buffer, rng)
+        if self.cfg.resampled:  # every reader draws from every shard, with replacement
+            stream = _resampled_stream(self.manifest, (seed, epoch, rank, logical, 11))
+        else:
+            split = split_for_reader(order, rank, world, logical, workers)
+            stream = _worker_stream(self.manifest, split, (seed, epoch, *split.order_key))
+        samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self.cfg.resampled)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
         done = len(range(mine.start, min(start_step, steps), workers))
         self._bad_since = None
@@ -159,12 +190,12 @@ class WaveBatches(IterableDataset):
             pass_no, sample = next(samples)
             clip = self._decode(sample, pass_no, errors)
             if clip is None:
-                self._no_clip(pass_no, errors)
+                self._no_clip(pass_no, sample, errors)
                 continue
             if clip[3] < self.view_len:
                 if self.cfg.short_clips == "skip":
                     errors.append(f"{sample['__key__']}: {clip[3]} samples, shorter than a view")
-                    self._no_clip(pass_no, errors)
+                    self._no_clip(pass_no, sample, errors)
                     continue
                 short += k
             self._bad_since = None
@@ -180,11 +211,17 @@ class WaveBatches(IterableDataset):
             out["views"] = self.augmenter.from_waves(out.pop("waves"), batch_ids(out, self.place.rank))
         return out
 
-    def _no_clip(self, pass_no: int, errors: list) -> None:
-        """Raise once a whole pass over this worker's samples gave no usable clip."""
-        if self._bad_since is None:
-            self._bad_since = pass_no
-        elif pass_no >= self._bad_since + 2:  # pass _bad_since + 1 was all failures
+    def _no_clip(self, pass_no: int, sample: dict, errors: list) -> None:
+        """Raise once a whole pass over this worker's samples gave no usable clip (resampled:
+        once every shard has been drawn since the last usable clip)."""
+        if self.cfg.resampled:
+            self._bad_since = (self._bad_since or set()) | {sample["__shard__"]}
+            whole = len(self._bad_since) == len(self.manifest.shards)
+        elif self._bad_since is None:
+            self._bad_since, whole = pass_no, False
+        else:
+            whole = pass_no >= self._bad_since + 2  # pass _bad_since + 1 was all failures
+        if whole:
             raise NoReadableClips(f"no usable clip in a whole pass over this worker's shards of "
                                   f"{self.manifest.root} ({len(errors)} failures; last: {errors[-1]}); "
                                   f"list the broken members with `audioclr check-shards`")
@@ -314,7 +351,7 @@ class TorchSource:
         self.feed = DeviceFeeder(augmenter, place)
         self._batches = None
         self._next = None  # (epoch, step) the open loader yields next
-        if len(manifest.shards) < place.world_size and place.rank == 0:
+        if len(manifest.shards) < place.world_size and place.rank == 0 and not cfg.resampled:
             log.warning("%d shard(s) for %d ranks: every rank reads every shard and keeps its share of "
                         "the clips; re-shard with at least %d shards to read each byte once",
                         len(manifest.shards), place.world_size, place.world_size * max(cfg.num_workers, 1))

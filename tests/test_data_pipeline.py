@@ -8,6 +8,7 @@ from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig
 from dataio.manifest import ManifestError, load_manifest, split_for_reader, split_for_worker
+from dataio.schema import ConfigError
 from dataio.torch_pipeline import wave_loader
 from tests.shard_utils import make_shards
 
@@ -234,3 +235,32 @@ def test_persistent_workers_live_across_epochs_and_die_when_an_epoch_is_left(eve
     again = list(source.epoch(3, 2))  # and a later request starts where it is asked
     assert len(again) == place.steps - 2
     source.close()
+
+
+def test_resampled_shards_feed_any_number_of_readers_and_resume_exactly(tmp_path):
+    """data.resampled: one shard, 2 ranks x 3 workers: every reader draws whole shards with
+    replacement, so all have data; an epoch is counted in clips; batches depend on the
+    step alone (a loader started mid-epoch gives the same ones)."""
+    manifest = make_shards(tmp_path, [12])
+    cfg = DataConfig(shards=str(tmp_path), batch_size=2, num_workers=3, shuffle_buffer=5, resampled=True)
+    steps = steps_per_epoch(cfg, manifest, 2)
+    assert steps == 12 // 4
+    ranks = [_epoch(manifest, cfg, 1, rank, 2) for rank in range(2)]
+    assert [len(r) for r in ranks] == [steps, steps]
+    assert all(0 <= i < 12 for r in ranks for i in _indices(r))
+    assert _indices(ranks[0]) != _indices(ranks[1]), "the ranks draw their own streams"
+    tail = _epoch(manifest, cfg, 1, 1, 2, start_step=2)
+    assert [b["keys"] for b in tail] == [b["keys"] for b in ranks[1][2:]]
+    assert all(torch.equal(a["waves"], b["waves"]) for a, b in zip(tail, ranks[1][2:]))
+    assert _indices(_epoch(manifest, cfg, 2, 0, 2)) != _indices(ranks[0]), "each epoch draws anew"
+
+
+def test_resampled_shards_that_hold_nothing_readable_are_named(tmp_path):
+    manifest = make_shards(tmp_path, [4, 4])
+    for name in ("shard-00000.tar", "shard-00001.tar"):
+        (tmp_path / name).write_bytes(b"not a tar file at all" * 100)
+    cfg = DataConfig(shards=str(tmp_path), batch_size=2, num_workers=0, resampled=True)
+    batches = _epoch(manifest, cfg, 0, 0, 1)
+    assert "data_error" in batches[0] and "no readable clip in any shard" in batches[0]["data_error"]
+    with pytest.raises(ConfigError, match="resampled: needs backend torch"):
+        DataConfig(shards=str(tmp_path), backend="dali", resampled=True)

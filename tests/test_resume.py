@@ -48,11 +48,11 @@ def _run_until(cmd, marker: Path, sig: int) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("backend", ["torch", "resampled", pytest.param("dali", marks=needs_dali)])
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_shards, tmp_path, backend):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    use = [f"data.backend={backend}"]
-    if backend == "torch":  # 3 workers take turns across the epochs' ends unevenly (6 steps per epoch)
+    use = ["data.backend=torch", "data.resampled=true"] if backend == "resampled" else [f"data.backend={backend}"]
+    if backend != "dali":  # 3 workers take turns across the epochs' ends unevenly (6 steps per epoch)
         use.append("data.num_workers=3")
     subprocess.run(_cmd(tiny_shards, ref, *use), env=cli_env(), check=True, capture_output=True)
     # the reference keeps its loader workers for the whole run; the killed run starts fresh

@@ -52,7 +52,8 @@ def _torchrun():
 @pytest.mark.parametrize("extra", [["data.backend=torch"], pytest.param(["data.backend=dali"], marks=pytest.mark.skipif(
     importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")),
     ["objective.name=moco", "objective.queue_size=32", "train.grad_cache_chunk=0"],
-    ["train.grad_cache_chunk=2"]], ids=["torch", "dali", "moco", "gradcache"])
+    ["train.grad_cache_chunk=2"], ["data.resampled=true", "data.num_workers=3"]],
+    ids=["torch", "dali", "moco", "gradcache", "resampled"])
 def test_torchrun_two_processes(uneven_shards, tmp_path, extra):
     run_dir = tmp_path / "run"
     out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1",
