@@ -18,7 +18,11 @@ BACKENDS = ("torch", "dali", "synthetic")
 
 @dataclass
 class DataConfig:
-    shards: str = option("", "folder holding manifest.json and the training shards")
+    shards: str = option("", "folder holding manifest.json and the training shards, or its URL (http(s)://, "
+                         "s3://, gs://, any fsspec URL: streamed, see the README)")
+    remote_attempts: int = option(6, "shards behind a URL: tries of a read that fails on the way (reset, timeout, "
+                                  "5xx) before the run stops naming it; back-off 0.5 s doubling to 8 s")
+    remote_timeout: float = option(30.0, "shards behind a URL: seconds one request may wait for the server")
     backend: str = option("torch", "data back end: torch (webdataset + torchaudio), dali, or synthetic (one "
                           "fixed batch on the device every step: the model's speed without input)", BACKENDS)
     batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
@@ -48,6 +52,10 @@ class DataConfig:
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
+        check(self.remote_attempts >= 1, "remote_attempts", "must be >= 1")
+        check(self.remote_timeout > 0, "remote_timeout", "must be positive")
+        check(not ("://" in self.shards and self.backend == "dali"), "shards",
+              "a URL needs backend torch (DALI's readers open local files)")
         check(self.worker_threads >= 1, "worker_threads", "must be >= 1")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(self.view_seconds > 0, "view_seconds", "must be positive")

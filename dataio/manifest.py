@@ -52,13 +52,29 @@ class Manifest:
     vocabulary: list[str] = field(default_factory=list)
     multi_label: bool = False
     rejected: dict = field(default_factory=dict)  # {"clips": n, "reasons": {kind: n}, "list": file}
-    root: Path = Path(".")
+    root: Path | str = Path(".")  # a folder, or the URL of one (str)
     _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._label_ids = {name: i for i, name in enumerate(self.vocabulary)}
 
-    def shard_paths(self) -> list[Path]:
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.root, str) and "://" in self.root
+
+    @property
+    def where(self) -> str:
+        """The folder or URL, fit for a message (no credentials, no query string)."""
+        if self.remote:
+            from dataio.remote import shown
+            return shown(self.root)
+        return str(self.root)
+
+    def shard_paths(self) -> list:
+        """Each shard's path (local) or URL (str, remote)."""
+        if self.remote:
+            from dataio.remote import join
+            return [join(self.root, s.url) for s in self.shards]
         return [self.root / s.url for s in self.shards]
 
     def label_id(self, label: str) -> int:
@@ -95,32 +111,57 @@ class Manifest:
         return write_text_atomically(Path(folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=1))
 
 
-def load_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
-    """Read ``folder/manifest.json``; with ``check_files`` every shard must exist."""
+def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> Manifest:
+    """Read ``folder/manifest.json`` (``folder`` may be a URL, read with ``retry``, see
+    :mod:`dataio.remote`); with ``check_files`` every shard of a local folder must exist."""
+    if "://" in str(folder):
+        return _load_remote_manifest(str(folder), retry)
     folder = Path(folder)
     path = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
     if not path.is_file():
         raise ManifestError(f"no shard manifest at {path}: write shards with `audioclr shard` "
                             f"or `audioclr demo-corpus` first")
+    manifest = parse_manifest(path.read_text(), path.parent, str(path))
+    if check_files:
+        missing = [str(p) for p in manifest.shard_paths() if not p.is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ManifestError(f"manifest {path} lists shards that do not exist: {shown}")
+    return manifest
+
+
+def _load_remote_manifest(url: str, retry=None) -> Manifest:
+    """The manifest of a folder URL; its shards are checked as they are read (a missing
+    one is a named error then), not fetched here."""
+    from dataio.remote import RemoteError, Retry, join, read_bytes, shown
+    folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
+    where = url if url.endswith(".json") else join(folder, MANIFEST_NAME)
     try:
-        raw = json.loads(path.read_text())
+        text = read_bytes(where, retry or Retry()).decode("utf-8")
+    except RemoteError as err:
+        raise ManifestError(f"no shard manifest at {err}") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"malformed manifest {shown(where)}: {err!r}") from None
+    return parse_manifest(text, folder, shown(where))
+
+
+def parse_manifest(text: str, root: Path | str, name: str) -> Manifest:
+    """A manifest from its JSON ``text``; ``root`` is where its shard names point into."""
+    path = name
+    try:
+        raw = json.loads(text)
         shards = [ShardInfo(url=s["url"], count=int(s["count"]), bytes=int(s.get("bytes", 0)),
                             index_file=s.get("index_file")) for s in raw["shards"]]
         manifest = Manifest(dataset=raw["dataset"], sample_rate=int(raw["sample_rate"]),
                             num_clips=int(raw["num_clips"]), shards=shards,
                             vocabulary=list(raw.get("vocabulary", [])),
                             multi_label=bool(raw.get("multi_label", False)),
-                            rejected=dict(raw.get("rejected") or {}), root=path.parent)
+                            rejected=dict(raw.get("rejected") or {}), root=root)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"malformed manifest {path}: {err!r}") from err
     if sum(s.count for s in shards) != manifest.num_clips:
         raise ManifestError(f"manifest {path}: shard counts add up to "
                             f"{sum(s.count for s in shards)}, not num_clips={manifest.num_clips}")
-    if check_files:
-        missing = [str(p) for p in manifest.shard_paths() if not p.is_file()]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ManifestError(f"manifest {path} lists shards that do not exist: {shown}")
     return manifest
 
 

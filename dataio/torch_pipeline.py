@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, DataError, Placement
 from dataio.manifest import Manifest, split_for_reader
+from dataio.remote import RemoteError, Retry, open_stream
 from dataio.views import read_views
 
 log = logging.getLogger(__name__)
@@ -43,24 +44,33 @@ class NoReadableClips(DataError):
     """A worker's shards yielded no sample at all."""
 
 
-def _raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list) -> Iterator[dict]:
+def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
+                 retry: Retry = Retry()) -> Iterator[dict]:
     """Samples ({'__key__', 'flac', 'json'}) of the given shards, in order; a corrupt or
     truncated tar is logged, kept in ``tar_errors`` (not counted as skipped clips) and
-    left behind."""
+    left behind. A shard URL is streamed (:mod:`dataio.remote`); one that cannot be read
+    stops the run with a RemoteError naming it."""
     def on_error(exc: Exception) -> bool:
+        if isinstance(exc, RemoteError):
+            raise exc
         tar_errors.append(repr(exc))
         log.warning("skipping unreadable shard data: %r", exc)
         return True
 
     paths = manifest.shard_paths()
     for sid in shard_ids:
-        src = [{"url": str(paths[sid])}]
-        for sample in wds.tarfile_samples(src, handler=on_error):
+        if manifest.remote:
+            files = wds.tariterators.tar_file_expander(
+                [{"url": paths[sid], "stream": open_stream(paths[sid], retry)}], handler=on_error)
+            samples = wds.tariterators.group_by_keys(files, handler=on_error)
+        else:
+            samples = wds.tarfile_samples([{"url": str(paths[sid])}], handler=on_error)
+        for sample in samples:
             sample["__shard__"] = sid
             yield sample
 
 
-def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tuple]:
+def _worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = Retry()) -> Iterator[tuple]:
     """Endless (pass number, raw sample) pairs of one worker: its shards in a fresh order
     each pass, keeping every ``stride``-th sample; raises if a whole pass is empty."""
     tar_errors: list = []
@@ -68,7 +78,7 @@ def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tupl
         order = np.random.default_rng((*rank_seed, pass_no)).permutation(len(split.shards))
         shard_ids = [split.shards[i] for i in order]
         found = False
-        for k, sample in enumerate(_raw_samples(manifest, shard_ids, tar_errors)):
+        for k, sample in enumerate(raw_samples(manifest, shard_ids, tar_errors, retry)):
             if k % split.sample_stride == split.sample_offset and "flac" in sample:
                 found = True
                 yield pass_no, sample
@@ -76,11 +86,11 @@ def _worker_stream(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tupl
             urls = [manifest.shards[i].url for i in split.shards]
             raise NoReadableClips(f"no readable clip in shard(s) {', '.join(urls[:5])}"
                                   + (f" (+{len(urls) - 5} more)" if len(urls) > 5 else "")
-                                  + (f" of {manifest.root}: {tar_errors[-1]}" if tar_errors else
-                                     f" of {manifest.root}") + "; check them with `audioclr check-shards`")
+                                  + (f" of {manifest.where}: {tar_errors[-1]}" if tar_errors else
+                                     f" of {manifest.where}") + "; check them with `audioclr check-shards`")
 
 
-def _resampled_stream(manifest: Manifest, rng_key: tuple) -> Iterator[tuple]:
+def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry()) -> Iterator[tuple]:
     """Endless (draw number, raw sample) pairs of ``data.resampled``: whole shards drawn
     with replacement from all of them, so any number of readers always has data. Raises
     once every shard has been drawn and none gave a sample."""
@@ -90,7 +100,7 @@ def _resampled_stream(manifest: Manifest, rng_key: tuple) -> Iterator[tuple]:
     for draw in itertools.count():
         sid = int(rng.integers(len(manifest.shards)))
         found = False
-        for sample in _raw_samples(manifest, [sid], tar_errors):
+        for sample in raw_samples(manifest, [sid], tar_errors, retry):
             if "flac" in sample:
                 found = True
                 yield draw, sample
@@ -99,7 +109,7 @@ def _resampled_stream(manifest: Manifest, rng_key: tuple) -> Iterator[tuple]:
             continue
         empty.add(sid)
         if len(empty) == len(manifest.shards):
-            raise NoReadableClips(f"no readable clip in any shard of {manifest.root}"
+            raise NoReadableClips(f"no readable clip in any shard of {manifest.where}"
                                   + (f": {tar_errors[-1]}" if tar_errors else "")
                                   + "; check them with `audioclr check-shards`")
 
@@ -168,11 +178,12 @@ class WaveBatches(IterableDataset):
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
         rng = np.random.default_rng((seed, epoch, rank, logical, 7))
+        retry = Retry(attempts=self.cfg.remote_attempts, timeout=self.cfg.remote_timeout)
         if self.cfg.resampled:  # every reader draws from every shard, with replacement
-            stream = _resampled_stream(self.manifest, (seed, epoch, rank, logical, 11))
+            stream = _resampled_stream(self.manifest, (seed, epoch, rank, logical, 11), retry)
         else:
             split = split_for_reader(order, rank, world, logical, workers)
-            stream = _worker_stream(self.manifest, split, (seed, epoch, *split.order_key))
+            stream = _worker_stream(self.manifest, split, (seed, epoch, *split.order_key), retry)
         samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self.cfg.resampled)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
         done = len(range(mine.start, min(start_step, steps), workers))
@@ -223,7 +234,7 @@ class WaveBatches(IterableDataset):
             whole = pass_no >= self._bad_since + 2  # pass _bad_since + 1 was all failures
         if whole:
             raise NoReadableClips(f"no usable clip in a whole pass over this worker's shards of "
-                                  f"{self.manifest.root} ({len(errors)} failures; last: {errors[-1]}); "
+                                  f"{self.manifest.where} ({len(errors)} failures; last: {errors[-1]}); "
                                   f"list the broken members with `audioclr check-shards`")
 
     def _decode(self, sample: dict, pass_no: int, errors: list):

@@ -19,6 +19,7 @@ from dataio.augment import build_augmenter
 from dataio.batch import Batch, DataError, Placement, steps_per_epoch
 from dataio.manifest import ManifestError, load_manifest
 from dataio.pipeline import open_source
+from dataio.remote import Retry
 from dataio.synthetic import synthetic_manifest
 from dataio.torch_pipeline import die_with_parent
 from trainer.checkpoint import (
@@ -90,11 +91,12 @@ class Pretrainer:
             check_section(cfg, self.device)
         self.info = distributed.init(self.device.type, always=cfg.train.engine == "deepspeed")
         self.run_dir = Path(cfg.run_dir)
-        self.manifest = load_manifest(cfg.data.shards) if cfg.data.shards else \
+        retry = Retry(attempts=cfg.data.remote_attempts, timeout=cfg.data.remote_timeout)
+        self.manifest = load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
             synthetic_manifest(cfg.data, cfg.frontend)
         if self.manifest.sample_rate != cfg.frontend.sample_rate:
             raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
-                              f"shards' {self.manifest.sample_rate} Hz ({self.manifest.root})")
+                              f"shards' {self.manifest.sample_rate} Hz ({self.manifest.where})")
         self.steps_per_epoch = steps_per_epoch(cfg.data, self.manifest, self.info.world_size)
         self.augmenter = build_augmenter(cfg.augment, cfg.frontend, cfg.data.view_seconds,
                                          num_views=cfg.data.num_views, pairs_per_clip=cfg.data.pairs_per_clip,
@@ -257,6 +259,15 @@ class Pretrainer:
             self.save_checkpoint()
             self.export()
             return "finished"
+        except DataError:
+            # the data failed between two steps: the model and optimizer are whole. One
+            # process saves them; ranks cannot (the others are inside the next step's
+            # collectives) and resume from the last periodic checkpoint
+            saved = (self.checkpointer.root / f"step_{self.step:08d}").is_dir()
+            if self.info.world_size == 1 and self.step and not saved:
+                log.warning("the data failed at step %d: saving a checkpoint first", self.step)
+                self.save_checkpoint()
+            raise
         finally:
             bar.close()
             for s, handler in previous.items():

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
-import webdataset as wds
 
 from dataio.manifest import Manifest
+from dataio.torch_pipeline import raw_samples
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def load_clipset(manifest: Manifest) -> ClipSet:
     (one bad file must not end an evaluation). Labels outside the vocabulary are ignored."""
     keys, audio, labels, targets, folds, splits = [], [], [], [], [], []
     vocab, skipped = list(manifest.vocabulary), 0
-    for path in manifest.shard_paths():
-        for sample in wds.tarfile_samples([{"url": str(path)}], handler=wds.warn_and_continue):
+    for sid in range(len(manifest.shards)):  # a local folder or a URL, streamed (dataio.remote)
+        for sample in raw_samples(manifest, [sid], []):
             try:
                 data, meta = sample["flac"], json.loads(sample["json"])  # the shards' KEY.flac + KEY.json
                 sf.info(io.BytesIO(data))  # reads the header: catches truncated and foreign files
@@ -80,8 +80,8 @@ def load_clipset(manifest: Manifest) -> ClipSet:
     if skipped:
         log.warning("%d clip(s) could not be read and were left out", skipped)
     if not keys:
-        raise ValueError(f"no readable clip in {manifest.root}")
+        raise ValueError(f"no readable clip in {manifest.where}")
     if not vocab:
-        raise ValueError(f"the shards in {manifest.root} carry no label vocabulary: evaluation needs labels")
+        raise ValueError(f"the shards in {manifest.where} carry no label vocabulary: evaluation needs labels")
     return ClipSet(keys, audio, np.asarray(labels), np.stack(targets), np.asarray(folds),
                    np.asarray(splits), vocab, manifest.multi_label, manifest.sample_rate)

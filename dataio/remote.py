@@ -1,0 +1,194 @@
+"""Shards and manifests behind a URL, read as streams.
+
+``data.shards`` may be a local folder or a URL of one: ``http(s)://`` is read with the
+standard library; any other scheme (``s3://``, ``gs://``, ...) through fsspec and the
+provider's client, which come with ``pip install -e '.[cloud]'`` and take their
+credentials from the usual places (environment, the provider's config files). A read
+that fails on the way (a reset connection, a timeout, a 5xx or 429 answer) is retried
+with exponential back-off from the byte where it stopped; an answer that will not change
+(404, 401, 403) fails at once. Either way the error names the URL, with any user name,
+password or query string (signed URLs carry secrets there) left out.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from dataio.batch import DataError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SCHEMES = ("http", "https")
+CLOUD_EXTRA = "pip install -e '.[cloud]'"
+
+
+class RemoteError(DataError):
+    """A URL that cannot be read: gone for good, refused, or still failing after the retries."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How hard a read tries: ``attempts`` in all, sleeping ``backoff`` x 2^k between them
+    (capped at ``max_sleep``), each request waiting at most ``timeout`` seconds."""
+
+    attempts: int = 6
+    backoff: float = 0.5
+    max_sleep: float = 8.0
+    timeout: float = 30.0
+
+    def sleep(self, failures: int) -> float:
+        return min(self.backoff * 2 ** (failures - 1), self.max_sleep)
+
+
+def is_url(location) -> bool:
+    return "://" in str(location)
+
+
+def join(root: str, name: str) -> str:
+    """``name`` (a shard, the manifest) inside the folder URL ``root``."""
+    parts = urllib.parse.urlsplit(root)
+    path = parts.path.rstrip("/") + "/" + name
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+def shown(url: str) -> str:
+    """``url`` fit for a log line: no user, password, query or fragment."""
+    parts = urllib.parse.urlsplit(str(url))
+    if not parts.scheme:
+        return str(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def open_stream(url: str, retry: Retry = Retry()) -> io.RawIOBase:
+    """A forward-only binary stream of ``url``'s bytes that survives transient failures."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in BUILTIN_SCHEMES:
+        return _Resuming(_HttpSource(url, retry.timeout), url, retry)
+    return _Resuming(_FsspecSource(url), url, retry)
+
+
+def read_bytes(url: str, retry: Retry = Retry()) -> bytes:
+    with open_stream(url, retry) as stream:
+        return stream.read()
+
+
+class _Permanent(Exception):
+    """A failure a retry will not mend."""
+
+
+class _HttpSource:
+    def __init__(self, url: str, timeout: float):
+        self.url, self.timeout = url, timeout
+
+    def open(self, offset: int):
+        """(a response positioned at ``offset``, bytes to discard first)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
+                                              timeout=self.timeout)
+        except urllib.error.HTTPError as err:
+            if err.code in (408, 429) or err.code >= 500:
+                raise OSError(f"HTTP {err.code} {err.reason}") from None
+            raise _Permanent(f"HTTP {err.code} {err.reason}") from None
+        # a server without range support answers 200 with the whole body: skip to offset
+        return response, offset if offset and response.status == 200 else 0
+
+
+class _FsspecSource:
+    def __init__(self, url: str):
+        try:
+            import fsspec
+            self.fs, self.path = fsspec.core.url_to_fs(url)
+        except ImportError as err:
+            raise RemoteError(f"{shown(url)}: reading {urllib.parse.urlsplit(url).scheme}:// URLs needs "
+                              f"the cloud extra: {CLOUD_EXTRA} ({err})") from None
+        except ValueError as err:  # an unknown scheme
+            raise RemoteError(f"{shown(url)}: {err}") from None
+
+    def open(self, offset: int):
+        try:
+            handle = self.fs.open(self.path, "rb")
+        except FileNotFoundError:
+            raise _Permanent("not found") from None
+        except PermissionError as err:
+            raise _Permanent(f"access denied ({type(err).__name__})") from None
+        if offset:
+            handle.seek(offset)
+        return handle, 0
+
+
+_TRANSIENT = (OSError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError)
+
+
+class _Resuming(io.RawIOBase):
+    """Reads ``source`` from the start; when a read fails it reopens the source at the
+    byte where it stopped, up to ``retry.attempts`` tries in a row without progress."""
+
+    def __init__(self, source, url: str, retry: Retry):
+        self.source, self.url, self.retry = source, url, retry
+        self.offset, self.failures, self.handle = 0, 0, None
+        self.started = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                if self.handle is None:
+                    self.handle, discard = self.source.open(self.offset)
+                    while discard:
+                        got = self.handle.read(min(discard, 1 << 20))
+                        if not got:
+                            raise OSError("the body ended before the resume point")
+                        discard -= len(got)
+                data = self.handle.read(len(buffer))
+                if len(buffer) and not data and self._short():
+                    raise OSError("the connection closed before the end of the body")
+                buffer[:len(data)] = data
+                self.offset += len(data)
+                self.failures = 0 if data else self.failures
+                return len(data)
+            except _Permanent as err:
+                self.close()
+                raise RemoteError(f"{shown(self.url)}: {err}; check data.shards and that the object is there "
+                                  f"and readable with these credentials") from None
+            except _TRANSIENT as err:
+                self._drop()
+                self.failures += 1
+                if self.failures >= self.retry.attempts:
+                    raise RemoteError(f"{shown(self.url)}: unreachable after {self.failures} tries "
+                                      f"({time.monotonic() - self.started:.0f} s; last: {type(err).__name__}: "
+                                      f"{str(err)[:200]})") from None
+                wait = self.retry.sleep(self.failures)
+                log.warning("reading %s failed at byte %d (%s); retry %d of %d in %.1f s", shown(self.url),
+                            self.offset, type(err).__name__, self.failures, self.retry.attempts - 1, wait)
+                time.sleep(wait)
+
+    def _short(self) -> bool:
+        """Whether an HTTP body ended before its announced length."""
+        length = getattr(self.handle, "length", None)  # http.client: bytes still due, or None
+        return bool(length)
+
+    def _drop(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001 -- a broken connection may fail to close; it is dropped anyway
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()

@@ -1,0 +1,148 @@
+"""Shards behind a URL, served over HTTP on loopback by the test itself: training streams
+them (retrying a cut connection) to the weights the local folder gives; a server gone
+mid-run, a missing manifest, a refusal, a scheme without its client: named errors, no hang."""
+
+import functools
+import http.server
+import importlib.util
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
+from tests.dist_utils import free_port
+
+STEPS = 8
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Files of the server's folder; faults on request: the first read of every shard cut
+    after 3,000 bytes, 503 for everything after ``down_after`` requests, 403 under
+    /forbidden/. Like Python's own file server it ignores Range headers."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        with srv.lock:
+            srv.requests += 1
+            count = srv.requests
+        if self.path.startswith("/forbidden/"):
+            self.send_error(403)
+        elif srv.down_after and count > srv.down_after:
+            self.send_error(503)
+        elif srv.cut_first and self.path.endswith(".tar") and self.path not in srv.cut:
+            srv.cut.add(self.path)
+            data = Path(srv.folder, self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:3000])
+            self.close_connection = True
+        else:
+            super().do_GET()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(folder: Path, cut_first: bool = False, down_after: int = 0) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 functools.partial(_Handler, directory=str(folder)))
+        server.folder, server.cut_first, server.down_after = str(folder), cut_first, down_after
+        server.lock, server.requests, server.cut = threading.Lock(), 0, set()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _pretrain(shards: str, run_dir: Path, *extra, timeout: float = 300) -> subprocess.CompletedProcess:
+    args = [a for a in tiny_overrides(Path("x"), run_dir) if not a.startswith("data.shards=")]
+    return subprocess.run([PYTHON, "-m", "trainer.pretrain", f"data.shards={shards}", *args,
+                           f"train.max_steps={STEPS}", *extra], env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_training_from_a_url_equals_training_from_the_folder(tiny_shards, tmp_path, serve):
+    url = serve(tiny_shards, cut_first=True)  # every shard's first read breaks off mid-member
+    local = _pretrain(str(tiny_shards), tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = _pretrain(url + "/", tmp_path / "remote")
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert "failed at byte" in remote.stderr and "retry 1 of 5" in remote.stderr, "the cut reads were retried"
+    final = f"checkpoints/step_{STEPS:08d}"
+    a, b = checkpoint_weights(tmp_path / "local" / final), checkpoint_weights(tmp_path / "remote" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_server_gone_mid_run_stops_it_with_the_url_named_and_a_checkpoint(tiny_shards, tmp_path, serve):
+    url = serve(tiny_shards, down_after=4)  # the manifest and three shards, then 503 for good
+    out = _pretrain(url, tmp_path / "run", "train.max_steps=1000", "train.ckpt_every=1000",
+                    "data.remote_attempts=3", "data.shuffle_buffer=4", timeout=180)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert f"{url}/shard-0000" in out.stderr and "unreachable after 3 tries" in out.stderr, out.stderr[-3000:]
+    assert "HTTP 503" in out.stderr
+    saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 0 < int(saved[0].split("_")[1]) < 1000, saved
+    assert "saving a checkpoint first" in out.stderr
+
+
+@pytest.mark.parametrize("where,words", [
+    ("{url}/nothing/", "no shard manifest at {url}/nothing/manifest.json: HTTP 404"),
+    ("{url}/forbidden/", "no shard manifest at {url}/forbidden/manifest.json: HTTP 403"),
+    ("http://user:secret@127.0.0.1:{port}/x?sig=secret", "http://127.0.0.1:{port}/x/manifest.json: unreachable "
+                                                           "after 2 tries"),
+    pytest.param("s3://bucket/corpus", "s3://bucket/corpus/manifest.json: reading s3:// URLs needs the cloud "
+                 "extra: pip install -e '.[cloud]'", marks=pytest.mark.skipif(
+                     importlib.util.find_spec("s3fs") is not None, reason="the cloud extra is installed"))])
+def test_urls_that_cannot_be_read_are_named_before_training(tiny_shards, tmp_path, serve, where, words):
+    url, port = serve(tiny_shards), free_port()  # nothing listens on port
+    out = _pretrain(where.format(url=url, port=port), tmp_path / "run", "data.remote_attempts=2", timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert words.format(url=url, port=port) in out.stderr, out.stderr[-3000:]
+    assert "secret" not in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dali_with_a_url_is_refused_by_name(tmp_path):
+    from trainer.config import ConfigError, PretrainConfig, load_config
+    with pytest.raises(ConfigError, match="data.shards: a URL needs backend torch"):
+        load_config(PretrainConfig, None, ["data.shards=http://host/x", "data.backend=dali"])
+
+
+def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_shards, tmp_path, serve):
+    url = serve(tiny_shards, cut_first=True)
+    runs = {}
+    for name, shards in (("local", str(tiny_shards)), ("remote", url)):
+        args = [a for a in tiny_overrides(Path("x"), tmp_path / name) if not a.startswith("data.shards=")]
+        out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                              f"--master-port={free_port()}", "-m", "trainer.pretrain", f"data.shards={shards}", *args,
+                              "train.max_steps=4"], env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = checkpoint_weights(tmp_path / name / "checkpoints" / "step_00000004")
+    assert all(torch.equal(runs["local"][k], runs["remote"][k]) for k in runs["local"])
+
+
+def test_evaluation_reads_shards_from_a_url_as_from_the_folder(tmp_path, serve):
+    from tests.conftest import export_random_encoder
+    from tests.shard_utils import make_shards
+    from trainer.evaluate.config import EvalConfig, KnnConfig
+    from trainer.evaluate.run import Evaluation
+
+    make_shards(tmp_path / "shards", [12, 12], seconds=1.0)
+    export_random_encoder(tmp_path, width=4)
+    url = serve(tmp_path / "shards", cut_first=True)
+    cfg = EvalConfig(pictures=False, knn=KnnConfig(k=5))
+    local = Evaluation("knn", tmp_path, tmp_path / "shards", cfg).run()
+    remote = Evaluation("knn", tmp_path, url, cfg).run()
+    assert remote["metrics"] == local["metrics"] and sorted(remote["tested"]) == sorted(local["tested"])
