@@ -20,6 +20,9 @@ BACKENDS = ("torch", "dali", "synthetic")
 class DataConfig:
     shards: str = option("", "folder holding manifest.json and the training shards, or its URL (http(s)://, "
                          "s3://, gs://, any fsspec URL: streamed, see the README)")
+    sources: list[dict] = option([], "several corpora in one run, instead of shards: a list of {shards: folder or "
+                                 "URL, weight: share of the clips drawn from it (default 1), name: for the per-corpus "
+                                 "counts (default its manifest's dataset)}; an epoch counts the clips of all of them")
     remote_attempts: int = option(6, "shards behind a URL: tries of a read that fails on the way (reset, timeout, "
                                   "5xx) before the run stops naming it; back-off 0.5 s doubling to 8 s")
     remote_timeout: float = option(30.0, "shards behind a URL: seconds one request may wait for the server")
@@ -52,6 +55,7 @@ class DataConfig:
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
+        self._check_sources()
         check(self.remote_attempts >= 1, "remote_attempts", "must be >= 1")
         check(self.remote_timeout > 0, "remote_timeout", "must be positive")
         check(not ("://" in self.shards and self.backend == "dali"), "shards",
@@ -73,6 +77,26 @@ class DataConfig:
               "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
 
 
+    def _check_sources(self) -> None:
+        if not self.sources:
+            return
+        check(not self.shards, "sources", "give data.shards or data.sources, not both")
+        check(self.backend == "torch", "sources", "mixing corpora needs backend torch")
+        seen: set = set()
+        for i, source in enumerate(self.sources):
+            key = f"sources[{i}]"
+            check(isinstance(source, dict) and bool(source.get("shards")), key,
+                  "needs a mapping with shards: FOLDER_OR_URL (and optionally weight, name)")
+            unknown = sorted(set(source) - {"shards", "weight", "name"})
+            check(not unknown, key, f"unknown key(s) {', '.join(unknown)} (valid: shards, weight, name)")
+            weight = source.get("weight", 1.0)
+            check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0, f"{key}.weight",
+                  f"must be a positive number, not {weight!r}")
+            where = str(source["shards"]).rstrip("/")
+            check(where not in seen, key, f"{source['shards']} is listed twice")
+            seen.add(where)
+
+
 class DataError(RuntimeError):
     """The data cannot be read as configured; the message says what to do."""
 
@@ -85,7 +109,8 @@ class Batch:
     unlabelled), or [B, num_classes] float32 multi-hot when the manifest is multi-label;
     indices: [B] int64 dataset positions (the shards' ``index``); keys: B clip keys;
     skipped: clips that failed to decode (or were too short, with short_clips=skip) while
-    this batch was assembled; short: clips in it shorter than a view (zero-padded).
+    this batch was assembled; short: clips in it shorter than a view (zero-padded);
+    sources: with several corpora, how many of its clips each gave.
     """
 
     views: torch.Tensor
@@ -94,6 +119,7 @@ class Batch:
     keys: list[str]
     skipped: int = 0
     short: int = 0
+    sources: list[int] | None = None  # with data.sources: clips of each corpus in this batch
 
 
 @dataclass

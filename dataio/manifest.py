@@ -41,6 +41,18 @@ class ShardInfo:
     count: int
     bytes: int = 0
     index_file: str | None = None
+    source: int = 0  # which of data.sources it belongs to
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """One corpus of a mixed run: its name, its share of the clips drawn, and where its
+    clip indices start in the run's numbering."""
+
+    name: str
+    weight: float
+    offset: int
+    num_clips: int
 
 
 @dataclass
@@ -53,6 +65,7 @@ class Manifest:
     multi_label: bool = False
     rejected: dict = field(default_factory=dict)  # {"clips": n, "reasons": {kind: n}, "list": file}
     root: Path | str = Path(".")  # a folder, or the URL of one (str)
+    sources: list[SourceInfo] = field(default_factory=list)  # several corpora (combine_manifests)
     _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,11 +84,19 @@ class Manifest:
         return str(self.root)
 
     def shard_paths(self) -> list:
-        """Each shard's path (local) or URL (str, remote)."""
+        """Each shard's path (local) or URL (str, remote); a combined manifest's shards
+        carry their whole location."""
+        if self.sources:
+            return [s.url if "://" in s.url else Path(s.url) for s in self.shards]
         if self.remote:
             from dataio.remote import join
             return [join(self.root, s.url) for s in self.shards]
         return [self.root / s.url for s in self.shards]
+
+    def index_offset(self, shard: int) -> int:
+        """Added to the clip indices of ``shard`` so that clips of different corpora never
+        share one (memory banks and augmentation keys are indexed by it)."""
+        return self.sources[self.shards[shard].source].offset if self.sources else 0
 
     def label_id(self, label: str) -> int:
         """Position of ``label`` in the vocabulary (-1 if absent)."""
@@ -205,3 +226,42 @@ def split_for_worker(rank_shards: list[int], worker: int, num_workers: int) -> W
     if len(rank_shards) >= num_workers:
         return WorkerSplit(tuple(rank_shards[worker::num_workers]))
     return WorkerSplit(tuple(rank_shards), sample_stride=num_workers, sample_offset=worker)
+
+
+def combine_manifests(parts: list[tuple[str, float, Manifest]]) -> Manifest:
+    """One manifest over several corpora ((name, weight, manifest) each): their shards with
+    whole locations, clip indices numbered on (each corpus from the sum of those before),
+    the union of their label vocabularies."""
+    rates = {m.sample_rate for _, _, m in parts}
+    if len(rates) > 1:
+        raise ManifestError("data.sources: the corpora have different sample rates ("
+                            + ", ".join(f"{n}: {m.sample_rate} Hz" for n, _, m in parts) + "); re-shard them "
+                            "at one rate")
+    shards, sources, vocabulary, offset = [], [], [], 0
+    for i, (name, weight, m) in enumerate(parts):
+        for info, where in zip(m.shards, m.shard_paths()):
+            index = None
+            if info.index_file and not m.remote:
+                index = str(Path(m.root) / info.index_file)
+            shards.append(ShardInfo(url=str(where), count=info.count, bytes=info.bytes, index_file=index, source=i))
+        sources.append(SourceInfo(name=name, weight=float(weight), offset=offset, num_clips=m.num_clips))
+        offset += m.num_clips
+        vocabulary += [v for v in m.vocabulary if v not in vocabulary]
+    first = parts[0][2]
+    return Manifest(dataset="+".join(n for n, _, _ in parts), sample_rate=first.sample_rate, num_clips=offset,
+                    shards=shards, vocabulary=vocabulary, multi_label=any(m.multi_label for _, _, m in parts),
+                    root=first.root, sources=sources)
+
+
+def load_sources(sources: list[dict], retry=None) -> Manifest:
+    """The manifests of ``data.sources``, combined; names default to each manifest's dataset
+    (numbered when two corpora share one)."""
+    parts, names = [], set()
+    for i, source in enumerate(sources):
+        m = load_manifest(source["shards"], retry=retry)
+        name = str(source.get("name") or m.dataset or f"source{i}")
+        if name in names:
+            name = f"{name}_{i}"
+        names.add(name)
+        parts.append((name, source.get("weight", 1.0), m))
+    return combine_manifests(parts)

@@ -90,15 +90,17 @@ def _worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = R
                                      f" of {manifest.where}") + "; check them with `audioclr check-shards`")
 
 
-def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry()) -> Iterator[tuple]:
+def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry(),
+                      ids: list[int] | None = None) -> Iterator[tuple]:
     """Endless (draw number, raw sample) pairs of ``data.resampled``: whole shards drawn
-    with replacement from all of them, so any number of readers always has data. Raises
-    once every shard has been drawn and none gave a sample."""
+    with replacement from all of them (or ``ids``), so any number of readers always has
+    data. Raises once every shard has been drawn and none gave a sample."""
     rng = np.random.default_rng(rng_key)
+    ids = list(range(len(manifest.shards))) if ids is None else ids
     tar_errors: list = []
     empty: set[int] = set()
     for draw in itertools.count():
-        sid = int(rng.integers(len(manifest.shards)))
+        sid = ids[int(rng.integers(len(ids)))]
         found = False
         for sample in raw_samples(manifest, [sid], tar_errors, retry):
             if "flac" in sample:
@@ -108,10 +110,17 @@ def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry()
             empty = set()
             continue
         empty.add(sid)
-        if len(empty) == len(manifest.shards):
+        if len(empty) == len(ids):
             raise NoReadableClips(f"no readable clip in any shard of {manifest.where}"
                                   + (f": {tar_errors[-1]}" if tar_errors else "")
                                   + "; check them with `audioclr check-shards`")
+
+
+def _mixed(streams: list[Iterator[tuple]], weights: np.ndarray, rng: np.random.Generator) -> Iterator[tuple]:
+    """The samples of several corpora's streams, each next one taken from a corpus drawn
+    with probabilities ``weights``."""
+    while True:
+        yield next(streams[int(rng.choice(len(streams), p=weights))])
 
 
 def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator,
@@ -173,18 +182,26 @@ class WaveBatches(IterableDataset):
         """This logical worker's batches of ``epoch`` from ``start_step`` on."""
         self.epoch = epoch  # _batch and _decode read it
         seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
-        order = [int(i) for i in np.random.default_rng((seed, epoch)).permutation(len(self.manifest.shards))]
         steps = self.place.steps
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
         rng = np.random.default_rng((seed, epoch, rank, logical, 7))
         retry = Retry(attempts=self.cfg.remote_attempts, timeout=self.cfg.remote_timeout)
-        if self.cfg.resampled:  # every reader draws from every shard, with replacement
-            stream = _resampled_stream(self.manifest, (seed, epoch, rank, logical, 11), retry)
-        else:
+        streams = []
+        for source, ids in enumerate(self._source_shards()):
+            tag = (source,) if source else ()  # one corpus: the numbering of a run without sources
+            if self.cfg.resampled:  # every reader draws from every shard, with replacement
+                streams.append(_resampled_stream(self.manifest, (seed, epoch, rank, logical, 11, *tag), retry, ids))
+                continue
+            order = [ids[int(i)] for i in np.random.default_rng((seed, epoch, *tag)).permutation(len(ids))]
             split = split_for_reader(order, rank, world, logical, workers)
-            stream = _worker_stream(self.manifest, split, (seed, epoch, *split.order_key), retry)
-        samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self.cfg.resampled)
+            streams.append(_worker_stream(self.manifest, split, (seed, epoch, *tag, *split.order_key), retry))
+        if len(streams) == 1:
+            stream = streams[0]
+        else:
+            weights = np.array([s.weight for s in self.manifest.sources])
+            stream = _mixed(streams, weights / weights.sum(), np.random.default_rng((seed, epoch, rank, logical, 13)))
+        samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self._by_shard)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
         done = len(range(mine.start, min(start_step, steps), workers))
         self._bad_since = None
@@ -193,8 +210,24 @@ class WaveBatches(IterableDataset):
         for step in mine[done:]:
             yield self._batch(samples, errors, step)
 
+    def _source_shards(self) -> list[list[int]]:
+        """The shard ids of each corpus (one list without data.sources)."""
+        if not self.manifest.sources:
+            return [list(range(len(self.manifest.shards)))]
+        ids: list[list[int]] = [[] for _ in self.manifest.sources]
+        for sid, shard in enumerate(self.manifest.shards):
+            ids[shard.source].append(sid)
+        return ids
+
+    @property
+    def _by_shard(self) -> bool:
+        """Whether passes interleave (resampled draws, mixed corpora): the shuffle buffer
+        mixes them and a reader with no usable clip is judged by shards, not passes."""
+        return self.cfg.resampled or len(self.manifest.sources) > 1
+
     def _batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
         waves, labels, indices, draws, keys = [], [], [], [], []
+        from_source = [0] * len(self.manifest.sources)
         skipped_before, short = len(errors), 0
         k = self.cfg.pairs_per_clip
         while len(waves) < self.cfg.batch_size:
@@ -215,9 +248,12 @@ class WaveBatches(IterableDataset):
             indices.extend([clip[2]] * k)
             draws.extend(pass_no * k + i for i in range(k))
             keys.extend([sample["__key__"]] * k)
+            if self.manifest.sources:
+                from_source[self.manifest.shards[sample["__shard__"]].source] += k
         out = {"waves": torch.from_numpy(np.stack(waves)), "labels": torch.from_numpy(np.asarray(labels)),
                "indices": torch.tensor(indices), "draws": torch.tensor(draws), "keys": keys,
-               "epoch": self.epoch, "step": step, "skipped": len(errors) - skipped_before, "short": short}
+               "epoch": self.epoch, "step": step, "skipped": len(errors) - skipped_before, "short": short,
+               "sources": torch.tensor(from_source, dtype=torch.int64)}
         if self.in_workers:
             out["views"] = self.augmenter.from_waves(out.pop("waves"), batch_ids(out, self.place.rank))
         return out
@@ -225,7 +261,7 @@ class WaveBatches(IterableDataset):
     def _no_clip(self, pass_no: int, sample: dict, errors: list) -> None:
         """Raise once a whole pass over this worker's samples gave no usable clip (resampled:
         once every shard has been drawn since the last usable clip)."""
-        if self.cfg.resampled:
+        if self._by_shard:
             self._bad_since = (self._bad_since or set()) | {sample["__shard__"]}
             whole = len(self._bad_since) == len(self.manifest.shards)
         elif self._bad_since is None:
@@ -242,7 +278,7 @@ class WaveBatches(IterableDataset):
         if it is broken."""
         try:
             meta = json.loads(sample["json"])
-            index = int(meta["index"])
+            index = int(meta["index"]) + self.manifest.index_offset(sample["__shard__"])
             rng = np.random.default_rng((self.place.seed, self.epoch, index, pass_no))
             with sf.SoundFile(io.BytesIO(sample["flac"])) as source:
                 if source.samplerate != self.manifest.sample_rate or source.frames == 0:
@@ -346,7 +382,7 @@ class DeviceFeeder:
         return Batch(views=views, labels=wave_batch["labels"].to(device, non_blocking=True),
                      indices=wave_batch["indices"].to(device, non_blocking=True),
                      keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]),
-                     short=int(wave_batch["short"]))
+                     short=int(wave_batch["short"]), sources=wave_batch["sources"].tolist())
 
 
 class TorchSource:

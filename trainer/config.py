@@ -254,8 +254,8 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = option(DeepSpeedConfig(), "the DeepSpeed engine (train.engine=deepspeed)")
 
     def __post_init__(self) -> None:
-        check(bool(self.data.shards) or self.data.backend == "synthetic", "data.shards",
-              "is required (a folder with manifest.json)")
+        check(bool(self.data.shards or self.data.sources) or self.data.backend == "synthetic", "data.shards",
+              "is required (a folder with manifest.json), or data.sources")
         for op in parse_chain(self.augment):
             check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",
                   f"{op.views} names a view that does not exist (data.num_views = {self.data.num_views})")

@@ -17,7 +17,7 @@ import torch
 
 from dataio.augment import build_augmenter
 from dataio.batch import Batch, DataError, Placement, steps_per_epoch
-from dataio.manifest import ManifestError, load_manifest
+from dataio.manifest import ManifestError, load_manifest, load_sources
 from dataio.pipeline import open_source
 from dataio.remote import Retry
 from dataio.synthetic import synthetic_manifest
@@ -92,7 +92,8 @@ class Pretrainer:
         self.info = distributed.init(self.device.type, always=cfg.train.engine == "deepspeed")
         self.run_dir = Path(cfg.run_dir)
         retry = Retry(attempts=cfg.data.remote_attempts, timeout=cfg.data.remote_timeout)
-        self.manifest = load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
+        self.manifest = load_sources(cfg.data.sources, retry) if cfg.data.sources else \
+            load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
             synthetic_manifest(cfg.data, cfg.frontend)
         if self.manifest.sample_rate != cfg.frontend.sample_rate:
             raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
@@ -238,9 +239,13 @@ class Pretrainer:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 counts = {"skipped": 0, "short": 0}
+                for name in self.manifest.sources:
+                    counts[f"{name.name}_clips"] = 0
                 for batch in self._timed(self.source.epoch(epoch, start)):
                     counts["skipped"] += batch.skipped
                     counts["short"] += batch.short
+                    for name, n in zip(self.manifest.sources, batch.sources or []):
+                        counts[f"{name.name}_clips"] += n
                     stop = self.train_step(batch)
                     bar.update(1)
                     if self._last_loss is not None:
@@ -345,8 +350,13 @@ class Pretrainer:
                         epoch, totals["skipped"])
         if totals["short"]:  # notes and drum hits are short by nature: padding them is normal
             log.info("epoch %d: %d view(s) zero-padded (clips shorter than a view)", epoch, totals["short"])
-        if totals["skipped"] or totals["short"]:
-            self.metrics.write(self.step, {f"epoch_{k}_clips": v for k, v in totals.items()})
+        record = {f"epoch_{k}_clips": v for k, v in totals.items() if k in ("skipped", "short")}
+        if self.manifest.sources:  # clips each corpus gave this epoch (or since the resume point)
+            record.update({f"epoch_clips_{k[:-len('_clips')]}": v for k, v in totals.items() if k.endswith("_clips")})
+            log.info("epoch %d: clips per corpus: %s", epoch,
+                     ", ".join(f"{k[:-len('_clips')]} {v:.0f}" for k, v in totals.items() if k.endswith("_clips")))
+        if totals["skipped"] or totals["short"] or self.manifest.sources:
+            self.metrics.write(self.step, record)
 
     def _progress_bar(self):
         from tqdm import tqdm
