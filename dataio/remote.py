@@ -21,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from dataio.batch import DataError
 
@@ -192,3 +193,48 @@ class _Resuming(io.RawIOBase):
     def close(self) -> None:
         self._drop()
         super().close()
+
+
+class Publisher:
+    """Copies a shard folder written locally to a folder URL as it is written: each shard
+    and its index as soon as they are complete (then removed locally, so staging holds one
+    shard at a time), the manifest last, so a reader never finds a manifest before every
+    shard it lists."""
+
+    def __init__(self, url: str, overwrite: bool):
+        from dataio.manifest import MANIFEST_NAME
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme in BUILTIN_SCHEMES:
+            raise ValueError(f"--out {shown(url)}: http(s) URLs cannot be written; give an object store "
+                             f"(s3://, gs://, any writable fsspec URL) or a folder")
+        try:
+            import fsspec
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except ImportError as err:
+            raise ValueError(f"--out {shown(url)}: writing {scheme}:// URLs needs the cloud extra: "
+                             f"{CLOUD_EXTRA} ({err})") from None
+        self.url, self.root = url.rstrip("/"), self.root.rstrip("/")
+        if self.fs.exists(f"{self.root}/{MANIFEST_NAME}") and not overwrite:
+            raise ValueError(f"--out {shown(url)} already holds a corpus (its {MANIFEST_NAME}); pass --overwrite "
+                             f"to replace it")
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.sent = 0
+
+    def put(self, local: Path) -> None:
+        """Upload ``local`` into the folder URL, then remove it."""
+        self.fs.put_file(str(local), f"{self.root}/{local.name}")
+        self.sent += local.stat().st_size
+        local.unlink()
+
+    def shard(self, tar: Path, index: Path) -> None:
+        self.put(tar)
+        self.put(index)
+
+    def finish(self, staging: Path) -> None:
+        """Whatever else the writer left in ``staging`` (rejected and missing lists), then
+        the manifest."""
+        from dataio.manifest import MANIFEST_NAME
+        for path in sorted(staging.iterdir()):
+            if path.name != MANIFEST_NAME and path.is_file():
+                self.put(path)
+        self.put(staging / MANIFEST_NAME)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+from dataio.remote import Publisher, is_url, shown
 from dataio.shard_writer import REJECTED_NAME, ShardWriteError, write_shards
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -30,7 +33,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add("--layout", default="folder", help="how SRC is organised: folder (one sub-folder per "
         "label), csv (path,label[,fold] rows), or a dataset's own layout: audioset, fsd50k, "
         "fsdnoisy18k, esc50, us8k, gtzan")
-    add("--out", type=Path, required=True, help="folder for the shards and manifest")
+    add("--out", required=True, help="folder for the shards and manifest, or its URL (s3://, gs://, any "
+        "writable fsspec URL: each shard is uploaded as it is complete, the manifest last)")
     add("--sample-rate", type=int, default=16000, help="rate of the shards' audio, Hz")
     add("--shard-size", type=int, default=0,
         help="clips per shard (default 1000 unless --shard-bytes is given)")
@@ -90,17 +94,26 @@ def run_shard(args: argparse.Namespace) -> int:
         if not listing.items:
             raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
         dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
-        report = write_shards(listing.items, args.out, dataset=dataset,
-                              sample_rate=args.sample_rate, shard_size=args.shard_size,
-                              shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
-                              min_seconds=args.min_seconds, overwrite=args.overwrite,
-                              vocabulary=listing.vocabulary)
-        missing_path = write_missing(listing, report.out_dir)
+        publisher = Publisher(args.out, args.overwrite) if is_url(args.out) else None
+        staging = Path(tempfile.mkdtemp(prefix="audioclr-shard-")) if publisher else Path(args.out)
+        try:
+            report = write_shards(listing.items, staging, dataset=dataset,
+                                  sample_rate=args.sample_rate, shard_size=args.shard_size,
+                                  shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
+                                  min_seconds=args.min_seconds, overwrite=args.overwrite,
+                                  vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None)
+            missing_path = write_missing(listing, report.out_dir)
+            if publisher:
+                publisher.finish(staging)
+        finally:
+            if publisher:
+                shutil.rmtree(staging, ignore_errors=True)
     except (ValueError, OSError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
         print(f"audioclr shard: error: {err}", file=sys.stderr)
         return 2
-    print(report.summary())
-    print(f"rejected clips and reasons: {report.out_dir / REJECTED_NAME}")
+    where = shown(args.out) if publisher else str(report.out_dir)
+    print(report.summary().replace(str(report.out_dir), where))
+    print(f"rejected clips and reasons: {where}/{REJECTED_NAME}")
     if listing.missing:
-        print(f"listed clips missing on disk: {missing_path}")
+        print(f"listed clips missing on disk: {where}/{missing_path.name}")
     return 0

@@ -221,8 +221,9 @@ def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: in
 class _ShardSink:
     """Writes samples into numbered tars (under a ``.tmp`` name until complete) and DALI indexes."""
 
-    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int):
+    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int, on_shard=None):
         self.out_dir, self.max_clips, self.max_bytes = out_dir, max_clips, max_bytes
+        self.on_shard = on_shard  # called with (tar, index) once both are complete
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._index_lines: list[str] = []
@@ -259,6 +260,8 @@ class _ShardSink:
         self.shards.append(ShardInfo(url=tar_path.name, count=len(self._index_lines),
                                      bytes=tar_path.stat().st_size, index_file=f"{stem}.idx"))
         self._tar, self._index_lines, self._payload = None, [], 0
+        if self.on_shard is not None:
+            self.on_shard(tar_path, self.out_dir / f"{stem}.idx")
 
 
 def write_dali_index(path: Path, sample_lines: list[str]) -> None:
@@ -352,7 +355,7 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
                  sample_rate: int = 16000, shard_size: int = 0, shard_bytes: int = 0,
                  seed: int = 0, workers: int = 0, min_seconds: float = 0.025,
                  overwrite: bool = False, loader: Loader = soundfile_loader,
-                 vocabulary: list[str] | None = None, progress: bool = True) -> WriteReport:
+                 vocabulary: list[str] | None = None, progress: bool = True, on_shard=None) -> WriteReport:
     """Turn ``items`` into WebDataset shards, DALI indexes and a manifest in ``out_dir``.
 
     ``sample_rate`` in Hz; ``shard_size`` in clips and ``shard_bytes`` in payload bytes
@@ -362,6 +365,7 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     The clip JSON's ``index`` runs 0..N-1 over accepted clips in shard order. The
     manifest is written last, so a folder with a manifest holds complete shards.
     Worker processes are spawned: a script calling this needs ``if __name__ == "__main__":``.
+    ``on_shard(tar, index)`` is called as each shard is complete (an upload, for one).
     """
     start = time.perf_counter()
     items, out_dir = list(items), Path(out_dir)
@@ -373,7 +377,7 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     order = np.random.default_rng(seed).permutation(len(items)).tolist()
     shuffled = [items[i] for i in order]
     results = _results_in_order(shuffled, loader, sample_rate, min_seconds, workers)
-    sink = _ShardSink(out_dir, shard_size, shard_bytes)
+    sink = _ShardSink(out_dir, shard_size, shard_bytes, on_shard)
     tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress)
     rejected = [(path, reason) for _, path, reason in sorted(tally.rejected)]
     write_text_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(

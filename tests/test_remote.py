@@ -146,3 +146,14 @@ def test_evaluation_reads_shards_from_a_url_as_from_the_folder(tmp_path, serve):
     local = Evaluation("knn", tmp_path, tmp_path / "shards", cfg).run()
     remote = Evaluation("knn", tmp_path, url, cfg).run()
     assert remote["metrics"] == local["metrics"] and sorted(remote["tested"]) == sorted(local["tested"])
+
+
+def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
+    """file:// goes through fsspec, as s3:// or gs:// do (with the cloud extra)."""
+    from dataio.manifest import load_manifest
+    from dataio.torch_pipeline import raw_samples
+    local, remote = load_manifest(tiny_shards), load_manifest(f"file://{tiny_shards}")
+    assert remote.remote and remote.where == f"file://{tiny_shards}"
+    ids = list(range(len(local.shards)))
+    a, b = list(raw_samples(local, ids, [])), list(raw_samples(remote, ids, []))
+    assert len(a) == 24 and [(s["__key__"], s["flac"]) for s in a] == [(s["__key__"], s["flac"]) for s in b]

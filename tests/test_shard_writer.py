@@ -295,3 +295,32 @@ def test_parse_size():
     assert parse_size("500000") == 500000 and parse_size("2k") == 2048
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
+
+
+def test_cli_writes_to_a_url_shard_by_shard_and_the_manifest_last(audio_tree, tmp_path, capsys, monkeypatch):
+    """--out file:///... goes through fsspec as s3:// or gs:// would: each shard uploaded as it
+    is complete, the manifest last; what lands reads back as the same corpus as a folder."""
+    import fsspec.implementations.local as local_fs
+
+    uploads = []
+    put = local_fs.LocalFileSystem.put_file
+
+    def recording_put(self, lpath, rpath, **kwargs):
+        uploads.append(Path(rpath).name)
+        return put(self, lpath, rpath, **kwargs)
+    monkeypatch.setattr(local_fs.LocalFileSystem, "put_file", recording_put)
+    url = f"file://{tmp_path}/bucket/corpus"
+    argv = [str(audio_tree), "--workers", "1", "--shard-bytes", "64KB", "--dataset", "tree"]
+    assert _cli([*argv, "--out", url]) == 0
+    printed = capsys.readouterr().out
+    assert f"in {url}" in printed and f"{url}/{REJECTED_NAME}" in printed
+    assert uploads[-1] == "manifest.json" and uploads.count("manifest.json") == 1
+    assert uploads[:2] == ["shard-00000.tar", "shard-00000.idx"], "each shard goes up as it is complete"
+    assert _cli([*argv, "--out", str(tmp_path / "folder")]) == 0
+    remote, folder = load_manifest(url), load_manifest(tmp_path / "folder")
+    assert remote.remote and [s.url for s in remote.shards] == [s.url for s in folder.shards]
+    for a, b in zip(remote.shards, folder.shards):
+        assert (tmp_path / "bucket" / "corpus" / a.url).read_bytes() == (tmp_path / "folder" / b.url).read_bytes()
+    assert _cli([*argv, "--out", url]) == 2 and "already holds a corpus" in capsys.readouterr().err
+    assert _cli([*argv, "--out", "http://127.0.0.1:9/x"]) == 2
+    assert "http(s) URLs cannot be written" in capsys.readouterr().err
