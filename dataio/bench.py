@@ -34,12 +34,13 @@ from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
+from dataio.remote import is_url, tar_samples
 
 
 def _decode_shards(paths: list[str]) -> int:
     clips = 0
     for path in paths:
-        for sample in wds.tarfile_samples([{"url": path}]):
+        for sample in tar_samples(path, wds.reraise_exception):  # a path or a URL (streamed)
             sf.read(io.BytesIO(sample["flac"]), dtype="float32")
             clips += 1
     return clips
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     cores = args.cores or len(os.sched_getaffinity(0))
     tmp = None
     if args.shards:
-        shards = Path(args.shards)
+        shards = args.shards if is_url(args.shards) else Path(args.shards)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="audioclr-bench-")
         shards = make_bench_shards(Path(tmp.name), args.clips, args.clip_seconds)
@@ -156,7 +157,11 @@ def run(args: argparse.Namespace) -> dict:
     limit = decode_limit(manifest, cores)
     rows = {"decode_limit": limit}
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
+    skipped = {}
     for backend in args.backends.split(","):
+        if backend == "dali" and manifest.remote:
+            skipped[backend] = "DALI's readers open local files"
+            continue
         plain = dict(recipe, augment={}) if recipe else None
         rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device,
                                      plain)
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
                                                       args.seconds, device, recipe)
     result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": manifest.num_clips,
               "pairs_per_clip": args.pairs, "recipe": getattr(args, "config", None), "clips_per_second": rows,
-              "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}}
+              "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}, "skipped": skipped}
     if device.type == "cuda":
         result["gpu_mel_clips_per_second"] = gpu_mel_rates()
     if tmp is not None:
@@ -182,6 +187,8 @@ def print_table(result: dict) -> None:
     for name, rate in result["clips_per_second"].items():
         ratio = result["ratio_to_limit"].get(name)
         print(f"{name:<16}{rate:>12.1f}{rate / result['cores']:>12.1f}{'' if ratio is None else f'{ratio:.2f}':>10}")
+    for name, why in result.get("skipped", {}).items():
+        print(f"{name:<16}{'skipped: ' + why:>34}")
     for name, rate in result.get("gpu_mel_clips_per_second", {}).items():
         print(f"{name:<16}{rate:>12.0f}")
 
@@ -189,7 +196,7 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", help="shard folder; default: synthesize --clips clips of --clip-seconds")
+    p.add_argument("--shards", help="shard folder or its URL; default: synthesize --clips clips of --clip-seconds")
     p.add_argument("--clips", type=int, default=256)
     p.add_argument("--clip-seconds", type=float, default=10.0)
     p.add_argument("--cores", type=int, default=0, help="0 = the cores this process may use")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import webdataset as wds
 
 from dataio.manifest import ManifestError, load_manifest
+from dataio.remote import RemoteError, Retry, is_url, join, read_bytes, tar_samples
 
 
 def member_problem(sample: dict, sample_rate: int, num_clips: int, vocabulary: set[str]) -> str | None:
@@ -65,11 +65,11 @@ def check_shard(path: str, sample_rate: int, num_clips: int,
     known = set(vocabulary)
 
     def on_error(exc: Exception) -> bool:
-        problems.append((Path(path).name, f"unreadable tar data: {exc!r}"[:200]))
+        problems.append((path.rsplit("/", 1)[-1], f"unreadable tar data: {exc!r}"[:200]))
         return True
 
     count = 0
-    for sample in wds.tarfile_samples([{"url": path}], handler=on_error):
+    for sample in tar_samples(path, on_error):  # a path or a URL (streamed)
         count += 1
         problem = member_problem(sample, sample_rate, num_clips, known)
         if problem:
@@ -82,11 +82,16 @@ def index_problems(root: Path, shard) -> list[tuple[str, str]]:
     the number of samples it lists)."""
     if not shard.index_file:
         return []
-    path = root / shard.index_file
     try:
-        listed = int(path.read_text().split("\n", 1)[0].split()[1])
+        if is_url(root):
+            text = read_bytes(join(root, shard.index_file), Retry(attempts=2)).decode()
+        else:
+            text = (Path(root) / shard.index_file).read_text()
+        listed = int(text.split("\n", 1)[0].split()[1])
     except FileNotFoundError:
         return [(shard.index_file, "DALI index file missing (data.backend=dali cannot read this shard)")]
+    except RemoteError as err:
+        return [(shard.index_file, f"DALI index file unreadable: {err}"[:200])]
     except (OSError, ValueError, IndexError, UnicodeDecodeError) as err:
         return [(shard.index_file, f"DALI index file unreadable: {err!r}"[:200])]
     if listed != shard.count:
@@ -96,7 +101,7 @@ def index_problems(root: Path, shard) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr check-shards", description=__doc__)
-    p.add_argument("shards", help="shard folder (with manifest.json)")
+    p.add_argument("shards", help="shard folder (with manifest.json), or its URL")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     args = p.parse_args(argv)
     try:

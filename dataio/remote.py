@@ -79,6 +79,22 @@ def open_stream(url: str, retry: Retry = Retry()) -> io.RawIOBase:
     return _Resuming(_FsspecSource(url), url, retry)
 
 
+def tar_samples(location, handler, retry: Retry = Retry()):
+    """The samples (webdataset dicts) of one tar shard, a local path or a URL (streamed);
+    ``handler`` sees each read error (a RemoteError is raised again, whatever it says)."""
+    import webdataset as wds
+
+    def handle(exc: Exception) -> bool:
+        if isinstance(exc, RemoteError):
+            raise exc
+        return handler(exc)
+    if not is_url(location):
+        return wds.tarfile_samples([{"url": str(location)}], handler=handle)
+    files = wds.tariterators.tar_file_expander([{"url": location, "stream": open_stream(location, retry)}],
+                                               handler=handle)
+    return wds.tariterators.group_by_keys(files, handler=handle)
+
+
 def read_bytes(url: str, retry: Retry = Retry()) -> bytes:
     with open_stream(url, retry) as stream:
         return stream.read()

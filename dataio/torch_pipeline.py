@@ -28,13 +28,12 @@ from collections.abc import Iterator
 import numpy as np
 import soundfile as sf
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, DataError, Placement
 from dataio.manifest import Manifest, split_for_reader
-from dataio.remote import RemoteError, Retry, open_stream
+from dataio.remote import Retry, tar_samples
 from dataio.views import read_views
 
 log = logging.getLogger(__name__)
@@ -51,21 +50,13 @@ def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
     left behind. A shard URL is streamed (:mod:`dataio.remote`); one that cannot be read
     stops the run with a RemoteError naming it."""
     def on_error(exc: Exception) -> bool:
-        if isinstance(exc, RemoteError):
-            raise exc
         tar_errors.append(repr(exc))
         log.warning("skipping unreadable shard data: %r", exc)
         return True
 
     paths = manifest.shard_paths()
     for sid in shard_ids:
-        if manifest.remote:
-            files = wds.tariterators.tar_file_expander(
-                [{"url": paths[sid], "stream": open_stream(paths[sid], retry)}], handler=on_error)
-            samples = wds.tariterators.group_by_keys(files, handler=on_error)
-        else:
-            samples = wds.tarfile_samples([{"url": str(paths[sid])}], handler=on_error)
-        for sample in samples:
+        for sample in tar_samples(paths[sid], on_error, retry):
             sample["__shard__"] = sid
             yield sample
 

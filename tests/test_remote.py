@@ -157,3 +157,15 @@ def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
     ids = list(range(len(local.shards)))
     a, b = list(raw_samples(local, ids, [])), list(raw_samples(remote, ids, []))
     assert len(a) == 24 and [(s["__key__"], s["flac"]) for s in a] == [(s["__key__"], s["flac"]) for s in b]
+
+
+def test_check_shards_and_bench_data_read_a_url(tiny_shards, serve):
+    url = serve(tiny_shards)
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", url], env=cli_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "4 shard(s) checked: 0 problem(s)" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "data", "--shards", url, "--backends", "torch,dali",
+                          "--seconds", "1", "--cores", "1", "--batch-size", "4"], env=cli_env(), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch" in out.stdout and "dali" in out.stdout and "skipped: DALI's readers open local files" in out.stdout
