@@ -105,6 +105,8 @@ class _Permanent(Exception):
 
 
 class _HttpSource:
+    transient = (OSError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError)
+
     def __init__(self, url: str, timeout: float):
         self.url, self.timeout = url, timeout
 
@@ -123,6 +125,10 @@ class _HttpSource:
 
 
 class _FsspecSource:
+    # the clients' own error types vary (botocore, aiohttp, google-auth); a missing object
+    # or a refusal is told apart when the object is opened, the rest is worth a retry
+    transient = (Exception,)
+
     def __init__(self, url: str):
         try:
             import fsspec
@@ -143,9 +149,6 @@ class _FsspecSource:
         if offset:
             handle.seek(offset)
         return handle, 0
-
-
-_TRANSIENT = (OSError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError)
 
 
 class _Resuming(io.RawIOBase):
@@ -181,7 +184,7 @@ class _Resuming(io.RawIOBase):
                 self.close()
                 raise RemoteError(f"{shown(self.url)}: {err}; check data.shards and that the object is there "
                                   f"and readable with these credentials") from None
-            except _TRANSIENT as err:
+            except self.source.transient as err:
                 self._drop()
                 self.failures += 1
                 if self.failures >= self.retry.attempts:

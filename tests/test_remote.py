@@ -102,9 +102,9 @@ def test_a_server_gone_mid_run_stops_it_with_the_url_named_and_a_checkpoint(tiny
     ("{url}/forbidden/", "no shard manifest at {url}/forbidden/manifest.json: HTTP 403"),
     ("http://user:secret@127.0.0.1:{port}/x?sig=secret", "http://127.0.0.1:{port}/x/manifest.json: unreachable "
                                                            "after 2 tries"),
-    pytest.param("s3://bucket/corpus", "s3://bucket/corpus/manifest.json: reading s3:// URLs needs the cloud "
+    pytest.param("gs://bucket/corpus", "gs://bucket/corpus/manifest.json: reading gs:// URLs needs the cloud "
                  "extra: pip install -e '.[cloud]'", marks=pytest.mark.skipif(
-                     importlib.util.find_spec("s3fs") is not None, reason="the cloud extra is installed"))])
+                     importlib.util.find_spec("gcsfs") is not None, reason="the cloud extra is installed"))])
 def test_urls_that_cannot_be_read_are_named_before_training(tiny_shards, tmp_path, serve, where, words):
     url, port = serve(tiny_shards), free_port()  # nothing listens on port
     out = _pretrain(where.format(url=url, port=port), tmp_path / "run", "data.remote_attempts=2", timeout=120)
@@ -169,3 +169,39 @@ def test_check_shards_and_bench_data_read_a_url(tiny_shards, serve):
                          text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch" in out.stdout and "dali" in out.stdout and "skipped: DALI's readers open local files" in out.stdout
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """An S3-compatible server (moto) on loopback, reached only through its HTTP endpoint;
+    the environment tells every S3 client in this process and its children where it is."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(tiny_shards, tmp_path, s3_server):
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="audio")
+    files = sorted(p for p in tiny_shards.iterdir() if p.name != "manifest.json")
+    for path in [*files, tiny_shards / "manifest.json"]:  # the manifest last, as `audioclr shard` does
+        client.upload_file(str(path), "audio", f"corpus/{path.name}")
+    local = _pretrain(str(tiny_shards), tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = _pretrain("s3://audio/corpus", tmp_path / "remote")
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    final = f"checkpoints/step_{STEPS:08d}"
+    a, b = checkpoint_weights(tmp_path / "local" / final), checkpoint_weights(tmp_path / "remote" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "testing" not in remote.stderr, "no credential is logged"
+    gone = _pretrain("s3://audio/nothing", tmp_path / "gone")
+    assert gone.returncode == 2 and "no shard manifest at s3://audio/nothing/manifest.json: not found" in gone.stderr
