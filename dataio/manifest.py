@@ -136,7 +136,7 @@ def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> M
     """Read ``folder/manifest.json`` (``folder`` may be a URL, read with ``retry``, see
     :mod:`dataio.remote`); with ``check_files`` every shard of a local folder must exist."""
     if "://" in str(folder):
-        return _load_remote_manifest(str(folder), retry)
+        return _load_remote_manifest(str(folder), retry, check_files)
     folder = Path(folder)
     path = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
     if not path.is_file():
@@ -151,10 +151,10 @@ def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> M
     return manifest
 
 
-def _load_remote_manifest(url: str, retry=None) -> Manifest:
-    """The manifest of a folder URL; its shards are checked as they are read (a missing
-    one is a named error then), not fetched here."""
-    from dataio.remote import RemoteError, Retry, join, read_bytes, shown
+def _load_remote_manifest(url: str, retry=None, check_files: bool = True) -> Manifest:
+    """The manifest of a folder URL; with ``check_files`` every shard it lists must be
+    there at the size it records (one HEAD or listing each, no download)."""
+    from dataio.remote import RemoteError, Retry, join, read_bytes, shown, sizes
     folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
     where = url if url.endswith(".json") else join(folder, MANIFEST_NAME)
     try:
@@ -163,7 +163,16 @@ def _load_remote_manifest(url: str, retry=None) -> Manifest:
         raise ManifestError(f"no shard manifest at {err}") from None
     except UnicodeDecodeError as err:
         raise ManifestError(f"malformed manifest {shown(where)}: {err!r}") from None
-    return parse_manifest(text, folder, shown(where))
+    manifest = parse_manifest(text, folder, shown(where))
+    if check_files:
+        found = sizes(manifest.shard_paths(), (retry or Retry()).timeout)
+        wrong = [f"{s.url} ({'not there' if found[u] is None else f'{found[u]} bytes, the manifest says {s.bytes}'})"
+                 for s, u in zip(manifest.shards, manifest.shard_paths())
+                 if u in found and (found[u] is None or (s.bytes and found[u] is not None and found[u] != s.bytes))]
+        if wrong:
+            listed = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            raise ManifestError(f"manifest {shown(where)} does not match its shards: {listed}")
+    return manifest
 
 
 def parse_manifest(text: str, root: Path | str, name: str) -> Manifest:

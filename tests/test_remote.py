@@ -205,3 +205,17 @@ def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(ti
     assert "testing" not in remote.stderr, "no credential is logged"
     gone = _pretrain("s3://audio/nothing", tmp_path / "gone")
     assert gone.returncode == 2 and "no shard manifest at s3://audio/nothing/manifest.json: not found" in gone.stderr
+
+
+def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny_shards, tmp_path, serve):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_shards, copy)
+    (copy / "shard-00001.tar").unlink()
+    (copy / "shard-00002.tar").write_bytes((tiny_shards / "shard-00002.tar").read_bytes()[:5000])
+    url = serve(copy)
+    out = _pretrain(url, tmp_path / "run", timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"manifest {url}/manifest.json does not match its shards: shard-00001.tar (not there), " \
+           f"shard-00002.tar (5000 bytes, the manifest says" in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
