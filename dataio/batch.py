@@ -26,6 +26,9 @@ class DataConfig:
     remote_attempts: int = option(6, "shards behind a URL: tries of a read that fails on the way (reset, timeout, "
                                   "5xx) before the run stops naming it; back-off 0.5 s doubling to 8 s")
     remote_timeout: float = option(30.0, "shards behind a URL: seconds one request may wait for the server")
+    cache_dir: str = option("", "backend dali with shards behind a URL: the node-local folder the corpus is "
+                            "fetched into once per node ('' = $AUDIOCLR_CACHE or ~/.cache/audioclr/shards)")
+    cache_gb: float = option(100.0, "the most that folder holds; corpora used longest ago are evicted first")
     backend: str = option("torch", "data back end: torch (webdataset + torchaudio), dali, or synthetic (one "
                           "fixed batch on the device every step: the model's speed without input)", BACKENDS)
     batch_size: int = option(64, "clips per rank per step (the global batch is world_size times this)")
@@ -58,8 +61,7 @@ class DataConfig:
         self._check_sources()
         check(self.remote_attempts >= 1, "remote_attempts", "must be >= 1")
         check(self.remote_timeout > 0, "remote_timeout", "must be positive")
-        check(not ("://" in self.shards and self.backend == "dali"), "shards",
-              "a URL needs backend torch (DALI's readers open local files)")
+        check(self.cache_gb > 0, "cache_gb", "must be positive")
         check(self.worker_threads >= 1, "worker_threads", "must be >= 1")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(self.view_seconds > 0, "view_seconds", "must be positive")

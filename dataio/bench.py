@@ -157,11 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     limit = decode_limit(manifest, cores)
     rows = {"decode_limit": limit}
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
-    skipped = {}
+    skipped: dict = {}
     for backend in args.backends.split(","):
-        if backend == "dali" and manifest.remote:
-            skipped[backend] = "DALI's readers open local files"
-            continue
         plain = dict(recipe, augment={}) if recipe else None
         rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device,
                                      plain)

@@ -114,10 +114,48 @@ def test_urls_that_cannot_be_read_are_named_before_training(tiny_shards, tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_dali_with_a_url_is_refused_by_name(tmp_path):
-    from trainer.config import ConfigError, PretrainConfig, load_config
-    with pytest.raises(ConfigError, match="data.shards: a URL needs backend torch"):
-        load_config(PretrainConfig, None, ["data.shards=http://host/x", "data.backend=dali"])
+needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
+
+
+@needs_dali
+def test_dali_trains_from_a_url_through_a_node_cache_fetched_once(tiny_shards, tmp_path, serve):
+    url = serve(tiny_shards, cut_first=True)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    local = _pretrain(str(tiny_shards), tmp_path / "local", "data.backend=dali")
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = _pretrain(url, tmp_path / "remote", "data.backend=dali", cache)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    final = f"checkpoints/step_{STEPS:08d}"
+    a, b = checkpoint_weights(tmp_path / "local" / final), checkpoint_weights(tmp_path / "remote" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a), "DALI reads the cached copy as it reads the folder"
+    (corpus,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert (corpus / ".complete").is_file() and len(list(corpus.glob("*.tar"))) == 4
+    stamp = (corpus / "shard-00000.tar").stat().st_mtime_ns
+    again = _pretrain(url, tmp_path / "again", "data.backend=dali", cache)
+    assert again.returncode == 0 and (corpus / "shard-00000.tar").stat().st_mtime_ns == stamp, "fetched once"
+    tiny = _pretrain(url, tmp_path / "tiny", "data.backend=dali", cache, "data.cache_gb=0.0001")
+    assert tiny.returncode == 2 and "data.cache_gb: the corpus at" in tiny.stderr and "Traceback" not in tiny.stderr
+
+
+def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
+    import os
+
+    from dataio.manifest import load_manifest
+    from dataio.shard_cache import localize
+    from tests.shard_utils import make_shards
+    folders = [tmp_path / name for name in ("a", "b", "c")]
+    for i, folder in enumerate(folders):
+        make_shards(folder, [3, 3], seconds=0.3, seed=i)
+    size = sum(p.stat().st_size for p in folders[0].iterdir() if p.suffix in (".tar", ".idx"))
+    limit = 2.5 * size / (1 << 30)  # room for two corpora, not three
+    cached = []
+    for i, folder in enumerate(folders):
+        local = localize(load_manifest(serve(folder)), tmp_path / "cache", limit)
+        os.utime(local.root / ".used", (1000 + i, 1000 + i))  # a, then b, then c: a is the oldest
+        cached.append(local.root)
+        if i == 1:  # b used again: a stays the oldest
+            assert load_manifest(local.root).num_clips == 6
+    assert not cached[0].exists() and cached[1].exists() and cached[2].exists()
 
 
 def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_shards, tmp_path, serve):
@@ -159,16 +197,17 @@ def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
     assert len(a) == 24 and [(s["__key__"], s["flac"]) for s in a] == [(s["__key__"], s["flac"]) for s in b]
 
 
-def test_check_shards_and_bench_data_read_a_url(tiny_shards, serve):
+def test_check_shards_and_bench_data_read_a_url(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards)
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", url], env=cli_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "4 shard(s) checked: 0 problem(s)" in out.stderr, out.stderr[-2000:]
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "data", "--shards", url, "--backends", "torch,dali",
-                          "--seconds", "1", "--cores", "1", "--batch-size", "4"], env=cli_env(), capture_output=True,
-                         text=True, timeout=180)
+                          "--seconds", "1", "--cores", "1", "--batch-size", "4"],
+                         env=dict(cli_env(), AUDIOCLR_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                         timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "torch" in out.stdout and "dali" in out.stdout and "skipped: DALI's readers open local files" in out.stdout
+    assert "torch" in out.stdout and "dali" in out.stdout
 
 
 @pytest.fixture
