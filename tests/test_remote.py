@@ -59,6 +59,7 @@ def serve():
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
+    start.servers = servers
     yield start
     for server in servers:
         server.shutdown()
@@ -135,6 +136,21 @@ def test_dali_trains_from_a_url_through_a_node_cache_fetched_once(tiny_shards, t
     assert again.returncode == 0 and (corpus / "shard-00000.tar").stat().st_mtime_ns == stamp, "fetched once"
     tiny = _pretrain(url, tmp_path / "tiny", "data.backend=dali", cache, "data.cache_gb=0.0001")
     assert tiny.returncode == 2 and "data.cache_gb: the corpus at" in tiny.stderr and "Traceback" not in tiny.stderr
+
+
+@needs_dali
+def test_two_ranks_of_a_node_share_one_fetch(tiny_shards, tmp_path, serve):
+    url = serve(tiny_shards)
+    args = [a for a in tiny_overrides(Path("x"), tmp_path / "run") if not a.startswith("data.shards=")]
+    out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={free_port()}", "-m", "trainer.pretrain", f"data.shards={url}", *args,
+                          "data.backend=dali", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"],
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # each rank reads the manifest; every shard (and index file, where there are some) is
+    # fetched once, by one of the two
+    files = [p for p in tiny_shards.iterdir() if p.name != "manifest.json"]
+    assert len(files) >= 4 and serve.servers[0].requests == 2 + len(files)
 
 
 def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
