@@ -246,6 +246,7 @@ def test_a_pickle_planted_in_a_deepspeed_shard_is_refused_and_never_run(tiny_sha
     ("deepspeed.config={zero_optimization: {stage: 3}}", "use deepspeed.zero_stage"),
     ("deepspeed.config={zero_optimization: {no_such_knob: 1}}", "DeepSpeed refused the configuration"),
     ("deepspeed.precision=fp16", "deepspeed.precision: fp16 needs a CUDA device"),
+    ("train.channels_last=true", "train.channels_last: not with train.engine=deepspeed"),
     ("optim.name=lars", "optim.name: lars scales each layer by its own trust ratio"),
     ("deepspeed.offload_params=true", "deepspeed.offload_params: needs zero_stage 3"),
 ])

@@ -131,6 +131,9 @@ def check_section(cfg, device: torch.device) -> None:
     from trainer.pretrain import cpu_computes_bf16
 
     ds = cfg.deepspeed
+    if cfg.train.channels_last:
+        raise ConfigError("train.channels_last: not with train.engine=deepspeed (DeepSpeed broadcasts and "
+                          "flattens every weight as a contiguous tensor); set train.channels_last=false")
     if ds.precision == "fp16" and device.type != "cuda":
         raise ConfigError("deepspeed.precision: fp16 needs a CUDA device (DeepSpeed's loss scaling); "
                           "use bf16 or fp32 on a CPU")
