@@ -24,8 +24,7 @@ def open_source(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, a
         if manifest.remote:  # DALI's readers open local files: a node-local copy
             from dataio.remote import Retry
             from dataio.shard_cache import localize
-            manifest = localize(manifest, cfg.cache_dir, cfg.cache_gb,
-                                Retry(attempts=cfg.remote_attempts, timeout=cfg.remote_timeout))
+            manifest = localize(manifest, cfg.cache_dir, cfg.cache_gb, Retry.of(cfg))
         return DaliSource(cfg, manifest, frontend, augmenter, place, state=state)
     from dataio.torch_pipeline import TorchSource
     return TorchSource(cfg, manifest, augmenter, place)

@@ -45,6 +45,11 @@ class Retry:
     max_sleep: float = 8.0
     timeout: float = 30.0
 
+    @classmethod
+    def of(cls, data) -> Retry:
+        """The retry settings of a ``DataConfig`` (``data.remote_attempts``, ``data.remote_timeout``)."""
+        return cls(attempts=data.remote_attempts, timeout=data.remote_timeout)
+
     def sleep(self, failures: int) -> float:
         return min(self.backoff * 2 ** (failures - 1), self.max_sleep)
 

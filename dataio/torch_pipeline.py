@@ -177,7 +177,7 @@ class WaveBatches(IterableDataset):
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
         rng = np.random.default_rng((seed, epoch, rank, logical, 7))
-        retry = Retry(attempts=self.cfg.remote_attempts, timeout=self.cfg.remote_timeout)
+        retry = Retry.of(self.cfg)
         streams = []
         for source, ids in enumerate(self._source_shards()):
             tag = (source,) if source else ()  # one corpus: the numbering of a run without sources

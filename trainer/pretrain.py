@@ -91,7 +91,7 @@ class Pretrainer:
             check_section(cfg, self.device)
         self.info = distributed.init(self.device.type, always=cfg.train.engine == "deepspeed")
         self.run_dir = Path(cfg.run_dir)
-        retry = Retry(attempts=cfg.data.remote_attempts, timeout=cfg.data.remote_timeout)
+        retry = Retry.of(cfg.data)
         self.manifest = load_sources(cfg.data.sources, retry) if cfg.data.sources else \
             load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
             synthetic_manifest(cfg.data, cfg.frontend)
