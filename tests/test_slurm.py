@@ -38,15 +38,18 @@ def _stand_ins(folder: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("engine", ["ddp", pytest.param("deepspeed", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("deepspeed") is None, reason="needs deepspeed"))])
-def test_the_sbatch_script_trains_across_two_nodes(tiny_shards, tmp_path, engine):
+@pytest.mark.parametrize("engine,restarts", [("ddp", 0), pytest.param("deepspeed", 0, marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="needs deepspeed")), ("ddp", 1)],
+    ids=["ddp", "deepspeed", "elastic"])
+def test_the_sbatch_script_trains_across_two_nodes(tiny_shards, tmp_path, engine, restarts):
+    """Static rendezvous, or with MAX_RESTARTS the c10d rendezvous elastic restarts need."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stand_ins(bin_dir)
     run = tmp_path / "run"
     env = dict(cli_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-2]",
-               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS="1", MASTER_PORT=str(free_port()), ENGINE=engine)
+               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS="1", MASTER_PORT=str(free_port()), ENGINE=engine,
+               MAX_RESTARTS=str(restarts), SLURM_JOB_ID="4242")
     out = subprocess.run(["bash", str(REPO / "tools" / "slurm" / "pretrain.sbatch"), "configs/demo.yaml",
                           *tiny_overrides(tiny_shards, run), "train.max_steps=2",
                           # the demo recipe's channels-last weights: not with DeepSpeed (exit 2, tested there)
@@ -54,6 +57,7 @@ def test_the_sbatch_script_trains_across_two_nodes(tiny_shards, tmp_path, engine
                          env=env, capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert f"2 node(s) x 1 rank(s), rendezvous 127.0.0.1:{env['MASTER_PORT']}, engine {engine}" in out.stdout
+    kind = "c10d, up to 1 restarts" if restarts else "static"
+    assert f"2 node(s) x 1 rank(s), rendezvous 127.0.0.1:{env['MASTER_PORT']} ({kind}), engine {engine}" in out.stdout
     meta = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["engine"] == engine

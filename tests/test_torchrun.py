@@ -9,10 +9,11 @@ import subprocess
 import time
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
-from tests.dist_utils import alive, children, free_port
+from tests.dist_utils import alive, children, free_port, kill_launch
 from tests.shard_utils import make_shards
 
 STEPS = 6  # more than one epoch: 27 clips // (2 ranks x 4) = 3 steps per epoch
@@ -108,3 +109,63 @@ def test_two_nodes_on_loopback(uneven_shards, tmp_path):
         output, _ = agent.communicate(timeout=300)
         assert agent.returncode == 0, output[-3000:]
     _check_run(run_dir)
+
+
+ELASTIC_STEPS, ELASTIC_EVERY = 12, 3
+
+
+def _elastic_cmd(shards, run_dir, *flags, launcher=None):
+    launch = launcher or [*_torchrun(), "--nnodes=1", "--nproc-per-node=2", *flags, "-m", "trainer.pretrain"]
+    return [*launch, *tiny_overrides(shards, run_dir), f"train.max_steps={ELASTIC_STEPS}", f"train.ckpt_every={ELASTIC_EVERY}"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(uneven_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("elastic") / "whole"
+    out = subprocess.run(_elastic_cmd(uneven_shards, run_dir, "--master-addr=127.0.0.1", f"--master-port={free_port()}"),
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["c10d", "static", "audioclr-launch"])
+def test_elastic_restart_after_a_lost_worker_ends_with_the_weights_of_an_unbroken_run(
+        uneven_shards, unbroken_run, tmp_path, rendezvous):
+    """torchrun --max-restarts: one worker killed with -9 mid-run, the agent restarts the
+    group, the ranks resume from the last checkpoint, and the run ends with the weights of
+    a run never interrupted. With the agent's store shared across attempts (c10d's default,
+    and static), the new ranks could read the dead ones' addresses: without keys of their
+    own per attempt this failed to connect or hung, about one restart in two."""
+    port = free_port()
+    if rendezvous == "static":
+        flags = ["--max-restarts=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    else:
+        flags = ["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t"]
+    # audioclr launch (what the shipped scripts run) gives each attempt a new store instead
+    launcher = ([PYTHON, "-m", "trainer.launch", "--nnodes=1", "--nproc-per-node=2", *flags, "pretrain"]
+                if rendezvous == "audioclr-launch" else None)
+    broken = tmp_path / "broken"
+    agent = subprocess.Popen(_elastic_cmd(uneven_shards, broken, *flags, launcher=launcher), env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = broken / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= ELASTIC_EVERY + 2):
+        assert agent.poll() is None, agent.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint and two more steps within 240 s"
+        time.sleep(0.05)
+    victim = children(agent.pid)[-1]
+    os.killpg(os.getpgid(victim), signal.SIGKILL)  # the worker and its loader processes, as a crash would
+    try:
+        output, _ = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            kill_launch(agent.pid)
+    assert agent.returncode == 0, output[-4000:]
+    assert "lost contact with another rank" in output and "resumed from" in output, output[-4000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(unbroken_run / "encoder.safetensors")), load_file(str(broken / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, ELASTIC_STEPS + 1)), "metrics.jsonl is cut back to the checkpoint on resume"

@@ -8,11 +8,16 @@ elastic agent (every torchrun option works: ``--nproc-per-node``, ``--nnodes``,
 - 0 when every rank finished; 2 for a bad config or bad shards (printed once, by rank 0);
 - 1 for an error during training, naming the rank that failed;
 - 130 after Ctrl-C and 143 after SIGTERM: every rank saves a checkpoint first.
+
+With ``--max-restarts N`` a lost rank restarts the whole group, which resumes from the
+last checkpoint; each attempt's ranks meet in a new store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+unless set): the agent's shared one keeps the dead attempt's addresses.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"audioclr launch: error: {err}", file=sys.stderr)
         return 2
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
     args = get_args_parser().parse_args([*options, "-m", module, *rest])
     config, cmd, cmd_args = config_from_args(args)
     # the agent's own failure report repeats what the ranks printed; ours is one line

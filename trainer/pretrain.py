@@ -273,6 +273,14 @@ class Pretrainer:
                 log.warning("the data failed at step %d: saving a checkpoint first", self.step)
                 self.save_checkpoint()
             raise
+        except RuntimeError as err:
+            if self.info.world_size == 1 or not distributed.lost_peer(err):
+                raise
+            last = self.checkpointer.latest()
+            raise distributed.PeerLost(
+                f"lost contact with another rank at step {self.step} ({str(err).splitlines()[0][-160:]}); this rank "
+                f"stops. The run resumes from {last.name if last else 'the start'} when torchrun restarts the "
+                f"group (--max-restarts) or the launch command is rerun") from None
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -480,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
     # one rank's data or disk: that rank says so
     return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
-                       run_errors=(TrainingError,), own_errors=(DataError, CheckpointError), quiet=rank != 0,
+                       run_errors=(TrainingError,), own_errors=(DataError, CheckpointError, distributed.PeerLost), quiet=rank != 0,
                        on_interrupt="error: interrupted before a checkpoint could be saved")
 
 

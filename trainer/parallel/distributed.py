@@ -25,6 +25,19 @@ class DistInfo:
         return self.rank == 0
 
 
+class PeerLost(RuntimeError):
+    """Another rank stopped answering inside a collective (it crashed, or its node is gone)."""
+
+
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator was aborted")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err``, raised by a collective, says another rank is gone."""
+    return isinstance(err, (dist.DistBackendError, dist.DistNetworkError)) or any(s in str(err) for s in _PEER_GONE)
+
+
 def env_info() -> DistInfo:
     """Rank info from torchrun's environment (defaults: one process)."""
     return DistInfo(rank=int(os.environ.get("RANK", 0)),
@@ -43,12 +56,34 @@ def init(device_type: str, timeout_s: float = 1800.0, always: bool = False) -> D
     if is_initialized():
         return info
     backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if info.world_size > 1:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        store = restart_store(info, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                    timeout=timeout)
     elif always:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=timeout)
     return info
+
+
+def restart_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store | None:
+    """After an elastic restart, the store this attempt's ranks meet in, or None for
+    torch's own. torchrun hands its ranks the store of the agent, which outlives restarts
+    and still holds the addresses the lost attempt's ranks published: a rank of the new
+    attempt can read a dead peer's address before the peer replaces it, and fails to
+    connect or hangs. Each attempt therefore gets keys of its own. The restart count is
+    the agent's: the same on one node, and on several nodes when every node's ranks
+    failed; launchers that may lose a whole node set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    and each attempt then gets a new store (torch's own path)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"audioclr/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)
 
 
 def close() -> None:
