@@ -113,6 +113,33 @@ def test_knn_and_linear_probe_separate_tones(tones):
         assert set(result["metrics"]) == {"class_averaged_accuracy", "macro_f1", "wAP"}
 
 
+def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch):
+    """A sweep loads the clips and embeds them once (frozen_embeddings), then hands them to
+    each trial's Evaluation, which must score as if it had computed them itself."""
+    from dataio.manifest import load_manifest
+    from trainer.evaluate import run as run_module
+    from trainer.evaluate.clips import load_clipset
+    from trainer.evaluate.run import frozen_embeddings
+
+    cfg = EvalConfig(pictures=False, linear=LinearConfig(epochs=3))
+    alone = Evaluation("linear", tones, tones / "shards", cfg)
+    assert alone.embedded_here
+    clips = load_clipset(load_manifest(tones / "shards"))
+    frozen = frozen_embeddings(tones, clips, cfg)
+    np.testing.assert_array_equal(frozen.patches, alone.frozen.patches)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("embedded again")
+
+    monkeypatch.setattr(run_module, "embed_clips", refuse)
+    given = Evaluation("linear", tones, tones / "shards", cfg, clips=clips, frozen=frozen)
+    assert not given.embedded_here
+    assert given.run()["metrics"] == alone.run()["metrics"]
+    with pytest.raises(ValueError, match="embeddings of 23 clips given for 24"):
+        Evaluation("knn", tones, tones / "shards", cfg, clips=clips,
+                   frozen=type(frozen)(frozen.patches[frozen.owner < 23], frozen.owner[frozen.owner < 23]))
+
+
 @pytest.mark.parametrize("loss", ["ce", "hybrid"])
 def test_finetuning_reaches_high_accuracy(tones, loss):
     cfg = EvalConfig(pictures=False, finetune=FinetuneConfig(epochs=12, batch_size=4, loss=loss))

@@ -116,14 +116,15 @@ ELASTIC_STEPS, ELASTIC_EVERY = 12, 3
 
 def _elastic_cmd(shards, run_dir, *flags, launcher=None):
     launch = launcher or [*_torchrun(), "--nnodes=1", "--nproc-per-node=2", *flags, "-m", "trainer.pretrain"]
-    return [*launch, *tiny_overrides(shards, run_dir), f"train.max_steps={ELASTIC_STEPS}", f"train.ckpt_every={ELASTIC_EVERY}"]
+    return [*launch, *tiny_overrides(shards, run_dir), f"train.max_steps={ELASTIC_STEPS}",
+            f"train.ckpt_every={ELASTIC_EVERY}"]
 
 
 @pytest.fixture(scope="module")
 def unbroken_run(uneven_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("elastic") / "whole"
-    out = subprocess.run(_elastic_cmd(uneven_shards, run_dir, "--master-addr=127.0.0.1", f"--master-port={free_port()}"),
-                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    cmd = _elastic_cmd(uneven_shards, run_dir, "--master-addr=127.0.0.1", f"--master-port={free_port()}")
+    out = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 

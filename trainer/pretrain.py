@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
     # one rank's data or disk: that rank says so
     return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
-                       run_errors=(TrainingError,), own_errors=(DataError, CheckpointError, distributed.PeerLost), quiet=rank != 0,
+                       run_errors=(TrainingError,), quiet=rank != 0,
+                       own_errors=(DataError, CheckpointError, distributed.PeerLost),
                        on_interrupt="error: interrupted before a checkpoint could be saved")
 
 

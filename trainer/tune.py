@@ -24,8 +24,10 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -35,6 +37,9 @@ from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
+
+if TYPE_CHECKING:
+    from trainer.evaluate.clips import ClipSet
 
 log = logging.getLogger("audioclr.tune")
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -124,9 +129,11 @@ def param_space(cfg: SweepConfig) -> dict:
     return space
 
 
-def run_trial(params: dict, *, sweep: dict) -> None:
+def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
     """One trial: the evaluation stepped epoch by epoch, each epoch reported to Ray Tune
-    with a checkpoint of every round's state (resumed from the last one on retry)."""
+    with a checkpoint of every round's state (resumed from the last one on retry). The
+    clips, and a frozen protocol's embeddings, come from Ray's object store (``shared``)."""
+    import ray
     import torch
     from ray import tune
 
@@ -135,7 +142,10 @@ def run_trial(params: dict, *, sweep: dict) -> None:
 
     knobs = {k: v for k, v in params.items() if k != "encoder"}
     cfg = trial_eval_config(sweep["eval"], knobs)
-    evaluation = Evaluation(sweep["protocol"], params["encoder"], sweep["data"], cfg)
+    frozen = shared["frozen"].get(params["encoder"])
+    evaluation = Evaluation(sweep["protocol"], params["encoder"], sweep["data"], cfg, clips=ray.get(shared["clips"]),
+                            frozen=None if frozen is None else ray.get(frozen))
+    where = {"embedded_in_trial": evaluation.embedded_here, "node": ray.get_runtime_context().get_node_id()[:8]}
     start = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -143,14 +153,15 @@ def run_trial(params: dict, *, sweep: dict) -> None:
             evaluation.load_state_dict(load_tensors(Path(folder) / "state.pt"))
         start = evaluation.runner.epoch
     while not evaluation.done:
-        metrics = {**evaluation.step(), "start_epoch": start}
+        metrics = {**evaluation.step(), "start_epoch": start, **where}
         with tempfile.TemporaryDirectory() as folder:
             torch.save(evaluation.state_dict(), Path(folder) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def preflight(cfg: SweepConfig) -> str:
-    """Check the data before any trial starts; return the validation metric's name."""
+def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
+    """Check the data before any trial starts; return the validation metric's name and
+    the clips (loaded once, shared with every trial)."""
     from dataio.manifest import load_manifest
     from trainer.evaluate.clips import load_clipset
     from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
@@ -169,16 +180,77 @@ def preflight(cfg: SweepConfig) -> str:
     valid = MULTI_LABEL_METRICS if clips.multilabel else SINGLE_LABEL_METRICS
     if metric not in valid:
         raise ConfigError(f"metric: '{metric}' is not one of {', '.join(valid)} for these shards")
-    return metric
+    return metric, clips
 
 
-def start_ray(cfg: RayConfig) -> None:
+# eval keys that change a frozen encoder's embeddings: a space over one of them embeds per trial
+PER_TRIAL_EMBEDDINGS = ("patch_seconds", "hop_seconds", "device")
+
+
+def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
+    """Put what every trial reads into Ray's object store, once: the clips, and for the
+    frozen protocols each encoder's embeddings of them, computed by one Ray task per
+    encoder with a trial's resources (on whichever node has them) instead of once per
+    trial. Each node fetches an object once; a lost copy is computed again by Ray."""
+    import ray
+
+    from trainer.evaluate.run import frozen_embeddings
+
+    t0 = time.perf_counter()
+    shared = {"clips": ray.put(clips), "frozen": {}}
+    if cfg.protocol == "finetune":
+        return shared
+    varied = sorted(set(cfg.space) & set(PER_TRIAL_EMBEDDINGS))
+    if varied:
+        log.info("the space varies %s: each trial embeds the clips itself", ", ".join(varied))
+        return shared
+    embed = ray.remote(frozen_embeddings).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
+    encoders = [str(Path(e).resolve()) for e in cfg.encoders]
+    shared["frozen"] = {e: embed.remote(e, shared["clips"], cfg.eval) for e in encoders}
+    try:
+        sizes = [ray.get(ref).patches.nbytes for ref in shared["frozen"].values()]
+    except ray.exceptions.RayTaskError as err:
+        raise ValueError(f"embedding the clips failed: {err.cause!r}") from None
+    log.info("embedded %d clips with %d encoder(s) in %.1f s, once: the trials share them through Ray's object "
+             "store (%.1f MB)", len(clips), len(encoders), time.perf_counter() - t0, sum(sizes) / 1e6)
+    return shared
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``ray.address`` names, or None for 'auto' (Ray finds its cluster)."""
+    if address == "auto":
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address: '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
+
+
+def start_ray(cfg: RayConfig, wait_s: float = 10.0) -> None:
+    """Join the cluster ``cfg.address`` names (a clear error within about ``wait_s`` when
+    none answers there: Ray itself retries for a long while), or start Ray here."""
+    import socket
+
     import ray
 
     if ray.is_initialized():
         return
     if cfg.address:
-        ray.init(address=cfg.address, include_dashboard=False)
+        endpoint = ray_endpoint(cfg.address)
+        if endpoint is not None:
+            try:
+                socket.create_connection(endpoint, timeout=wait_s).close()
+            except OSError as err:
+                raise ConfigError(f"ray.address: no Ray cluster answers at {cfg.address} ({err.strerror or err}); "
+                                  f"start one (ray start --head) or leave ray.address empty to run Ray here") from None
+        try:
+            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as err:
+            raise ConfigError(f"ray.address: cannot join the Ray cluster at {cfg.address}: "
+                              f"{str(err).splitlines()[0]}") from None
+        log.info("joined the Ray cluster at %s: %d node(s), %s CPUs, %s GPUs", cfg.address, len(ray.nodes()),
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
         return
     ray.init(num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
              include_dashboard=False)
@@ -225,14 +297,14 @@ def lost_checkpoints(results) -> bool:
     return bool(lost)
 
 
-def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, restart_errored: bool = False):
+def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, restart_errored: bool = False):
     """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already
     (errored trials resume from their checkpoint, or with ``restart_errored`` from scratch)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = {"protocol": cfg.protocol, "data": str(Path(cfg.data).resolve()), "eval": to_dict(cfg.eval)}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, shared=shared),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     set_aside_damaged_state(exp_dir)
     if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
@@ -267,6 +339,7 @@ def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
         row.update({k: r.config.get(k) for k in cfg.space})
         row["epochs"] = m.get("epoch", 0)
         row["resumed_from_epoch"] = m.get("start_epoch", 0)
+        row["node"] = m.get("node", "")
         row.update({k: m[k] for k in sorted(m) if k.startswith(("val_", "test_"))})
         rows.append(row)
     key = f"val_{metric}"
@@ -291,7 +364,8 @@ def write_tables(rows: list[dict], exp_dir: Path) -> tuple[Path, Path]:
     writer.writeheader()
     writer.writerows(rows)
     csv_path = write_text_atomically(exp_dir / "results.csv", table.getvalue())
-    shown = [c for c in columns if c != "encoder"] if len({r.get("encoder") for r in rows}) == 1 else columns
+    # a column every trial shares (one encoder, one node) is left out of the Markdown table
+    shown = [c for c in columns if c not in ("encoder", "node") or len({r.get(c) for r in rows}) > 1]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         cells = [Path(str(row.get(c, ""))).name if c == "encoder" else _fmt(row.get(c, "")) for c in shown]
@@ -315,7 +389,11 @@ def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
     """Save the sweep's settings on the first run; a rerun with other settings under the
     same name would mix two sweeps in one table, so it is refused."""
     saved, now = exp_dir / "sweep.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=True)
-    if saved.is_file() and saved.read_text() != now:
+
+    def settings(text: str) -> dict:  # where Ray runs is not a setting of the sweep
+        return {k: v for k, v in (yaml.safe_load(text) or {}).items() if k != "ray"}
+
+    if saved.is_file() and settings(saved.read_text()) != settings(now):
         raise ConfigError(f"{exp_dir} holds a sweep with other settings ({saved}); "
                           f"give this one another name= or delete that folder")
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -350,13 +428,14 @@ class GracefulStop:
 
 
 def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list[dict], Path]:
-    metric = preflight(cfg)
+    metric, clips = preflight(cfg)
     exp_dir = (Path(cfg.storage) / cfg.name).resolve()
     same_sweep(cfg, exp_dir)
     start_ray(cfg.ray)
-    results = build_tuner(cfg, metric, exp_dir).fit()
+    shared = share_inputs(cfg, clips)
+    results = build_tuner(cfg, metric, exp_dir, shared).fit()
     if lost_checkpoints(results) and not (stop and stop.signal):
-        results = build_tuner(cfg, metric, exp_dir, restart_errored=True).fit()
+        results = build_tuner(cfg, metric, exp_dir, shared, restart_errored=True).fit()
     rows = result_rows(results, cfg, metric)
     write_tables(rows, exp_dir)
     if rows and rows[0]["status"] == "ok":
@@ -367,9 +446,13 @@ def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list
 def main(argv: list[str] | None = None) -> int:
     p = config_parser("audioclr tune", __doc__, "sweep YAML (configs/sweeps/*.yaml; required)",
                       "name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
+    p.add_argument("--address", help="an existing Ray cluster to run on (= ray.address): HOST:6379 of its head, "
+                   "'auto' on a node of it, or ray://HOST:10001")
     args = p.parse_args(argv)
     if args.help_config:
         return print_help_config(SweepConfig)
+    if args.address is not None:
+        args.overrides.append(f"ray.address={args.address}")
     if not args.config:
         p.error("--config is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -24,7 +24,7 @@ from dataio.schema import ConfigError
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
-from trainer.evaluate.clips import load_clipset
+from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
 from trainer.evaluate.embed import ClipEmbeddings, embed_clips
 from trainer.evaluate.finetune import FineTuner
@@ -40,13 +40,40 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def check_rate(shards_rate: int, encoder_rate: int, data) -> None:
+    if shards_rate != encoder_rate:
+        raise ConfigError(f"the shards in {data} are at {shards_rate} Hz but the encoder "
+                          f"was trained on {encoder_rate} Hz: re-shard with --sample-rate")
+
+
+def patching(cfg: EvalConfig, meta: dict) -> tuple[float, float]:
+    """(patch, hop) in seconds: ``eval.patch_seconds`` (default: the training view length)
+    and ``eval.hop_seconds`` (default: half a patch)."""
+    patch_s = cfg.patch_seconds or meta["view_seconds"]
+    return patch_s, cfg.hop_seconds or patch_s / 2
+
+
+def frozen_embeddings(run_dir: str | Path, clips: ClipSet, cfg: EvalConfig) -> ClipEmbeddings:
+    """The embeddings of ``clips`` by the encoder exported in ``run_dir``, as an
+    :class:`Evaluation` of a frozen protocol computes them (a sweep computes them once)."""
+    encoder, frontend, meta = load_encoder(run_dir)
+    check_rate(clips.sample_rate, frontend.sample_rate, run_dir)
+    patch_s, hop_s = patching(cfg, meta)
+    return embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
+                       batch_size=cfg.embed_batch, device=pick_device(cfg.device))
+
+
 class Evaluation:
     """One protocol on one saved encoder (or its architecture at random init) and one
     labelled shard folder, advanced an epoch at a time (``step``) so that Ray Tune can
     report and checkpoint between epochs."""
 
     def __init__(self, protocol: str, run_dir: str | Path, data: str | Path, cfg: EvalConfig,
-                 random_init: bool = False):
+                 random_init: bool = False, clips: ClipSet | None = None, frozen: ClipEmbeddings | None = None):
+        """``clips`` (the shards' clips, loaded) and ``frozen`` (this encoder's embeddings
+        of them under ``cfg``, :func:`frozen_embeddings`) are passed in by a sweep, which
+        computes them once for all its trials; otherwise they are computed here
+        (``embedded_here`` says which)."""
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
         self.protocol, self.cfg, self.data = protocol, cfg, str(data)
@@ -55,27 +82,33 @@ class Evaluation:
         if random_init:
             torch.manual_seed(cfg.seed)
             encoder, frontend = build_from_meta(meta)
-        manifest = load_manifest(data)
-        if manifest.sample_rate != frontend.sample_rate:
-            raise ConfigError(f"the shards in {data} are at {manifest.sample_rate} Hz but the encoder "
-                              f"was trained on {frontend.sample_rate} Hz: re-shard with --sample-rate")
-        self.clips = load_clipset(manifest)
+        if clips is None:
+            manifest = load_manifest(data)
+            check_rate(manifest.sample_rate, frontend.sample_rate, data)
+            clips = load_clipset(manifest)
+        check_rate(clips.sample_rate, frontend.sample_rate, data)
+        self.clips = clips
         self.device = pick_device(cfg.device)
-        patch_s = cfg.patch_seconds or meta["view_seconds"]
-        self.patch = int(patch_s * manifest.sample_rate)
-        self.hop = max(1, int((cfg.hop_seconds or patch_s / 2) * manifest.sample_rate))
+        patch_s, hop_s = patching(cfg, meta)
+        self.patch = int(patch_s * clips.sample_rate)
+        self.hop = max(1, int(hop_s * clips.sample_rate))
         self.rounds = make_rounds(self.clips, cfg.split, test_fraction=cfg.test_fraction,
                                   val_fraction=cfg.val_fraction, seed=cfg.seed, max_rounds=cfg.max_rounds)
         for r in self.rounds:
             log.info("%s: %d train, %d val, %d test clips", r.name, len(r.train), len(r.val), len(r.test))
         self.frozen: ClipEmbeddings | None = None
+        self.embedded_here = False
         if protocol != "finetune":
-            self.frozen = embed_clips(encoder, frontend, self.clips, patch_seconds=patch_s,
-                                      hop_seconds=self.hop / manifest.sample_rate, batch_size=cfg.embed_batch,
-                                      device=self.device)
-            if not np.isfinite(self.frozen.patches).all():
+            if frozen is None:
+                frozen = embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
+                                     batch_size=cfg.embed_batch, device=self.device)
+                self.embedded_here = True
+            if not np.isfinite(frozen.patches).all():
                 raise ValueError(f"the encoder of {self.encoder_name} gives non-finite embeddings "
                                  f"(NaN or inf weights?): nothing to evaluate")
+            if frozen.num_clips != len(clips):
+                raise ValueError(f"embeddings of {frozen.num_clips} clips given for {len(clips)} clips")
+            self.frozen = frozen
         epochs = {"knn": 1, "linear": cfg.linear.epochs, "finetune": cfg.finetune.epochs}[protocol]
         self.runner = RoundRunner(self.clips, self.rounds, self._learner_factory(encoder, frontend), epochs)
 
