@@ -57,6 +57,20 @@ def export_random_encoder(run_dir: Path, width: int = 8, seed: int = 0, view_sec
     return encoder
 
 
+def labelled_run(root: Path, width: int = 8) -> Path:
+    """``root`` holding labelled shards (24 tone clips of three classes in two folds, in
+    ``root/shards``) and a random-init encoder exported as a finished run."""
+    make_shards(root / "shards", [12, 12], seconds=1.0)
+    export_random_encoder(root, width=width)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory) -> Path:
+    """A small exported encoder (width 4) beside labelled shards: what sweeps evaluate."""
+    return labelled_run(tmp_path_factory.mktemp("sweep"), width=4)
+
+
 def cli_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

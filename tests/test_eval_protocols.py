@@ -11,8 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dataio.frontend import FrontendConfig
-from tests.conftest import PYTHON, cli_env, export_random_encoder
-from tests.shard_utils import make_shards
+from tests.conftest import PYTHON, cli_env, labelled_run
 from trainer.checkpoint import encoder_meta, export_encoder
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import EvalConfig, FinetuneConfig, KnnConfig, LinearConfig
@@ -92,10 +91,7 @@ def test_multilabel_score_equals_sklearn():
 @pytest.fixture(scope="module")
 def tones(tmp_path_factory):
     """Three tone classes in two folds, and a random-init encoder exported as a run."""
-    root = tmp_path_factory.mktemp("tones")
-    make_shards(root / "shards", [12, 12], seconds=1.0)
-    export_random_encoder(root, width=8)
-    return root
+    return labelled_run(tmp_path_factory.mktemp("tones"), width=8)
 
 
 def _accuracy(result):

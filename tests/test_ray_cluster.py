@@ -14,19 +14,10 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, cli_env, export_random_encoder
+from tests.conftest import PYTHON, cli_env
 from tests.dist_utils import free_port
-from tests.shard_utils import make_shards
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def encoder_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray_cluster")
-    make_shards(root / "shards", [12, 12], seconds=1.0)
-    export_random_encoder(root, width=4)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +67,35 @@ def test_a_sweep_spreads_over_both_nodes_and_embeds_once(encoder_run, cluster, t
 
 def test_a_trial_whose_worker_is_killed_is_retried_from_its_checkpoint(encoder_run, cluster, tmp_path):
     config = _sweep(tmp_path / "ft.yaml", encoder_run, "ft", "finetune", {"finetune.alpha": {"grid": [0.25, 0.75]}},
-                    finetune={"epochs": 40, "batch_size": 4})
-    exp_dir = tmp_path / "sweeps" / "ft"
-    sweep = subprocess.Popen([PYTHON, "-m", "trainer.cli", "tune", "--config", str(config), "--address",
-                              cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=cli_env())
-    deadline = time.time() + 300
-    while len(list(exp_dir.glob("run_trial_*/checkpoint_000002"))) < 2:
-        assert sweep.poll() is None, sweep.stdout.read()[-3000:]
-        assert time.time() < deadline, "no trial reached its third epoch within 300 s"
-        time.sleep(0.1)
-    victims = [pid for pid in _pids_named("ray::ImplicitFunc.train")]
-    assert victims, "no trial process found"
-    os.kill(victims[0], signal.SIGKILL)
-    output, _ = sweep.communicate(timeout=600)
-    assert sweep.returncode == 0, output[-3000:]
+                    finetune={"epochs": 100, "batch_size": 4})
+    exp_dir, log_path = tmp_path / "sweeps" / "ft", tmp_path / "sweep.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the driver, then the trials
+        sweep = subprocess.Popen([PYTHON, "-m", "trainer.cli", "tune", "--config", str(config), "--address",
+                                  cluster.address], stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+    try:
+        deadline = time.time() + 300
+        while len(_past_two_epochs(exp_dir)) < 2:
+            assert sweep.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no two trials reached their third epoch within 300 s"
+            time.sleep(0.1)
+        victims = _pids_named("ray::ImplicitFunc.train")
+        assert victims, "no trial process found"
+        os.kill(victims[0], signal.SIGKILL)
+        sweep.wait(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 0, log_path.read_text()[-3000:]
     rows = list(csv.DictReader(open(exp_dir / "results.csv")))
-    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "100" for r in rows), rows
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 2, rows  # continued, not restarted
+
+
+def _past_two_epochs(exp_dir) -> set[str]:
+    """The trials whose kept checkpoint (Ray keeps the last one only) is from epoch 3 on."""
+    return {path.parent.name for path in exp_dir.glob("run_trial_*/checkpoint_*")
+            if int(path.name.split("_")[1]) >= 2}
 
 
 def _pids_named(title: str) -> list[int]:

@@ -14,19 +14,10 @@ import pytest
 import yaml
 
 from dataio.schema import ConfigError
-from tests.conftest import PYTHON, cli_env, export_random_encoder
-from tests.shard_utils import make_shards
+from tests.conftest import PYTHON, cli_env
 from trainer.config import load_config
 from trainer.evaluate.config import EvalRoot
 from trainer.tune import SweepConfig, nest, trial_eval_config
-
-
-@pytest.fixture(scope="module")
-def encoder_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune")
-    make_shards(root / "shards", [12, 12], seconds=1.0)
-    export_random_encoder(root, width=4)
-    return root
 
 
 def _sweep_yaml(path, run, storage, name, epochs, space):

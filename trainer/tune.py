@@ -47,7 +47,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 @dataclass
 class RayConfig:
-    address: str = option("", "'' = start Ray on this machine; HOST:6379 (the head), 'auto' or ray://HOST:10001 = join a cluster")
+    address: str = option("", "'' = start Ray on this machine; join a cluster at HOST:6379 (its head), "
+                          "'auto' (from a node of it) or ray://HOST:10001")
     num_cpus: int = option(0, "local Ray only: CPUs it may use (0 = all)")
     num_gpus: int = option(-1, "local Ray only: GPUs it may use (-1 = all)")
 
