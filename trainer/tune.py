@@ -115,6 +115,12 @@ def check_space(key: str, spec: dict, base: EvalConfig) -> None:
             raise ConfigError(f"space.{key}: {err}") from None
 
 
+def encoder_paths(cfg: SweepConfig) -> list[str]:
+    """The encoders as absolute paths: each trial's ``encoder`` parameter, and the key of
+    its shared embeddings."""
+    return [str(Path(e).resolve()) for e in cfg.encoders]
+
+
 def param_space(cfg: SweepConfig) -> dict:
     """Ray Tune's search space: the encoders as a grid, then each dimension of ``space``."""
     from ray import tune
@@ -122,7 +128,7 @@ def param_space(cfg: SweepConfig) -> dict:
     samplers = {"grid": tune.grid_search, "choice": tune.choice,
                 "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
                 "randint": lambda v: tune.randint(v[0], v[1] + 1)}
-    encoders = [str(Path(e).resolve()) for e in cfg.encoders]
+    encoders = encoder_paths(cfg)
     space = {"encoder": tune.grid_search(encoders) if len(encoders) > 1 else encoders[0]}
     for key, spec in cfg.space.items():
         (kind, values), = spec.items()
@@ -206,7 +212,7 @@ def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
         log.info("the space varies %s: each trial embeds the clips itself", ", ".join(varied))
         return shared
     embed = ray.remote(frozen_embeddings).options(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)
-    encoders = [str(Path(e).resolve()) for e in cfg.encoders]
+    encoders = encoder_paths(cfg)
     shared["frozen"] = {e: embed.remote(e, shared["clips"], cfg.eval) for e in encoders}
     try:
         sizes = [ray.get(ref).patches.nbytes for ref in shared["frozen"].values()]

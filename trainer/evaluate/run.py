@@ -84,9 +84,10 @@ class Evaluation:
             encoder, frontend = build_from_meta(meta)
         if clips is None:
             manifest = load_manifest(data)
-            check_rate(manifest.sample_rate, frontend.sample_rate, data)
+            check_rate(manifest.sample_rate, frontend.sample_rate, data)  # before decoding anything
             clips = load_clipset(manifest)
-        check_rate(clips.sample_rate, frontend.sample_rate, data)
+        else:
+            check_rate(clips.sample_rate, frontend.sample_rate, data)
         self.clips = clips
         self.device = pick_device(cfg.device)
         patch_s, hop_s = patching(cfg, meta)
