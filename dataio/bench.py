@@ -1,23 +1,30 @@
-"""Data benchmark: clips per second of each back end next to the decode limit.
+"""Data benchmark: clips per second of each back end next to the decode limit, and of
+each clip format.
 
-The limit is measured in the same run on the same shards: plain in-process soundfile
-decoding of the same FLAC bytes, on the same number of cores (one process per core, each
-decoding its share of the shards). Each back end is timed producing log-mel batches on
-the training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
+The limit is measured in the same run on the same shards: plain in-process reading of
+every clip member (soundfile decoding for FLAC, the bytes as samples or frames for the
+decode-free formats), on the same number of cores (one process per core, each reading
+its share of the shards). Each back end is timed producing log-mel batches on the
+training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
 mel stage alone is timed too (torchaudio and DALI), on 1 s waves already on the device.
 
 With ``--config RECIPE.yaml`` each back end is timed twice: with the recipe's
 augmentation chain (and its front end and view length) and without it, so the chain's
 cost to the data path is the ratio of the two.
 
+With ``--formats flac,pcm16,logmel`` the corpus is converted to each format (``audioclr
+shard convert``) and each is measured in the same run: bytes on disk per second of
+audio, and the clips per second one loader core gives when the chain runs on the device
+(what a loader worker does then: read the shard, open the member, cut the views, batch;
+timed in this process, after a warm-up batch), with the ratio to FLAC's.
+
     audioclr bench data [--shards DIR] [--cores N] [--clip-seconds 10] [--config configs/demo.yaml]
-                        [--out FILE.json]
+                        [--formats flac,pcm16,logmel] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -25,36 +32,89 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-import soundfile as sf
 import torch
 import webdataset as wds
 
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
+from dataio.shard_writer import Encoding
+from dataio.torch_pipeline import WaveBatches
 
 
-def _decode_shards(paths: list[str]) -> int:
+def _decode_shards(paths: list[str], codec: ClipCodec) -> int:
     clips = 0
     for path in paths:
         for sample in tar_samples(path, wds.reraise_exception):  # a path or a URL (streamed)
-            sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+            codec.open(sample[codec.ext]).whole()
             clips += 1
     return clips
 
 
 def decode_limit(manifest, cores: int) -> float:
-    """Clips per second of soundfile decoding every clip, one process per core."""
+    """Clips per second of reading every clip whole (FLAC: soundfile decoding), one
+    process per core."""
     paths = [str(p) for p in manifest.shard_paths()]
     parts = [paths[i::cores] for i in range(cores)]
+    codec = ClipCodec.of(manifest)
     with futures.ProcessPoolExecutor(cores) as pool:
-        list(pool.map(_decode_shards, [[p] for p in paths[:cores]]))  # warm the page cache and the pool
+        list(pool.map(_decode_shards, [[p] for p in paths[:cores]], [codec] * cores))  # warm the cache and pool
         start = time.perf_counter()
-        clips = sum(pool.map(_decode_shards, parts))
+        clips = sum(pool.map(_decode_shards, parts, [codec] * len(parts)))
     return clips / (time.perf_counter() - start)
+
+
+def loader_rate(manifest, seconds: float, batch_size: int, pairs: int, view_seconds: float,
+                frontend: FrontendConfig) -> float:
+    """Clips per second of one loader worker's work when the chain runs on the device
+    (read, open, cut the views, batch), in this process on one core."""
+    cfg = DataConfig(shards=str(manifest.root), batch_size=batch_size, num_workers=0, pairs_per_clip=pairs,
+                     view_seconds=view_seconds)
+    augmenter = build_augmenter({}, frontend, view_seconds, num_views=cfg.num_views, pairs_per_clip=pairs, seed=0,
+                                clip_format=manifest.clip_format)
+    batches = iter(WaveBatches(cfg, manifest, augmenter, Placement(steps=10**9), epoch=0, start_step=0,
+                               in_workers=False))
+    next(batches)  # the shuffle buffer fills
+    clips, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        clips += len(next(batches)["keys"]) // pairs
+    return clips / (time.perf_counter() - start)
+
+
+def audio_seconds(manifest) -> float:
+    """Seconds of audio in a corpus (the clips' JSON durations)."""
+    return sum(float(json.loads(sample["json"]).get("duration", 0.0)) for path in manifest.shard_paths()
+               for sample in tar_samples(str(path), wds.reraise_exception))
+
+
+def format_rows(manifest, formats: list[str], args, frontend: FrontendConfig, tmp: Path) -> dict:
+    """Per clip format: bytes on disk per second of audio, clips/s per loader core, and
+    both as ratios to FLAC's (the corpus converted to each format under ``tmp``)."""
+    seconds = audio_seconds(manifest)
+    rows = {}
+    for name in formats:
+        corpus = manifest
+        if name != manifest.clip_format:
+            encoding = Encoding(name, frontend if name == "logmel" else None)
+            corpus = convert_corpus(manifest.root, str(tmp / name), encoding, overwrite=True, progress=False)
+            corpus = load_manifest(tmp / name)
+        rate = loader_rate(corpus, args.seconds, args.batch_size, args.pairs, frontend_view(args), frontend)
+        rows[name] = {"bytes_per_audio_second": sum(s.bytes for s in corpus.shards) / seconds,
+                      "loader_clips_per_second_per_core": rate}
+    base = rows.get("flac")
+    for row in rows.values() if base else ():
+        row["loader_vs_flac"] = row["loader_clips_per_second_per_core"] / base["loader_clips_per_second_per_core"]
+        row["bytes_vs_flac"] = row["bytes_per_audio_second"] / base["bytes_per_audio_second"]
+    return {"audio_seconds": seconds, "rows": rows}
+
+
+def frontend_view(args) -> float:
+    return getattr(args, "view_seconds", 1.0) or 1.0
 
 
 def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int, seconds: float,
@@ -158,7 +218,12 @@ def run(args: argparse.Namespace) -> dict:
     rows = {"decode_limit": limit}
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
     skipped: dict = {}
-    for backend in args.backends.split(","):
+    formats = None
+    if args.formats:
+        frontend = frontend_from_recipe(args.config, manifest.sample_rate)
+        with tempfile.TemporaryDirectory(prefix="audioclr-formats-") as where:
+            formats = format_rows(manifest, args.formats.split(","), args, frontend, Path(where))
+    for backend in (b for b in args.backends.split(",") if b):
         plain = dict(recipe, augment={}) if recipe else None
         rows[backend] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs, args.seconds, device,
                                      plain)
@@ -167,7 +232,8 @@ def run(args: argparse.Namespace) -> dict:
                                                       args.seconds, device, recipe)
     result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": manifest.num_clips,
               "pairs_per_clip": args.pairs, "recipe": getattr(args, "config", None), "clips_per_second": rows,
-              "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}, "skipped": skipped}
+              "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}, "skipped": skipped,
+              "clip_format": manifest.clip_format, "formats": formats}
     if device.type == "cuda":
         result["gpu_mel_clips_per_second"] = gpu_mel_rates()
     if tmp is not None:
@@ -188,6 +254,17 @@ def print_table(result: dict) -> None:
         print(f"{name:<16}{'skipped: ' + why:>34}")
     for name, rate in result.get("gpu_mel_clips_per_second", {}).items():
         print(f"{name:<16}{rate:>12.0f}")
+    if result.get("formats"):
+        print_formats(result["formats"])
+
+
+def print_formats(formats: dict) -> None:
+    print(f"clip formats ({formats['audio_seconds']:.0f} s of audio): bytes on disk per second of audio, and "
+          f"clips/s of one loader core (read, cut the views, batch; the chain on the device)")
+    print(f"{'format':<10}{'bytes/s':>10}{'vs flac':>9}{'clips/s/core':>14}{'vs flac':>9}")
+    for name, row in formats["rows"].items():
+        print(f"{name:<10}{row['bytes_per_audio_second']:>10.0f}{row.get('bytes_vs_flac', float('nan')):>9.2f}"
+              f"{row['loader_clips_per_second_per_core']:>14.0f}{row.get('loader_vs_flac', float('nan')):>9.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=256)
     p.add_argument("--clip-seconds", type=float, default=10.0)
     p.add_argument("--cores", type=int, default=0, help="0 = the cores this process may use")
-    p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--backends", default="torch,dali", help="back ends to time ('' = none)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pairs", type=int, default=1, help="data.pairs_per_clip")
     p.add_argument("--seconds", type=float, default=20.0, help="timing window per back end")
-    p.add_argument("--config", help="a pretraining recipe: also time each back end with its augmentation chain")
+    p.add_argument("--config", help="a pretraining recipe: also time each back end with its augmentation chain "
+                   "(and, with --formats, compute the logmel corpus with its front end)")
+    p.add_argument("--formats", default="", help="clip formats to compare (e.g. flac,pcm16,logmel): the corpus is "
+                   "converted to each; bytes per second of audio and clips/s per loader core")
+    p.add_argument("--view-seconds", type=float, default=1.0, help="--formats: the views' length")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
     result = run(args)

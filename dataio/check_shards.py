@@ -1,4 +1,5 @@
-"""``audioclr check-shards DIR``: decode every member of every shard and list the broken ones.
+"""``audioclr check-shards DIR``: read every member of every shard, in the corpus's clip
+format, and list the broken ones.
 
 The DALI back end cannot skip a clip that does not decode (a DALI batch cannot drop a
 sample); this finds such clips before a run, or after a run stopped on one.
@@ -7,25 +8,24 @@ sample); this finds such clips before a run, or after a run stopped on one.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import sys
 from concurrent import futures
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-
+from dataio.formats import ClipCodec
 from dataio.manifest import ManifestError, load_manifest
 from dataio.remote import RemoteError, Retry, is_url, join, read_bytes, tar_samples
 
 
-def member_problem(sample: dict, sample_rate: int, num_clips: int, vocabulary: set[str]) -> str | None:
+def member_problem(sample: dict, codec: ClipCodec, num_clips: int, vocabulary: set[str]) -> str | None:
     """What either back end would trip on in one sample, or None: a missing member, JSON
     that is not an object with an ``index`` below ``num_clips`` and a list of known
-    ``labels``, audio that does not decode, is empty, has another rate or is not finite."""
-    for ext in ("json", "flac"):
+    ``labels``, or a clip member that does not read in the corpus's format (audio that does
+    not decode, is empty or at another rate; a byte count that is not whole samples or
+    frames; non-finite log-mel values)."""
+    for ext in ("json", codec.ext):
         if ext not in sample:
             return f"no .{ext} member"
     try:
@@ -43,22 +43,10 @@ def member_problem(sample: dict, sample_rate: int, num_clips: int, vocabulary: s
     unknown = [x for x in labels if x not in vocabulary]
     if unknown:
         return f"labels JSON: {unknown[:3]} not in the manifest's vocabulary"
-    try:
-        wave, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
-    except sf.LibsndfileError as err:
-        return f"audio does not decode: {err.error_string}"
-    except Exception as err:  # noqa: BLE001 -- every way audio fails to decode is a finding
-        return f"audio does not decode: {type(err).__name__}: {err}"
-    if rate != sample_rate:
-        return f"audio at {rate} Hz, the manifest says {sample_rate} Hz"
-    if wave.size == 0:
-        return "empty audio (0 samples)"
-    if not np.isfinite(wave).all():
-        return "non-finite audio samples"
-    return None
+    return codec.problem(sample[codec.ext])
 
 
-def check_shard(path: str, sample_rate: int, num_clips: int,
+def check_shard(path: str, codec: ClipCodec, num_clips: int,
                 vocabulary: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
     """(members read, [(member key or shard, reason)]) of one shard."""
     problems: list[tuple[str, str]] = []
@@ -71,7 +59,7 @@ def check_shard(path: str, sample_rate: int, num_clips: int,
     count = 0
     for sample in tar_samples(path, on_error):  # a path or a URL (streamed)
         count += 1
-        problem = member_problem(sample, sample_rate, num_clips, known)
+        problem = member_problem(sample, codec, num_clips, known)
         if problem:
             problems.append((sample.get("__key__", "?"), problem[:200]))
     return count, problems
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [str(x) for x in manifest.shard_paths()]
     bad = 0
     with futures.ProcessPoolExecutor(args.workers or None) as pool:
-        checks = pool.map(check_shard, paths, itertools.repeat(manifest.sample_rate),
+        checks = pool.map(check_shard, paths, itertools.repeat(ClipCodec.of(manifest)),
                           itertools.repeat(manifest.num_clips), itertools.repeat(tuple(manifest.vocabulary)))
         for shard, (count, problems) in zip(manifest.shards, checks):
             if count != shard.count:

@@ -1,19 +1,25 @@
 """The DALI back end (``data.backend: dali``): the same batches as the webdataset one.
 
 A pure ``@pipeline_def`` graph: read the rank's part of the shards (with their index
-files) -> decode FLAC, downmix, resample to the manifest's rate -> cut the views (random
-crops; short clips zero-padded at a random offset) -> to the GPU when there is one ->
-then one of two endings, chosen by the augmentation chain:
+files) -> the clip as the corpus stores it (:mod:`dataio.formats`): FLAC decoded,
+downmixed and resampled to the manifest's rate by DALI's audio decoder; pcm16 and
+logmel members read with no decoder at all, their bytes reinterpreted by the reader as
+int16 samples or float16 ``[T, F]`` frames -> cut the views (random crops; short clips
+padded with silence at a random offset) -> to the GPU when there is one -> then:
 
-- no waveform op: spectrogram -> mel filter bank -> decibels -> normalise, in the
+- a logmel corpus: the frames scaled to the features (normalised, ``[F, T]``); the
+  chain's log-mel ops run on the device (``Augmenter.from_mels``);
+- audio, no waveform op: spectrogram -> mel filter bank -> decibels -> normalise, in the
   graph; the chain's log-mel ops then run on the device (``Augmenter.from_mels``);
-- waveform ops: the graph ends with the waves, and the chain runs whole on the device
-  (``Augmenter.from_waves``: waveform ops, torchaudio log-mel, log-mel ops).
+- audio, waveform ops: the graph ends with the waves, and the chain runs whole on the
+  device (``Augmenter.from_waves``: waveform ops, torchaudio log-mel, log-mel ops).
 
-Either way each op runs once, in :mod:`dataio.augment`, on the same keys as with the
-torch back end. The same ``FrontendConfig`` drives the DALI and the torchaudio log-mel;
-a test holds the two to the same numbers. Pipeline checkpointing (reader position and
-random state) makes ``resume=auto`` continue mid-epoch.
+pcm16 views are cut as int16 and scaled on the device (half the bytes to copy; the
+numbers FLAC decoding gives). Either way each op runs once, in :mod:`dataio.augment`, on
+the same keys as with the torch back end. The same ``FrontendConfig`` drives the DALI
+and the torchaudio log-mel; a test holds the two to the same numbers. Pipeline
+checkpointing (reader position and random state) makes ``resume=auto`` continue
+mid-epoch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, DataError, Placement
+from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window
 from dataio.manifest import Manifest
 
@@ -48,20 +55,21 @@ def logmel_nodes(views, cfg: FrontendConfig):
                                  freq_low=cfg.f_min, freq_high=cfg.f_max or cfg.sample_rate / 2,
                                  mel_formula=cfg.mel_scale, normalize=False)
         db = fn.to_decibels(mel, multiplier=10.0, reference=1.0, cutoff_db=10 * math.log10(cfg.log_floor))
-        out.append((db - cfg.norm_mean) / cfg.norm_std)
+        out.append(cfg.normalise(db))
     return out
 
 
-def cut_views(audio, num: int, length: int, *, group: int = 2, gap: int = 0):
-    """``num`` random crops of ``length`` samples of a decoded clip node. The crop start is
-    u * (n - length), u ~ U(0, 1): inside the clip when it is long enough, a random
-    zero-padding offset when it is not. With ``gap`` (pairs of views, ``group`` = 2)
-    the two starts of each pair are at least ``gap`` samples apart where the clip allows
-    (as far apart as it allows otherwise), as :func:`dataio.views.crop_starts` draws them."""
+def cut_views(audio, num: int, length: int, *, group: int = 2, gap: int = 0, fill: float = 0.0):
+    """``num`` random crops of ``length`` samples (or frames: time is axis 0) of a clip
+    node. The crop start is u * (n - length), u ~ U(0, 1): inside the clip when it is
+    long enough, a random padding offset (``fill``) when it is not. With ``gap`` (pairs of
+    views, ``group`` = 2) the two starts of each pair are at least ``gap`` apart where the
+    clip allows (as far apart as it allows otherwise), as :func:`dataio.views.place_crops`
+    places them."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
-    n = fn.cast(audio.shape(), dtype=types.FLOAT)
+    n = fn.cast(audio.shape()[0], dtype=types.FLOAT)
     room = n - length
     uniform = lambda: fn.random.uniform(range=[0.0, 1.0])  # noqa: E731
     starts = []
@@ -75,8 +83,8 @@ def cut_views(audio, num: int, length: int, *, group: int = 2, gap: int = 0):
         starts += [short * (uniform() * room) + (1 - short) * s for s in pair]
     while len(starts) < num:
         starts.append(uniform() * room)
-    return [fn.slice(audio, fn.cast(s, dtype=types.INT32), length, axes=[0], out_of_bounds_policy="pad")
-            for s in starts]
+    return [fn.slice(audio, fn.cast(s, dtype=types.INT32), length, axes=[0], out_of_bounds_policy="pad",
+                     fill_values=fill) for s in starts]
 
 
 def readable_shards(manifest: Manifest) -> list:
@@ -112,27 +120,48 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
         if all(s.index_file for s in usable) else None
     views_per_clip = data.num_views * data.pairs_per_clip
     rank, seed = place.rank, place.seed
+    codec = ClipCodec.of(manifest)
+    member_type = {"flac": types.UINT8, "pcm16": types.INT16, "logmel": types.FLOAT16}[codec.clip_format]
 
     @pipeline_def(enable_checkpointing=True)
     def graph():
-        flac, meta = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths or None, ext=["flac", "json"], shard_id=rank,
-            num_shards=place.world_size, random_shuffle=True, initial_fill=data.shuffle_buffer,
+        member, meta = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths or None, ext=[codec.ext, "json"], dtypes=[member_type, types.UINT8],
+            shard_id=rank, num_shards=place.world_size, random_shuffle=True, initial_fill=data.shuffle_buffer,
             seed=seed + 1, name="reader")
-        info = fn.pad(fn.get_property(flac, key="source_info"), fill_value=0)
-        audio, _ = fn.decoders.audio(flac, dtype=types.FLOAT, downmix=True,
-                                     sample_rate=manifest.sample_rate)
-        views = cut_views(audio, views_per_clip, augmenter.input_samples, group=data.num_views,
-                          gap=int(round(data.view_gap * manifest.sample_rate)))
+        info = fn.pad(fn.get_property(member, key="source_info"), fill_value=0)
+        views = _views(member, codec, data, augmenter, views_per_clip)
         if device_id is not None:
             views = [v.gpu() for v in views]
-        if not augmenter.has_wave_ops:
+        if codec.clip_format == "pcm16":
+            views = [fn.cast(v, dtype=types.FLOAT) * PCM_SCALE for v in views]
+        if codec.clip_format == "logmel":
+            views = [fn.transpose(frontend.normalise(fn.cast(v, dtype=types.FLOAT)), perm=[1, 0]) for v in views]
+        elif not augmenter.has_wave_ops:
             views = logmel_nodes(views, frontend)
         return fn.stack(*views), fn.pad(meta, fill_value=0), info
 
     return graph(batch_size=data.batch_size // data.pairs_per_clip, num_threads=data.num_workers or 1,
                  device_id=device_id, seed=seed + 1000 * rank + 1, prefetch_queue_depth=data.prefetch,
                  checkpoint=checkpoint)
+
+
+def _views(member, codec: ClipCodec, data: DataConfig, augmenter: Augmenter, count: int) -> list:
+    """The view nodes cut from one member node: decoded FLAC samples (float), int16
+    samples, or float16 ``[T, F]`` frames (padded with the log floor)."""
+    from nvidia.dali import fn, types
+
+    rate = codec.sample_rate
+    if codec.clip_format == "flac":
+        audio, _ = fn.decoders.audio(member, dtype=types.FLOAT, downmix=True, sample_rate=rate)
+        return cut_views(audio, count, augmenter.input_samples, group=data.num_views,
+                         gap=int(round(data.view_gap * rate)))
+    if codec.clip_format == "pcm16":
+        return cut_views(member, count, augmenter.input_samples, group=data.num_views,
+                         gap=int(round(data.view_gap * rate)))
+    frames = fn.reshape(member, shape=[-1, codec.n_mels])
+    return cut_views(frames, count, augmenter.mel_frames_in, group=data.num_views, fill=codec.floor_db,
+                     gap=int(round(data.view_gap * rate / augmenter.frontend.hop_length)))
 
 
 def _strings(t: torch.Tensor) -> list[str]:
@@ -210,7 +239,7 @@ class DaliBatches:
         indices = torch.tensor([m["index"] for m in metas], device=device).repeat_interleave(k)
         ids = BatchIds(indices=indices, draws=torch.arange(k, device=device).repeat(len(metas)), epoch=epoch,
                        step=step, rank=self.place.rank)
-        if self.augmenter.has_wave_ops:
+        if self.augmenter.has_wave_ops:  # never on a logmel corpus (the chain turned gain into a mel op)
             views = self.augmenter.from_waves(raw, ids)
         else:
             with one_thread_beside_dali(device):

@@ -60,6 +60,15 @@ class FrontendConfig:
         """Frames produced for ``num_samples`` samples (centred frames)."""
         return num_samples // self.hop_length + 1
 
+    @property
+    def floor_db(self) -> float:
+        """The log-mel's lowest value, dB (silence, and the padding of a short clip)."""
+        return 10.0 * math.log10(self.log_floor)
+
+    def normalise(self, db):
+        """dB values (a tensor or a number) -> the features the encoder sees."""
+        return (db - self.norm_mean) / self.norm_std
+
 
 WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window}
 
@@ -81,11 +90,16 @@ class LogMel(torch.nn.Module):
             n_mels=cfg.n_mels, power=2.0, mel_scale=cfg.mel_scale, center=True)
 
     @torch.no_grad()
+    def db(self, waves: torch.Tensor) -> torch.Tensor:
+        """Waveforms ``[N, S]`` -> log-mel in dB ``[N, F, T]``, before normalisation (what a
+        logmel corpus stores)."""
+        power = self.mel(waves.float())
+        return 10.0 * torch.log10(power.clamp_min(self.cfg.log_floor))
+
+    @torch.no_grad()
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         shape = waves.shape
-        power = self.mel(waves.reshape(-1, shape[-1]).float())
-        db = 10.0 * torch.log10(power.clamp_min(self.cfg.log_floor))
-        feats = (db - self.cfg.norm_mean) / self.cfg.norm_std
+        feats = self.cfg.normalise(self.db(waves.reshape(-1, shape[-1])))
         feats = feats.reshape(*shape[:-1], 1, *feats.shape[-2:])
         if self.cfg.channels > 1:
             feats = feats.expand(*feats.shape[:-3], self.cfg.channels, *feats.shape[-2:])

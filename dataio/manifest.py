@@ -1,12 +1,17 @@
 """Shard manifests and the splitting of shards over ranks and loader workers.
 
-A shard folder holds WebDataset tars (``KEY.flac`` + ``KEY.json``), one DALI index
-file per tar and ``manifest.json``::
+A shard folder holds WebDataset tars (``KEY.flac``, ``KEY.pcm`` or ``KEY.mel``, as
+``clip_format`` says (see :mod:`dataio.formats`), + ``KEY.json``), one DALI index file
+per tar and ``manifest.json``::
 
     {"format": 1, "dataset": "demo", "sample_rate": 16000, "num_clips": 400,
-     "vocabulary": ["bell", ...], "multi_label": false,
+     "clip_format": "flac", "vocabulary": ["bell", ...], "multi_label": false,
      "shards": [{"url": "shard-00000.tar", "count": 50, "bytes": 123456,
                  "index_file": "shard-00000.idx"}, ...]}
+
+A ``logmel`` corpus also records the front end its log-mels were computed with
+(``"frontend": {"sample_rate": 16000, "win_ms": 25.0, ...}``). A manifest without
+``clip_format`` is a FLAC corpus.
 
 Shard urls are relative to the manifest's folder. The per-clip JSON is
 ``{"index", "dataset", "labels", "split", "fold", "duration"}`` where ``index`` is the
@@ -29,6 +34,11 @@ from dataio.atomic import write_text_atomically
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+MEMBER_EXT = {"flac": "flac", "pcm16": "pcm", "logmel": "mel"}  # clip format -> member extension
+CLIP_FORMATS = tuple(MEMBER_EXT)
+# the front-end keys a stored log-mel depends on (normalisation and channels are applied later)
+STORED_FRONTEND = ("sample_rate", "win_ms", "hop_ms", "n_fft", "window", "n_mels", "f_min", "f_max", "mel_scale",
+                   "log_floor")
 
 
 class ManifestError(ValueError):
@@ -66,6 +76,8 @@ class Manifest:
     rejected: dict = field(default_factory=dict)  # {"clips": n, "reasons": {kind: n}, "list": file}
     root: Path | str = Path(".")  # a folder, or the URL of one (str)
     sources: list[SourceInfo] = field(default_factory=list)  # several corpora (combine_manifests)
+    clip_format: str = "flac"  # what the members hold: flac, pcm16 or logmel (dataio.formats)
+    frontend: dict = field(default_factory=dict)  # logmel: the front end the log-mels were computed with
     _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +130,8 @@ class Manifest:
             "dataset": self.dataset,
             "sample_rate": self.sample_rate,
             "num_clips": self.num_clips,
+            "clip_format": self.clip_format,
+            **({"frontend": self.frontend} if self.frontend else {}),
             "vocabulary": self.vocabulary,
             "multi_label": self.multi_label,
             "rejected": self.rejected,
@@ -186,13 +200,27 @@ def parse_manifest(text: str, root: Path | str, name: str) -> Manifest:
                             num_clips=int(raw["num_clips"]), shards=shards,
                             vocabulary=list(raw.get("vocabulary", [])),
                             multi_label=bool(raw.get("multi_label", False)),
-                            rejected=dict(raw.get("rejected") or {}), root=root)
+                            rejected=dict(raw.get("rejected") or {}), root=root,
+                            clip_format=str(raw.get("clip_format", "flac")), frontend=dict(raw.get("frontend") or {}))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"malformed manifest {path}: {err!r}") from err
+    _check_format(manifest, path)
     if sum(s.count for s in shards) != manifest.num_clips:
         raise ManifestError(f"manifest {path}: shard counts add up to "
                             f"{sum(s.count for s in shards)}, not num_clips={manifest.num_clips}")
     return manifest
+
+
+def _check_format(manifest: Manifest, path: str) -> None:
+    """A clip format this version reads, and for logmel a complete front-end record."""
+    if manifest.clip_format not in CLIP_FORMATS:
+        raise ManifestError(f"manifest {path}: clip_format {manifest.clip_format!r} is not one of "
+                            f"{', '.join(CLIP_FORMATS)} (written by a newer audioclr, or edited?)")
+    if manifest.clip_format == "logmel":
+        missing = [k for k in STORED_FRONTEND if k not in manifest.frontend]
+        if missing:
+            raise ManifestError(f"manifest {path}: a logmel corpus must record its front end; "
+                                f"'frontend' lacks {', '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +274,11 @@ def combine_manifests(parts: list[tuple[str, float, Manifest]]) -> Manifest:
         raise ManifestError("data.sources: the corpora have different sample rates ("
                             + ", ".join(f"{n}: {m.sample_rate} Hz" for n, _, m in parts) + "); re-shard them "
                             "at one rate")
+    kinds = {(m.clip_format, json.dumps(m.frontend, sort_keys=True)) for _, _, m in parts}
+    if len(kinds) > 1:
+        raise ManifestError("data.sources: the corpora are in different clip formats ("
+                            + ", ".join(f"{n}: {m.clip_format}" for n, _, m in parts) + ", or log-mels of "
+                            "different front ends); bring them to one with `audioclr shard convert`")
     shards, sources, vocabulary, offset = [], [], [], 0
     for i, (name, weight, m) in enumerate(parts):
         for info, where in zip(m.shards, m.shard_paths()):
@@ -259,7 +292,7 @@ def combine_manifests(parts: list[tuple[str, float, Manifest]]) -> Manifest:
     first = parts[0][2]
     return Manifest(dataset="+".join(n for n, _, _ in parts), sample_rate=first.sample_rate, num_clips=offset,
                     shards=shards, vocabulary=vocabulary, multi_label=any(m.multi_label for _, _, m in parts),
-                    root=first.root, sources=sources)
+                    root=first.root, sources=sources, clip_format=first.clip_format, frontend=first.frontend)
 
 
 def load_sources(sources: list[dict], retry=None) -> Manifest:

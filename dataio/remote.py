@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataio.batch import DataError
+from dataio.tar_reader import local_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,17 @@ def open_stream(url: str, retry: Retry = Retry()) -> io.RawIOBase:
 
 
 def tar_samples(location, handler, retry: Retry = Retry()):
-    """The samples (webdataset dicts) of one tar shard, a local path or a URL (streamed);
-    ``handler`` sees each read error (a RemoteError is raised again, whatever it says)."""
+    """The samples (webdataset dicts) of one tar shard, a local path (members as
+    memoryviews, JSON as bytes) or a URL (streamed, members as bytes); ``handler`` sees
+    each read error (a RemoteError is raised again, whatever it says)."""
     import webdataset as wds
 
     def handle(exc: Exception) -> bool:
         if isinstance(exc, RemoteError):
             raise exc
         return handler(exc)
-    if not is_url(location):
-        return wds.tarfile_samples([{"url": str(location)}], handler=handle)
+    if not is_url(location):  # memory-mapped, members as memoryviews (dataio.tar_reader)
+        return local_tar_samples(location, handle)
     files = wds.tariterators.tar_file_expander([{"url": location, "stream": open_stream(location, retry)}],
                                                handler=handle)
     return wds.tariterators.group_by_keys(files, handler=handle)

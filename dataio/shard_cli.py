@@ -1,4 +1,5 @@
-"""Command-line pieces of ``audioclr shard SRC --layout L --out DIR``."""
+"""Command-line pieces of ``audioclr shard SRC --layout L --out DIR [--format F]`` and
+``audioclr shard convert SRC --format F --out DST``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dataio.remote import Publisher, is_url, shown
-from dataio.shard_writer import REJECTED_NAME, ShardWriteError, write_shards
+from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.manifest import CLIP_FORMATS
+from dataio.remote import Publisher, RemoteError, is_url, shown
+from dataio.shard_writer import REJECTED_NAME, Encoding, ShardWriteError, write_shards
+
+FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
+               "pcm16 (the same samples raw: twice FLAC's size on tonal audio, read with no decoder), logmel "
+               "(float16 log-mel frames of --config's front end: no decoder and no log-mel at train time, but no "
+               "waveform augmentation either)")
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # layout-specific options: converter keyword -> command-line flag (None on the command line: not given)
@@ -45,7 +53,51 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         "(shorter ones are padded when trained on: notes and drum hits are short)")
     add("--dataset", default=None, help="dataset name in the manifest (default: SRC's name)")
     add("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
+    _add_format_arguments(parser)
     _add_layout_arguments(parser)
+
+
+def _add_format_arguments(parser: argparse.ArgumentParser, default: str | None = "flac") -> None:
+    parser.add_argument("--format", default=default, required=default is None, choices=CLIP_FORMATS,
+                        help=FORMAT_HELP)
+    parser.add_argument("--config", default=None, help="--format logmel: the recipe whose frontend: section "
+                        "computes the log-mels (default: the default front end at the shards' rate)")
+
+
+def _encoding(args: argparse.Namespace, sample_rate: int | None) -> Encoding:
+    """The --format (and, for logmel, --config's front end, or the default one at
+    ``sample_rate``; None: at the corpus's rate, decided later) as an Encoding."""
+    if args.config and args.format != "logmel":
+        raise ShardWriteError(f"--config gives the front end of a logmel corpus; --format {args.format} has none")
+    if args.format != "logmel" or not (args.config or sample_rate):
+        return Encoding(args.format)
+    return Encoding(args.format, frontend_from_recipe(args.config, sample_rate))
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``audioclr shard convert SRC --format F --out DST``."""
+    add = parser.add_argument
+    add("src", metavar="SRC", help="a shard folder (with manifest.json), or its URL")
+    add("--out", required=True, help="folder for the converted corpus, or a writable folder URL (s3://, ...)")
+    add("--workers", type=int, default=0, help="processes, one shard each (0: one per CPU)")
+    add("--overwrite", action="store_true", help="replace the corpus in a non-empty --out")
+    _add_format_arguments(parser, default=None)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run ``audioclr shard convert``; 2 with a one-line error on bad input (nothing
+    half-written is left with a manifest)."""
+    try:
+        encoding = _encoding(args, None)
+        manifest = convert_corpus(args.src, args.out, encoding, overwrite=args.overwrite, workers=args.workers)
+    except (ValueError, OSError, RemoteError) as err:  # ShardWriteError, ManifestError, ConfigError are ValueErrors
+        print(f"audioclr shard convert: error: {err}", file=sys.stderr)
+        return 2
+    where = shown(args.out) if is_url(args.out) else args.out
+    print(f"converted {manifest.num_clips} clips in {len(manifest.shards)} shard(s) to {encoding.clip_format}: "
+          f"{where} ({sum(s.bytes for s in manifest.shards) / 1e6:.1f} MB)")
+    return 0
+
 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +137,7 @@ def run_shard(args: argparse.Namespace) -> int:
 
     src = Path(args.src)
     try:
+        encoding = _encoding(args, args.sample_rate)
         options = _layout_options(args)
         if not src.exists():
             raise ShardWriteError(f"SRC {src} does not exist")
@@ -101,7 +154,8 @@ def run_shard(args: argparse.Namespace) -> int:
                                   sample_rate=args.sample_rate, shard_size=args.shard_size,
                                   shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
                                   min_seconds=args.min_seconds, overwrite=args.overwrite,
-                                  vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None)
+                                  vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None,
+                                  encoding=encoding)
             missing_path = write_missing(listing, report.out_dir)
             if publisher:
                 publisher.finish(staging)

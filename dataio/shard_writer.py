@@ -1,11 +1,13 @@
 """Write audio clips into WebDataset shards, DALI index files and a manifest.
 
 Per clip, worker processes load the audio (``loader``), mix it down to mono, resample
-it to the target rate, validate it and encode it as 16-bit FLAC. The main process
-writes accepted clips, in a seeded shuffled order, into ``shard-NNNNN.tar`` (members
-``KEY.flac`` and ``KEY.json``) with one DALI index ``shard-NNNNN.idx`` per tar, then
-``rejected.tsv`` (``path<TAB>reason`` of every clip left out) and ``manifest.json``.
-The same items and seed give byte-identical shards whatever the number of workers.
+it to the target rate, validate it, quantise it to 16 bits and encode it in the clip
+format (:mod:`dataio.formats`: FLAC, raw 16-bit PCM, or a float16 log-mel). The main
+process writes accepted clips, in a seeded shuffled order, into ``shard-NNNNN.tar``
+(members ``KEY.flac`` / ``KEY.pcm`` / ``KEY.mel`` and ``KEY.json``) with one DALI index
+``shard-NNNNN.idx`` per tar, then ``rejected.tsv`` (``path<TAB>reason`` of every clip
+left out) and ``manifest.json``. The same items and seed give byte-identical shards
+whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 import soundfile as sf
 
 from dataio.atomic import write_text_atomically
+from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
+from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import Manifest, ShardInfo
 
 REJECTED_NAME = "rejected.tsv"
@@ -129,11 +133,46 @@ def assign_keys(items: Sequence[ClipItem]) -> list[str]:
 
 @dataclass
 class ClipResult:
-    """A worker's answer: FLAC bytes and length in frames (at the target rate), or a reason."""
+    """A worker's answer: the member's bytes and the clip's length in samples (at the
+    target rate), or a reason."""
 
-    flac: bytes | None = None
+    data: bytes | None = None
     frames: int = 0
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How clips are written: ``clip_format`` (flac, pcm16, logmel) and, for logmel, the
+    front end its features are computed with."""
+
+    clip_format: str = "flac"
+    frontend: FrontendConfig | None = None
+
+    @property
+    def ext(self) -> str:
+        return MEMBER_EXT[self.clip_format]
+
+    def encode(self, pcm: np.ndarray, rate: int) -> bytes:
+        return encode_member(pcm, rate, self.clip_format, _logmel(self.frontend) if self.frontend else None)
+
+    def manifest_fields(self) -> dict:
+        return {"clip_format": self.clip_format,
+                "frontend": frontend_record(self.frontend) if self.clip_format == "logmel" else {}}
+
+
+_LOGMELS: dict = {}
+
+
+def _logmel(frontend: FrontendConfig) -> LogMel:
+    """One LogMel per front end per process (its filter bank is built once)."""
+    key = repr(frontend)
+    if key not in _LOGMELS:
+        import torch
+        if multiprocessing.parent_process() is not None:
+            torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
+        _LOGMELS[key] = LogMel(frontend)
+    return _LOGMELS[key]
 
 
 def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -155,14 +194,6 @@ def _to_mono(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
 
 
-def encode_flac(mono: np.ndarray, rate: int) -> bytes:
-    """16-bit FLAC of ``mono`` [frames] clipped to [-1, 1]; decoding gives round(x*32768)/32768."""
-    pcm = np.clip(np.rint(np.clip(mono, -1.0, 1.0) * 32768.0), -32768, 32767).astype(np.int16)
-    buffer = io.BytesIO()
-    sf.write(buffer, pcm, rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def _one_line(text: object, limit: int = 200) -> str:
     """``text`` on one line, with the bytes of a file name that is not UTF-8 written as
     ``\\xNN`` (such names reach Python as lone surrogates, which no UTF-8 file can hold)."""
@@ -171,7 +202,7 @@ def _one_line(text: object, limit: int = 200) -> str:
 
 
 def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
-                 min_seconds: float) -> ClipResult:
+                 min_seconds: float, encoding: Encoding = Encoding()) -> ClipResult:
     """Load, mix down, validate, resample to ``sample_rate`` Hz and encode one clip.
 
     Never raises for bad input: a clip that cannot be used comes back with a reason.
@@ -194,17 +225,17 @@ def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
     try:
         if rate != sample_rate:
             mono = _resample(mono, rate, sample_rate)
-        return ClipResult(flac=encode_flac(mono, sample_rate), frames=int(mono.size))
+        return ClipResult(data=encoding.encode(to_pcm16(mono), sample_rate), frames=int(mono.size))
     except Exception as err:  # noqa: BLE001
         return ClipResult(reason=f"encode failed: {_one_line(err)}")
 
 
 def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: int,
-                      min_seconds: float, workers: int) -> Iterator[ClipResult]:
+                      min_seconds: float, workers: int, encoding: Encoding) -> Iterator[ClipResult]:
     """:func:`process_clip` over ``items``, in order, with at most 4*workers clips in flight."""
     if workers == 1:
         for item in items:
-            yield process_clip(item, loader, sample_rate, min_seconds)
+            yield process_clip(item, loader, sample_rate, min_seconds, encoding)
         return
     # spawn, not fork: a parent that already ran torch ops may hold OpenMP threads
     context = multiprocessing.get_context("spawn")
@@ -213,17 +244,18 @@ def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: in
         for item in items:
             if len(pending) >= 4 * workers:
                 yield pending.popleft().result()
-            pending.append(pool.submit(process_clip, item, loader, sample_rate, min_seconds))
+            pending.append(pool.submit(process_clip, item, loader, sample_rate, min_seconds, encoding))
         while pending:
             yield pending.popleft().result()
 
 
-class _ShardSink:
+class ShardSink:
     """Writes samples into numbered tars (under a ``.tmp`` name until complete) and DALI indexes."""
 
-    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int, on_shard=None):
+    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int, on_shard=None, first: int = 0):
         self.out_dir, self.max_clips, self.max_bytes = out_dir, max_clips, max_bytes
         self.on_shard = on_shard  # called with (tar, index) once both are complete
+        self.first = first  # the number of the first shard written
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._index_lines: list[str] = []
@@ -232,7 +264,7 @@ class _ShardSink:
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Append one sample (``[(extension, data), ...]``); cut the shard when it is full."""
         if self._tar is None:
-            name = f"shard-{len(self.shards):05d}.tar.tmp"
+            name = f"shard-{self.first + len(self.shards):05d}.tar.tmp"
             self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
         components = []
         for ext, data in members:
@@ -253,7 +285,7 @@ class _ShardSink:
         if self._tar is None:
             return
         self._tar.close()
-        stem = f"shard-{len(self.shards):05d}"
+        stem = f"shard-{self.first + len(self.shards):05d}"
         tar_path = self.out_dir / f"{stem}.tar"
         (self.out_dir / f"{stem}.tar.tmp").replace(tar_path)
         write_dali_index(self.out_dir / f"{stem}.idx", self._index_lines)
@@ -279,7 +311,19 @@ def write_dali_index(path: Path, sample_lines: list[str]) -> None:
                       + "".join(line + "\n" for line in sample_lines))
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_encoding(encoding: Encoding, sample_rate: int) -> None:
+    """A known clip format; a logmel front end at the shards' rate."""
+    if encoding.clip_format not in MEMBER_EXT:
+        raise ShardWriteError(f"unknown clip format {encoding.clip_format!r}: choose one of {', '.join(MEMBER_EXT)}")
+    if encoding.clip_format == "logmel":
+        if encoding.frontend is None:
+            raise ShardWriteError("a logmel corpus needs the front end to compute its log-mels with")
+        if encoding.frontend.sample_rate != sample_rate:
+            raise ShardWriteError(f"the front end's sample_rate {encoding.frontend.sample_rate} Hz differs from "
+                                  f"the shards' {sample_rate} Hz")
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then drop our old files)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardWriteError(f"output {out_dir} exists and is not a folder")
@@ -329,7 +373,7 @@ class _Tally:
 
 
 def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[ClipResult],
-                 sink: _ShardSink, dataset: str, sample_rate: int, progress: bool) -> _Tally:
+                 sink: ShardSink, dataset: str, sample_rate: int, progress: bool, ext: str) -> _Tally:
     """Write each accepted result (the j-th belongs to ``items[order[j]]``) into ``sink``."""
     from tqdm import tqdm
 
@@ -339,11 +383,11 @@ def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[Clip
         for position, result in zip(order, results):
             bar.update(1)
             item = items[position]
-            if result.flac is None:
+            if result.data is None:
                 tally.rejected.append((position, item.path, result.reason or "rejected"))
                 continue
             meta = _clip_json(tally.num_clips, dataset, item, result.frames / sample_rate)
-            sink.add(keys[position], [("flac", result.flac), ("json", meta)])
+            sink.add(keys[position], [(ext, result.data), ("json", meta)])
             tally.num_clips += 1
             tally.labels.update(item.labels)
             tally.multi_label = tally.multi_label or len(item.labels) > 1
@@ -355,7 +399,8 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
                  sample_rate: int = 16000, shard_size: int = 0, shard_bytes: int = 0,
                  seed: int = 0, workers: int = 0, min_seconds: float = 0.025,
                  overwrite: bool = False, loader: Loader = soundfile_loader,
-                 vocabulary: list[str] | None = None, progress: bool = True, on_shard=None) -> WriteReport:
+                 vocabulary: list[str] | None = None, progress: bool = True, on_shard=None,
+                 encoding: Encoding = Encoding()) -> WriteReport:
     """Turn ``items`` into WebDataset shards, DALI indexes and a manifest in ``out_dir``.
 
     ``sample_rate`` in Hz; ``shard_size`` in clips and ``shard_bytes`` in payload bytes
@@ -366,19 +411,21 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     manifest is written last, so a folder with a manifest holds complete shards.
     Worker processes are spawned: a script calling this needs ``if __name__ == "__main__":``.
     ``on_shard(tar, index)`` is called as each shard is complete (an upload, for one).
+    ``encoding`` says which clip format the members are written in (FLAC by default).
     """
     start = time.perf_counter()
     items, out_dir = list(items), Path(out_dir)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     _check_inputs(items, loader, workers, vocabulary)
-    _prepare_out_dir(out_dir, overwrite)
+    check_encoding(encoding, sample_rate)
+    prepare_out_dir(out_dir, overwrite)
     if shard_size <= 0 and shard_bytes <= 0:
         shard_size = DEFAULT_SHARD_SIZE
     order = np.random.default_rng(seed).permutation(len(items)).tolist()
     shuffled = [items[i] for i in order]
-    results = _results_in_order(shuffled, loader, sample_rate, min_seconds, workers)
-    sink = _ShardSink(out_dir, shard_size, shard_bytes, on_shard)
-    tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress)
+    results = _results_in_order(shuffled, loader, sample_rate, min_seconds, workers, encoding)
+    sink = ShardSink(out_dir, shard_size, shard_bytes, on_shard)
+    tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress, encoding.ext)
     rejected = [(path, reason) for _, path, reason in sorted(tally.rejected)]
     write_text_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(
         f"{_one_line(path, 10_000)}\t{_one_line(reason)}\n" for path, reason in rejected))
@@ -390,6 +437,6 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     Manifest(dataset=dataset, sample_rate=sample_rate, num_clips=tally.num_clips,
              shards=sink.shards, vocabulary=vocab, multi_label=tally.multi_label,
              rejected={"clips": len(rejected), "reasons": dict(sorted(kinds.items())),
-                       "list": REJECTED_NAME}).write(out_dir)
+                       "list": REJECTED_NAME}, **encoding.manifest_fields()).write(out_dir)
     return WriteReport(tally.num_clips, rejected, len(sink.shards), out_dir,
                        time.perf_counter() - start)

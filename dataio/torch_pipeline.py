@@ -1,10 +1,13 @@
-"""The webdataset back end: shards -> decoded clips -> view batches.
+"""The webdataset back end: shards -> clips -> view batches.
 
 An explicit pipeline of small stages, each a generator:
 shard order for the epoch -> this rank's shards -> this worker's shards (or samples)
 -> raw samples, cycled so a worker never runs dry -> seeded shuffle buffer
--> decode + crop views -> wave batches -> the augmentation stage (waveform ops, log-mel,
-log-mel ops): in the loader workers on a CPU training device, on the device otherwise.
+-> open the members, draw the batch's crops at once, cut the views -> batches of int16
+samples (flac, pcm16) or float16 dB frames (logmel) -> the augmentation stage (waveform
+ops, log-mel, log-mel ops): in the loader workers on a CPU training device, on the
+device otherwise. A loader worker thus reads, cuts and batches; only the views' samples
+or frames leave it, and FLAC is the only format it decodes (:mod:`dataio.formats`).
 
 Determinism is what makes mid-epoch resume exact: the shard order depends on
 (seed, epoch), the shuffle on (seed, epoch, rank, worker), the crops on
@@ -16,8 +19,8 @@ skipped samples' bytes but decodes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import io
 import itertools
 import json
 import logging
@@ -26,15 +29,15 @@ import signal
 from collections.abc import Iterator
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, DataError, Placement
-from dataio.manifest import Manifest, split_for_reader
+from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
+from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
 from dataio.remote import Retry, tar_samples
-from dataio.views import read_views
+from dataio.views import crop_keys, keyed_crop_starts
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class NoReadableClips(DataError):
 
 def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
                  retry: Retry = Retry()) -> Iterator[dict]:
-    """Samples ({'__key__', 'flac', 'json'}) of the given shards, in order; a corrupt or
+    """Samples ({'__key__', 'flac' | 'pcm' | 'mel', 'json'}) of the given shards, in order; a corrupt or
     truncated tar is logged, kept in ``tar_errors`` (not counted as skipped clips) and
     left behind. A shard URL is streamed (:mod:`dataio.remote`); one that cannot be read
     stops the run with a RemoteError naming it."""
@@ -65,12 +68,13 @@ def _worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = R
     """Endless (pass number, raw sample) pairs of one worker: its shards in a fresh order
     each pass, keeping every ``stride``-th sample; raises if a whole pass is empty."""
     tar_errors: list = []
+    ext = MEMBER_EXT[manifest.clip_format]
     for pass_no in itertools.count():
         order = np.random.default_rng((*rank_seed, pass_no)).permutation(len(split.shards))
         shard_ids = [split.shards[i] for i in order]
         found = False
         for k, sample in enumerate(raw_samples(manifest, shard_ids, tar_errors, retry)):
-            if k % split.sample_stride == split.sample_offset and "flac" in sample:
+            if k % split.sample_stride == split.sample_offset and ext in sample:
                 found = True
                 yield pass_no, sample
         if not found:
@@ -90,11 +94,12 @@ def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry()
     ids = list(range(len(manifest.shards))) if ids is None else ids
     tar_errors: list = []
     empty: set[int] = set()
+    ext = MEMBER_EXT[manifest.clip_format]
     for draw in itertools.count():
         sid = ids[int(rng.integers(len(ids)))]
         found = False
         for sample in raw_samples(manifest, [sid], tar_errors, retry):
-            if "flac" in sample:
+            if ext in sample:
                 found = True
                 yield draw, sample
         if found:
@@ -144,16 +149,23 @@ class WaveBatches(IterableDataset):
     global step: batches arrive in step order wherever the loader starts, and the same
     step gets the same batch from a loader started at any earlier step. With
     ``in_workers`` the workers run the augmentation stage and yield log-mel ``views``;
-    otherwise they yield ``waves`` [B, V, augmenter.input_samples].
+    otherwise they yield int16 ``waves`` [B, V, augmenter.input_samples] (flac, pcm16) or
+    float16 dB ``mels`` [B, V, augmenter.mel_frames_in, F] (logmel).
     """
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement, *,
                  epoch: int, start_step: int, in_workers: bool, run_long: bool = False):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
         self.epoch, self.start_step, self.in_workers, self.run_long = epoch, start_step, in_workers, run_long
-        self.view_len = int(round(cfg.view_seconds * manifest.sample_rate))
-        self.read_len = augmenter.input_samples
-        self.gap = int(round(cfg.view_gap * manifest.sample_rate))
+        self.codec = ClipCodec.of(manifest)
+        rate = manifest.sample_rate
+        if self.codec.is_wave:  # crops in samples
+            self.units, self.view_len, self.read_len = "samples", int(round(cfg.view_seconds * rate)), \
+                augmenter.input_samples
+            self.gap = int(round(cfg.view_gap * rate))
+        else:  # crops in frames of the stored log-mel
+            self.units, self.view_len, self.read_len = "frames", augmenter.frames, augmenter.mel_frames_in
+            self.gap = int(round(cfg.view_gap * rate / augmenter.frontend.hop_length))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -217,37 +229,93 @@ class WaveBatches(IterableDataset):
         return self.cfg.resampled or len(self.manifest.sources) > 1
 
     def _batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
-        waves, labels, indices, draws, keys = [], [], [], [], []
-        from_source = [0] * len(self.manifest.sources)
-        skipped_before, short = len(errors), 0
-        k = self.cfg.pairs_per_clip
-        while len(waves) < self.cfg.batch_size:
-            pass_no, sample = next(samples)
-            clip = self._decode(sample, pass_no, errors)
-            if clip is None:
-                self._no_clip(pass_no, sample, errors)
+        """The next batch: ``batch_size // pairs_per_clip`` usable clips from ``samples``,
+        their crops drawn at once and cut straight into the batch, K view sets each."""
+        k, v = self.cfg.pairs_per_clip, self.cfg.num_views
+        skipped_before, clips = len(errors), []
+        payload = self.codec.payload(self.cfg.batch_size // k, k * v, self.read_len)
+        while len(clips) < len(payload):
+            opened = [c for c in (self._open(*next(samples), errors)
+                                  for _ in range(len(payload) - len(clips))) if c is not None]
+            if not opened:
                 continue
-            if clip[3] < self.view_len:
-                if self.cfg.short_clips == "skip":
-                    errors.append(f"{sample['__key__']}: {clip[3]} samples, shorter than a view")
-                    self._no_clip(pass_no, sample, errors)
-                    continue
-                short += k
-            self._bad_since = None
-            waves.extend(clip[0].reshape(k, self.cfg.num_views, -1))
-            labels.extend([clip[1]] * k)
-            indices.extend([clip[2]] * k)
-            draws.extend(pass_no * k + i for i in range(k))
-            keys.extend([sample["__key__"]] * k)
-            if self.manifest.sources:
-                from_source[self.manifest.shards[sample["__shard__"]].source] += k
-        out = {"waves": torch.from_numpy(np.stack(waves)), "labels": torch.from_numpy(np.asarray(labels)),
-               "indices": torch.tensor(indices), "draws": torch.tensor(draws), "keys": keys,
-               "epoch": self.epoch, "step": step, "skipped": len(errors) - skipped_before, "short": short,
-               "sources": torch.tensor(from_source, dtype=torch.int64)}
+            keys = crop_keys(self.place.seed, self.epoch, np.array([c.index for c in opened]),
+                             np.array([c.pass_no for c in opened]))
+            starts = keyed_crop_starts(np.array([c.clip.length for c in opened]), self.read_len, k * v, keys,
+                                       gap=self.gap, group=v)
+            first = len(clips)
+            for clip, where in zip(opened, starts):
+                if self._cut(clip, where, payload[len(clips)], errors):
+                    clips.append(clip)
+            if not self.codec.is_wave:
+                clips = self._finite(payload, clips, first, errors)
+        payload = payload.reshape(len(clips) * k, v, *payload.shape[2:])
+        out = {"waves" if self.codec.is_wave else "mels": torch.from_numpy(payload),
+               "labels": torch.from_numpy(np.repeat(np.asarray([c.label for c in clips]), k, axis=0)),
+               "indices": torch.tensor([c.index for c in clips]).repeat_interleave(k),
+               "draws": torch.tensor([c.pass_no * k + i for c in clips for i in range(k)]),
+               "keys": [c.key for c in clips for _ in range(k)], "epoch": self.epoch, "step": step,
+               "skipped": len(errors) - skipped_before,
+               "short": k * sum(c.clip.length < self.view_len for c in clips),
+               "sources": torch.tensor(self._per_source(clips), dtype=torch.int64)}
         if self.in_workers:
-            out["views"] = self.augmenter.from_waves(out.pop("waves"), batch_ids(out, self.place.rank))
+            out["views"] = stage(self.augmenter, out.pop("waves" if self.codec.is_wave else "mels"),
+                                 batch_ids(out, self.place.rank))
         return out
+
+    def _finite(self, payload: np.ndarray, clips: list[_Opened], first: int, errors: list) -> list[_Opened]:
+        """``clips`` without those from ``first`` on whose frames are not finite (counted);
+        the rows of the others moved up to stay in order."""
+        bad = non_finite_rows(payload[first:len(clips)])
+        if not bad.any():
+            return clips
+        kept = clips[:first]
+        for row, clip in enumerate(clips[first:], start=first):
+            if bad[row - first]:
+                self._broken(clip.sample, ValueError("non-finite log-mel values"), errors, clip.pass_no)
+                continue
+            payload[len(kept)] = payload[row]
+            kept.append(clip)
+        return kept
+
+    def _per_source(self, clips: list[_Opened]) -> list[int]:
+        """With several corpora: how many view sets of the batch each gave."""
+        counts = [0] * len(self.manifest.sources)
+        for c in clips if counts else ():
+            counts[self.manifest.shards[c.shard].source] += self.cfg.pairs_per_clip
+        return counts
+
+    def _open(self, pass_no: int, sample: dict, errors: list) -> _Opened | None:
+        """A sample's JSON read and its member opened, or None (a broken or, with
+        ``short_clips=skip``, a short clip: counted in ``errors``)."""
+        try:
+            meta = json.loads(sample["json"])
+            index = int(meta["index"]) + self.manifest.index_offset(sample["__shard__"])
+            clip = self.codec.open(sample[self.codec.ext])
+            if clip.length < self.view_len and self.cfg.short_clips == "skip":
+                errors.append(f"{sample['__key__']}: {clip.length} {self.units}, shorter than a view")
+                self._no_clip(pass_no, sample, errors)
+                return None
+        except Exception as err:  # a broken member must not stop training
+            self._broken(sample, err, errors, pass_no)
+            return None
+        return _Opened(clip, self.manifest.label_target(meta.get("labels") or []), index, pass_no,
+                       sample["__key__"], sample["__shard__"], sample)
+
+    def _cut(self, opened: _Opened, starts: np.ndarray, out: np.ndarray, errors: list) -> bool:
+        """Cut ``opened``'s views at ``starts`` into ``out`` (False: it failed, and is counted)."""
+        try:
+            opened.clip.cut(starts, self.read_len, out)
+        except Exception as err:  # a FLAC member can fail past its header
+            self._broken(opened.sample, err, errors, opened.pass_no)
+            return False
+        self._bad_since = None
+        return True
+
+    def _broken(self, sample: dict, err: Exception, errors: list, pass_no: int) -> None:
+        errors.append(f"{sample.get('__key__')}: {err!r}")
+        log.warning("skipping clip %s: %r", sample.get("__key__"), err)
+        self._no_clip(pass_no, sample, errors)
 
     def _no_clip(self, pass_no: int, sample: dict, errors: list) -> None:
         """Raise once a whole pass over this worker's samples gave no usable clip (resampled:
@@ -264,26 +332,27 @@ class WaveBatches(IterableDataset):
                                   f"{self.manifest.where} ({len(errors)} failures; last: {errors[-1]}); "
                                   f"list the broken members with `audioclr check-shards`")
 
-    def _decode(self, sample: dict, pass_no: int, errors: list):
-        """(views [K*V, S], label id, index, length in samples) of one raw sample, or None
-        if it is broken."""
-        try:
-            meta = json.loads(sample["json"])
-            index = int(meta["index"]) + self.manifest.index_offset(sample["__shard__"])
-            rng = np.random.default_rng((self.place.seed, self.epoch, index, pass_no))
-            with sf.SoundFile(io.BytesIO(sample["flac"])) as source:
-                if source.samplerate != self.manifest.sample_rate or source.frames == 0:
-                    raise ValueError(f"rate {source.samplerate} Hz, {source.frames} samples")
-                views = read_views(source, self.cfg.num_views * self.cfg.pairs_per_clip, self.read_len, rng,
-                                   gap=self.gap, group=self.cfg.num_views)
-                length = source.frames
-            if not np.isfinite(views).all():
-                raise ValueError("non-finite samples")
-        except Exception as err:  # a broken member must not stop training
-            errors.append(f"{sample.get('__key__')}: {err!r}")
-            log.warning("skipping clip %s: %r", sample.get("__key__"), err)
-            return None
-        return views, self.manifest.label_target(meta.get("labels") or []), index, length
+
+@dataclasses.dataclass
+class _Opened:
+    """A clip of the batch being assembled: its opened member, label, dataset index, pass,
+    key, shard and raw sample."""
+
+    clip: object
+    label: object
+    index: int
+    pass_no: int
+    key: str
+    shard: int
+    sample: dict
+
+
+def stage(augmenter: Augmenter, payload: torch.Tensor, ids: BatchIds) -> torch.Tensor:
+    """The augmentation stage on a batch's payload: int16 samples [B, V, S] or float16 dB
+    frames [B, V, T, F] -> views [B, V, C, F, T]."""
+    if payload.dtype == torch.int16:
+        return augmenter.from_waves(pcm_to_float(payload), ids)
+    return augmenter.from_db_frames(payload, ids)
 
 
 def batch_ids(wave_batch: dict, rank: int) -> BatchIds:
@@ -368,8 +437,8 @@ class DeviceFeeder:
         if "views" in wave_batch:
             views = wave_batch["views"].to(device, non_blocking=True)
         else:
-            waves = wave_batch["waves"].to(device, non_blocking=True)
-            views = self.augmenter.from_waves(waves, batch_ids(wave_batch, self.place.rank))
+            payload = wave_batch["waves" if "waves" in wave_batch else "mels"].to(device, non_blocking=True)
+            views = stage(self.augmenter, payload, batch_ids(wave_batch, self.place.rank))
         return Batch(views=views, labels=wave_batch["labels"].to(device, non_blocking=True),
                      indices=wave_batch["indices"].to(device, non_blocking=True),
                      keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]),

@@ -274,3 +274,28 @@ def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny
     assert f"manifest {url}/manifest.json does not match its shards: shard-00001.tar (not there), " \
            f"shard-00002.tar (5000 bytes, the manifest says" in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_decode_free_formats_stream_from_a_url_and_convert_from_one(tiny_shards, tmp_path, serve):
+    from dataio.convert import convert_corpus
+    from dataio.frontend import FrontendConfig
+    from dataio.shard_writer import Encoding
+
+    pcm = tmp_path / "pcm16"
+    convert_corpus(tiny_shards, str(pcm), Encoding("pcm16"), workers=1, progress=False)
+    url = serve(pcm, cut_first=True)
+    local = _pretrain(str(pcm), tmp_path / "local")
+    remote = _pretrain(url, tmp_path / "remote")
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-3000:]
+    assert "retry 1 of 5" in remote.stderr
+    final = f"checkpoints/step_{STEPS:08d}"
+    a, b = checkpoint_weights(tmp_path / "local" / final), checkpoint_weights(tmp_path / "remote" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from_url = convert_corpus(url, str(tmp_path / "mel-url"), Encoding("logmel", FrontendConfig(n_mels=32)),
+                              workers=1, progress=False)
+    from_folder = convert_corpus(pcm, str(tmp_path / "mel"), Encoding("logmel", FrontendConfig(n_mels=32)),
+                                 workers=1, progress=False)
+    assert from_url.clip_format == "logmel" and [s.bytes for s in from_url.shards] == \
+        [s.bytes for s in from_folder.shards]
+    for name in ("shard-00000.tar", "shard-00003.tar"):
+        assert (tmp_path / "mel-url" / name).read_bytes() == (tmp_path / "mel" / name).read_bytes()

@@ -5,9 +5,12 @@
 
 Stages, each in its own process group under a time limit (a stage that overruns is
 killed and reported, the rest go on): the machine; the CUDA-marked tests; DALI's GPU
-log-mel against torchaudio's; a demo corpus as shards; ``audioclr bench data``;
-``audioclr bench train`` for ResNet-18 and ResNet-50 in bf16 on synthetic and real
-batches, and ResNet-18 with ``torch.compile`` (what ``train.compile: auto`` buys); a
+log-mel against torchaudio's; a demo corpus as shards; ``audioclr bench data`` (with
+every clip format: bytes per second of audio, clips/s per loader core);
+``audioclr bench train`` for the demo recipe on ResNet-18 at full width, 256 clips, bf16
+and channels-last, on synthetic batches and on real ones from every clip format through
+both back ends (at most 8 CPU cores for data), ResNet-50 in bf16, and ResNet-18 with
+``torch.compile`` (what ``train.compile: auto`` buys); a
 2-step ``torchrun`` NCCL run where there are two GPUs. A stage that cannot run here (no
 GPU, no DALI, one GPU) is reported as skipped with the reason. Everything lands in
 ``OUT_DIR/gpu_check.json`` (each stage: status, seconds, its JSON result, its output's
@@ -85,10 +88,12 @@ def plan(out: Path, quick: bool, f: dict) -> list[tuple]:
     work = out / "work"
     shards = work / "shards"
     small = quick or not gpu
+    data_cores = 2 if small else min(8, max(2, (f["cores"] or 4) - 2))  # the target: at most 8 cores for data
     train = ["--steps", "3" if small else "30", "--warmup", "1" if small else "5", "--data", str(shards),
              "--precision", "bf16" if gpu else "fast", "--channels-last", "--view-seconds", "0.95",
-             "--workers", "2" if small else str(max(2, (f["cores"] or 4) - 2))]
+             "--workers", str(data_cores)]
     backends = "torch,dali" if f["dali"] else "torch"
+    formats = ["--formats", "flac,pcm16,logmel", "--config", "configs/demo.yaml"]
     stages = [
         ("cuda_tests", no_gpu, [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 120, None),
         ("dali_gpu_mel_vs_torch", no_gpu or (None if f["dali"] else "DALI is not installed"),
@@ -96,12 +101,12 @@ def plan(out: Path, quick: bool, f: dict) -> list[tuple]:
         ("corpus", None, [PY, "-m", "trainer.cli", "demo-corpus", "--out", str(shards), "--overwrite",
                           "--clips", "64" if small else "2000"], 90, None),
         ("bench_data", None, [PY, "-m", "trainer.cli", "bench", "data", "--shards", str(shards), "--backends",
-                              backends, "--seconds", "3" if small else "10", "--out", str(out / "bench_data.json")],
-         120, out / "bench_data.json"),
-        ("bench_train_resnet18", None, [PY, "-m", "trainer.cli", "bench", "train", "--encoder", "resnet18",
-                                        "--width", "8" if small else "64", "--batch", "8" if small else "512",
-                                        "--backends", backends, *train, "--out", str(out / "bench_r18.json")],
-         120, out / "bench_r18.json"),
+                              backends, "--seconds", "2" if small else "8", *formats,
+                              "--out", str(out / "bench_data.json")], 150, out / "bench_data.json"),
+        ("bench_train_formats", None, [PY, "-m", "trainer.cli", "bench", "train", "--encoder", "resnet18",
+                                       "--width", "8" if small else "64", "--batch", "8" if small else "256",
+                                       "--backends", backends, *train, *formats,
+                                       "--out", str(out / "bench_formats.json")], 240, out / "bench_formats.json"),
         ("bench_train_resnet50", None if gpu or quick else "ResNet-50 on a CPU would not fit the time",
          [PY, "-m", "trainer.cli", "bench", "train", "--encoder", "resnet50", "--width", "8" if small else "64",
           "--batch", "8" if small else "256", "--backends", backends, *train, "--out", str(out / "bench_r50.json")],
@@ -159,7 +164,10 @@ def summary(report: dict) -> str:
             line += f"; max diff {res['max_abs_db']:.2e} dB"
         for row, values in (res.get("rows") or {}).items():
             if "clips_per_second" in values:
-                line += f"; {row} {values['clips_per_second']:.0f} clips/s"
+                ratio = f" ({values['vs_synthetic']:.2f} x synthetic)" if "vs_synthetic" in values else ""
+                line += f"; {row} {values['clips_per_second']:.0f} clips/s{ratio}"
+        for fmt, values in ((res.get("formats") or {}).get("rows") or {}).items():
+            line += f"; {fmt} {values['loader_clips_per_second_per_core']:.0f} clips/s per loader core"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

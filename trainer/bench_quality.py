@@ -10,6 +10,10 @@ seed, and scores by leave-one-fold-out, on the same folds:
 - hand-crafted features: per-band mean and std of the log-mel and of 20 MFCCs over the
   clip, standardised, multinomial logistic regression.
 
+With ``--format pcm16|logmel`` pretraining reads the shards converted to that clip
+format (logmel with the recipe's front end); evaluation and the baselines read the
+audio shards as before, so the scores say what the format changes in learning.
+
 The table goes to the screen, everything to ``OUT/quality.json``, with the wall times.
 Evaluation patches have a fixed length (``--patch-seconds``), independent of the
 recipe's view length, so changing the recipe never moves the baselines.
@@ -53,6 +57,26 @@ def shard_csv(csv: Path, out: Path, sample_rate: int) -> Path:
     write_shards(listing.items, out, dataset=csv.stem, sample_rate=sample_rate, shard_size=0, shard_bytes=0,
                  seed=0, workers=0, min_seconds=0.01, overwrite=True, vocabulary=listing.vocabulary,
                  progress=False)
+    marker.write_text(stamp)
+    return out
+
+
+def training_shards(shards: Path, clip_format: str, frontend, out: Path) -> Path:
+    """``shards`` in ``clip_format`` for pretraining: the folder itself, or its conversion
+    in ``out`` (converted again only when the shards or the front end change)."""
+    from dataio.convert import convert_corpus
+    from dataio.formats import frontend_record
+    from dataio.shard_writer import Encoding
+
+    if clip_format == load_manifest(shards).clip_format:
+        return shards
+    record = frontend_record(frontend) if clip_format == "logmel" else {}
+    stamp = hashlib.sha256((shards / MANIFEST_NAME).read_bytes() + json.dumps(record).encode()).hexdigest()[:16]
+    marker = out / "source.txt"
+    if (out / MANIFEST_NAME).is_file() and marker.is_file() and marker.read_text() == stamp:
+        return out
+    convert_corpus(shards, str(out), Encoding(clip_format, frontend if record else None), overwrite=True,
+                   progress=False)
     marker.write_text(stamp)
     return out
 
@@ -174,23 +198,26 @@ def run(args: argparse.Namespace) -> dict:
     else:
         shards = Path(args.shards)
     manifest = load_manifest(shards)
+    train_on = training_shards(shards, args.format or manifest.clip_format, base.frontend,
+                               out / f"shards-{args.format}")
     epochs = args.epochs or base.train.epochs
     timing = {}
     if args.minutes:
-        per_epoch = seconds_per_epoch(args.config, shards, out / "calibration", args.overrides)
+        per_epoch = seconds_per_epoch(args.config, train_on, out / "calibration", args.overrides)
         epochs = max(1, int(args.minutes * 60 // per_epoch))
         timing["calibrated_seconds_per_epoch"] = per_epoch
         log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
     per_seed, pretrain_seconds = {}, {}
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
-        pretrain_seconds[seed] = pretrain(args.config, shards, run_dir, seed, epochs, args.overrides)
+        pretrain_seconds[seed] = pretrain(args.config, train_on, run_dir, seed, epochs, args.overrides)
         per_seed[seed] = evaluate(run_dir, shards, seed, args.patch_seconds)
     hand = handcrafted_baseline(shards)
     timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
               "classes": len(manifest.vocabulary), "config": args.config, "overrides": args.overrides,
               "epochs": epochs, "seeds": args.seeds, "patch_seconds": args.patch_seconds,
+              "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
               "handcrafted": hand, "timing": timing}
     write_text_atomically(out / "quality.json", json.dumps(result, indent=1))
@@ -203,7 +230,8 @@ def print_table(result: dict) -> None:
     seeds = ",".join(map(str, result["seeds"]))
     print(f"\nlearning quality on {result['data']} ({result['clips']} clips, {result['classes']} classes, "
           f"leave-one-fold-out, class-averaged accuracy)\nrecipe {result['config']} "
-          f"{' '.join(result['overrides'])}, {result['epochs']} epochs, seeds {seeds} (mean +- std over seeds)")
+          f"{' '.join(result['overrides'])}, {result['epochs']} epochs, seeds {seeds} (mean +- std over seeds), "
+          f"pretrained from {result.get('train_format', 'flac')} shards")
     print(f"  {'encoder':<28}{'linear probe':>16}{'kNN':>16}")
     for name, key in (("pretrained", ""), ("random init", "_random_init")):
         lin, knn = s[f"linear{key}"], s[f"knn{key}"]
@@ -232,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pretraining time budget per seed: epochs are set from a short timed run")
     p.add_argument("--seeds", default="0", help="comma-separated pretraining seeds, e.g. 0,1")
     p.add_argument("--patch-seconds", type=float, default=1.0, help="evaluation patch length, s")
+    p.add_argument("--format", default="", choices=("", "flac", "pcm16", "logmel"),
+                   help="pretrain from the shards converted to this clip format (evaluation reads the audio)")
     p.add_argument("--out", default="runs/quality", help="folder for shards, runs and quality.json")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.05 augment.rrc.p=0")
     args = p.parse_args(argv)

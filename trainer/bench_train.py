@@ -6,7 +6,9 @@ Three measurements of the same model, batch and precision:
   (b) synthetic: audioclr's training step (engine, objective, telemetry, checks) fed by
                  ``data.backend: synthetic``, one fixed batch on the device;
   (c) real:      the same step fed from shards (``--data``) through each back end, with
-                 the recipe's augmentation chain (``--config``, or none).
+                 the recipe's augmentation chain (``--config``, or none); with ``--formats``
+                 the shards are converted to each clip format first (``audioclr shard
+                 convert``) and every back end runs on every format.
 
 b/a is what the trainer's machinery costs; c/b tells input-bound (> 1) from
 compute-bound (1.0). Each runs ``--warmup`` steps, then times ``--steps`` in windows of 5,
@@ -94,15 +96,8 @@ def trainer_step(args, backend: str, shards: str, run_dir: Path):
     from trainer.config import PretrainConfig, load_config
     from trainer.pretrain import Pretrainer
 
-    overrides = [f"run_dir={run_dir}", f"data.backend={backend}", f"data.batch_size={args.batch}",
-                 f"data.view_seconds={args.view_seconds}", f"frontend.n_mels={args.n_mels}",
-                 f"model.encoder={args.encoder}", f"model.width={args.width}", f"train.precision={args.precision}",
-                 f"train.channels_last={str(args.channels_last).lower()}", f"train.engine={args.engine}",
-                 f"train.compile={args.compile}",
-                 f"train.device={args.device}", "train.max_steps=1000000000", "train.log_every=1000000000",
-                 "train.ckpt_every=1000000000", "train.progress=false", "train.tensorboard=false",
-                 "optim.lr=0.01", "optim.warmup_steps=0", "objective.name=simclr", "objective.temperature=0.2",
-                 f"data.num_workers={args.workers}", f"data.shards={shards}", *args.set]
+    overrides = [f"run_dir={run_dir}", f"data.backend={backend}", *_overrides(args), f"data.shards={shards}",
+                 *args.set]
     if backend == "synthetic" or not args.config:
         overrides.append("augment={}")
     cfg = load_config(PretrainConfig, args.config, overrides)
@@ -119,6 +114,40 @@ def _endless(trainer):
     while True:
         yield from trainer._timed(trainer.source.epoch(epoch, 0))
         epoch += 1
+
+
+def _overrides(args) -> list[str]:
+    """The config overrides that size (b) and (c) like (a)."""
+    return [f"data.batch_size={args.batch}", f"data.view_seconds={args.view_seconds}", f"frontend.n_mels={args.n_mels}",
+            f"model.encoder={args.encoder}", f"model.width={args.width}", f"train.precision={args.precision}",
+            f"train.channels_last={str(args.channels_last).lower()}", f"train.engine={args.engine}",
+            f"train.compile={args.compile}", f"train.device={args.device}", "train.max_steps=1000000000",
+            "train.log_every=1000000000", "train.ckpt_every=1000000000", "train.progress=false",
+            "train.tensorboard=false", "optim.lr=0.01", "optim.warmup_steps=0", "objective.name=simclr",
+            "objective.temperature=0.2", f"data.num_workers={args.workers}"]
+
+
+def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
+    """(row name, back end, shard folder) of each real-data loop (c): every back end on
+    ``--data``, or with ``--formats`` on ``--data`` converted to each format."""
+    from dataio.convert import convert_corpus
+    from dataio.manifest import load_manifest
+    from dataio.shard_writer import Encoding
+    from trainer.config import PretrainConfig, load_config
+
+    backends = [b for b in args.backends.split(",") if b]
+    if not args.formats:
+        return [(backend, backend, args.data) for backend in backends]
+    source = load_manifest(args.data)
+    frontend = load_config(PretrainConfig, args.config, [*_overrides(args), "data.shards=unused", *args.set]).frontend
+    rows = []
+    for name in args.formats.split(","):
+        folder = args.data
+        if name != source.clip_format:
+            folder = str(tmp / f"corpus-{name}")
+            convert_corpus(args.data, folder, Encoding(name, frontend if name == "logmel" else None), progress=False)
+        rows += [(f"{backend} {name}", backend, folder) for backend in backends]
+    return rows
 
 
 def run(args) -> dict:
@@ -139,23 +168,23 @@ def run(args) -> dict:
             rows.update(timed({"bare": bare_step(args, device, frames), "synthetic": step}, args, device))
         finally:
             trainer.close()
-        for backend in args.backends.split(",") if args.data else []:
+        for name, backend, folder in data_rows(args, Path(tmp)) if args.data else []:
             try:
-                step, trainer = trainer_step(args, backend, args.data, Path(tmp) / backend)
+                step, trainer = trainer_step(args, backend, folder, Path(tmp) / name.replace(" ", "-"))
                 try:
-                    rows[backend] = timed({backend: step}, args, trainer.device)[backend]
+                    rows[name] = timed({name: step}, args, trainer.device)[name]
                     tel = trainer.telemetry
-                    rows[backend]["data_wait_fraction"] = tel.wait / max(tel.wait + tel.busy, 1e-12)
+                    rows[name]["data_wait_fraction"] = tel.wait / max(tel.wait + tel.busy, 1e-12)
                 finally:
                     trainer.close()
             except Exception as err:  # noqa: BLE001 -- a missing DALI, a bad shard folder: a row says so
-                rows[backend] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                rows[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     report["threads"] = torch.get_num_threads()  # as train.threads set them
     base, synthetic = rows["bare"]["ms_per_step"], rows["synthetic"]["ms_per_step"]
     rows["synthetic"]["vs_bare"] = synthetic / base
-    for backend in args.backends.split(",") if args.data else []:
-        if "ms_per_step" in rows[backend]:
-            rows[backend]["vs_synthetic"] = rows[backend]["ms_per_step"] / synthetic
+    for name, row in rows.items():
+        if name not in ("bare", "synthetic") and "ms_per_step" in row:
+            row["vs_synthetic"] = row["ms_per_step"] / synthetic
     return report
 
 
@@ -196,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="torch,dali", help="back ends for (c)")
     p.add_argument("--workers", type=int, default=2, help="data.num_workers for (c)")
     p.add_argument("--config", help="recipe whose augmentation chain (c) runs")
+    p.add_argument("--formats", default="", help="clip formats for (c), e.g. flac,pcm16,logmel: --data converted "
+                   "to each (logmel with the recipe's front end), every back end on each")
     p.add_argument("--out", help="write the JSON record here too")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a pretrain config override for (b) and (c), e.g. --set data.prefetch=4 (repeatable)")

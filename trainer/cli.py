@@ -27,9 +27,15 @@ def _demo_corpus(argv: list[str]) -> int:
 
 
 def _shard(argv: list[str]) -> int:
-    from dataio.shard_cli import add_shard_arguments, run_shard
+    from dataio.shard_cli import add_convert_arguments, add_shard_arguments, run_convert, run_shard
 
-    p = argparse.ArgumentParser(prog="audioclr shard", description="Write audio files as WebDataset shards.")
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(prog="audioclr shard convert", description="Re-encode a shard corpus in "
+                                    "another clip format (flac <-> pcm16 losslessly, or to logmel).")
+        add_convert_arguments(p)
+        return run_convert(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(prog="audioclr shard", description="Write audio files as WebDataset shards "
+                                "(`audioclr shard convert --help`: re-encode a corpus in another clip format).")
     add_shard_arguments(p)
     return run_shard(p.parse_args(argv))
 

@@ -17,6 +17,7 @@ import torch
 
 from dataio.augment import build_augmenter
 from dataio.batch import Batch, DataError, Placement, steps_per_epoch
+from dataio.formats import check_recipe_frontend
 from dataio.manifest import ManifestError, load_manifest, load_sources
 from dataio.pipeline import open_source
 from dataio.remote import Retry
@@ -95,13 +96,11 @@ class Pretrainer:
         self.manifest = load_sources(cfg.data.sources, retry) if cfg.data.sources else \
             load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
             synthetic_manifest(cfg.data, cfg.frontend)
-        if self.manifest.sample_rate != cfg.frontend.sample_rate:
-            raise ConfigError(f"frontend.sample_rate: {cfg.frontend.sample_rate} differs from the "
-                              f"shards' {self.manifest.sample_rate} Hz ({self.manifest.where})")
+        check_recipe_frontend(cfg.frontend, self.manifest)
         self.steps_per_epoch = steps_per_epoch(cfg.data, self.manifest, self.info.world_size)
         self.augmenter = build_augmenter(cfg.augment, cfg.frontend, cfg.data.view_seconds,
                                          num_views=cfg.data.num_views, pairs_per_clip=cfg.data.pairs_per_clip,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, clip_format=self.manifest.clip_format)
         if self.augmenter:
             log.info("augmentation: %s", self.augmenter.describe())
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch

@@ -53,12 +53,34 @@ def parse_chain(section: dict | None) -> list[OpConfig]:
     return ops
 
 
+def on_logmel(ops: list[OpConfig]) -> list[OpConfig]:
+    """The chain for a logmel corpus: ``gain`` becomes a dB offset, ``reverse`` reversed
+    frames, ``polarity`` nothing (a log-mel cannot hear the sign); any other waveform op
+    (mix-back, noise, speed, room IRs, trim, shift) cannot run on a stored log-mel and is
+    refused, naming it."""
+    out = []
+    for op in ops:
+        if op.domain == "wave":
+            if not hasattr(op, "logmel_form"):
+                raise ConfigError(f"augment.{op.label}: waveform op '{op.op}' cannot run on a logmel corpus "
+                                  f"(clip_format logmel: its clips are stored as log-mels, not audio); train "
+                                  f"from a flac or pcm16 corpus, or leave the op out (augment.{op.label}=null)")
+            converted = op.logmel_form()
+            converted.label = op.label
+            op = converted
+        out.append(op)
+    return out
+
+
 def build_augmenter(section: dict | None, frontend, view_seconds: float, *, num_views: int,
-                    pairs_per_clip: int, seed: int) -> Augmenter:
-    """The run's :class:`Augmenter` (an empty chain when ``section`` is empty)."""
+                    pairs_per_clip: int, seed: int, clip_format: str = "flac") -> Augmenter:
+    """The run's :class:`Augmenter` (an empty chain when ``section`` is empty); on a
+    ``logmel`` corpus the chain runs on the stored log-mels (:func:`on_logmel`)."""
     view_samples = int(round(view_seconds * frontend.sample_rate))
-    return Augmenter(parse_chain(section), frontend, view_samples, num_views=num_views,
-                     pairs_per_clip=pairs_per_clip, seed=seed)
+    ops = parse_chain(section)
+    if clip_format == "logmel":
+        ops = on_logmel(ops)
+    return Augmenter(ops, frontend, view_samples, num_views=num_views, pairs_per_clip=pairs_per_clip, seed=seed)
 
 
 def describe_ops() -> list[str]:

@@ -104,6 +104,12 @@ class Augmenter:
             raise ValueError(f"expected {self.mel_frames_in} frames per view, got {nt}")
         return self._finish(mels.reshape(b * v, nf, nt).float(), self._rows(ids, b, v, mels.device), b, v)
 
+    @torch.no_grad()
+    def from_db_frames(self, frames: torch.Tensor, ids: BatchIds) -> torch.Tensor:
+        """Stored log-mel frames [B, V, mel_frames_in, F] in dB (a logmel corpus) -> views
+        [B, V, C, F, T]."""
+        return self.from_mels(self.frontend.normalise(frames.float()).transpose(-1, -2), ids)
+
     def _finish(self, x: torch.Tensor, rows: _RowState, b: int, v: int) -> torch.Tensor:
         for op in self.mel_ops:
             x = self._apply(op, x, rows)

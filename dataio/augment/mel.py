@@ -37,6 +37,46 @@ def _fill(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @dataclass
+class GainDb(OpConfig):
+    """``gain`` on a stored log-mel (a logmel corpus): every value raised by g dB, g
+    uniform in ``db``, and floored where a quieter wave would have been (the log floor).
+    Not listed as an op of its own: the chain turns ``gain`` into it."""
+
+    domain = "mel"
+    db: list[float] = option([-6.0, 6.0], "gain range, dB")
+    draws = 1
+
+    ranges = {"db": (-60.0, 60.0)}
+
+    def apply(self, x, u, rows):
+        fe = rows.frontend
+        shifted = x + lerp(self.db, u[:, :1])[:, :, None] / fe.norm_std
+        return shifted.clamp_min(fe.normalise(fe.floor_db))
+
+
+@dataclass
+class FlipFrames(OpConfig):
+    """``reverse`` on a stored log-mel: the frames in reverse order (the log-mel of the
+    reversed wave, but for the window's asymmetry within a frame)."""
+
+    domain = "mel"
+
+    def apply(self, x, u, rows):
+        return x.flip(-1)
+
+
+@dataclass
+class SignBlind(OpConfig):
+    """``polarity`` on a stored log-mel: a power spectrum cannot hear the sign, so the op
+    leaves the log-mel as it is (as it does on audio, alone)."""
+
+    domain = "mel"
+
+    def apply(self, x, u, rows):
+        return x
+
+
+@dataclass
 class _Mask(OpConfig):
     count: list[int] = option([1, 2], "how many masks (uniform in the range)")
     width: list[int] = option([0, 20], "width of each mask, bins or frames (uniform in the range)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dataio.augment.base import BuildContext, OpConfig, RateOp, lerp
+from dataio.augment.mel import FlipFrames, GainDb, SignBlind
 from dataio.augment.sources import NoiseTables, load_impulse_responses, synthetic_impulse_responses
 from dataio.schema import check, option
 
@@ -44,6 +45,10 @@ class Gain(OpConfig):
     def apply(self, x, u, rows):
         return x * torch.pow(10.0, lerp(self.db, u[:, :1]) / 20.0)
 
+    def logmel_form(self) -> OpConfig:
+        """The same loudness change on a stored log-mel: a dB offset (same label, same draws)."""
+        return GainDb(op=self.op, p=self.p, views=self.views, per=self.per, db=self.db)
+
 
 @dataclass
 class Polarity(OpConfig):
@@ -52,6 +57,9 @@ class Polarity(OpConfig):
     def apply(self, x, u, rows):
         return -x
 
+    def logmel_form(self) -> OpConfig:
+        return SignBlind(op=self.op, p=self.p, views=self.views, per=self.per)
+
 
 @dataclass
 class Reverse(OpConfig):
@@ -59,6 +67,9 @@ class Reverse(OpConfig):
 
     def apply(self, x, u, rows):
         return x.flip(-1)
+
+    def logmel_form(self) -> OpConfig:
+        return FlipFrames(op=self.op, p=self.p, views=self.views, per=self.per)
 
 
 @dataclass

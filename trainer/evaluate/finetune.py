@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.views import random_gains, read_views
+from dataio.views import random_gains
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import FinetuneConfig
 from trainer.evaluate.embed import ClipEmbeddings, patch_batches
@@ -52,9 +52,8 @@ class FineTuner:
     def _crops(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         crops = []
         for row in rows:
-            with self.clips.open(row) as f:
-                crop = read_views(f, 1, self.patch, rng)[0] * random_gains(1, self.cfg.gain_db, rng)[0]
-                crops.append(crop.astype(np.float32))
+            crop = self.clips.crop(row, self.patch, rng) * random_gains(1, self.cfg.gain_db, rng)[0]
+            crops.append(crop.astype(np.float32))
         return self.logmel(torch.from_numpy(np.stack(crops)).to(self.device))
 
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
