@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
     skipped: dict = {}
     formats = None
-    if args.formats:
+    if getattr(args, "formats", ""):
         frontend = frontend_from_recipe(args.config, manifest.sample_rate)
         with tempfile.TemporaryDirectory(prefix="audioclr-formats-") as where:
             formats = format_rows(manifest, args.formats.split(","), args, frontend, Path(where))

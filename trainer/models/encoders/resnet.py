@@ -22,7 +22,23 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
+class StridedPointwise(nn.Conv2d):
+    """A strided 1x1 convolution (the shortcut's projection). On a CPU with channels-last
+    input it reads every ``stride``-th position first and convolves those at stride 1: the
+    same numbers, but oneDNN's own strided 1x1 backward corrupts the heap for inputs of
+    fewer than 8 channels on some CPUs (found on an AVX2 AMD EPYC with torch 2.11: a width-4
+    ResNet-18 aborted with "double free or corruption"; tests/test_encoders.py keeps it out)."""
+
+    def forward(self, x):
+        s = self.stride
+        if x.device.type == "cpu" and s != (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
+            return nn.functional.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
+        return super().forward(x)
+
+
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    if stride != 1:
+        return StridedPointwise(cin, cout, 1, stride=stride, bias=False)
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
