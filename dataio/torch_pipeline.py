@@ -19,7 +19,6 @@ skipped samples' bytes but decodes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -34,16 +33,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, DataError, Placement
-from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
+from dataio.batcher import BatchMaker, NoReadableClips, stage
 from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
 from dataio.remote import Retry, tar_samples
-from dataio.views import crop_keys, keyed_crop_starts
 
 log = logging.getLogger(__name__)
-
-
-class NoReadableClips(DataError):
-    """A worker's shards yielded no sample at all."""
 
 
 def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
@@ -157,15 +151,7 @@ class WaveBatches(IterableDataset):
                  epoch: int, start_step: int, in_workers: bool, run_long: bool = False):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
         self.epoch, self.start_step, self.in_workers, self.run_long = epoch, start_step, in_workers, run_long
-        self.codec = ClipCodec.of(manifest)
-        rate = manifest.sample_rate
-        if self.codec.is_wave:  # crops in samples
-            self.units, self.view_len, self.read_len = "samples", int(round(cfg.view_seconds * rate)), \
-                augmenter.input_samples
-            self.gap = int(round(cfg.view_gap * rate))
-        else:  # crops in frames of the stored log-mel
-            self.units, self.view_len, self.read_len = "frames", augmenter.frames, augmenter.mel_frames_in
-            self.gap = int(round(cfg.view_gap * rate / augmenter.frontend.hop_length))
+        self.maker = BatchMaker(cfg, manifest, augmenter, place.seed, by_shard=self._by_shard)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -183,7 +169,6 @@ class WaveBatches(IterableDataset):
 
     def _epoch_batches(self, epoch: int, start_step: int, logical: int, workers: int) -> Iterator[dict]:
         """This logical worker's batches of ``epoch`` from ``start_step`` on."""
-        self.epoch = epoch  # _batch and _decode read it
         seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
         steps = self.place.steps
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
@@ -207,11 +192,15 @@ class WaveBatches(IterableDataset):
         samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self._by_shard)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
         done = len(range(mine.start, min(start_step, steps), workers))
-        self._bad_since = None
+        self.maker.epoch, self.maker.bad_since = epoch, None
         for _ in itertools.islice(samples, clips * done):
             pass
         for step in mine[done:]:
-            yield self._batch(samples, errors, step)
+            out = self.maker.batch(samples, errors, step)
+            if self.in_workers:
+                payload = out.pop("waves" if "waves" in out else "mels")
+                out["views"] = stage(self.augmenter, payload, batch_ids(out, self.place.rank))
+            yield out
 
     def _source_shards(self) -> list[list[int]]:
         """The shard ids of each corpus (one list without data.sources)."""
@@ -227,132 +216,6 @@ class WaveBatches(IterableDataset):
         """Whether passes interleave (resampled draws, mixed corpora): the shuffle buffer
         mixes them and a reader with no usable clip is judged by shards, not passes."""
         return self.cfg.resampled or len(self.manifest.sources) > 1
-
-    def _batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
-        """The next batch: ``batch_size // pairs_per_clip`` usable clips from ``samples``,
-        their crops drawn at once and cut straight into the batch, K view sets each."""
-        k, v = self.cfg.pairs_per_clip, self.cfg.num_views
-        skipped_before, clips = len(errors), []
-        payload = self.codec.payload(self.cfg.batch_size // k, k * v, self.read_len)
-        while len(clips) < len(payload):
-            opened = [c for c in (self._open(*next(samples), errors)
-                                  for _ in range(len(payload) - len(clips))) if c is not None]
-            if not opened:
-                continue
-            keys = crop_keys(self.place.seed, self.epoch, np.array([c.index for c in opened]),
-                             np.array([c.pass_no for c in opened]))
-            starts = keyed_crop_starts(np.array([c.clip.length for c in opened]), self.read_len, k * v, keys,
-                                       gap=self.gap, group=v)
-            first = len(clips)
-            for clip, where in zip(opened, starts):
-                if self._cut(clip, where, payload[len(clips)], errors):
-                    clips.append(clip)
-            if not self.codec.is_wave:
-                clips = self._finite(payload, clips, first, errors)
-        payload = payload.reshape(len(clips) * k, v, *payload.shape[2:])
-        out = {"waves" if self.codec.is_wave else "mels": torch.from_numpy(payload),
-               "labels": torch.from_numpy(np.repeat(np.asarray([c.label for c in clips]), k, axis=0)),
-               "indices": torch.tensor([c.index for c in clips]).repeat_interleave(k),
-               "draws": torch.tensor([c.pass_no * k + i for c in clips for i in range(k)]),
-               "keys": [c.key for c in clips for _ in range(k)], "epoch": self.epoch, "step": step,
-               "skipped": len(errors) - skipped_before,
-               "short": k * sum(c.clip.length < self.view_len for c in clips),
-               "sources": torch.tensor(self._per_source(clips), dtype=torch.int64)}
-        if self.in_workers:
-            out["views"] = stage(self.augmenter, out.pop("waves" if self.codec.is_wave else "mels"),
-                                 batch_ids(out, self.place.rank))
-        return out
-
-    def _finite(self, payload: np.ndarray, clips: list[_Opened], first: int, errors: list) -> list[_Opened]:
-        """``clips`` without those from ``first`` on whose frames are not finite (counted);
-        the rows of the others moved up to stay in order."""
-        bad = non_finite_rows(payload[first:len(clips)])
-        if not bad.any():
-            return clips
-        kept = clips[:first]
-        for row, clip in enumerate(clips[first:], start=first):
-            if bad[row - first]:
-                self._broken(clip.sample, ValueError("non-finite log-mel values"), errors, clip.pass_no)
-                continue
-            payload[len(kept)] = payload[row]
-            kept.append(clip)
-        return kept
-
-    def _per_source(self, clips: list[_Opened]) -> list[int]:
-        """With several corpora: how many view sets of the batch each gave."""
-        counts = [0] * len(self.manifest.sources)
-        for c in clips if counts else ():
-            counts[self.manifest.shards[c.shard].source] += self.cfg.pairs_per_clip
-        return counts
-
-    def _open(self, pass_no: int, sample: dict, errors: list) -> _Opened | None:
-        """A sample's JSON read and its member opened, or None (a broken or, with
-        ``short_clips=skip``, a short clip: counted in ``errors``)."""
-        try:
-            meta = json.loads(sample["json"])
-            index = int(meta["index"]) + self.manifest.index_offset(sample["__shard__"])
-            clip = self.codec.open(sample[self.codec.ext])
-            if clip.length < self.view_len and self.cfg.short_clips == "skip":
-                errors.append(f"{sample['__key__']}: {clip.length} {self.units}, shorter than a view")
-                self._no_clip(pass_no, sample, errors)
-                return None
-        except Exception as err:  # a broken member must not stop training
-            self._broken(sample, err, errors, pass_no)
-            return None
-        return _Opened(clip, self.manifest.label_target(meta.get("labels") or []), index, pass_no,
-                       sample["__key__"], sample["__shard__"], sample)
-
-    def _cut(self, opened: _Opened, starts: np.ndarray, out: np.ndarray, errors: list) -> bool:
-        """Cut ``opened``'s views at ``starts`` into ``out`` (False: it failed, and is counted)."""
-        try:
-            opened.clip.cut(starts, self.read_len, out)
-        except Exception as err:  # a FLAC member can fail past its header
-            self._broken(opened.sample, err, errors, opened.pass_no)
-            return False
-        self._bad_since = None
-        return True
-
-    def _broken(self, sample: dict, err: Exception, errors: list, pass_no: int) -> None:
-        errors.append(f"{sample.get('__key__')}: {err!r}")
-        log.warning("skipping clip %s: %r", sample.get("__key__"), err)
-        self._no_clip(pass_no, sample, errors)
-
-    def _no_clip(self, pass_no: int, sample: dict, errors: list) -> None:
-        """Raise once a whole pass over this worker's samples gave no usable clip (resampled:
-        once every shard has been drawn since the last usable clip)."""
-        if self._by_shard:
-            self._bad_since = (self._bad_since or set()) | {sample["__shard__"]}
-            whole = len(self._bad_since) == len(self.manifest.shards)
-        elif self._bad_since is None:
-            self._bad_since, whole = pass_no, False
-        else:
-            whole = pass_no >= self._bad_since + 2  # pass _bad_since + 1 was all failures
-        if whole:
-            raise NoReadableClips(f"no usable clip in a whole pass over this worker's shards of "
-                                  f"{self.manifest.where} ({len(errors)} failures; last: {errors[-1]}); "
-                                  f"list the broken members with `audioclr check-shards`")
-
-
-@dataclasses.dataclass
-class _Opened:
-    """A clip of the batch being assembled: its opened member, label, dataset index, pass,
-    key, shard and raw sample."""
-
-    clip: object
-    label: object
-    index: int
-    pass_no: int
-    key: str
-    shard: int
-    sample: dict
-
-
-def stage(augmenter: Augmenter, payload: torch.Tensor, ids: BatchIds) -> torch.Tensor:
-    """The augmentation stage on a batch's payload: int16 samples [B, V, S] or float16 dB
-    frames [B, V, T, F] -> views [B, V, C, F, T]."""
-    if payload.dtype == torch.int16:
-        return augmenter.from_waves(pcm_to_float(payload), ids)
-    return augmenter.from_db_frames(payload, ids)
 
 
 def batch_ids(wave_batch: dict, rank: int) -> BatchIds:

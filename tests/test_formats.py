@@ -246,6 +246,9 @@ def test_a_member_that_does_not_fit_its_format_is_named_skipped_and_counted(corp
     assert out.returncode == 1 and f"\t{key}\t" in out.stdout and why in out.stdout, out.stdout
     batches, _ = _batches(load_manifest(folder))
     assert sum(b["skipped"] for b in batches) >= 1 and key not in [k for b in batches for k in b["keys"]]
+    if importlib.util.find_spec("nvidia.dali") is not None:  # a DALI batch cannot drop it: a clear stop
+        out = _train(folder, tmp_path / "dali", "data.backend=dali")
+        assert out.returncode == 1 and "audioclr check-shards" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_non_finite_stored_frames_are_skipped_and_counted(corpora, tmp_path):
