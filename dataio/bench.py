@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from concurrent import futures
@@ -38,7 +39,7 @@ import webdataset as wds
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_corpus, frontend_from_recipe
-from dataio.formats import ClipCodec
+from dataio.formats import ClipCodec, check_recipe_frontend, stored_frontend
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
@@ -122,13 +123,15 @@ def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int
     """Clips per second of one back end's log-mel batches on ``device`` (after warm-up);
     ``recipe`` = {"augment", "frontend", "view_seconds"} of a recipe (None: no augmentation)."""
     recipe = recipe or {}
-    frontend = recipe.get("frontend") or FrontendConfig(sample_rate=manifest.sample_rate)
+    frontend = recipe.get("frontend") or (stored_frontend(manifest.frontend) if manifest.clip_format == "logmel"
+                                          else FrontendConfig(sample_rate=manifest.sample_rate))
+    check_recipe_frontend(frontend, manifest)
     view_seconds = recipe.get("view_seconds", 1.0)
     # one endless epoch: steady-state throughput, not loader start-up (real epochs are long)
     cfg = DataConfig(shards=str(manifest.root), backend=backend, batch_size=batch_size, num_workers=cores,
                      pairs_per_clip=pairs, steps_per_epoch=10**9, view_seconds=view_seconds)
     augmenter = build_augmenter(recipe.get("augment"), frontend, view_seconds, num_views=cfg.num_views,
-                                pairs_per_clip=pairs, seed=0)
+                                pairs_per_clip=pairs, seed=0, clip_format=manifest.clip_format)
     place = Placement(device=device, steps=steps_per_epoch(cfg, manifest, 1))
     source = open_source(cfg, manifest, frontend, augmenter, place)
     clips, start, epoch = 0, None, 0
@@ -285,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--view-seconds", type=float, default=1.0, help="--formats: the views' length")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except (ValueError, OSError) as err:  # a bad shard folder, recipe or format: ConfigError, ManifestError ...
+        print(f"audioclr bench data: error: {err}", file=sys.stderr)
+        return 2
     print_table(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

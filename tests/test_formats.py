@@ -357,3 +357,24 @@ def test_dali_cuts_logmel_views_from_the_stored_frames_and_pcm16_views_as_flac(c
             for view in pair[:, 0].numpy():  # [F, T], normalised
                 frames = view.T * FRONTEND.norm_std + FRONTEND.norm_mean
                 assert any(np.abs(clip[i:i + 51] - frames).max() < 1e-3 for i in range(len(clip) - 50)), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_every_format_feeds_the_gpu_the_views_the_cpu_gets(corpora, backend):
+    from dataio.pipeline import open_source
+
+    def views(fmt, device):
+        manifest = load_manifest(corpora / fmt)
+        cfg = DataConfig(shards=str(manifest.root), backend=backend, batch_size=4, num_workers=1, view_seconds=0.5)
+        aug = build_augmenter({"rrc": {}, "time_mask": {}}, FRONTEND, 0.5, num_views=2, pairs_per_clip=1, seed=3,
+                              clip_format=manifest.clip_format)
+        place = Placement(seed=3, steps=6, device=torch.device(device))
+        source = open_source(cfg, manifest, FRONTEND, aug, place)
+        return [b.views.cpu() for b in source.epoch(0, 0)]
+
+    flac, pcm = views("flac", "cuda"), views("pcm16", "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(flac, pcm))
+    for gpu, cpu in zip(views("logmel", "cuda"), views("logmel", "cpu")):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
