@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from dataio.manifest import Manifest
-from dataio.schema import check, option
+from dataio.schema import check, coerce, option
 
 BACKENDS = ("torch", "dali", "synthetic")
 
@@ -91,9 +91,9 @@ class DataConfig:
                   "needs a mapping with shards: FOLDER_OR_URL (and optionally weight, name)")
             unknown = sorted(set(source) - {"shards", "weight", "name"})
             check(not unknown, key, f"unknown key(s) {', '.join(unknown)} (valid: shards, weight, name)")
-            weight = source.get("weight", 1.0)
-            check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0, f"{key}.weight",
-                  f"must be a positive number, not {weight!r}")
+            weight = coerce(source.get("weight", 1.0), float, f"{key}.weight")
+            check(weight > 0, f"{key}.weight", f"must be a positive number, not {weight:g}")
+            source["weight"] = weight
             where = str(source["shards"]).rstrip("/")
             check(where not in seen, key, f"{source['shards']} is listed twice")
             seen.add(where)

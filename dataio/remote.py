@@ -92,8 +92,8 @@ def tar_samples(location, handler, retry: Retry = Retry()):
     import webdataset as wds
 
     def handle(exc: Exception) -> bool:
-        if isinstance(exc, RemoteError):
-            raise exc
+        if isinstance(exc, RemoteError):  # webdataset appends (stream, url) to its args: the sentence only
+            raise RemoteError(exc.args[0]) from None
         return handler(exc)
     if not is_url(location):  # memory-mapped, members as memoryviews (dataio.tar_reader)
         return local_tar_samples(location, handle)

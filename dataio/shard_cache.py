@@ -5,6 +5,7 @@ the samples itself), so a node needs the whole corpus on its disk. ``localize`` 
 once per node into ``data.cache_dir`` (each corpus in a folder named by its URL's hash):
 the ranks of a node take an exclusive lock on the cache in turn, the first fetches (8
 shards at a time, each under a temporary name then renamed), the others find it complete.
+The copy is stamped with its manifest's digest: a corpus replaced at its URL is fetched again.
 The cache holds at most ``data.cache_gb``: corpora not used for longest are evicted to make
 room; a corpus larger than the limit is refused with the numbers. The torch back end
 streams and needs none of this.
@@ -53,12 +54,30 @@ def localize(manifest: Manifest, cache_dir: str | Path, limit_gb: float, retry: 
         raise CacheError(f"data.cache_gb: the corpus at {manifest.where} needs {need / (1 << 30):.2f} GB of node-local "
                          f"cache for the DALI back end, the limit is {limit_gb:g} GB; raise it, or use "
                          f"data.backend=torch, which streams")
+    digest = manifest_digest(manifest)
     with _locked(cache / ".lock"):
+        if (folder / DONE).is_file() and _cached_digest(folder) != digest:
+            log.warning("shard cache: the corpus at %s changed since it was cached in %s (its manifest differs); "
+                        "fetching it again", manifest.where, folder)
+            shutil.rmtree(folder)
         if not (folder / DONE).is_file():
             _evict(cache, folder, limit - need)
             _fetch(manifest, folder, files, retry)
         (folder / USED).touch()
     return dataclasses.replace(manifest, root=folder)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """What identifies a corpus's content: the sha256 of its manifest (shards, sizes,
+    counts, format), wherever it is."""
+    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _cached_digest(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / DONE).read_text()).get("manifest_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None  # an older or damaged stamp: fetched again
 
 
 @contextlib.contextmanager
@@ -107,7 +126,8 @@ def _fetch(manifest: Manifest, folder: Path, files: list[tuple[str, int]], retry
     with ThreadPoolExecutor(8) as pool:
         for got in pool.map(one, files):
             fetched += got
-    text = json.dumps({"url": shown(str(manifest.root)), "files": len(files)})
+    text = json.dumps({"url": shown(str(manifest.root)), "files": len(files),
+                       "manifest_sha256": manifest_digest(manifest)})
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
     (folder / DONE).write_text(text)
     seconds = time.perf_counter() - start

@@ -93,6 +93,7 @@ def test_a_server_gone_mid_run_stops_it_with_the_url_named_and_a_checkpoint(tiny
     assert "Traceback" not in out.stderr
     assert f"{url}/shard-0000" in out.stderr and "unreachable after 3 tries" in out.stderr, out.stderr[-3000:]
     assert "HTTP 503" in out.stderr
+    assert "object at 0x" not in out.stderr, "the one sentence, not webdataset's argument tuple"
     saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert len(saved) == 1 and 0 < int(saved[0].split("_")[1]) < 1000, saved
     assert "saving a checkpoint first" in out.stderr
@@ -172,6 +173,25 @@ def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
         if i == 1:  # b used again: a stays the oldest
             assert load_manifest(local.root).num_clips == 6
     assert not cached[0].exists() and cached[1].exists() and cached[2].exists()
+
+
+def test_a_corpus_replaced_at_its_url_is_fetched_again(tmp_path, serve, caplog):
+    import shutil
+
+    from dataio.manifest import load_manifest
+    from dataio.shard_cache import localize
+    from tests.shard_utils import make_shards
+    folder = tmp_path / "corpus"
+    make_shards(folder, [3, 3], seconds=0.3, seed=0)
+    url = serve(folder)
+    first = localize(load_manifest(url), tmp_path / "cache", 1.0)
+    old = (first.root / "shard-00000.tar").read_bytes()
+    shutil.rmtree(folder)
+    make_shards(folder, [4, 4], seconds=0.3, seed=1)  # the same URL, another corpus
+    again = localize(load_manifest(url), tmp_path / "cache", 1.0)
+    assert again.root == first.root and "changed since it was cached" in caplog.text
+    assert load_manifest(again.root).num_clips == 8
+    assert (again.root / "shard-00000.tar").read_bytes() == (folder / "shard-00000.tar").read_bytes() != old
 
 
 def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_shards, tmp_path, serve):

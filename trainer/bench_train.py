@@ -102,6 +102,7 @@ def trainer_step(args, backend: str, shards: str, run_dir: Path):
         overrides.append("augment={}")
     cfg = load_config(PretrainConfig, args.config, overrides)
     trainer = Pretrainer(cfg)
+    trainer.open_run()
     place = Placement(rank=trainer.info.rank, world_size=trainer.info.world_size, seed=cfg.seed,
                       device=trainer.device, steps=trainer.steps_per_epoch)
     trainer.source = open_source(cfg.data, trainer.manifest, cfg.frontend, trainer.augmenter, place)

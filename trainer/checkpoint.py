@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from dataio.frontend import FrontendConfig
 from trainer.models.encoders import build_encoder
@@ -240,11 +240,9 @@ def export_encoder(encoder: torch.nn.Module, meta: dict, run_dir: str | Path) ->
     run_dir = Path(run_dir)
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     try:
-        tmp = run_dir / (ENCODER_WEIGHTS + ".tmp")
-        save_file(weights, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(run_dir / ENCODER_WEIGHTS)
+        # through open(), so the file's mode follows the umask (safetensors' own writer
+        # creates it 0600, unreadable to another user, a Ray node or docker --user)
+        durable_write(run_dir / ENCODER_WEIGHTS, lambda f: f.write(save(weights)))
         durable_write(run_dir / ENCODER_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     except (OSError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"could not export the encoder to {run_dir}: {describe_error(err)}") from None

@@ -80,10 +80,28 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
                 base: dict | None = None) -> Any:
     """Defaults of ``cls`` <- ``base`` <- YAML at ``path`` <- dotted ``overrides``."""
     tree = dict(base or {})
-    if path is not None:
-        tree = merge_trees(tree, read_yaml(path))
-    tree = merge_trees(tree, parse_overrides(overrides or []))
+    layers = ([read_yaml(path)] if path is not None else []) + [parse_overrides(overrides or [])]
+    for layer in layers:
+        tree = merge_trees(_drop_replaced(tree, layer), layer)
     return build_section(cls, tree, "")
+
+
+# Keys that say the same thing two ways: a later layer (the YAML over the defaults, an
+# override over the YAML) that sets one replaces the other, so ``data.sources=[...]`` on
+# the command line trains on those corpora instead of the recipe's ``data.shards``.
+EITHER_OR = (("data", "shards", "sources"),)
+
+
+def _drop_replaced(tree: dict, layer: dict) -> dict:
+    for section, *keys in EITHER_OR:
+        given = layer.get(section) if isinstance(layer.get(section), dict) else {}
+        earlier = tree.get(section)
+        if not isinstance(earlier, dict):
+            continue
+        for key in keys:
+            if given.get(key) and not any(given.get(k) for k in keys if k != key):
+                tree = {**tree, section: {k: v for k, v in earlier.items() if k not in keys or k == key}}
+    return tree
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -98,6 +116,7 @@ from dataclasses import dataclass  # noqa: E402
 from dataio.augment import parse_chain  # noqa: E402
 from dataio.batch import DataConfig  # noqa: E402
 from dataio.frontend import FrontendConfig  # noqa: E402
+from trainer.objectives import OBJECTIVES  # noqa: E402
 
 
 @dataclass
@@ -256,6 +275,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(bool(self.data.shards or self.data.sources) or self.data.backend == "synthetic", "data.shards",
               "is required (a folder with manifest.json), or data.sources")
+        check(self.data.batch_size >= 2 or not OBJECTIVES[self.objective.name].batch_negatives, "data.batch_size",
+              f"objective {self.objective.name} takes its negatives from the other clips of the batch: "
+              "a batch of 1 has none (the loss would be 0); use 2 or more")
         for op in parse_chain(self.augment):
             check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",
                   f"{op.views} names a view that does not exist (data.num_views = {self.data.num_views})")

@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 COMMANDS = {"pretrain": "trainer.pretrain"}
 
@@ -37,9 +39,57 @@ def exit_code(worker_code: int) -> int:
     return 128 - worker_code if worker_code < 0 else worker_code
 
 
+def check_options(args) -> None:
+    """torchrun's own checks end in an assertion or a traceback: these say it in a line."""
+    nproc = str(args.nproc_per_node)
+    if not (nproc in ("auto", "cpu", "gpu", "xpu") or (nproc.isdigit() and int(nproc) > 0)):
+        raise ValueError(f"--nproc-per-node must be a positive number or auto, cpu or gpu, not {nproc!r}")
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, not {args.max_restarts}")
+    nodes = str(args.nnodes).split(":")
+    if not all(n.isdigit() and int(n) > 0 for n in nodes) or len(nodes) > 2 or int(nodes[0]) > int(nodes[-1]):
+        raise ValueError(f"--nnodes must be N or MIN:MAX with 0 < MIN <= MAX, not {args.nnodes!r}")
+
+
+class RendezvousWatch(logging.Handler):
+    """Says, while the agent waits for the other nodes of a many-node launch, what it waits
+    for and how long it will wait; silent once the group has met."""
+
+    EVERY = 60.0
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.met = threading.Event()
+        rdzv = config.rdzv_configs
+        self.timeout = int(rdzv.get("join_timeout", rdzv.get("timeout", 600)))
+        nodes = f"{config.min_nodes}" if config.min_nodes == config.max_nodes else \
+            f"{config.min_nodes} to {config.max_nodes}"
+        self.what = f"waiting for {nodes} nodes to join at {config.rdzv_endpoint or 'the rendezvous'}"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Rendezvous complete" in record.getMessage():
+            self.met.set()
+
+    def start(self) -> None:
+        agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
+        agent.setLevel(logging.INFO)
+        agent.propagate = False  # only this handler sees the agent's records
+        agent.addHandler(self)
+        threading.Thread(target=self._say, daemon=True).start()
+
+    def _say(self) -> None:
+        start = time.monotonic()
+        print(f"audioclr launch: {self.what} (gives up after {self.timeout} s: "
+              f"--rdzv-conf join_timeout=SECONDS)", file=sys.stderr, flush=True)
+        while not self.met.wait(self.EVERY):
+            print(f"audioclr launch: still {self.what} ({time.monotonic() - start:.0f} s of {self.timeout} s)",
+                  file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
@@ -53,12 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audioclr launch: error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
-    args = get_args_parser().parse_args([*options, "-m", module, *rest])
-    config, cmd, cmd_args = config_from_args(args)
+    try:
+        args = get_args_parser().parse_args([*options, "-m", module, *rest])
+        check_options(args)
+        config, cmd, cmd_args = config_from_args(args)
+    except (ValueError, AssertionError, RuntimeError) as err:
+        print(f"audioclr launch: error: {str(err).strip() or type(err).__name__}", file=sys.stderr)
+        return 2
     # the agent's own failure report repeats what the ranks printed; ours is one line
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if config.max_nodes > 1:
+        RendezvousWatch(config).start()
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except RendezvousTimeoutError:
+        print(f"audioclr launch: the other nodes did not join within the rendezvous timeout; start "
+              f"the same command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout",
+              file=sys.stderr)
+        return 1
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = exit_code(failure.exitcode)

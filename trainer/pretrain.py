@@ -105,8 +105,7 @@ class Pretrainer:
             log.info("augmentation: %s", self.augmenter.describe())
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         if self.info.is_main:
-            prepare_run_dir(self.run_dir)
-            save_config(cfg, self.run_dir / "config.yaml")
+            prepare_run_dir(self.run_dir)  # config.yaml and metrics are written once a resume is accepted
         distributed.barrier()
         self.objective = build_objective(cfg.objective, cfg.model, ObjectiveContext(
             rank=self.info.rank, world_size=self.info.world_size, device=self.device,
@@ -116,7 +115,7 @@ class Pretrainer:
         self.telemetry = Telemetry(self.device, cfg.data.batch_size)
         self.engine.watch_allreduce(self.telemetry)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, self.info, self.device)
-        self.metrics = MetricWriter(self.run_dir, self.info.is_main, cfg.train.tensorboard)
+        self.metrics: MetricWriter | None = None
         self.step = 0
         self.stop_signal = 0  # SIGTERM or SIGINT, once received: save and leave
         self._signalled_at = 0.0
@@ -201,9 +200,16 @@ class Pretrainer:
         if why_not:
             raise ConfigError(f"train.resume: checkpoint {folder} cannot resume here: {why_not}. "
                               f"{how_to_resume(meta, folder)}")
+        self._check_same_model(shared.get("config", {}), folder)
         self._report_differences(shared)
-        self.engine.load(folder / ENGINE)
-        self.objective.load_state_dict(shared["objective"])
+        try:
+            self.engine.load(folder / ENGINE)
+            self.objective.load_state_dict(shared["objective"])
+        except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
+            if isinstance(err, CheckpointError) and "does not fit" not in str(err):
+                raise
+            raise ConfigError(f"train.resume: checkpoint {folder} does not fit this model ({describe_load_error(err)}). "
+                              f"{START_ELSEWHERE}") from None
         self.step = int(shared["step"])
         if mine is not None:
             set_rng_state(mine["rng"])
@@ -212,8 +218,24 @@ class Pretrainer:
             log.warning("resume: %s ranks, was %s: the DALI readers restart their epoch",
                         self.info.world_size, shared.get("world_size"))
             self._data_state = None
-        self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", folder, self.step)
+
+    def _check_same_model(self, old_config: dict, folder: Path) -> None:
+        """A checkpoint of another model (objective, encoder, sizes, input) cannot continue:
+        one message, before anything is loaded or written."""
+        old, new = _flatten(old_config), _flatten(to_dict(self.cfg))
+        differ = [f"{k}: {old[k]!r} there, {new.get(k)!r} here" for k in sorted(old)
+                  if k.startswith(MODEL_KEYS) and k not in NOT_MODEL_KEYS and old[k] != new.get(k)]
+        if differ:
+            raise ConfigError(f"train.resume: {folder} holds another model ({'; '.join(differ)}). {START_ELSEWHERE}")
+
+    def open_run(self) -> None:
+        """The run's own files, once it is known to start or to continue here."""
+        if self.info.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricWriter(self.run_dir, self.info.is_main, self.cfg.train.tensorboard)
+        if self.step:
+            self.metrics.truncate_after(self.step)
 
     def _report_differences(self, shared: dict) -> None:
         old, new = _flatten(shared.get("config", {})), _flatten(to_dict(self.cfg))
@@ -228,6 +250,7 @@ class Pretrainer:
     def train(self) -> str:
         """Run to ``total_steps`` (or until SIGTERM); returns 'finished' or 'interrupted'."""
         self.maybe_resume()
+        self.open_run()
         place = Placement(rank=self.info.rank, world_size=self.info.world_size, seed=self.cfg.seed,
                           device=self.device, steps=self.steps_per_epoch)
         self.source = open_source(self.cfg.data, self.manifest, self.cfg.frontend, self.augmenter, place,
@@ -399,8 +422,23 @@ class Pretrainer:
     def close(self) -> None:
         if self.source is not None and hasattr(self.source, "close"):
             self.source.close()  # loader workers stop now, not at interpreter exit
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         distributed.close()
+
+
+# What makes the model: a checkpoint whose config differs in one of these cannot continue.
+MODEL_KEYS = ("model.", "objective.name", "objective.supcon_dim", "objective.queue_size", "frontend.n_mels",
+              "frontend.channels")
+NOT_MODEL_KEYS = {"model.pretrained", "model.global_bn"}
+START_ELSEWHERE = ("To train this config, give it a new run_dir; to start over in this folder, "
+                   "train.resume=none (its checkpoints are then replaced as the new run saves)")
+
+
+def describe_load_error(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return f"the checkpoint has no {err.args[0]!r}"
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
 def describe_engine(engine) -> str:

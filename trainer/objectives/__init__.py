@@ -38,6 +38,7 @@ class _Base:
     """Defaults for the parts most objectives do not need."""
 
     reads_model = False  # after_step reads the trained weights (an engine gathers them first)
+    batch_negatives = True  # the negatives are the batch's other clips (not a queue or a bank)
 
     def __init__(self, cfg, model_cfg, ctx: ObjectiveContext):
         self.cfg, self.model_cfg, self.ctx = cfg, model_cfg, ctx
@@ -163,6 +164,7 @@ class MoCo(_Base):
     which keeps a rank's batch statistics from leaking the positive."""
 
     reads_model = True
+    batch_negatives = False
 
     def __init__(self, cfg, model_cfg, ctx):
         from trainer.objectives.moco import ShardedQueue
@@ -215,6 +217,8 @@ class MoCo(_Base):
 class NPID(_Base):
     """Instance discrimination against a memory bank of one row per clip, sharded across
     ranks; NCE with m noise rows, or the exact softmax (objective.nce_noise=0)."""
+
+    batch_negatives = False
 
     def __init__(self, cfg, model_cfg, ctx):
         from trainer.objectives.npid import ShardedMemoryBank
