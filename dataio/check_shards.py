@@ -46,14 +46,18 @@ def member_problem(sample: dict, codec: ClipCodec, num_clips: int, vocabulary: s
     return codec.problem(sample[codec.ext])
 
 
-def check_shard(path: str, codec: ClipCodec, num_clips: int,
-                vocabulary: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
-    """(members read, [(member key or shard, reason)]) of one shard."""
+def check_shard(path: str, codec: ClipCodec, num_clips: int, vocabulary: tuple[str, ...],
+                expected: int) -> list[tuple[str, str]]:
+    """[(member key or shard file name, reason)] of one shard of ``expected`` members.
+
+    A shard whose tar data stops reading (cut short, a damaged header) is one line saying
+    how far the read got, not a second one for the members it therefore missed."""
     problems: list[tuple[str, str]] = []
+    unreadable: list[Exception] = []
     known = set(vocabulary)
 
     def on_error(exc: Exception) -> bool:
-        problems.append((path.rsplit("/", 1)[-1], f"unreadable tar data: {exc!r}"[:200]))
+        unreadable.append(exc)
         return True
 
     count = 0
@@ -62,7 +66,13 @@ def check_shard(path: str, codec: ClipCodec, num_clips: int,
         problem = member_problem(sample, codec, num_clips, known)
         if problem:
             problems.append((sample.get("__key__", "?"), problem[:200]))
-    return count, problems
+    name = path.rsplit("/", 1)[-1]
+    if unreadable:
+        error = f"{type(unreadable[0]).__name__}: {unreadable[0]}"
+        problems.append((name, f"unreadable tar data after {count} of {expected} members: {error}"[:300]))
+    elif count != expected:
+        problems.append((name, f"{count} members read, the manifest says {expected}"))
+    return problems
 
 
 def index_problems(root: Path, shard) -> list[tuple[str, str]]:
@@ -101,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     with futures.ProcessPoolExecutor(args.workers or None) as pool:
         checks = pool.map(check_shard, paths, itertools.repeat(ClipCodec.of(manifest)),
-                          itertools.repeat(manifest.num_clips), itertools.repeat(tuple(manifest.vocabulary)))
-        for shard, (count, problems) in zip(manifest.shards, checks):
-            if count != shard.count:
-                problems.append((shard.url, f"{count} members read, the manifest says {shard.count}"))
+                          itertools.repeat(manifest.num_clips), itertools.repeat(tuple(manifest.vocabulary)),
+                          [shard.count for shard in manifest.shards])
+        for shard, problems in zip(manifest.shards, checks):
             problems += index_problems(manifest.root, shard)
             for key, reason in problems:
                 print(f"{shard.url}\t{key}\t{reason}")

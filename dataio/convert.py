@@ -97,7 +97,8 @@ def convert_corpus(src: str | Path, out: str, encoding: Encoding, *, overwrite: 
         fields = encoding.manifest_fields()
         converted = Manifest(dataset=manifest.dataset, sample_rate=manifest.sample_rate,
                              num_clips=manifest.num_clips, shards=shards, vocabulary=manifest.vocabulary,
-                             multi_label=manifest.multi_label, rejected=rejected, root=out, **fields)
+                             multi_label=manifest.multi_label, rejected=rejected, root=out,
+                             fold_names=manifest.fold_names, **fields)
         converted.write(staging)
         if publisher:
             publisher.finish(staging)

@@ -18,7 +18,9 @@ Shard urls are relative to the manifest's folder. The per-clip JSON is
 clip's position in the whole dataset (0..num_clips-1), plus ``"subset"`` where a dataset
 has named subsets (AudioSet's segment lists, FSDnoisy18k's clean / noisy parts).
 ``vocabulary`` is in the dataset's official label order where it has one; with
-``multi_label`` the batches carry multi-hot label vectors over it.
+``multi_label`` the batches carry multi-hot label vectors over it. A corpus whose folds
+were named (kits, speakers, sites) numbers them 1..N in the clip JSON and keeps the names
+in ``"fold_names": {"1": "Audiophob", ...}`` (absent when the folds are plain numbers).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Manifest:
     sources: list[SourceInfo] = field(default_factory=list)  # several corpora (combine_manifests)
     clip_format: str = "flac"  # what the members hold: flac, pcm16 or logmel (dataio.formats)
     frontend: dict = field(default_factory=dict)  # logmel: the front end the log-mels were computed with
+    fold_names: dict[int, str] = field(default_factory=dict)  # fold number -> its name, where folds were named
     _label_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +138,7 @@ class Manifest:
             "vocabulary": self.vocabulary,
             "multi_label": self.multi_label,
             "rejected": self.rejected,
+            **({"fold_names": {str(k): v for k, v in sorted(self.fold_names.items())}} if self.fold_names else {}),
             "shards": [
                 {"url": s.url, "count": s.count, "bytes": s.bytes, "index_file": s.index_file}
                 for s in self.shards
@@ -156,7 +160,14 @@ def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> M
     if not path.is_file():
         raise ManifestError(f"no shard manifest at {path}: write shards with `audioclr shard` "
                             f"or `audioclr demo-corpus` first")
-    manifest = parse_manifest(path.read_text(), path.parent, str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"malformed manifest {path}: not UTF-8 text (byte {err.start}); "
+                            f"it is damaged: write the shards again or restore it") from None
+    except OSError as err:
+        raise ManifestError(f"cannot read the manifest {path}: {err.strerror or err}") from None
+    manifest = parse_manifest(text, path.parent, str(path))
     if check_files:
         missing = [str(p) for p in manifest.shard_paths() if not p.is_file()]
         if missing:
@@ -201,7 +212,8 @@ def parse_manifest(text: str, root: Path | str, name: str) -> Manifest:
                             vocabulary=list(raw.get("vocabulary", [])),
                             multi_label=bool(raw.get("multi_label", False)),
                             rejected=dict(raw.get("rejected") or {}), root=root,
-                            clip_format=str(raw.get("clip_format", "flac")), frontend=dict(raw.get("frontend") or {}))
+                            clip_format=str(raw.get("clip_format", "flac")), frontend=dict(raw.get("frontend") or {}),
+                            fold_names={int(k): str(v) for k, v in dict(raw.get("fold_names") or {}).items()})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"malformed manifest {path}: {err!r}") from err
     _check_format(manifest, path)

@@ -146,6 +146,31 @@ def read_bytes(url: str, retry: Retry = Retry()) -> bytes:
         return stream.read()
 
 
+# The clients' "no credentials" errors (botocore, google-auth, azure): no retry finds any.
+NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound",
+                  "DefaultCredentialsError", "ClientAuthenticationError", "CredentialUnavailableError"}
+CREDENTIALS_HINT = ("S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE and ~/.aws/credentials "
+                    "(AWS_ENDPOINT_URL for an S3-compatible store); GCS: GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def no_credentials(err: BaseException) -> bool:
+    return any(cls.__name__ in NO_CREDENTIALS for cls in type(err).__mro__)
+
+
+def describe_no_credentials(err: BaseException) -> str:
+    return f"no credentials for this store ({type(err).__name__}: {str(err)[:200]}); give them: {CREDENTIALS_HINT}"
+
+
+def describe_store_error(url: str, err: BaseException) -> str:
+    """One line for a failed write or listing at ``url``: what went wrong and what to check."""
+    if no_credentials(err):
+        return f"{shown(url)}: {describe_no_credentials(err)}"
+    if isinstance(err, PermissionError):
+        return (f"{shown(url)}: access denied ({str(err)[:200] or type(err).__name__}); check that these "
+                f"credentials may write there ({CREDENTIALS_HINT})")
+    return f"{shown(url)}: {type(err).__name__}: {str(err)[:200]}"
+
+
 class _Permanent(Exception):
     """A failure a retry will not mend."""
 
@@ -232,6 +257,9 @@ class _Resuming(io.RawIOBase):
                                   f"and readable with these credentials") from None
             except self.source.transient as err:
                 self._drop()
+                if no_credentials(err):
+                    self.close()
+                    raise RemoteError(f"{shown(self.url)}: {describe_no_credentials(err)}") from None
                 self.failures += 1
                 if self.failures >= self.retry.attempts:
                     raise RemoteError(f"{shown(self.url)}: unreachable after {self.failures} tries "
@@ -279,15 +307,24 @@ class Publisher:
             raise ValueError(f"--out {shown(url)}: writing {scheme}:// URLs needs the cloud extra: "
                              f"{CLOUD_EXTRA} ({err})") from None
         self.url, self.root = url.rstrip("/"), self.root.rstrip("/")
-        if self.fs.exists(f"{self.root}/{MANIFEST_NAME}") and not overwrite:
+        try:
+            held = self.fs.exists(f"{self.root}/{MANIFEST_NAME}")
+            if not held:
+                self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as err:  # noqa: BLE001 -- each client raises its own kinds; all are named
+            raise RemoteError(f"--out {describe_store_error(url, err)}") from None
+        if held and not overwrite:
             raise ValueError(f"--out {shown(url)} already holds a corpus (its {MANIFEST_NAME}); pass --overwrite "
                              f"to replace it")
-        self.fs.makedirs(self.root, exist_ok=True)
         self.sent = 0
 
     def put(self, local: Path) -> None:
         """Upload ``local`` into the folder URL, then remove it."""
-        self.fs.put_file(str(local), f"{self.root}/{local.name}")
+        target = f"{self.url}/{local.name}"
+        try:
+            self.fs.put_file(str(local), f"{self.root}/{local.name}")
+        except Exception as err:  # noqa: BLE001 -- as above
+            raise RemoteError(f"uploading {describe_store_error(target, err)}") from None
         self.sent += local.stat().st_size
         local.unlink()
 

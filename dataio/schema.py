@@ -34,6 +34,7 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+INT64_MAX = 2**63 - 1
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -68,6 +69,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT64_MAX:  # torch and numpy take 64-bit integers (a seed, a count)
+                raise ConfigError(f"{key}: {value} is out of range (at most {INT64_MAX} in size)")
             return value
     elif hint is float:
         number = None

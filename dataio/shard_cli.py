@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dataio.convert import convert_corpus, frontend_from_recipe
-from dataio.manifest import CLIP_FORMATS
+from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.remote import Publisher, RemoteError, is_url, shown
 from dataio.shard_writer import REJECTED_NAME, Encoding, ShardWriteError, write_shards
 
@@ -39,8 +39,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("src", type=Path, metavar="SRC", help="the dataset's folder (a CSV file for --layout csv)")
     add("--layout", default="folder", help="how SRC is organised: folder (one sub-folder per "
-        "label), csv (path,label[,fold] rows), or a dataset's own layout: audioset, fsd50k, "
-        "fsdnoisy18k, esc50, us8k, gtzan")
+        "label), csv (path,label[,fold] rows; folds integers, or names numbered 1..N in sorted order), "
+        "or a dataset's own layout: audioset, fsd50k, fsdnoisy18k, esc50, us8k, gtzan")
     add("--out", required=True, help="folder for the shards and manifest, or its URL (s3://, gs://, any "
         "writable fsspec URL: each shard is uploaded as it is complete, the manifest last)")
     add("--sample-rate", type=int, default=16000, help="rate of the shards' audio, Hz")
@@ -156,13 +156,15 @@ def run_shard(args: argparse.Namespace) -> int:
                                   min_seconds=args.min_seconds, overwrite=args.overwrite,
                                   vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None,
                                   encoding=encoding)
+            if listing.fold_names:
+                _record_fold_names(report.out_dir, listing.fold_names)
             missing_path = write_missing(listing, report.out_dir)
             if publisher:
                 publisher.finish(staging)
         finally:
             if publisher:
                 shutil.rmtree(staging, ignore_errors=True)
-    except (ValueError, OSError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
+    except (ValueError, OSError, RemoteError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
         print(f"audioclr shard: error: {err}", file=sys.stderr)
         return 2
     where = shown(args.out) if publisher else str(report.out_dir)
@@ -170,4 +172,15 @@ def run_shard(args: argparse.Namespace) -> int:
     print(f"rejected clips and reasons: {where}/{REJECTED_NAME}")
     if listing.missing:
         print(f"listed clips missing on disk: {where}/{missing_path.name}")
+    if listing.fold_names:
+        print(f"{len(listing.fold_names)} named folds numbered 1-{len(listing.fold_names)} in name order; "
+              f"their names are the manifest's fold_names")
     return 0
+
+
+def _record_fold_names(folder: Path, fold_names: dict[int, str]) -> None:
+    """Add the fold names to the manifest ``write_shards`` just wrote in ``folder`` (rewritten
+    atomically; for a URL this is the staging folder, whose manifest is uploaded last)."""
+    manifest = load_manifest(folder, check_files=False)
+    manifest.fold_names = dict(fold_names)
+    manifest.write(folder)

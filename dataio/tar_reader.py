@@ -54,7 +54,7 @@ def members(path: str | Path) -> Iterator[tuple[str, memoryview]]:
     """(name, data) of each regular file in the tar at ``path``, in order."""
     with open(path, "rb") as f:
         if not f.seek(0, 2):
-            return
+            raise TarFormatError(f"{path}: empty file (0 bytes; truncated shard?)")
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     size, pos, long_name = len(view), 0, None
     while pos + BLOCK <= size:
@@ -82,6 +82,8 @@ def members(path: str | Path) -> Iterator[tuple[str, memoryview]]:
         name = long_name or _name(header)
         long_name = None
         yield name, data
+    # every tar writer ends an archive with zero blocks: a file that stops before them was cut
+    raise TarFormatError(f"{path}: ends at byte {size} without the end-of-archive blocks (truncated shard?)")
 
 
 def _name(header: bytes) -> str:
@@ -109,6 +111,8 @@ def local_tar_samples(path: str | Path, handler: Callable[[Exception], bool]) ->
                 current = {"__key__": key, "__url__": str(path)}
             current[ext] = bytes(data) if ext == "json" else data
     except (OSError, ValueError) as err:
+        if current is not None:  # read whole before the damage (a part missing is a counted skip)
+            yield current
         if not handler(err):
             raise
         return

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import os
 import signal
@@ -48,7 +47,8 @@ def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
     stops the run with a RemoteError naming it."""
     def on_error(exc: Exception) -> bool:
         tar_errors.append(repr(exc))
-        log.warning("skipping unreadable shard data: %r", exc)
+        log.warning("skipping unreadable shard data: %s", exc.args[0] if exc.args and isinstance(exc.args[0], str)
+                    else repr(exc))  # webdataset appends (stream, url) to the args: the sentence only
         return True
 
     paths = manifest.shard_paths()

@@ -16,6 +16,9 @@ def test_short_demo_beats_chance(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["knn_accuracy"] == summary["knn_accuracy"]
     assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written)
+    import torch
+    assert written["trained_on"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "world_size": 1}, \
+        "the result records the thread count its numbers depend on"
     chance = 1 / summary["num_classes"]
     assert summary["num_classes"] == 10 and summary["num_clips"] == 120
     assert summary["knn_accuracy"] > chance + 0.1

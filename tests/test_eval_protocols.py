@@ -42,6 +42,18 @@ def test_every_clip_is_tested_exactly_once_across_folds():
     assert [r.name for r in make_rounds(clips, "folds", max_rounds=2)] == ["fold1", "fold2"]
 
 
+def test_validation_under_folds_is_a_whole_other_fold():
+    # folds are groups (kits, instruments, source recordings): a validation clip must share
+    # no fold with the training clips, or a sweep ranks trials by how well they memorise a group
+    clips = _clips([1, 2, 3, 4] * 6)
+    for r, (test, val) in zip(make_rounds(clips, "folds", val_fraction=0.2), [(1, 2), (2, 3), (3, 4), (4, 1)]):
+        assert set(clips.folds[r.test]) == {test} and set(clips.folds[r.val]) == {val}
+        assert set(clips.folds[r.train]) == {1, 2, 3, 4} - {test, val}
+    two = _clips([1, 2] * 6)  # two folds: the only way to validate is a share of the training fold
+    (r, _) = make_rounds(two, "folds", val_fraction=0.34)
+    assert set(two.folds[r.val]) == set(two.folds[r.train]) == {2}
+
+
 def test_split_protocol_uses_the_val_split_or_carves_one():
     splits = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
     (r,) = make_rounds(_clips([0] * 10, splits), "auto", val_fraction=0.5)

@@ -77,6 +77,29 @@ def test_confusion_plot(tmp_path, c):
     assert_png(out)
 
 
+def test_confusion_colour_and_cells_show_the_same_number():
+    """The colour bar, the colours and the cell texts are all the % of the true class's clips;
+    each row's clip count is on its label."""
+    import matplotlib.pyplot as plt
+
+    counts = np.array([[8, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [199, 0, 0, 1]])
+    fig = plots.confusion_figure(counts, ["kick", "snare", "tom", "hat"], "confusion")
+    try:
+        ax = fig.axes[0]
+        image = ax.images[0]
+        assert image.get_clim() == (0.0, 100.0)
+        label = image.colorbar.ax.get_ylabel()
+        assert "% of the true class" in label and "row sums to 100" in label
+        expected = 100.0 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        np.testing.assert_allclose(image.get_array(), expected)
+        texts = [t.get_text() for t in ax.texts]
+        assert texts == ["80", "20", "0", "0", "50", "50", "0", "0", "0", "0", "0", "0", ">99", "0", "0", "<1"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["kick (n=10)", "snare (n=2)", "tom (n=0)",
+                                                                "hat (n=200)"]
+    finally:
+        plt.close(fig)
+
+
 def test_tsne(tmp_path):
     rng = np.random.default_rng(2)
     centres = np.array([[0.0] * 8, [10.0] * 8, [-10.0] * 8])

@@ -27,8 +27,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    ray_cluster.add_node(num_cpus=1)
+    ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                "node_name": "head"})
+    ray_cluster.add_node(num_cpus=1, node_name="worker")
     ray_cluster.wait_for_nodes()
     yield ray_cluster
     ray_cluster.shutdown()
@@ -58,7 +59,7 @@ def test_a_sweep_spreads_over_both_nodes_and_embeds_once(encoder_run, cluster, t
     assert "2 node(s)" in done.stderr and "embedded 24 clips with 1 encoder(s)" in done.stderr, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "knn" / "results.csv")))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
-    assert len({r["node"] for r in rows}) == 2, "one-CPU trials on two one-CPU nodes run on both"
+    assert {r["node"] for r in rows} == {"head", "worker"}, "one-CPU trials on two one-CPU nodes run on both"
     records = _trial_records(tmp_path / "sweeps" / "knn")
     assert len(records) == 4
     assert all(r["embedded_in_trial"] is False for rs in records.values() for r in rs), \

@@ -282,6 +282,46 @@ def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(ti
     assert gone.returncode == 2 and "no shard manifest at s3://audio/nothing/manifest.json: not found" in gone.stderr
 
 
+def test_missing_credentials_fail_at_once_by_name(tmp_path, s3_server, monkeypatch):
+    import time
+
+    from dataio.manifest import ManifestError, load_manifest
+    from dataio.remote import Retry
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    start = time.monotonic()
+    with pytest.raises(ManifestError) as err:
+        load_manifest("s3://audio/corpus", retry=Retry(attempts=5, backoff=2.0))
+    assert time.monotonic() - start < 5, "not retried: no retry finds credentials"
+    assert "s3://audio/corpus/manifest.json: no credentials for this store (NoCredentialsError" in str(err.value)
+    assert "AWS_ACCESS_KEY_ID" in str(err.value)
+
+
+def test_a_refused_upload_names_the_url_and_the_credentials(tiny_shards, tmp_path, monkeypatch, capsys):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from trainer.cli import main as cli_main
+
+    def forbidden(self, *args, **kwargs):  # what s3fs raises for HTTP 403 on a wrong secret
+        raise PermissionError("Forbidden")
+    monkeypatch.setattr(LocalFileSystem, "put_file", forbidden)
+    src = tmp_path / "src"
+    for i in range(2):
+        (src / f"c{i}").mkdir(parents=True)
+    import numpy as np
+    import soundfile as sf
+    for i in range(4):
+        sf.write(src / f"c{i % 2}" / f"{i}.wav", np.zeros(8000, np.float32), 16000)
+    out = f"file://{tmp_path / 'bucket'}"
+    assert cli_main(["shard", str(src), "--layout", "folder", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"uploading {out}/shard-00000.tar: access denied (Forbidden)" in err, err
+    assert "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err
+
+
 def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny_shards, tmp_path, serve):
     import shutil
     copy = tmp_path / "copy"

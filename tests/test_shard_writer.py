@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def test_csv_layout(tmp_path):
         sf.write(audio / f"clip{i}.wav", _noise(0.2, RATE, 1, seed=i), RATE)
     with_header = tmp_path / "meta.csv"
     with_header.write_text("label,path,fold\ncat,audio/clip0.wav,1\n\ndog,audio/clip1.wav,2\n")
-    items = csv_items(with_header)
+    items = csv_items(with_header).items
     assert [(i.labels, i.fold, i.key) for i in items] == [
         (["cat"], 1, "audio_clip0_wav"), (["dog"], 2, "audio_clip1_wav")]
     assert items[0].path == str(audio / "clip0.wav")
@@ -258,8 +259,8 @@ def test_csv_layout(tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label,fold\naudio/clip0.wav,cat,1\naudio/clip1.wav,dog,first\n")
-    with pytest.raises(ValueError, match="line 3"):
-        csv_items(bad)
+    with pytest.raises(ValueError, match="line 3: fold 'first' is a name, but .* line 2 has the integer fold 1"):
+        csv_items(bad)  # named folds are fine (tests/test_named_folds.py), a mix of both is not
     bad.write_text("audio/clip0.wav,cat\naudio/clip1.wav\n")
     with pytest.raises(ValueError, match="line 2"):
         csv_items(bad)
@@ -324,3 +325,32 @@ def test_cli_writes_to_a_url_shard_by_shard_and_the_manifest_last(audio_tree, tm
     assert _cli([*argv, "--out", url]) == 2 and "already holds a corpus" in capsys.readouterr().err
     assert _cli([*argv, "--out", "http://127.0.0.1:9/x"]) == 2
     assert "http(s) URLs cannot be written" in capsys.readouterr().err
+
+
+def test_check_shards_lists_a_truncated_shard_once(tmp_path):
+    """A shard cut short, mid-member or at a member boundary (it then lacks the tar's
+    end-of-archive blocks), stops the read: one line says so and how far it got (the
+    members it then missed are not a second line)."""
+    import subprocess
+
+    from tests.conftest import PYTHON, cli_env
+    from tests.shard_utils import make_shards
+
+    make_shards(tmp_path, [4, 4, 4], seconds=0.3)
+    for shard, member, cut in (("shard-00000.tar", "clip00002.flac", "header"),
+                               ("shard-00001.tar", "clip00005.flac", "middle")):
+        path = tmp_path / shard
+        with tarfile.open(path) as tar:
+            info = tar.getmember(member)
+        end = info.offset if cut == "header" else info.offset_data + info.size // 2
+        path.write_bytes(path.read_bytes()[:end])
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", str(tmp_path), "--workers", "1"],
+                         env=cli_env(), capture_output=True, text=True, check=False)
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stdout
+    assert re.fullmatch(r"shard-00000.tar\tshard-00000.tar\tunreadable tar data after 2 of 4 members: "
+                        r"TarFormatError: .* without the end-of-archive blocks \(truncated shard\?\)", lines[0]), lines[0]
+    assert re.fullmatch(r"shard-00001.tar\tshard-00001.tar\tunreadable tar data after \d+ of 4 members: "
+                        r"TarFormatError: .* cut short .*\(truncated shard\?\)", lines[1]), lines[1]
+    assert "3 shard(s) checked: 2 problem(s)" in out.stderr

@@ -132,11 +132,11 @@ def test_trials_whose_last_checkpoint_is_gone_are_restarted():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT])
-def test_ctrl_c_stops_a_sweep_with_its_state_saved_and_exit_130(encoder_run, tmp_path, sig):
-    space = {"finetune.alpha": {"grid": [0.25, 0.75]}}
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(encoder_run, tmp_path, sig):
+    space = {"finetune.alpha": {"grid": [0.25, 0.5, 0.75]}}  # one trial at a time: two still pending
     config = _sweep_yaml(tmp_path / "stop.yaml", encoder_run, tmp_path / "sweeps", "stop", 40, space)
-    cmd = [PYTHON, "-m", "trainer.cli", "tune", "--config", str(config)]
+    cmd = [PYTHON, "-m", "trainer.cli", "tune", "--config", str(config), "ray.num_cpus=1"]
     first = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     deadline = time.time() + 300
@@ -144,18 +144,22 @@ def test_ctrl_c_stops_a_sweep_with_its_state_saved_and_exit_130(encoder_run, tmp
         assert first.poll() is None, first.stderr.read()[-3000:]
         assert time.time() < deadline, "no trial checkpoint within 300 s"
         time.sleep(0.2)
-    os.killpg(first.pid, sig)  # as a terminal's Ctrl-C: the whole foreground group
+    if sig == signal.SIGINT:
+        os.killpg(first.pid, sig)  # as a terminal's Ctrl-C: the whole foreground group
+    else:
+        first.send_signal(sig)  # as kill, docker stop or a scheduler's pre-emption: the command
     out, err = first.communicate(timeout=120)
     assert first.returncode == 128 + sig, err[-3000:]
+    assert "| trial |" in out and out.count("not run") == 2, out[-2000:]  # the table so far
     # lines from Ray's trial workers carry a "(run_trial pid=N)" prefix: as Ray tears a worker
     # down it may print an ignored SystemExit of its own; the command itself prints none
     ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
     assert "Traceback" not in ours and "Rerun the same command to resume" in ours, err[-3000:]
     assert (tmp_path / "sweeps" / "stop" / "results.csv").is_file()
-    done = _tune(config, timeout=600)
+    done = _tune(config, "ray.num_cpus=1", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "stop" / "results.csv")))
-    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows)
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows
 
 
@@ -168,3 +172,12 @@ def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
+
+
+def test_a_best_trial_that_validates_far_above_its_test_is_noted():
+    from trainer.tune import check_val_against_test
+    metric = "class_averaged_accuracy"
+    far = [{f"val_{metric}": 0.51, f"test_{metric}": 0.29}, {f"val_{metric}": 0.4, f"test_{metric}": 0.38}]
+    assert "validates at 0.510 but tests at 0.290" in check_val_against_test(far, metric)
+    assert check_val_against_test(far[1:], metric) == "" and check_val_against_test([], metric) == ""
+    assert check_val_against_test([{f"val_{metric}": 0.9, f"test_{metric}": ""}], metric) == ""

@@ -104,3 +104,60 @@ def test_a_weight_written_1e_3_is_a_float_and_sources_replace_the_recipes_shards
     from trainer.config import ConfigError
     with pytest.raises(ConfigError, match="not both"):
         load_config(PretrainConfig, recipe, ["data.sources=[{shards: /a}]", "data.shards=/b"])
+
+
+def test_the_cloud_extras_bound_what_the_resolver_would_backtrack_through():
+    # boto3 1.43.N needs botocore >= 1.43.N, and s3fs's aiobotocore pins botocore below a
+    # patch release: an unbounded boto3 (moto, awscli) sent pip backtracking for 17 minutes
+    import configparser
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    for extra in ("cloud", "test"):
+        reqs = {r.name: r for r in map(Requirement, filter(None, extras[extra].splitlines()))}
+        assert {"aiobotocore", "boto3"} <= set(reqs), extra
+        assert any(s.operator == "<" for s in reqs["aiobotocore"].specifier), extra
+        (boto3_top,) = [s.version for s in reqs["boto3"].specifier if s.operator == "<"]
+        try:
+            installed = importlib.metadata.version("aiobotocore")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if reqs["aiobotocore"].specifier.contains(installed):
+            (botocore,) = [Requirement(r) for r in importlib.metadata.requires("aiobotocore")
+                           if Requirement(r).name == "botocore"]
+            assert [s.version for s in botocore.specifier if s.operator == "<"] == [boto3_top], \
+                "boto3's upper bound must be aiobotocore's botocore upper bound"
+
+
+def test_a_full_disk_under_torch_save_reads_as_the_os_error_with_the_file(tmp_path):
+    # torch's writer says "[enforce fail at inline_container.cc] unexpected pos"; the user
+    # reads the OS's words and the file, and no half-written .tmp is left taking the space
+    script = ("import resource, torch\n"
+              "from pathlib import Path\n"
+              "from trainer.safe_files import describe_error, save_tensors\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"  # as a full disk (EFBIG)
+              f"path = Path({str(tmp_path / 'state.pt')!r})\n"
+              "try:\n"
+              "    save_tensors(path, {'bank': torch.zeros(100000)})\n"
+              "except OSError as err:\n"
+              "    print(describe_error(err))\n")
+    out = subprocess.run([PYTHON, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == f"File too large ({tmp_path / 'state.pt'})", out.stdout + out.stderr[-2000:]
+    assert not list(tmp_path.iterdir()), "neither the file nor its .tmp"
+
+
+def test_sigterm_ends_an_evaluation_as_ctrl_c_does(encoder_run, tmp_path):
+    import signal
+    import time
+    cmd = [PYTHON, "-m", "trainer.cli", "eval", "--run", str(encoder_run), "--data", str(encoder_run / "shards"),
+           "--protocol", "finetune", "eval.finetune.epochs=500", "eval.finetune.batch_size=4"]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # into the fine-tuning
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "audioclr eval: stopped; nothing was written" in err and "(SIGTERM)" in err and "Traceback" not in err

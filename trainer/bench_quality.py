@@ -36,6 +36,7 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from dataio.schema import ConfigError
+from trainer.commands import setup_logging
 from trainer.config import PretrainConfig, load_config
 
 log = logging.getLogger("audioclr.bench.quality")
@@ -266,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.05 augment.rrc.p=0")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     try:
         if args.epochs < 0 or args.minutes < 0 or not args.seeds or not math.isfinite(args.minutes):
             raise ConfigError("--epochs and --minutes must be positive and --seeds not empty")

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save
 from dataio.frontend import FrontendConfig
 from trainer.models.encoders import build_encoder
 from trainer.parallel import distributed
-from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, sha256
+from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, save_tensors, sha256
 
 __all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder"]
 
@@ -174,10 +174,10 @@ class Checkpointer:
         for path in set(_files(tmp / ENGINE)) - before:  # what this rank wrote, durably
             with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        durable_write(tmp / f"rank_{self.info.rank:05d}.pt", lambda f: torch.save(per_rank, f))
+        save_tensors(tmp / f"rank_{self.info.rank:05d}.pt", per_rank)
 
     def _finish(self, tmp: Path, final: Path, step: int, shared: dict, engine: dict) -> None:
-        durable_write(tmp / STATE, lambda f: torch.save(shared, f))
+        save_tensors(tmp / STATE, shared)
         sums = {p.relative_to(tmp).as_posix(): sha256(p) for p in _files(tmp)}
         meta = {"format": FORMAT, "step": step, "world_size": self.info.world_size, **engine, "sha256": sums}
         durable_write(tmp / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))

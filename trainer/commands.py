@@ -10,8 +10,11 @@ unreadable data, a full disk); 128 + N stopped by signal N (130 Ctrl-C, 143 SIGT
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from dataio.manifest import ManifestError
@@ -39,6 +42,14 @@ def print_help_config(schema: type, *more: str) -> int:
     return 0
 
 
+def setup_logging(rank: int = 0, world_size: int = 1) -> None:
+    """Every command logs alike: ``HH:MM:SS LEVEL logger: message``, with ``[rank N]`` where
+    several ranks write to one terminal; ranks other than 0 log warnings and errors only."""
+    where = f"[rank {rank}] " if world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 class Reporter:
     """Prints ``<prog>: error: ...``; ``quiet`` ranks (all but rank 0) stay silent about
     errors every rank meets alike, and speak for their own (``everywhere=True``)."""
@@ -51,19 +62,49 @@ class Reporter:
             print(f"{self.prog}: error: {message}", file=sys.stderr)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised where the command has no graceful stop of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """SIGTERM (a scheduler's pre-emption, ``docker stop``) ends the command as Ctrl-C does,
+    not silently: a command with its own graceful stop installs its handler inside this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INPUT_ERRORS,
                 run_errors: tuple = (), own_errors: tuple = (), quiet: bool = False,
                 on_interrupt: str = "error: interrupted") -> int:
     """``work()``'s status, or the status and message of what it raised: ``input_errors``
     exit 2, ``run_errors`` 1 (printed once), ``own_errors`` 1 (printed by every rank that
-    meets them: a rank's own data or disk), an OSError 1, Ctrl-C 130 (``on_interrupt`` printed)."""
+    meets them: a rank's own data or disk), an OSError 1, Ctrl-C 130 and SIGTERM 143
+    (``on_interrupt`` printed)."""
     report = Reporter(prog, quiet)
     try:
-        return work()
-    except KeyboardInterrupt:
+        with sigterm_stops():
+            return work()
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
         if not quiet:
-            print(f"{prog}: {on_interrupt}", file=sys.stderr)
-        return 128 + signal.SIGINT
+            named = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+            print(f"{prog}: {on_interrupt}{named}", file=sys.stderr)
+        return 128 + signum
     except own_errors as err:
         report(describe_error(err) if isinstance(err, OSError) else err, everywhere=True)
         return 1
@@ -78,4 +119,5 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return 1
 
 
-__all__ = ["CheckpointError", "ConfigError", "INPUT_ERRORS", "config_parser", "print_help_config", "run_guarded"]
+__all__ = ["CheckpointError", "ConfigError", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
+           "run_guarded", "setup_logging", "sigterm_stops"]

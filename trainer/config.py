@@ -132,7 +132,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.width >= 4, "width", "must be >= 4")
-        check(self.proj_hidden > 0 and self.proj_dim > 0, "proj_dim", "head sizes must be positive")
+        check(self.proj_hidden > 0, "proj_hidden", "must be positive")
+        check(self.proj_dim > 0, "proj_dim", "must be positive")
 
 
 @dataclass
@@ -155,7 +156,8 @@ class ObjectiveConfig:
         check(self.temperature > 0, "temperature", "must be positive")
         check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         check(self.queue_size > 0, "queue_size", "must be positive")
-        check(0 <= self.momentum < 1 and 0 <= self.bank_momentum < 1, "momentum", "must be in [0, 1)")
+        check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(0 <= self.bank_momentum < 1, "bank_momentum", "must be in [0, 1)")
         check(self.nce_noise >= 0, "nce_noise", "must be >= 0")
 
 

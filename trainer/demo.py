@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from dataio.manifest import MANIFEST_NAME, ManifestError
+from trainer.commands import setup_logging
 from trainer.config import ConfigError, PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
-from trainer.pretrain import TrainingError, run, setup_logging
+from trainer.pretrain import TrainingError, run
 
 log = logging.getLogger("audioclr.demo")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -50,10 +51,19 @@ def demo(out: Path, config: Path, clips: int, overrides: list[str], eval_overrid
                "num_clips": trained["num_clips"], "num_classes": trained["num_classes"],
                "k": min(eval_cfg.knn.k, min(s["train"] for s in trained["round_sizes"].values())),
                "run_dir": str(run_dir), "corpus": str(corpus),
+               "trained_on": json.loads((run_dir / "encoder.json").read_text()).get("trained_on", {}),
                "seconds": {"corpus": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1),
                            "eval": round(time.time() - t2, 1), "total": round(time.time() - t0, 1)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _threads_note(trained_on: dict) -> str:
+    if trained_on.get("device") != "cpu":
+        return ""
+    n = trained_on.get("cpu_threads")
+    return (f"pretrained on {n} CPU thread(s): the same seed on another thread count sums in another order "
+            f"and ends with other weights (train.threads={n} repeats this run)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  pretrained encoder : {s['knn_accuracy']:.3f} +- {s['knn_std']:.3f}\n"
           f"  random init        : {s['knn_accuracy_random_init']:.3f} +- {s['knn_std_random_init']:.3f}\n"
           f"  chance             : {1 / s['num_classes']:.3f}\n"
+          f"{_threads_note(s['trained_on'])}"
           f"wall time {s['seconds']['total']:.0f} s (pretraining {s['seconds']['pretrain']:.0f} s); "
           f"summary in {Path(args.out) / 'summary.json'}")
     return 0

@@ -7,8 +7,11 @@
 
 Timestamp embeddings are the encoder's embedding of a window of the length it was trained
 on (``view_seconds``), centred on every ``hop_ms`` (50 ms) from 0 to the end of the sound
-(the sound is zero-padded by half a window at both ends); the scene embedding is their
-mean. Windows run through the encoder ``batch_size`` at a time, on the model's device.
+(the sound is zero-padded by half a window at both ends). The scene embedding is the mean
+of the same windows taken on a coarser grid, every ``scene_hop_ms`` (250 ms, see
+``SCENE_HOP_MS``). The windows of all sounds of a call go through the encoder together,
+``batch_size`` at a time, on the model's device: a call costs ceil(windows / batch_size)
+encoder passes, and memory holds one chunk of windows, not every window of every sound.
 """
 
 from __future__ import annotations
@@ -21,21 +24,36 @@ import torch.nn.functional as F
 from dataio.frontend import LogMel
 from trainer.checkpoint import load_encoder
 
-__all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
+__all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings",
+           "TIMESTAMP_HOP_MS", "SCENE_HOP_MS"]
+
+TIMESTAMP_HOP_MS = 50.0
+"""Hop of the timestamp embeddings: the grid HEAR's event-detection tasks score onsets on."""
+
+SCENE_HOP_MS = 250.0
+"""Hop of the windows whose mean is the scene embedding. Neighbouring windows 50 ms apart
+see nearly the same audio, so a 50-ms grid costs 20 encoder passes per second of sound for
+little change in a mean. At 250 ms each sample still lies in two or more windows for any
+training view of 0.5 s or longer (four for a 1-s view), so no stretch of the sound weighs
+on the mean through a single window's edge, while a 4-s clip takes 17 windows instead of
+81 (about 5x less compute). Non-overlapping windows would be cheaper still, but would
+make the mean depend on where the grid happens to cut each event."""
 
 
 class HearModel(torch.nn.Module):
     """An exported audioclr encoder with its log-mel front end, as HEAR expects a model:
-    ``sample_rate``, ``scene_embedding_size``, ``timestamp_embedding_size``."""
+    ``sample_rate``, ``scene_embedding_size``, ``timestamp_embedding_size``. ``window``,
+    ``hop`` and ``scene_hop`` are in samples."""
 
     def __init__(self, encoder: torch.nn.Module, logmel: LogMel, embedding_dim: int, view_seconds: float,
-                 hop_ms: float, batch_size: int):
+                 hop_ms: float, batch_size: int, scene_hop_ms: float = SCENE_HOP_MS):
         super().__init__()
         self.encoder, self.logmel = encoder.eval(), logmel
         self.sample_rate = logmel.cfg.sample_rate
         self.scene_embedding_size = self.timestamp_embedding_size = int(embedding_dim)
         self.window = max(1, int(round(view_seconds * self.sample_rate)))
         self.hop = max(1, int(round(hop_ms / 1000 * self.sample_rate)))
+        self.scene_hop = max(1, int(round(scene_hop_ms / 1000 * self.sample_rate)))
         self.batch_size = batch_size
 
     @property
@@ -43,10 +61,12 @@ class HearModel(torch.nn.Module):
         return next(self.encoder.parameters()).device
 
 
-def load_model(model_file_path: str = "", *, hop_ms: float = 50.0, batch_size: int = 256,
-               device: str | None = None) -> HearModel:
+def load_model(model_file_path: str = "", *, hop_ms: float = TIMESTAMP_HOP_MS, scene_hop_ms: float = SCENE_HOP_MS,
+               batch_size: int = 256, device: str | None = None) -> HearModel:
     """The encoder a run folder exported (``encoder.json`` + ``encoder.safetensors``), on
-    ``device`` (default: a GPU when there is one)."""
+    ``device`` (default: a GPU when there is one). ``hop_ms`` spaces the timestamp
+    embeddings, ``scene_hop_ms`` the windows averaged into a scene embedding; ``batch_size``
+    windows go through the encoder at a time."""
     if not model_file_path:
         raise ValueError("load_model: give the run folder of an audioclr encoder (it holds encoder.json and "
                          "encoder.safetensors)")
@@ -54,8 +74,23 @@ def load_model(model_file_path: str = "", *, hop_ms: float = 50.0, batch_size: i
     folder = path.parent if path.is_file() else path
     encoder, frontend, meta = load_encoder(folder)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = HearModel(encoder, LogMel(frontend), meta["embedding_dim"], meta["view_seconds"], hop_ms, batch_size)
+    model = HearModel(encoder, LogMel(frontend), meta["embedding_dim"], meta["view_seconds"], hop_ms, batch_size,
+                      scene_hop_ms)
     return model.to(target).eval()
+
+
+def _check_finite(audio: torch.Tensor) -> None:
+    """A ValueError naming the first sound that holds NaN or Inf samples (they would turn
+    every window that touches them, and so the scene embedding, into NaN)."""
+    if bool(torch.isfinite(audio).all()):
+        return
+    nans, infs = audio.isnan().sum(dim=1), audio.isinf().sum(dim=1)
+    bad = (nans + infs).nonzero().flatten().tolist()
+    first = bad[0]
+    what = " and ".join(f"{int(n)} {name}" for n, name in ((nans[first], "NaN"), (infs[first], "Inf")) if n)
+    others = f"; sounds {bad[1:]} also hold NaN or Inf" if len(bad) > 1 else ""
+    raise ValueError(f"audio: sound {first} of the batch holds {what} samples (of {audio.shape[1]}){others}; "
+                     f"clean or drop it before embedding")
 
 
 def _check(audio, model: HearModel, sample_rate: int | None) -> torch.Tensor:
@@ -70,30 +105,43 @@ def _check(audio, model: HearModel, sample_rate: int | None) -> torch.Tensor:
         raise ValueError(f"audio: expected float samples in [-1, 1], got {audio.dtype}")
     if sample_rate is not None and sample_rate != model.sample_rate:
         raise ValueError(f"audio at {sample_rate} Hz: this model takes {model.sample_rate} Hz; resample first")
+    _check_finite(audio)
     return audio.to(model.device, torch.float32)
+
+
+def _window_embeddings(audio: torch.Tensor, model: HearModel, hop: int) -> torch.Tensor:
+    """Checked ``audio`` [N, S] -> [N, S // hop + 1, D]: the embedding of the window centred
+    on every ``hop`` samples. The windows of all sounds run through the encoder in chunks of
+    ``model.batch_size``, a chunk free to span sounds; only a chunk's windows are copied."""
+    half = model.window // 2
+    padded = F.pad(audio, (half, model.window - half))
+    n_sounds, count = audio.shape[0], audio.shape[1] // hop + 1
+    windows = padded.unfold(1, model.window, hop)[:, :count]  # [N, count, window], a view
+    total = n_sounds * count
+    parts = []
+    for start in range(0, total, model.batch_size):
+        index = torch.arange(start, min(start + model.batch_size, total), device=audio.device)
+        chunk = windows[index // count, index % count]  # [b, window], a copy of this chunk only
+        parts.append(model.encoder(model.logmel(chunk)).float())
+    return torch.cat(parts).reshape(n_sounds, count, -1)
 
 
 @torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel,
                              sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """([n_sounds, T, D] embeddings, [n_sounds, T] their centres in milliseconds), T =
-    n_samples // hop + 1. ``sample_rate``, when given, must be the model's."""
+    n_samples // hop + 1 (a 50-ms hop by default). ``sample_rate``, when given, must be the
+    model's; a sound holding NaN or Inf raises a ValueError naming it."""
     audio = _check(audio, model, sample_rate)
-    half = model.window // 2
-    padded = F.pad(audio, (half, model.window - half))
-    count = audio.shape[1] // model.hop + 1
-    out = []
-    for sound in padded:
-        windows = sound.unfold(0, model.window, model.hop)[:count]  # a view: no copy of every window
-        parts = [model.encoder(model.logmel(windows[i:i + model.batch_size].contiguous())).float()
-                 for i in range(0, count, model.batch_size)]
-        out.append(torch.cat(parts))
+    embeddings = _window_embeddings(audio, model, model.hop)
+    count = embeddings.shape[1]
     stamps = torch.arange(count, device=model.device, dtype=torch.float32) * (1000.0 * model.hop / model.sample_rate)
-    return torch.stack(out), stamps.expand(audio.shape[0], count).contiguous()
+    return embeddings, stamps.expand(audio.shape[0], count).contiguous()
 
 
 @torch.no_grad()
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel, sample_rate: int | None = None) -> torch.Tensor:
-    """[n_sounds, D]: the mean of each sound's timestamp embeddings."""
-    embeddings, _ = get_timestamp_embeddings(audio, model, sample_rate)
-    return embeddings.mean(dim=1)
+    """[n_sounds, D]: the mean of each sound's window embeddings on the ``scene_hop`` grid
+    (``SCENE_HOP_MS``), i.e. the timestamp embeddings' mean had they been taken that often."""
+    audio = _check(audio, model, sample_rate)
+    return _window_embeddings(audio, model, model.scene_hop).mean(dim=1)

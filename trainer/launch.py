@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except RendezvousTimeoutError:
-        print(f"audioclr launch: the other nodes did not join within the rendezvous timeout; start "
-              f"the same command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout",
+        print("audioclr launch: the other nodes did not join within the rendezvous timeout; start "
+              "the same command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout",
               file=sys.stderr)
         return 1
     except ChildFailedError as err:

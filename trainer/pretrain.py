@@ -32,7 +32,7 @@ from trainer.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainer.commands import config_parser, print_help_config, run_guarded
+from trainer.commands import Stopped, config_parser, print_help_config, run_guarded, setup_logging
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
@@ -86,7 +86,8 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.train.device, distributed.env_info().local_rank)
-        log.info("CPU threads: %d", set_threads(cfg.train.threads, self.device))
+        self.threads = set_threads(cfg.train.threads, self.device)
+        log.info("CPU threads: %d", self.threads)
         if cfg.train.engine == "deepspeed":
             from trainer.parallel.deepspeed_engine import check_section
             check_section(cfg, self.device)
@@ -398,7 +399,7 @@ class Pretrainer:
         # a second signal leaves now, without a checkpoint; one within 2 s is the same stop
         # arriving twice (a terminal's Ctrl-C reaches the ranks and torchrun, which forwards it)
         if self.stop_signal and time.monotonic() - self._signalled_at > 2.0:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         if self.stop_signal:
             return
         self.stop_signal, self._signalled_at = signum, time.monotonic()
@@ -412,6 +413,10 @@ class Pretrainer:
                 encoder = model.encoder
                 meta = encoder_meta(self.cfg.model.encoder, self.cfg.model.width, self.cfg.frontend,
                                     encoder.embedding_dim, self.step, self.cfg.data.view_seconds)
+                # on a CPU the sums' order, so the last bits of every step, follow the thread
+                # count; over a run they grow into different weights (the demo's kNN by ~0.05)
+                meta["trained_on"] = {"device": self.device.type, "cpu_threads": self.threads,
+                                      "world_size": self.info.world_size}
                 try:
                     log.info("encoder exported to %s", export_encoder(encoder, meta, self.run_dir))
                 except CheckpointError as err:
@@ -509,8 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = distributed.env_info().rank
-    setup_logging(rank)
+    info = distributed.env_info()
+    rank = info.rank
+    setup_logging(rank, info.world_size)
     if args.help_config:
         from dataio.augment import describe_ops
         return print_help_config(PretrainConfig, *describe_ops())
@@ -540,12 +546,6 @@ def stop_with_launcher() -> None:
     die_with_parent(signal.SIGTERM)
     if os.getppid() == 1:  # it died before the line above took effect
         raise TrainingError("the launcher of this rank is gone; rerun the launch command to resume")
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
 
 
 if __name__ == "__main__":

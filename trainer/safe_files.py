@@ -4,6 +4,7 @@ values (``weights_only=True``), and whatever is written is fsynced and renamed i
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -51,13 +52,40 @@ def fsync_folder(folder: Path) -> None:
 
 
 def durable_write(path: Path, write) -> None:
-    """``write(file)`` into ``path`` through a sibling ``.tmp``, fsynced, then renamed."""
+    """``write(file)`` into ``path`` through a sibling ``.tmp``, fsynced, then renamed; on
+    failure the ``.tmp`` is removed (a full disk gets its space back) and ``path`` is as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: Path, obj) -> None:
+    """``torch.save(obj)`` into ``path`` durably. torch's writer reports a failed write (a
+    full disk, a file size limit) as "RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos"; the bytes are then written again from memory, so the OS's own error
+    (No space left on device, and the file) is what the user reads."""
+    def write(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError:
+            f.seek(0)
+            f.truncate()
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            f.write(buffer.getbuffer())
+    try:
+        durable_write(path, write)
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def describe_error(err: BaseException) -> str:

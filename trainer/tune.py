@@ -33,7 +33,7 @@ import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.schema import ConfigError, check, option
-from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
+from trainer.commands import INPUT_ERRORS, Stopped, config_parser, print_help_config, run_guarded, setup_logging
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
@@ -81,7 +81,8 @@ class SweepConfig:
         check(self.num_samples > 0, "num_samples", "must be positive")
         check(self.grace_period > 0 and self.reduction_factor > 1, "grace_period",
               "must be positive (and reduction_factor > 1)")
-        check(self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "cpus_per_trial", "must be positive")
+        check(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
+        check(self.gpus_per_trial >= 0, "gpus_per_trial", "must be >= 0")
         for key, spec in self.space.items():
             check_space(key, spec, self.eval)
 
@@ -152,7 +153,7 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
     frozen = shared["frozen"].get(params["encoder"])
     evaluation = Evaluation(sweep["protocol"], params["encoder"], sweep["data"], cfg, clips=ray.get(shared["clips"]),
                             frozen=None if frozen is None else ray.get(frozen))
-    where = {"embedded_in_trial": evaluation.embedded_here, "node": ray.get_runtime_context().get_node_id()[:8]}
+    where = {"embedded_in_trial": evaluation.embedded_here, "node": node_name(ray)}
     start = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -164,6 +165,16 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(evaluation.state_dict(), Path(folder) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def node_name(ray) -> str:
+    """The Ray node this runs on by its name (its IP unless ``ray start --node-name``): a
+    node id is new at every start, so a sweep resumed on the same machine would show two."""
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        return next(n["NodeName"] for n in ray.nodes() if n.get("NodeID") == node_id)
+    except (StopIteration, KeyError, RuntimeError):
+        return node_id[:8]
 
 
 def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
@@ -340,10 +351,11 @@ def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
     sorted best first (errored trials last)."""
     rows = []
     for r in results:
-        m = r.metrics or {}
-        row = {"trial": m.get("trial_id", Path(str(r.path)).name), "status": "error" if r.error else "ok"}
-        row["encoder"] = r.config.get("encoder", "")
-        row.update({k: r.config.get(k) for k in cfg.space})
+        m, config = r.metrics or {}, r.config or {}  # a trial a stop left pending has neither
+        row = {"trial": m.get("trial_id", Path(str(r.path)).name),
+               "status": "error" if r.error else "ok" if "epoch" in m else "not run"}
+        row["encoder"] = config.get("encoder", "")
+        row.update({k: config.get(k, "") for k in cfg.space})
         row["epochs"] = m.get("epoch", 0)
         row["resumed_from_epoch"] = m.get("start_epoch", 0)
         row["node"] = m.get("node", "")
@@ -358,6 +370,24 @@ def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
         return (0 if ok else 1, sign * v if ok else 0.0)
 
     return sorted(rows, key=order)
+
+
+VAL_TEST_GAP = 0.1  # validation above test by more than this is worth a line
+
+
+def check_val_against_test(rows: list[dict], metric: str) -> str:
+    """A line (logged, and returned) when the best trial validates far above its test score:
+    the validation clips then share something with training (a speaker, a kit, a source
+    recording) that the test clips do not, and the ranking may not hold on new data."""
+    best = rows[0] if rows else {}
+    val, test = best.get(f"val_{metric}"), best.get(f"test_{metric}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (val, test)) or val - test <= VAL_TEST_GAP:
+        return ""
+    line = (f"the best trial validates at {val:.3f} but tests at {test:.3f}: its validation clips may share groups "
+            f"(speakers, instruments, kits, source recordings) with its training clips. Give the shards folds "
+            f"that are groups (validation is then a whole fold) or a 'val' split of their own")
+    log.warning(line)
+    return line
 
 
 def _fmt(v) -> str:
@@ -421,9 +451,15 @@ class GracefulStop:
         self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
+    def arm(self) -> None:
+        """Ours again once Ray runs here: ``ray.init`` installs a crash handler on SIGTERM
+        that aborts the driver (exit -6) with no state saved."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._on_signal)
+
     def _on_signal(self, signum, frame) -> None:
         if self.signal or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise KeyboardInterrupt  # a second signal, or Ray Tune is not running yet: leave now
+            raise Stopped(signum)  # a second signal, or Ray Tune is not running yet: leave now
         self.signal = signum
         log.warning("%s received: stopping the sweep after Ray Tune saves its state (again to leave now)",
                     signal.Signals(signum).name)
@@ -439,11 +475,14 @@ def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list
     exp_dir = (Path(cfg.storage) / cfg.name).resolve()
     same_sweep(cfg, exp_dir)
     start_ray(cfg.ray)
+    if stop is not None:
+        stop.arm()
     shared = share_inputs(cfg, clips)
     results = build_tuner(cfg, metric, exp_dir, shared).fit()
     if lost_checkpoints(results) and not (stop and stop.signal):
         results = build_tuner(cfg, metric, exp_dir, shared, restart_errored=True).fit()
     rows = result_rows(results, cfg, metric)
+    check_val_against_test(rows, metric)
     write_tables(rows, exp_dir)
     if rows and rows[0]["status"] == "ok":
         write_best(rows[0], cfg, exp_dir)
@@ -462,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(f"ray.address={args.address}")
     if not args.config:
         p.error("--config is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     def work() -> int:
         cfg = load_config(SweepConfig, args.config, args.overrides)

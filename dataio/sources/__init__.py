@@ -1,9 +1,9 @@
 """Converters from a dataset's own layout to the clips the shard writer takes.
 
 ``LAYOUTS`` maps a layout name (``audioclr shard --layout NAME``) to a function
-``(src: Path, **opts)``. The dataset converters return a
+``(src: Path, **opts)``. The dataset converters and ``csv`` return a
 :class:`~dataio.sources.listing.SourceListing` (clips on disk, listed clips missing on
-disk, official vocabulary); the generic ``folder`` and ``csv`` ones return a plain
+disk, official vocabulary, fold names); the generic ``folder`` one returns a plain
 ``list[ClipItem]``. :func:`load_layout` gives a ``SourceListing`` either way. A
 converter's keyword options are its layout's options (:func:`layout_options`).
 """

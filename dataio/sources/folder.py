@@ -1,4 +1,5 @@
-"""Clip lists for two generic layouts: a folder per label, or a CSV of ``path,label[,fold]``."""
+"""Clip lists for two generic layouts: a folder per label, or a CSV of ``path,label[,fold]``
+(folds integers or names)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 from pathlib import Path
 
 from dataio.shard_writer import ClipItem, safe_key
+from dataio.sources.listing import SourceListing
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"})
 
@@ -50,8 +52,9 @@ def _header_columns(row: list[str]) -> dict[str, int] | None:
     return columns | {"width": len(names)}
 
 
-def _row_item(row: list[str], columns: dict[str, int], root: Path, where: str) -> ClipItem:
-    """The item of one CSV row; ``where`` ("file.csv line 7") names it in errors."""
+def _row_item(row: list[str], columns: dict[str, int], root: Path, where: str) -> tuple[ClipItem, str]:
+    """The item of one CSV row (its fold not yet set) and the row's fold cell ("" if none);
+    ``where`` ("file.csv line 7") names the row in errors."""
     needed = max(columns["path"], columns["label"]) + 1
     if not needed <= len(row) <= columns["width"]:
         raise ValueError(f"{where}: expected columns path,label[,fold] but got {len(row)}: {row}")
@@ -61,25 +64,53 @@ def _row_item(row: list[str], columns: dict[str, int], root: Path, where: str) -
         raise ValueError(f"{where}: empty path or label in {row}")
     fold_at = columns.get("fold", len(cells))
     fold_text = cells[fold_at] if fold_at < len(cells) else ""
-    try:
-        fold = int(fold_text) if fold_text else None
-    except ValueError:
-        raise ValueError(f"{where}: fold {fold_text!r} is not an integer") from None
     full = Path(path) if Path(path).is_absolute() else root / path
-    return ClipItem(path=str(full), labels=[label], fold=fold, key=_relative_key(path))
+    return ClipItem(path=str(full), labels=[label], key=_relative_key(path)), fold_text
 
 
-def csv_items(csv_path: Path) -> list[ClipItem]:
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def number_folds(cells: list[tuple[str, str]]) -> tuple[list[int | None], dict[int, str]]:
+    """Each row's fold from its ``(where, fold cell)``, and the fold names.
+
+    Integer folds are kept as they are (no names). Named folds (kits, speakers, sites) are
+    numbered 1..N in sorted name order, so the numbers do not depend on the rows' order,
+    and returned as {number: name}. A blank cell is no fold. A column that mixes integers
+    and names is refused (a typo such as ``1O`` among ``1..10`` would otherwise renumber
+    every fold silently); the error names a row of each kind.
+    """
+    named = [(where, text) for where, text in cells if text and not _is_integer(text)]
+    if not named:
+        return [int(text) if text else None for _, text in cells], {}
+    numbered = [(where, text) for where, text in cells if text and _is_integer(text)]
+    if numbered:
+        (where, name), (other, number) = named[0], numbered[0]
+        raise ValueError(f"{where}: fold {name!r} is a name, but {other} has the integer fold {number}; "
+                         f"the fold column must hold only integers or only names (e.g. kit{number})")
+    fold_names = dict(enumerate(sorted({text for _, text in named}), start=1))
+    number_of = {name: number for number, name in fold_names.items()}
+    return [number_of[text] if text else None for _, text in cells], fold_names
+
+
+def csv_items(csv_path: Path) -> SourceListing:
     """One item per row of ``csv_path`` with columns ``path,label[,fold]``.
 
     A first row naming ``path`` and ``label`` (and maybe ``fold``) is a header, and then
     gives the column order; relative paths are relative to the CSV's folder. Blank lines
-    are skipped; a malformed row raises ValueError naming the CSV line.
+    are skipped; a malformed row raises ValueError naming the CSV line. Folds are integers
+    or names, numbered as :func:`number_folds` says (the listing's ``fold_names``).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ValueError(f"layout csv: {csv_path} is not a CSV file (columns path,label[,fold])")
     items: list[ClipItem] = []
+    folds: list[tuple[str, str]] = []
     columns: dict[str, int] | None = None
     with csv_path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
@@ -92,5 +123,10 @@ def csv_items(csv_path: Path) -> list[ClipItem]:
                     continue
                 columns = {"path": 0, "label": 1, "fold": 2, "width": 3}
             where = f"{csv_path} line {reader.line_num}"
-            items.append(_row_item(row, columns, csv_path.parent, where))
-    return items
+            item, fold_text = _row_item(row, columns, csv_path.parent, where)
+            items.append(item)
+            folds.append((where, fold_text))
+    numbers, fold_names = number_folds(folds)
+    for item, number in zip(items, numbers):
+        item.fold = number
+    return SourceListing(items, fold_names=fold_names)

@@ -35,13 +35,16 @@ class SourceListing:
 
     ``items``: the clips to write; ``missing``: listed clips without audio;
     ``vocabulary``: the dataset's official label order (None: sorted label names);
-    ``id_column``: what the dataset calls a clip id (the first column of ``missing.tsv``).
+    ``id_column``: what the dataset calls a clip id (the first column of ``missing.tsv``);
+    ``fold_names``: where the folds were named, fold number -> name (the items carry the
+    numbers; ``audioclr shard`` keeps the names in the manifest).
     """
 
     items: list[ClipItem]
     missing: list[MissingClip] = field(default_factory=list)
     vocabulary: list[str] | None = None
     id_column: str = "clip"
+    fold_names: dict[int, str] = field(default_factory=dict)
 
 
 def write_missing(listing: SourceListing, folder: Path) -> Path:

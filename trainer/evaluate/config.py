@@ -56,7 +56,8 @@ class FinetuneConfig:
         check(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         check(self.temperature > 0, "temperature", "must be positive")
         check(self.proj_dim > 0, "proj_dim", "must be positive")
-        check(self.warmup_epochs >= 0 and self.gain_db >= 0, "warmup_epochs", "must be >= 0")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.gain_db >= 0, "gain_db", "must be >= 0")
 
 
 @dataclass
@@ -64,8 +65,9 @@ class EvalConfig:
     split: str = option("auto", "auto: folds if the shards have them, else their train/test split, "
                         "else a seeded random split", ("auto", "folds", "split", "random"))
     test_fraction: float = option(0.2, "test share of the seeded random split")
-    val_fraction: float = option(0.0, "validation share carved from each round's training clips, "
-                                 "when the shards have no 'val' split (Ray Tune selects on it)")
+    val_fraction: float = option(0.0, "> 0: validation clips, when the shards have no 'val' split (Ray Tune "
+                                 "selects on them): with folds the next fold whole (folds are groups), "
+                                 "else this share of each round's training clips")
     max_rounds: int = option(0, "evaluate only the first N rounds (folds); 0 = all")
     seed: int = option(0, "seed of the splits, of the training order and of random-init encoders")
     patch_seconds: float = option(0.0, "patch / crop length, s; 0 = the encoder's training view length")
@@ -81,7 +83,8 @@ class EvalConfig:
         check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         check(self.max_rounds >= 0, "max_rounds", "must be >= 0")
-        check(self.patch_seconds >= 0 and self.hop_seconds >= 0, "patch_seconds", "must be >= 0")
+        check(self.patch_seconds >= 0, "patch_seconds", "must be >= 0")
+        check(self.hop_seconds >= 0, "hop_seconds", "must be >= 0")
         check(self.embed_batch > 0, "embed_batch", "must be positive")
 
 

@@ -129,28 +129,44 @@ def plot_learning_curves(history: dict[str, list[dict]], path: str | Path, title
 
 
 def plot_confusion(counts: np.ndarray, class_names: list[str], path: str | Path, title: str) -> Path:
-    """Row-normalised heat map of [C, C] ``counts`` (rows true, columns predicted)."""
+    """Write :func:`confusion_figure` of [C, C] ``counts`` to ``path``."""
+    return _save(confusion_figure(counts, class_names, title), path)
+
+
+def _percent_text(percent: float) -> str:
+    """A cell's percentage, whole; "<1" and ">99" where rounding would hide that a share
+    is neither none nor all."""
+    if 0 < percent < 1:
+        return "<1"
+    return ">99" if 99 < percent < 100 else f"{percent:.0f}"
+
+
+def confusion_figure(counts: np.ndarray, class_names: list[str], title: str):
+    """Heat map of [C, C] ``counts`` (rows true, columns predicted) as the percentage of
+    each true class's clips: colour and cell text (up to 20 classes) show the same number,
+    so every row reads as that class's recall and confusions whatever its size; each row's
+    clip count is on its label ("dog (n=40)"), a cell's count is that times its share."""
     counts = np.asarray(counts)
     c = counts.shape[0]
     if counts.shape != (c, c) or len(class_names) != c:
         raise ValueError(f"counts {counts.shape} do not match {len(class_names)} class names")
     support = counts.sum(axis=1, keepdims=True).astype(np.float64)
-    norm = np.divide(counts, support, out=np.zeros((c, c)), where=support > 0)
+    percent = 100.0 * np.divide(counts, support, out=np.zeros((c, c)), where=support > 0)
     side = max(5.0, 0.25 * c + 2)
     fig, ax = plt.subplots(figsize=(side + 1, side))
-    image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    image = ax.imshow(percent, cmap="Blues", vmin=0.0, vmax=100.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class's clips (each row sums to 100)")
     ticks = np.arange(c)
     size = 8 if c <= 20 else 6
     ax.set_xticks(ticks, [str(n) for n in class_names], rotation=90, fontsize=size)
-    ax.set_yticks(ticks, [str(n) for n in class_names], fontsize=size)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set_yticks(ticks, [f"{n} (n={int(k)})" for n, k in zip(class_names, support[:, 0])], fontsize=size)
+    ax.set(xlabel="predicted", ylabel="true (clips)", title=title)
     if c <= 20:
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    return _save(fig, path)
+                ax.text(j, i, _percent_text(percent[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if percent[i, j] > 50 else "black")
+    return fig
 
 
 def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path,

@@ -8,7 +8,12 @@ Ray Tune trial can report the mean over folds after each epoch and stop early).
 - ``random``: one seeded stratified split, for shards with neither.
 
 A round's validation clips come from the shards' ``val`` split when there is one, else
-from a seeded stratified ``val_fraction`` of its training clips (0 = none). Model
+(``val_fraction`` > 0) from clips that are not trained on: under ``folds`` the next fold
+whole (round k tests fold k, validates on fold k+1, trains on the rest), since folds are
+groups (a kit, an instrument, a source recording) and a random share of the training
+clips would share its group with training and rank trials by how well they memorise it;
+elsewhere, and with only two folds, a seeded stratified ``val_fraction`` of the training
+clips. Model
 selection (Ray Tune, early stopping) reads validation metrics only; test metrics are
 those of the last epoch.
 """
@@ -88,8 +93,14 @@ def make_rounds(clips: ClipSet, how: str = "auto", *, test_fraction: float = 0.2
     if how == "folds":
         if not has_folds:
             raise ValueError("eval.split=folds, but the shards' clips carry no folds")
-        for i, f in enumerate(np.unique(folds[rows])):
-            train, val = _carve_val(clips, rows[folds[rows] != f], val_fraction, seed + i)
+        ids = np.unique(folds[rows])
+        for i, f in enumerate(ids):
+            rest = rows[folds[rows] != f]
+            if val_fraction > 0 and len(ids) > 2:  # a whole fold: no group on both sides
+                held = ids[(i + 1) % len(ids)]
+                train, val = rest[folds[rest] != held], rest[folds[rest] == held]
+            else:
+                train, val = _carve_val(clips, rest, val_fraction, seed + i)
             rounds.append(Round(f"fold{f}", train, val, rows[folds[rows] == f]))
     elif how == "split":
         if not has_split:

@@ -22,7 +22,7 @@ from dataio.atomic import write_text_atomically
 from dataio.manifest import load_manifest
 from dataio.schema import ConfigError
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
-from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
+from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded, setup_logging
 from trainer.config import load_config
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_help_config(EvalRoot)
     if not args.run or not args.data:
         p.error("--run and --data are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     def work() -> int:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
@@ -266,4 +266,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_guarded("audioclr eval", work, input_errors=(*INPUT_ERRORS, CheckpointError),
-                       run_errors=(FloatingPointError,))
+                       run_errors=(FloatingPointError,),
+                       on_interrupt="stopped; nothing was written for this evaluation (results are written at its end)")

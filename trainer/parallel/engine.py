@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.parallel import distributed
-from trainer.safe_files import CheckpointError, durable_write, load_tensors
+from trainer.safe_files import CheckpointError, durable_write, load_tensors, save_tensors
 
 WEIGHTS = "weights.safetensors"  # the whole model, written by every engine (rank 0)
 OPTIMIZER = "optimizer.pt"  # DDP's optimizer and schedule state
@@ -131,7 +131,7 @@ class DDPEngine(Engine):
         if distributed.env_info().is_main:
             save_weights(self.module, folder)
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            durable_write(folder / OPTIMIZER, lambda f: torch.save(state, f))
+            save_tensors(folder / OPTIMIZER, state)
 
     def load(self, folder: Path) -> None:
         load_weights(self.module, folder)
