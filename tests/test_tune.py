@@ -62,6 +62,9 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     scores = [float(r["val_class_averaged_accuracy"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(r["epochs"] == "1" for r in rows)
     assert (out / "results.md").read_text().count("\n| ") == 4
+    assert done.stderr.count(" done after 1 epoch(s) (finetune.alpha=") == 4, "a line per trial"
+    assert len((done.stdout + done.stderr).splitlines()) < 60, "not Ray Tune's tables for every trial"
+    assert "snapshotting has been triggered" not in done.stderr and "Checkpoint successfully created" not in done.stderr
     best = out / "best.yaml"
     first = best.read_text().splitlines()[0]
     assert first.startswith("# audioclr eval") and "--config" in first
@@ -161,6 +164,8 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "stop" / "results.csv")))
     assert len(rows) == 3 and all(r["status"] == "ok" and r["epochs"] == "40" for r in rows)
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows
+    assert len({r["node"] for r in rows}) == 1, "one machine is one node, whichever Ray start ran a trial"
+    assert "node" not in (tmp_path / "sweeps" / "stop" / "results.md").read_text().splitlines()[0]
 
 
 def test_ctrl_c_before_ray_tune_runs_leaves_at_once():

@@ -40,6 +40,27 @@ def test_every_file_of_a_run_is_readable_as_the_umask_says(finished_run):
     assert not files and not folders, (files, folders)
 
 
+def test_shards_and_evaluations_are_readable_as_the_umask_says(finished_run, tiny_shards, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    src = tmp_path / "src"
+    for i in range(4):
+        (src / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        sf.write(src / f"c{i % 2}" / f"{i}.wav", np.random.default_rng(i).normal(0, 0.1, 8000), 16000)
+    for args in (["shard", str(src), "--layout", "folder", "--out", str(tmp_path / "shards")],
+                 ["eval", "--run", str(finished_run), "--data", str(tiny_shards), "eval.knn.k=3"]):
+        out = subprocess.run([PYTHON, "-m", "trainer.cli", *args], env=cli_env(), capture_output=True, text=True,
+                             timeout=300, preexec_fn=lambda: os.umask(0o027))
+        assert out.returncode == 0, out.stderr[-2000:]
+    logged = [line for line in out.stderr.splitlines() if " INFO " in line]  # eval logs as pretrain does
+    assert logged and all(re.match(r"\d\d:\d\d:\d\d INFO [\w.]+: ", line) for line in logged), logged[:3]
+    written = [*(tmp_path / "shards").rglob("*"), *(finished_run / "eval").rglob("*")]
+    assert len(written) > 5
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
+             if stat.S_IMODE(p.stat().st_mode) != (0o640 if p.is_file() else 0o750)}
+    assert not wrong, wrong
+
+
 @pytest.mark.parametrize("change,words", [
     ("objective.name=moco", "objective.name: 'simclr' there, 'moco' here"),
     ("model.width=8", "model.width: 4 there, 8 here"),
@@ -161,3 +182,22 @@ def test_sigterm_ends_an_evaluation_as_ctrl_c_does(encoder_run, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "audioclr eval: stopped; nothing was written" in err and "(SIGTERM)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_every_command_ends_on_a_stop_signal_with_128_plus_n_and_a_line(tmp_path, sig):
+    import signal
+    import time
+    number = getattr(signal, sig)
+    proc = subprocess.Popen([PYTHON, "-m", "trainer.cli", "demo-corpus", "--out", str(tmp_path / "c"), "--clips",
+                             "100000", "--workers", "1"], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "c").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(number)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + number, err[-2000:]
+    assert f"audioclr demo-corpus: stopped by {sig}" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -70,8 +71,14 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def raise_stopped(signum, frame) -> None:
-    raise Stopped(signum)
+def _stopper(owner: int):
+    def raise_stopped(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked worker (a pool's) inherited this: it dies as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+    return raise_stopped
 
 
 @contextlib.contextmanager
@@ -81,7 +88,7 @@ def sigterm_stops():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    previous = signal.signal(signal.SIGTERM, _stopper(os.getpid()))
     try:
         yield
     finally:

@@ -146,6 +146,7 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
     from ray import tune
 
     from trainer.checkpoint import load_tensors
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per saved checkpoint
     from trainer.evaluate.run import Evaluation
 
     knobs = {k: v for k, v in params.items() if k != "encoder"}
@@ -315,6 +316,29 @@ def lost_checkpoints(results) -> bool:
     return bool(lost)
 
 
+def trial_lines(cfg: SweepConfig, metric: str):
+    """A Ray Tune callback that logs one line as each trial starts, ends or fails (Ray Tune's
+    own report, a status table and a result table per trial, is off: 391 lines for a small sweep)."""
+    from ray.tune import Callback
+
+    def knobs(trial) -> str:
+        return ", ".join(f"{k}={trial.config.get(k)}" for k in cfg.space) or "-"
+
+    class TrialLines(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("trial %s started (%s)", trial.trial_id, knobs(trial))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            log.info("trial %s done after %s epoch(s) (%s): val %s %s, test %s", trial.trial_id, r.get("epoch", "?"),
+                     knobs(trial), metric, _fmt(r.get(f"val_{metric}", "?")), _fmt(r.get(f"test_{metric}", "?")))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("trial %s failed (%s); see %s", trial.trial_id, knobs(trial), trial.local_path or "its folder")
+
+    return TrialLines()
+
+
 def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, restart_errored: bool = False):
     """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already
     (errored trials resume from their checkpoint, or with ``restart_errored`` from scratch)."""
@@ -343,7 +367,8 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, rest
                                     scheduler=scheduler),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0,
+                                  callbacks=[trial_lines(cfg, metric)]))
 
 
 def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
@@ -502,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         p.error("--config is required")
     setup_logging()
+    # Ray Tune warns at every few saves that "snapshotting ... may become a bottleneck": a
+    # sweep saves each trial's state every epoch on purpose (resume), and the trials are small
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     def work() -> int:
         cfg = load_config(SweepConfig, args.config, args.overrides)
