@@ -44,6 +44,7 @@ from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
+from dataio.schema import cli_number
 from dataio.shard_writer import Encoding
 from dataio.torch_pipeline import WaveBatches
 
@@ -274,18 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard folder or its URL; default: synthesize --clips clips of --clip-seconds")
-    p.add_argument("--clips", type=int, default=256)
-    p.add_argument("--clip-seconds", type=float, default=10.0)
-    p.add_argument("--cores", type=int, default=0, help="0 = the cores this process may use")
+    p.add_argument("--clips", type=cli_number(int, 1), default=256)
+    p.add_argument("--clip-seconds", type=cli_number(float, 0, above=True), default=10.0)
+    p.add_argument("--cores", type=cli_number(int, 0), default=0, help="0 = the cores this process may use")
     p.add_argument("--backends", default="torch,dali", help="back ends to time ('' = none)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--pairs", type=int, default=1, help="data.pairs_per_clip")
-    p.add_argument("--seconds", type=float, default=20.0, help="timing window per back end")
+    p.add_argument("--batch-size", type=cli_number(int, 1), default=64)
+    p.add_argument("--pairs", type=cli_number(int, 1), default=1, help="data.pairs_per_clip")
+    p.add_argument("--seconds", type=cli_number(float, 0, above=True), default=20.0, help="timing window per back end")
     p.add_argument("--config", help="a pretraining recipe: also time each back end with its augmentation chain "
                    "(and, with --formats, compute the logmel corpus with its front end)")
     p.add_argument("--formats", default="", help="clip formats to compare (e.g. flac,pcm16,logmel): the corpus is "
                    "converted to each; bytes per second of audio and clips/s per loader core")
-    p.add_argument("--view-seconds", type=float, default=1.0, help="--formats: the views' length")
+    p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0, help="--formats: the views' length")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
     try:

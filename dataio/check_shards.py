@@ -17,6 +17,7 @@ from pathlib import Path
 from dataio.formats import ClipCodec
 from dataio.manifest import ManifestError, load_manifest
 from dataio.remote import RemoteError, Retry, is_url, join, read_bytes, tar_samples
+from dataio.schema import cli_number
 
 
 def member_problem(sample: dict, codec: ClipCodec, num_clips: int, vocabulary: set[str]) -> str | None:
@@ -100,7 +101,7 @@ def index_problems(root: Path, shard) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr check-shards", description=__doc__)
     p.add_argument("shards", help="shard folder (with manifest.json), or its URL")
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--workers", type=cli_number(int, 0), default=0, help="processes (0 = all cores)")
     args = p.parse_args(argv)
     try:
         manifest = load_manifest(args.shards)

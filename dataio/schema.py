@@ -28,6 +28,24 @@ def option(default: Any, doc: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+def cli_number(kind: type, minimum: float, *, above: bool = False):
+    """An argparse ``type=`` for a finite ``kind`` (int or float) >= ``minimum`` (or >
+    with ``above``): a bad value is exit 2 and the option named, by argparse."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.kind, parse.minimum, parse.above = kind, minimum, above  # what tests/test_fuzz.py tries
+    return parse
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError about ``key`` unless ``condition`` holds (for __post_init__)."""
     if not condition:

@@ -13,6 +13,7 @@ from pathlib import Path
 from dataio.convert import convert_corpus, frontend_from_recipe
 from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.remote import Publisher, RemoteError, is_url, shown
+from dataio.schema import cli_number
 from dataio.shard_writer import REJECTED_NAME, Encoding, ShardWriteError, write_shards
 
 FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
@@ -43,13 +44,13 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
         "or a dataset's own layout: audioset, fsd50k, fsdnoisy18k, esc50, us8k, gtzan")
     add("--out", required=True, help="folder for the shards and manifest, or its URL (s3://, gs://, any "
         "writable fsspec URL: each shard is uploaded as it is complete, the manifest last)")
-    add("--sample-rate", type=int, default=16000, help="rate of the shards' audio, Hz")
-    add("--shard-size", type=int, default=0,
+    add("--sample-rate", type=cli_number(int, 1), default=16000, help="rate of the shards' audio, Hz")
+    add("--shard-size", type=cli_number(int, 0), default=0,
         help="clips per shard (default 1000 unless --shard-bytes is given)")
     add("--shard-bytes", type=parse_size, default=0, help="payload per shard, e.g. 64MB or 1GB")
-    add("--seed", type=int, default=0, help="seed of the order of clips in the shards")
-    add("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
-    add("--min-seconds", type=float, default=0.025, help="reject clips shorter than this, seconds "
+    add("--seed", type=cli_number(int, 0), default=0, help="seed of the order of clips in the shards")
+    add("--workers", type=cli_number(int, 0), default=0, help="worker processes (0: one per CPU)")
+    add("--min-seconds", type=cli_number(float, 0), default=0.025, help="reject clips shorter than this, seconds "
         "(shorter ones are padded when trained on: notes and drum hits are short)")
     add("--dataset", default=None, help="dataset name in the manifest (default: SRC's name)")
     add("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
@@ -79,7 +80,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("src", metavar="SRC", help="a shard folder (with manifest.json), or its URL")
     add("--out", required=True, help="folder for the converted corpus, or a writable folder URL (s3://, ...)")
-    add("--workers", type=int, default=0, help="processes, one shard each (0: one per CPU)")
+    add("--workers", type=cli_number(int, 0), default=0, help="processes, one shard each (0: one per CPU)")
     add("--overwrite", action="store_true", help="replace the corpus in a non-empty --out")
     _add_format_arguments(parser, default=None)
 
@@ -112,7 +113,7 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
         help="audioset: segment CSVs to read (balanced_train,unbalanced_train,eval); "
              "fsdnoisy18k: train subsets to write (clean,noisy_small,noisy; test always)")
     add("--esc10", action="store_true", default=None, help="esc50: only the ESC-10 clips")
-    add("--split-seed", type=int, default=None,
+    add("--split-seed", type=cli_number(int, 0), default=None,
         help="gtzan: seed of the stratified 70/15/15 train/val/test split (default 0)")
 
 

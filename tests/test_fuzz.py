@@ -425,3 +425,71 @@ def test_the_fuzzer_itself_covers_every_command_and_a_new_key(monkeypatch):
     assert {"ray.address", "num_samples"} <= {k for k, _ in commands()["tune"][1]}
     assert "train.threads" in {k for k, _ in schema_keys(TrainConfig, "train.")}
     assert REPO.is_dir()
+
+
+# ------------------------------------------------- 3. the options of the other commands
+
+def command_parsers() -> dict:
+    """Every argparse parser the ``audioclr`` commands build, caught as they parse."""
+    import argparse
+
+    from trainer.cli import main
+
+    class Caught(Exception):
+        pass
+    parsers = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def catch(self, args=None, namespace=None):
+        parsers[self.prog] = self
+        raise Caught
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        for argv in (["demo-corpus"], ["shard", "x"], ["shard", "convert"], ["check-shards"], ["bench", "data"],
+                     ["bench", "train"], ["bench", "quality"], ["demo"], ["eval"], ["tune"], ["pretrain"]):
+            try:
+                main(argv)
+            except Caught:
+                pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return parsers
+
+
+def test_every_numeric_option_is_checked_and_refuses_nonsense_by_name():
+    import argparse
+    parsers = command_parsers()
+    assert {"audioclr shard", "audioclr bench data", "audioclr bench train", "audioclr demo"} <= set(parsers)
+    unchecked, failures, tried = [], [], 0
+    for prog, parser in parsers.items():
+        for action in parser._actions:
+            if not action.option_strings:
+                continue
+            if action.type in (int, float):
+                unchecked.append(f"{prog} {action.option_strings[0]}")
+                continue
+            kind = getattr(action.type, "kind", None)
+            if kind is None:
+                continue
+            low = action.type.minimum
+            for value in ["abc", "", "nan", "inf", "-inf", str(low - 1), *([str(low)] if action.type.above else [])]:
+                tried += 1
+                try:
+                    action.type(value)
+                except argparse.ArgumentTypeError:
+                    continue
+                failures.append(f"{prog} {action.option_strings[0]} {value!r}: accepted")
+    assert not unchecked, f"numeric options without a range: {unchecked}"
+    assert tried > 50 and not failures, failures
+
+
+def test_a_refused_option_is_exit_2_and_one_line(tmp_path, capsys):
+    from trainer.cli import main
+    for argv in (["demo", "--clips", "-3", "--out", str(tmp_path / "d")], ["bench", "data", "--seconds", "0"],
+                 ["shard", str(tmp_path), "--out", str(tmp_path / "s"), "--sample-rate", "0"],
+                 ["bench", "quality", "--csv", "x.csv", "--config", "y.yaml", "--seeds", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err and argv[-2] in err, (argv, err)
+    assert not list(tmp_path.iterdir()), "nothing written"

@@ -35,7 +35,7 @@ import torch
 
 from dataio.atomic import write_text_atomically
 from dataio.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from dataio.schema import ConfigError
+from dataio.schema import ConfigError, cli_number
 from trainer.commands import setup_logging
 from trainer.config import PretrainConfig, load_config
 
@@ -256,17 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--shards", help="a labelled shard folder with folds instead of --csv")
     p.add_argument("--config", required=True, help="pretraining recipe")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=0, help="pretraining epochs (default: the recipe's)")
-    budget.add_argument("--minutes", type=float, default=0.0,
+    budget.add_argument("--epochs", type=cli_number(int, 0), default=0, help="pretraining epochs (default: the recipe's)")
+    budget.add_argument("--minutes", type=cli_number(float, 0), default=0.0,
                         help="pretraining time budget per seed: epochs are set from a short timed run")
     p.add_argument("--seeds", default="0", help="comma-separated pretraining seeds, e.g. 0,1")
-    p.add_argument("--patch-seconds", type=float, default=1.0, help="evaluation patch length, s")
+    p.add_argument("--patch-seconds", type=cli_number(float, 0, above=True), default=1.0, help="evaluation patch length, s")
     p.add_argument("--format", default="", choices=("", "flac", "pcm16", "logmel"),
                    help="pretrain from the shards converted to this clip format (evaluation reads the audio)")
     p.add_argument("--out", default="runs/quality", help="folder for shards, runs and quality.json")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.05 augment.rrc.p=0")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    try:
+        args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds: not a comma-separated list of integers: {args.seeds!r}")
     setup_logging()
     try:
         if args.epochs < 0 or args.minutes < 0 or not args.seeds or not math.isfinite(args.minutes):

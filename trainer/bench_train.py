@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from dataio.schema import cli_number
+
 log = logging.getLogger("audioclr.bench_train")
 
 
@@ -210,21 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="resnet18")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64, help="clips per step (two views each)")
-    p.add_argument("--view-seconds", type=float, default=1.0)
-    p.add_argument("--n-mels", type=int, default=64)
+    p.add_argument("--width", type=cli_number(int, 4), default=32)
+    p.add_argument("--batch", type=cli_number(int, 2), default=64, help="clips per step (two views each)")
+    p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0)
+    p.add_argument("--n-mels", type=cli_number(int, 1), default=64)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fast", "auto"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", default="off", choices=("off", "on"),
                    help="torch.compile the encoder in (a) and (b, c) alike")
     p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=cli_number(int, 1), default=20, help="timed steps per loop")
+    p.add_argument("--warmup", type=cli_number(int, 0), default=3, help="untimed steps first")
     p.add_argument("--data", help="shard folder for the real-data rows (c)")
     p.add_argument("--backends", default="torch,dali", help="back ends for (c)")
-    p.add_argument("--workers", type=int, default=2, help="data.num_workers for (c)")
+    p.add_argument("--workers", type=cli_number(int, 0), default=2, help="data.num_workers for (c)")
     p.add_argument("--config", help="recipe whose augmentation chain (c) runs")
     p.add_argument("--formats", default="", help="clip formats for (c), e.g. flac,pcm16,logmel: --data converted "
                    "to each (logmel with the recipe's front end), every back end on each")

@@ -7,12 +7,14 @@ import sys
 
 
 def _demo_corpus(argv: list[str]) -> int:
+    from dataio.schema import cli_number
+
     p = argparse.ArgumentParser(prog="audioclr demo-corpus",
                                 description="Synthesize the embedded labelled demo corpus as shards.")
     p.add_argument("--out", required=True, help="output shard folder")
-    p.add_argument("--clips", type=int, default=400, help="number of clips (1-5 s each)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--clips", type=cli_number(int, 1), default=400, help="number of clips (1-5 s each)")
+    p.add_argument("--seed", type=cli_number(int, 0), default=0)
+    p.add_argument("--workers", type=cli_number(int, 0), default=0, help="processes (0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
     from dataio.shard_writer import ShardWriteError

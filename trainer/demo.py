@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from dataio.manifest import MANIFEST_NAME, ManifestError
+from dataio.schema import cli_number
+from dataio.shard_writer import ShardWriteError
 from trainer.commands import setup_logging
 from trainer.config import ConfigError, PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, the run and summary.json")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="pretraining recipe")
-    p.add_argument("--clips", type=int, default=400, help="clips in the synthetic corpus")
+    p.add_argument("--clips", type=cli_number(int, 1), default=400, help="clips in the synthetic corpus")
     p.add_argument("overrides", nargs="*", help="pretraining overrides (train.epochs=2) and eval.* keys")
     args = p.parse_args(argv)
     setup_logging(0)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [o for o in args.overrides if not o.startswith("eval.")]
     try:
         s = demo(Path(args.out), Path(args.config), args.clips, overrides, eval_overrides)
-    except (ConfigError, ManifestError) as err:
+    except (ConfigError, ManifestError, ShardWriteError) as err:
         print(f"audioclr demo: error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:

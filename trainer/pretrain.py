@@ -21,6 +21,7 @@ from dataio.formats import check_recipe_frontend
 from dataio.manifest import ManifestError, load_manifest, load_sources
 from dataio.pipeline import open_source
 from dataio.remote import Retry
+from dataio.schema import cli_number
 from dataio.synthetic import synthetic_manifest
 from dataio.torch_pipeline import die_with_parent
 from trainer.checkpoint import (
@@ -508,7 +509,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = config_parser("audioclr pretrain", __doc__, "YAML recipe (configs/*.yaml)",
                       "dotted overrides, e.g. optim.lr=0.1 train.epochs=5")
     # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=cli_number(int, 0), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
