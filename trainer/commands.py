@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from dataio.manifest import ManifestError
@@ -71,28 +72,56 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+# The stop being delivered: a KeyboardInterrupt raised inside a C callback or a finaliser
+# (soundfile's cffi I/O callbacks, a __del__) is printed as "Exception ignored" and lost, and
+# the command ran on; until a catcher calls stop_handled() it is raised again every 2 s.
+_pending = {"signum": 0}
+REDELIVER_S = 2.0
+
+
 def _stopper(owner: int):
     def raise_stopped(signum, frame) -> None:
-        if os.getpid() != owner:  # a forked worker (a pool's) inherited this: it dies as it would have
+        if os.getpid() != owner:  # a forked worker (a pool's) inherited this: it behaves as before
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if not _pending["signum"]:
+            _pending["signum"] = signum
+            threading.Thread(target=_redeliver, args=(owner, signum), daemon=True).start()
         raise Stopped(signum)
     return raise_stopped
 
 
+def _redeliver(owner: int, signum: int) -> None:
+    for _ in range(10):
+        time.sleep(REDELIVER_S)
+        if _pending["signum"] != signum:
+            return
+        os.kill(owner, signum)
+
+
+def stop_handled() -> None:
+    """The stop reached its catcher: no more redelivery."""
+    _pending["signum"] = 0
+
+
 @contextlib.contextmanager
 def sigterm_stops():
-    """SIGTERM (a scheduler's pre-emption, ``docker stop``) ends the command as Ctrl-C does,
-    not silently: a command with its own graceful stop installs its handler inside this."""
+    """Ctrl-C and SIGTERM (a scheduler's pre-emption, ``docker stop``) end the command alike,
+    not silently, and surely (see ``_pending``): a command with its own graceful stop
+    installs its handlers inside this."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _stopper(os.getpid()))
+    handler = _stopper(os.getpid())
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INPUT_ERRORS,
@@ -107,6 +136,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         with sigterm_stops():
             return work()
     except KeyboardInterrupt as err:
+        stop_handled()
         signum = getattr(err, "signum", signal.SIGINT)
         if not quiet:
             named = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
@@ -127,4 +157,4 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
 
 
 __all__ = ["CheckpointError", "ConfigError", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
-           "run_guarded", "setup_logging", "sigterm_stops"]
+           "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as err:  # the agent itself was signalled: the ranks got it too and saved
         return 128 + int(err.sigval)
     except KeyboardInterrupt:
+        from trainer.commands import stop_handled
+        stop_handled()
         return 128 + signal.SIGINT
     return 0
 
