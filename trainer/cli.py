@@ -116,17 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audioclr: unknown command '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from trainer.commands import sigterm_stops, stop_handled  # here: `audioclr --help` stays light
+    from trainer.commands import report_stop, sigterm_stops  # here: `audioclr --help` stays light
     try:
         with sigterm_stops():  # commands with a graceful stop of their own install theirs inside
             return COMMANDS[name][0](rest)
     except KeyboardInterrupt as err:
-        stop_handled()
-        import signal
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"audioclr {name}: stopped by {signal.Signals(signum).name}; nothing half-written is kept "
-              f"under a final name (rerun the command)", file=sys.stderr)
-        return 128 + signum
+        return report_stop(f"audioclr {name}", err, "stopped by {signal}; nothing half-written is kept "
+                           "under a final name (rerun the command)")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,18 @@ def sigterm_stops():
             signal.signal(s, old)
 
 
+def report_stop(prog: str, err: KeyboardInterrupt, message: str, quiet: bool = False) -> int:
+    """A stop taken: no more redelivery, one line, 128 + N. ``message`` may name the signal
+    (``{signal}``); if it does not, a signal other than Ctrl-C is named after it."""
+    stop_handled()
+    signum = getattr(err, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    if not quiet:
+        named = "" if "{signal}" in message or signum == signal.SIGINT else f" ({name})"
+        print(f"{prog}: {message.format(signal=name)}{named}", file=sys.stderr)
+    return 128 + signum
+
+
 def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INPUT_ERRORS,
                 run_errors: tuple = (), own_errors: tuple = (), quiet: bool = False,
                 on_interrupt: str = "error: interrupted") -> int:
@@ -136,12 +148,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         with sigterm_stops():
             return work()
     except KeyboardInterrupt as err:
-        stop_handled()
-        signum = getattr(err, "signum", signal.SIGINT)
-        if not quiet:
-            named = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
-            print(f"{prog}: {on_interrupt}{named}", file=sys.stderr)
-        return 128 + signum
+        return report_stop(prog, err, on_interrupt, quiet)
     except own_errors as err:
         report(describe_error(err) if isinstance(err, OSError) else err, everywhere=True)
         return 1
@@ -157,4 +164,4 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
 
 
 __all__ = ["CheckpointError", "ConfigError", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
-           "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]
+           "report_stop", "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]

@@ -93,14 +93,12 @@ EITHER_OR = (("data", "shards", "sources"),)
 
 
 def _drop_replaced(tree: dict, layer: dict) -> dict:
+    """``tree`` without the earlier value of a pair ``layer`` sets one of (both set in one
+    layer stay, for the config check to refuse)."""
     for section, *keys in EITHER_OR:
-        given = layer.get(section) if isinstance(layer.get(section), dict) else {}
-        earlier = tree.get(section)
-        if not isinstance(earlier, dict):
-            continue
-        for key in keys:
-            if given.get(key) and not any(given.get(k) for k in keys if k != key):
-                tree = {**tree, section: {k: v for k, v in earlier.items() if k not in keys or k == key}}
+        given, earlier = layer.get(section), tree.get(section)
+        if isinstance(given, dict) and isinstance(earlier, dict) and sum(bool(given.get(k)) for k in keys) == 1:
+            tree = {**tree, section: {k: v for k, v in earlier.items() if k not in keys}}
     return tree
 
 

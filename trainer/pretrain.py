@@ -210,7 +210,7 @@ class Pretrainer:
         except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
             if isinstance(err, CheckpointError) and "does not fit" not in str(err):
                 raise
-            raise ConfigError(f"train.resume: checkpoint {folder} does not fit this model ({describe_load_error(err)}). "
+            raise ConfigError(f"train.resume: checkpoint {folder} does not fit this model ({describe_error(err)}). "
                               f"{START_ELSEWHERE}") from None
         self.step = int(shared["step"])
         if mine is not None:
@@ -439,12 +439,6 @@ MODEL_KEYS = ("model.", "objective.name", "objective.supcon_dim", "objective.que
 NOT_MODEL_KEYS = {"model.pretrained", "model.global_bn"}
 START_ELSEWHERE = ("To train this config, give it a new run_dir; to start over in this folder, "
                    "train.resume=none (its checkpoints are then replaced as the new run saves)")
-
-
-def describe_load_error(err: BaseException) -> str:
-    if isinstance(err, KeyError):
-        return f"the checkpoint has no {err.args[0]!r}"
-    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
 def describe_engine(engine) -> str:
