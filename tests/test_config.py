@@ -83,7 +83,7 @@ def test_there_are_configs():
 def test_fast_precision_is_bf16_only_where_the_hardware_computes_it():
     import torch
 
-    from trainer.pretrain import autocast_dtype, cpu_computes_bf16
+    from trainer.parallel.device import autocast_dtype, cpu_computes_bf16
 
     cpu = torch.device("cpu")
     assert autocast_dtype("fast", cpu) == (torch.bfloat16 if cpu_computes_bf16() else None)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
+from tests.conftest import PYTHON, REPO, checkpoint_weights, cli_env, tiny_overrides
 from tests.dist_utils import alive, free_port, kill_launch, run_workers
 
 pytest.importorskip("deepspeed")
@@ -40,7 +40,7 @@ def _train(rank: int, world: int, name: str, engine_name: str, stage: int, chunk
     from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
     from trainer.optim import build_optimizer, build_scheduler
-    from trainer.parallel.engine import build_engine
+    from trainer.parallel.engines import build_engine
     from trainer.parallel.gradcache import GradCache
     from trainer.parallel.sync_bn import convert_global_bn
 
@@ -145,7 +145,7 @@ def _launch(ranks: int, args: list) -> list:
 
 
 def _cpu_bf16() -> bool:
-    from trainer.pretrain import cpu_computes_bf16
+    from trainer.parallel.device import cpu_computes_bf16
     return cpu_computes_bf16()
 
 
@@ -246,7 +246,6 @@ def test_a_pickle_planted_in_a_deepspeed_shard_is_refused_and_never_run(tiny_sha
     ("deepspeed.config={zero_optimization: {stage: 3}}", "use deepspeed.zero_stage"),
     ("deepspeed.config={zero_optimization: {no_such_knob: 1}}", "DeepSpeed refused the configuration"),
     ("deepspeed.precision=fp16", "deepspeed.precision: fp16 needs a CUDA device"),
-    ("train.channels_last=true", "train.channels_last: not with train.engine=deepspeed"),
     ("optim.name=lars", "optim.name: lars scales each layer by its own trust ratio"),
     ("deepspeed.offload_params=true", "deepspeed.offload_params: needs zero_stage 3"),
 ])
@@ -256,15 +255,36 @@ def test_bad_deepspeed_settings_exit_2_naming_the_key(tiny_shards, tmp_path, ove
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_shipped_recipe_passes_the_deepspeed_check_at_every_stage(stage):
+    """Any recipe runs under DeepSpeed unchanged: what ZeRO cannot use it leaves off, with a line."""
+    from trainer.config import PretrainConfig, load_config
+    from trainer.parallel.deepspeed_engine import DeepSpeedEngine
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(PretrainConfig, path, ["train.engine=deepspeed", f"deepspeed.zero_stage={stage}"])
+        left_off = DeepSpeedEngine.check(cfg, torch.device("cpu"))
+        assert DeepSpeedEngine.memory_format(cfg) == torch.contiguous_format
+        assert any("channels_last" in line for line in left_off) == cfg.train.channels_last, path.name
+
+
+def test_the_demo_recipe_trains_under_deepspeed_with_channels_last_left_off(tiny_shards, tmp_path):
+    out = _pretrain("--config", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tiny_shards, tmp_path / "run"),
+                    "train.engine=deepspeed", "deepspeed.zero_stage=2", "train.max_steps=2")
+    err = _plain(out, 0)
+    assert "train.channels_last: off under DeepSpeed" in err and "deepspeed ZeRO-2" in err, err
+    assert (tmp_path / "run" / "encoder.safetensors").is_file()
+
+
 def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeypatch):
     import psutil
 
-    import trainer.pretrain
+    import trainer.parallel.deepspeed_engine
     from trainer.config import ConfigError, PretrainConfig, load_config
-    from trainer.parallel.deepspeed_engine import check_section
 
+    check_section = trainer.parallel.deepspeed_engine.DeepSpeedEngine.check
     cpu = torch.device("cpu")
-    monkeypatch.setattr(trainer.pretrain, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(trainer.parallel.deepspeed_engine, "cpu_computes_bf16", lambda: False)
     cfg = load_config(PretrainConfig, None, ["data.shards=x", "deepspeed.precision=bf16"])
     with pytest.raises(ConfigError, match="deepspeed.precision: bf16 asked for, but this CPU has no bf16"):
         check_section(cfg, cpu)
@@ -318,8 +338,8 @@ def test_the_deepspeed_launcher_with_a_hostfile_as_two_nodes(tiny_shards, tmp_pa
 def test_what_resumes_where():
     """The resume check of each engine, without a run: engine, stage, precision, ranks."""
     from trainer.parallel.deepspeed_engine import DeepSpeedEngine
-    from trainer.parallel.engine import DDPEngine
-    from trainer.pretrain import how_to_resume
+    from trainer.parallel.ddp_engine import DDPEngine
+    from trainer.parallel.engines import how_to_resume
 
     ddp = SimpleNamespace(name="ddp")
     zero2 = SimpleNamespace(name="deepspeed", stage=2, section=SimpleNamespace(precision="fp32"))

@@ -37,7 +37,7 @@ def _batch(rank: int, world: int):
 
 def _loss_and_grads(rank: int, world: int, name: str):
     from trainer.parallel import distributed
-    from trainer.parallel.engine import DDPEngine
+    from trainer.parallel.ddp_engine import DDPEngine
 
     obj, model = _setup(name, rank, world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

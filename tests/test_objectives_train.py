@@ -27,7 +27,7 @@ def _train(cfg, stop_after=None):
 
         def stopping(batch):
             if trainer.step + 1 >= stop_after:
-                trainer.stop_signal = signal.SIGTERM
+                trainer.stop.signal = signal.SIGTERM
             return step(batch)
         trainer.train_step = stopping
     try:

@@ -51,9 +51,7 @@ def test_the_sbatch_script_trains_across_two_nodes(tiny_shards, tmp_path, engine
                SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO), GPUS="1", MASTER_PORT=str(free_port()), ENGINE=engine,
                MAX_RESTARTS=str(restarts), SLURM_JOB_ID="4242")
     out = subprocess.run(["bash", str(REPO / "tools" / "slurm" / "pretrain.sbatch"), "configs/demo.yaml",
-                          *tiny_overrides(tiny_shards, run), "train.max_steps=2",
-                          # the demo recipe's channels-last weights: not with DeepSpeed (exit 2, tested there)
-                          f"train.channels_last={'false' if engine == 'deepspeed' else 'true'}"],
+                          *tiny_overrides(tiny_shards, run), "train.max_steps=2"],
                          env=env, capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -169,11 +169,11 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
 
 
 def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
-    from trainer.tune import GracefulStop
+    from trainer.tune import sweep_stop
 
     before = signal.getsignal(signal.SIGINT)  # a shell's background job starts with SIGINT ignored
     with pytest.raises(KeyboardInterrupt):  # main() turns it into exit 130 with a message
-        with GracefulStop():
+        with sweep_stop():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"

@@ -179,7 +179,7 @@ def build(spec: dict, rank: int, world: int, device):
     from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
     from trainer.optim import build_optimizer, build_scheduler
-    from trainer.parallel.engine import build_engine
+    from trainer.parallel.engines import build_engine
     from trainer.parallel.sync_bn import convert_global_bn
 
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def bare_step(args, device: torch.device, frames: int):
     from trainer.models.encoders import build_encoder
     from trainer.models.heads import ContrastiveModel, ProjectionHead
     from trainer.objectives.ntxent import nt_xent
-    from trainer.pretrain import autocast_dtype
+    from trainer.parallel.device import autocast_dtype
 
     torch.manual_seed(0)
     encoder = build_encoder(args.encoder, in_channels=1, width=args.width)
@@ -155,7 +155,7 @@ def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
 
 def run(args) -> dict:
     from dataio.frontend import FrontendConfig
-    from trainer.pretrain import pick_device
+    from trainer.parallel.device import pick_device
 
     device = pick_device(args.device, 0)
     frontend = FrontendConfig(n_mels=args.n_mels)

@@ -1,9 +1,9 @@
 """Verified checkpoints, resume, and the exported encoder.
 
 A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``engine/`` (what
-the engine saves from every rank: DDP's ``model.pt`` with model, optimizer and schedule;
-DeepSpeed's sharded files), ``state.pt`` (what every rank shares: objective state, step,
-config), ``rank_XXXXX.pt`` (each rank's RNG states and data position) and ``meta.json``
+the engine saves from every rank: the whole model as ``weights.safetensors``, and DDP's
+``optimizer.pt`` or DeepSpeed's sharded files), ``state.pt`` (what every rank shares:
+objective state, step, config), ``rank_XXXXX.pt`` (each rank's RNG states and data position) and ``meta.json``
 (step, world size, the engine that wrote it and the sha256 of every other file). It is
 assembled under ``step_XXXXXXXX.tmp``, every file fsynced, ``meta.json`` last, then
 renamed into place: a killed run or a full disk never leaves a half-written checkpoint
@@ -98,11 +98,17 @@ class Checkpointer:
     ``save`` and ``resume_point``)."""
 
     def __init__(self, run_dir: str | Path, keep_last: int, info: distributed.DistInfo,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, every: int = 0, last: int = 0):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.info = info
         self.device = device or torch.device("cpu")
+        self.every, self.last = every, last
+
+    def due(self, step: int) -> bool:
+        """Whether a periodic checkpoint is due after ``step`` (every ``every`` steps; the
+        run's ``last`` step is saved by its end, not here)."""
+        return bool(self.every) and step % self.every == 0 and step < self.last
 
     def complete(self) -> list[Path]:
         """Checkpoint folders that were renamed into place, oldest first (not verified)."""

@@ -131,6 +131,43 @@ def sigterm_stops():
             signal.signal(s, old)
 
 
+class GracefulStop:
+    """Ctrl-C and SIGTERM ask a command with a safe point (a step's end, a sweep's saved
+    state) to stop there: the first signal is kept in ``signal``, announced and passed to
+    ``forward``; a second one leaves at once (Stopped). One within 2 s of the first is the
+    same stop arriving twice (a terminal's Ctrl-C reaches the ranks and torchrun, which
+    forwards it). Before ``ready()`` holds there is no safe point yet: a signal leaves at once."""
+
+    def __init__(self, announce: str, log: logging.Logger, forward: Callable[[], None] | None = None,
+                 ready: Callable[[], bool] = lambda: True):
+        self.announce, self.log, self.forward, self.ready = announce, log, forward, ready
+        self.signal, self._at, self.previous = 0, 0.0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def arm(self) -> None:
+        """Ours again, after a library installed its own (``ray.init`` does)."""
+        for s in self.previous:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal and time.monotonic() - self._at > 2.0 or not self.signal and not self.ready():
+            raise Stopped(signum)
+        if self.signal:
+            return
+        self.signal, self._at = signum, time.monotonic()
+        self.log.warning(self.announce.format(signal=signal.Signals(signum).name))
+        if self.forward is not None:
+            self.forward()
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def report_stop(prog: str, err: KeyboardInterrupt, message: str, quiet: bool = False) -> int:
     """A stop taken: no more redelivery, one line, 128 + N. ``message`` may name the signal
     (``{signal}``); if it does not, a signal other than Ctrl-C is named after it."""
@@ -170,5 +207,5 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return 1
 
 
-__all__ = ["CheckpointError", "ConfigError", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
+__all__ = ["CheckpointError", "ConfigError", "GracefulStop", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
            "report_stop", "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]

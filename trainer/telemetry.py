@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from trainer.parallel import distributed
 
@@ -29,8 +31,13 @@ PHASES = ("forward", "backward", "optimizer")
 
 
 class Telemetry:
-    def __init__(self, device: torch.device, batch_size: int):
-        self.device, self.batch_size = device, batch_size
+    """The step record of ``metrics.jsonl``, built here and only here."""
+
+    def __init__(self, device: torch.device, batch_size: int, world_size: int = 1):
+        self.device, self.batch_size, self.world_size = device, batch_size, world_size
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None  # the loss of the last record (the progress bar shows it)
+        self.last_step_seconds = 0.0
         self.detailed = True  # this step's phases are timed
         self.allreduce_seconds = 0.0  # added to by a DDP comm hook
         self._warned_at = -1e9
@@ -72,12 +79,15 @@ class Telemetry:
     def step_done(self, seconds: float) -> None:
         self.steps += 1
         self.busy += seconds
+        self.last_step_seconds = seconds
 
-    def record(self) -> dict[str, float]:
-        """The window's means (collective: every rank calls it at the same step)."""
+    def record(self, loss: float, skipped: int, lr: float, grad_norm: float, epoch: float) -> dict[str, float]:
+        """The step's loss, clips left out and learning rate, with the window's timings
+        (means over ranks; collective: every rank calls it at the same step)."""
         steps = max(self.steps, 1)
         step_time = (self.wait + self.busy) / steps
-        mine = {"data_wait_seconds": self.wait / steps, "step_compute_seconds": self.busy / steps,
+        mine = {"loss": loss, "skipped_clips": skipped, "step_seconds": self.last_step_seconds,
+                "data_wait_seconds": self.wait / steps, "step_compute_seconds": self.busy / steps,
                 "allreduce_seconds": self.allreduce_seconds / steps}
         mine.update({f"{name}_seconds": value / max(self.timed_steps, 1) for name, value in self.phases.items()})
         values = distributed.reduce_mean({**mine, "step": step_time}, self.device)
@@ -86,9 +96,14 @@ class Telemetry:
         values.update(rank_skew=slowest / max(mean_step, 1e-12), step_seconds_slowest_rank=slowest,
                       clips_per_second_per_rank=self.batch_size / max(mean_step, 1e-12),
                       data_wait_fraction=values["data_wait_seconds"] / max(mean_step, 1e-12),
-                      peak_memory_mib=peak_memory_mib(self.device))
+                      peak_memory_mib=peak_memory_mib(self.device), lr=lr, epoch=epoch,
+                      elapsed=time.perf_counter() - self.started)
+        values["clips_per_second"] = values["clips_per_second_per_rank"] * self.world_size
+        if grad_norm:
+            values["grad_norm"] = grad_norm
         self._judge_input(values["data_wait_seconds"] * steps, mean_step * steps, steps)
         self._reset()
+        self.last_loss = values["loss"]
         return values
 
     def _judge_input(self, wait: float, total: float, steps: int) -> None:
@@ -117,18 +132,55 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_allreduce(ddp_model, telemetry: Telemetry) -> None:
-    """A DDP comm hook doing what the built-in one does (average each gradient bucket over
-    ranks) and adding the time from launch to completion to ``telemetry``. With NCCL the
-    completion is when the work is queued on the stream, so there it times the launch."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+class EpochCounts:
+    """Clips left out (undecodable, or short with short_clips=skip), zero-padded (shorter
+    than a view) and given by each corpus in one epoch, summed over ranks at its end."""
 
-    def hook(state, bucket):
-        start = time.perf_counter()
+    def __init__(self, sources: list, device: torch.device):
+        self.sources, self.device = sources, device
+        self._reset()
 
-        def done(fut):
-            telemetry.allreduce_seconds += time.perf_counter() - start
-            return fut.value()
-        return allreduce_hook(None, bucket).then(done)
+    def _reset(self) -> None:
+        self.counts = {"skipped": 0, "short": 0, **{f"{s.name}_clips": 0 for s in self.sources}}
 
-    ddp_model.register_comm_hook(None, hook)
+    def add(self, batch) -> None:
+        self.counts["skipped"] += batch.skipped
+        self.counts["short"] += batch.short
+        for source, n in zip(self.sources, batch.sources or []):
+            self.counts[f"{source.name}_clips"] += n
+
+    def report(self, epoch: int, step: int, metrics) -> None:
+        """Log the epoch's totals and write them to ``metrics`` (collective)."""
+        totals = distributed.reduce_sum(self.counts, self.device)
+        self._reset()
+        if totals["skipped"]:
+            log.warning("epoch %d: %d clip(s) skipped (undecodable, or too short with short_clips=skip)",
+                        epoch, totals["skipped"])
+        if totals["short"]:  # notes and drum hits are short by nature: padding them is normal
+            log.info("epoch %d: %d view(s) zero-padded (clips shorter than a view)", epoch, totals["short"])
+        record = {f"epoch_{k}_clips": v for k, v in totals.items() if k in ("skipped", "short")}
+        per_source = {k[:-len("_clips")]: v for k, v in totals.items() if k.endswith("_clips")}
+        if per_source:  # clips each corpus gave this epoch (or since the resume point)
+            record.update({f"epoch_clips_{k}": v for k, v in per_source.items()})
+            log.info("epoch %d: clips per corpus: %s", epoch, ", ".join(f"{k} {v:.0f}" for k, v in per_source.items()))
+        if totals["skipped"] or totals["short"] or per_source:
+            metrics.write(step, record)
+
+
+class ProgressBar:
+    """The run's tqdm bar on stderr (rank 0, ``train.progress``), with the last loss."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="pretrain", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def advance(self, loss: float | None) -> None:
+        self.bar.update(1)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -33,7 +33,7 @@ import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.schema import ConfigError, check, option
-from trainer.commands import INPUT_ERRORS, Stopped, config_parser, print_help_config, run_guarded, setup_logging
+from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded, setup_logging
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
@@ -463,36 +463,15 @@ def same_sweep(cfg: SweepConfig, exp_dir: Path) -> None:
         write_text_atomically(saved, now)
 
 
-class GracefulStop:
+def sweep_stop() -> GracefulStop:
     """Ctrl-C (SIGINT) and SIGTERM stop a sweep alike: Ray Tune is asked to stop through
     SIGUSR1 (it then saves its experiment state once more), the trials keep their
-    checkpoints, and the command exits 128 + signal. A second signal leaves at once."""
-
-    def __init__(self):
-        self.signal = 0
-
-    def __enter__(self):
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards it as SIGUSR1
-        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def arm(self) -> None:
-        """Ours again once Ray runs here: ``ray.init`` installs a crash handler on SIGTERM
-        that aborts the driver (exit -6) with no state saved."""
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.signal or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise Stopped(signum)  # a second signal, or Ray Tune is not running yet: leave now
-        self.signal = signum
-        log.warning("%s received: stopping the sweep after Ray Tune saves its state (again to leave now)",
-                    signal.Signals(signum).name)
-        signal.raise_signal(signal.SIGUSR1)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    checkpoints, and the command exits 128 + signal. Before Ray Tune runs, or at a second
+    signal, it leaves at once."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards it as SIGUSR1
+    return GracefulStop("{signal} received: stopping the sweep after Ray Tune saves its state (again to leave now)", log,
+                        forward=lambda: signal.raise_signal(signal.SIGUSR1),
+                        ready=lambda: signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None))
 
 
 def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list[dict], Path]:
@@ -533,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg = load_config(SweepConfig, args.config, args.overrides)
-        with GracefulStop() as stop:
+        with sweep_stop() as stop:
             rows, exp_dir = tune_sweep(cfg, stop)
         print((exp_dir / "results.md").read_text())
         if stop.signal:

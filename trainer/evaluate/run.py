@@ -30,14 +30,9 @@ from trainer.evaluate.embed import ClipEmbeddings, embed_clips
 from trainer.evaluate.finetune import FineTuner
 from trainer.evaluate.learners import KnnLearner, LinearProbe
 from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
+from trainer.parallel.device import pick_device
 
 log = logging.getLogger("audioclr.eval")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("eval.device=cuda, but CUDA is not available")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def check_rate(shards_rate: int, encoder_rate: int, data) -> None:
@@ -60,7 +55,7 @@ def frozen_embeddings(run_dir: str | Path, clips: ClipSet, cfg: EvalConfig) -> C
     check_rate(clips.sample_rate, frontend.sample_rate, run_dir)
     patch_s, hop_s = patching(cfg, meta)
     return embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
-                       batch_size=cfg.embed_batch, device=pick_device(cfg.device))
+                       batch_size=cfg.embed_batch, device=pick_device(cfg.device, key="eval.device"))
 
 
 class Evaluation:
@@ -89,7 +84,7 @@ class Evaluation:
         else:
             check_rate(clips.sample_rate, frontend.sample_rate, data)
         self.clips = clips
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(cfg.device, key="eval.device")
         patch_s, hop_s = patching(cfg, meta)
         self.patch = int(patch_s * clips.sample_rate)
         self.hop = max(1, int(hop_s * clips.sample_rate))

@@ -31,6 +31,7 @@ from torch import nn
 
 from dataio.schema import ConfigError
 from trainer.parallel import distributed
+from trainer.parallel.device import cpu_computes_bf16
 from trainer.parallel.engine import Engine, save_weights
 from trainer.safe_files import CheckpointError, load_tensors
 
@@ -126,33 +127,6 @@ def build_config(section, batch_size: int, grad_clip: float, device: torch.devic
     return config
 
 
-def check_section(cfg, device: torch.device) -> None:
-    """What can be refused before any work: ConfigError naming the key."""
-    from trainer.pretrain import cpu_computes_bf16
-
-    ds = cfg.deepspeed
-    if cfg.train.channels_last:
-        raise ConfigError("train.channels_last: not with train.engine=deepspeed (DeepSpeed broadcasts and "
-                          "flattens every weight as a contiguous tensor); set train.channels_last=false")
-    if ds.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("deepspeed.precision: fp16 needs a CUDA device (DeepSpeed's loss scaling); "
-                          "use bf16 or fp32 on a CPU")
-    if ds.precision == "bf16" and device.type == "cpu" and not cpu_computes_bf16():
-        raise ConfigError("deepspeed.precision: bf16 asked for, but this CPU has no bf16 arithmetic "
-                          "(AVX512-BF16 or AMX); use fp32")
-    if ds.precision != "fp32" and cfg.train.precision in ("bf16", "fast"):
-        raise ConfigError(f"train.precision: {cfg.train.precision} (autocast) and deepspeed.precision: "
-                          f"{ds.precision} both set the precision; keep one: deepspeed.precision for "
-                          f"low-precision weights, or train.precision with deepspeed.precision=fp32")
-    if cfg.optim.name == "lars" and ds.zero_stage >= 1:
-        raise ConfigError("optim.name: lars scales each layer by its own trust ratio, but ZeRO >= 1 hands "
-                          "the optimizer flat slices of many layers; use deepspeed.zero_stage=0 or "
-                          "optim.name=sgd/adamw")
-    if ds.offload_optimizer or ds.offload_params:
-        check_offload_memory(cfg, ds)
-    build_config(ds, cfg.data.batch_size, cfg.optim.grad_clip, device)
-
-
 def check_offload_memory(cfg, ds) -> None:
     """Offload needs host memory for the fp32 master weights, their gradients and the
     optimizer state of this node's share: refuse when it is plainly not there."""
@@ -179,6 +153,57 @@ class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` around the model, with audioclr's optimizer and schedule."""
 
     name = "deepspeed"
+    needs_process_group = True
+
+    @classmethod
+    def check(cls, cfg, device: torch.device) -> list[str]:
+        ds, left_off = cfg.deepspeed, []
+        if cfg.train.channels_last:  # it flattens every weight into contiguous buckets
+            left_off.append("train.channels_last: off under DeepSpeed (it keeps every weight as a contiguous slice "
+                            "of its flat buffers)")
+        if ds.zero_stage == 3 and cfg.train.compile != "off":
+            if cfg.train.compile == "on":
+                raise ConfigError("train.compile: on is not supported with deepspeed.zero_stage=3 (ZeRO-3 "
+                                  "gathers each layer's weights inside the forward); use train.compile=off")
+            left_off.append("train.compile=auto: off under ZeRO-3")
+        if ds.precision == "fp16" and device.type != "cuda":
+            raise ConfigError("deepspeed.precision: fp16 needs a CUDA device (DeepSpeed's loss scaling); "
+                              "use bf16 or fp32 on a CPU")
+        if ds.precision == "bf16" and device.type == "cpu" and not cpu_computes_bf16():
+            raise ConfigError("deepspeed.precision: bf16 asked for, but this CPU has no bf16 arithmetic "
+                              "(AVX512-BF16 or AMX); use fp32")
+        if ds.precision != "fp32" and cfg.train.precision in ("bf16", "fast"):
+            raise ConfigError(f"train.precision: {cfg.train.precision} (autocast) and deepspeed.precision: "
+                              f"{ds.precision} both set the precision; keep one: deepspeed.precision for "
+                              f"low-precision weights, or train.precision with deepspeed.precision=fp32")
+        if cfg.optim.name == "lars" and ds.zero_stage >= 1:
+            raise ConfigError("optim.name: lars scales each layer by its own trust ratio, but ZeRO >= 1 hands "
+                              "the optimizer flat slices of many layers; use deepspeed.zero_stage=0 or "
+                              "optim.name=sgd/adamw")
+        if ds.offload_optimizer or ds.offload_params:
+            check_offload_memory(cfg, ds)
+        build_config(ds, cfg.data.batch_size, cfg.optim.grad_clip, device)
+        return left_off
+
+    @classmethod
+    def memory_format(cls, cfg) -> torch.memory_format:
+        return torch.contiguous_format
+
+    @classmethod
+    def compiles(cls, cfg) -> bool:
+        return cfg.deepspeed.zero_stage < 3
+
+    @classmethod
+    def resume_hint(cls, saved: dict) -> str:
+        stage, precision, ranks = saved.get("zero_stage"), saved.get("precision", "fp32"), saved.get("world_size", "?")
+        return (f"It holds DeepSpeed ZeRO-{stage} state ({precision} weights) from {ranks} rank(s): resume it with "
+                f"train.engine=deepspeed deepspeed.zero_stage={stage} deepspeed.precision={precision}" +
+                (f" on {ranks} rank(s)" if stage else ""))
+
+    def describe(self) -> str:
+        how = f"{self.section.precision} weights" if self.section.precision != "fp32" else \
+            "bf16 autocast" if self.autocast_dtype else "no autocast"
+        return f"deepspeed ZeRO-{self.stage}; {how}"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,

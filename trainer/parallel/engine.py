@@ -9,8 +9,12 @@ The module it trains holds every trained parameter (model and objective parts), 
 losses gather embeddings across ranks themselves (``trainer.parallel.distributed``), so
 an engine only replicates, reduces gradients, steps and saves.
 
-``DDPEngine`` (PyTorch DDP, or the plain module on one process) is here;
-``trainer.parallel.deepspeed_engine`` holds DeepSpeed's ZeRO 0-3.
+Before it is built, an engine class answers for itself what the loop must not guess:
+which config it refuses and why (``check``, raising ConfigError; it returns what it leaves
+off, one line each), the weights' memory format, whether ``train.compile`` may act, whether
+it needs a process group on one process, and how a checkpoint it wrote is resumed.
+``trainer.parallel.engines`` holds the registry; ``ddp_engine`` and ``deepspeed_engine``
+the two engines.
 """
 
 from __future__ import annotations
@@ -20,23 +24,47 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from trainer.parallel import distributed
-from trainer.safe_files import CheckpointError, durable_write, load_tensors, save_tensors
+from trainer.safe_files import CheckpointError, durable_write
 
 WEIGHTS = "weights.safetensors"  # the whole model, written by every engine (rank 0)
-OPTIMIZER = "optimizer.pt"  # DDP's optimizer and schedule state
 
 
 class Engine:
     """The interface; subclasses fill it in."""
 
     name = ""
+    needs_process_group = False  # even on one process
     module: nn.Module  # the unwrapped model (under ZeRO-3: placeholders outside forward / gathered)
 
     def __init__(self, device: torch.device, autocast_dtype: torch.dtype | None):
         self.device, self.autocast_dtype = device, autocast_dtype
+
+    @classmethod
+    def check(cls, cfg, device: torch.device) -> list[str]:
+        """Refuse (ConfigError naming the key) what this engine cannot run with ``cfg``;
+        return what it leaves off instead, one line each."""
+        return []
+
+    @classmethod
+    def memory_format(cls, cfg) -> torch.memory_format:
+        """The weights' memory format under ``cfg``."""
+        return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    @classmethod
+    def compiles(cls, cfg) -> bool:
+        """Whether ``train.compile`` may compile the model this engine wraps."""
+        return True
+
+    @classmethod
+    def resume_hint(cls, saved: dict) -> str:
+        """What a checkpoint it wrote (``saved``: its meta.json) holds, and how to resume it."""
+        ranks = saved.get("world_size", "?")
+        return f"It holds {cls.name} state from {ranks} rank(s): resume it with train.engine={cls.name}"
+
+    def describe(self) -> str:
+        """One line: the engine, and how it computes."""
+        return f"{self.name}; {'bf16 autocast' if self.autocast_dtype else 'no autocast'}"
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -71,79 +99,6 @@ class Engine:
         return None
 
 
-class DDPEngine(Engine):
-    """PyTorch DDP (or the plain module on one process), autocast, clipping, LR schedule.
-    Every rank holds the whole model and optimizer; rank 0 saves them."""
-
-    name = "ddp"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float = 0.0):
-        super().__init__(device, autocast_dtype)
-        self.module = model.to(device)
-        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
-        self.model: nn.Module = model
-        if distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            # buffers (BN running stats) agree across ranks by construction: global BN
-            self.model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-    def forward(self, *args, **kwargs):
-        with self.autocast():
-            return self.model(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def watch_allreduce(self, telemetry) -> bool:
-        if not isinstance(self.model, DistributedDataParallel):
-            return False
-        from trainer.telemetry import time_allreduce
-        time_allreduce(self.model, telemetry)
-        return True
-
-    def accumulating(self):
-        """Backwards inside add their gradients without DDP's all-reduce; the next
-        backward outside reduces the sum."""
-        if isinstance(self.model, DistributedDataParallel):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def step(self) -> float:
-        """Clip, step the optimizer and the schedule, clear gradients; returns the
-        gradient norm before clipping (0 when clipping is off)."""
-        norm = 0.0
-        if self.grad_clip > 0:
-            norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def save(self, folder: Path) -> None:
-        """Rank 0 writes the model (``weights.safetensors``) and the optimizer and schedule
-        (``optimizer.pt``): every rank holds the same."""
-        if distributed.env_info().is_main:
-            save_weights(self.module, folder)
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            save_tensors(folder / OPTIMIZER, state)
-
-    def load(self, folder: Path) -> None:
-        load_weights(self.module, folder)
-        state = load_tensors(folder / OPTIMIZER)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{folder / OPTIMIZER} does not fit this optimizer "
-                                  f"({str(err).splitlines()[0][:300]})") from None
-
-
 def save_weights(module: nn.Module, folder: Path) -> None:
     """``folder/weights.safetensors``: every parameter and buffer of ``module``, fsynced."""
     from safetensors.torch import save
@@ -164,15 +119,3 @@ def load_weights(module: nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit this model ({str(err).splitlines()[0][:300]})") from None
-
-
-def build_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float, *, deepspeed=None,
-                 batch_size: int = 1) -> Engine:
-    """``train.engine`` -> an engine around ``model``; ``deepspeed``: its config section."""
-    if name == "deepspeed":
-        from trainer.parallel.deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(model, optimizer, scheduler, device, autocast_dtype, grad_clip,
-                               deepspeed, batch_size)
-    return DDPEngine(model, optimizer, scheduler, device, autocast_dtype, grad_clip)
