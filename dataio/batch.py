@@ -19,7 +19,7 @@ BACKENDS = ("torch", "dali", "synthetic")
 @dataclass
 class DataConfig:
     shards: str = option("", "folder holding manifest.json and the training shards, or its URL (http(s)://, "
-                         "s3://, gs://, any fsspec URL: streamed, see the README)")
+                         "s3://, gs://, any fsspec URL: streamed, see docs/data-and-formats.md)")
     sources: list[dict] = option([], "several corpora in one run, instead of shards: a list of {shards: folder or "
                                  "URL, weight: share of the clips drawn from it (default 1), name: for the per-corpus "
                                  "counts (default its manifest's dataset)}; an epoch counts the clips of all of them")

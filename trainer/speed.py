@@ -28,7 +28,7 @@ def set_cudnn_benchmark(enabled: bool, device: torch.device) -> None:
 
 def wants_compile(mode: str, device: torch.device) -> bool:
     """``on`` everywhere; ``auto`` on a GPU only (on a CPU the compiled step was not faster
-    and its compilation takes minutes: see the README's measurements)."""
+    and its compilation takes minutes: see docs/performance.md, "Speed settings")."""
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
