@@ -4,7 +4,8 @@ Every key is a dataclass field declared with :func:`option` (default, one-line d
 optional choices). ``load_config`` merges defaults <- YAML <- ``a.b=v`` overrides and
 checks every key and type before any work starts; a mistake raises
 :class:`ConfigError` naming the key (and the nearest valid names), which the command
-line turns into exit status 2.
+line turns into exit status 2. A YAML file may name a ``base:`` recipe it is written
+over (:func:`read_recipe`).
 """
 
 from __future__ import annotations
@@ -53,42 +54,78 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def merge_trees(base: dict, extra: dict) -> dict:
-    """``extra`` over ``base``, section by section (nested dicts merge, values replace)."""
+    """``extra`` over ``base``, section by section: nested mappings merge key by key; any
+    other value, an empty mapping or null included, replaces (``augment: {}``: no chain)."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the file system refuses (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
+def read_recipe(path: str | Path, below: tuple[Path, ...] = ()) -> dict:
+    """The YAML at ``path`` merged over the recipe its top-level ``base:`` names (a path
+    relative to its folder; a base may have its own), without the ``base`` key. ``below``:
+    the files already on the way (a circle is an error)."""
+    path = Path(path)
+    tree = read_yaml(path)
+    if "base" not in tree:
+        return tree
+    name = tree.pop("base")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{path}: base: expected the file name of a recipe, got {name!r}")
+    parent, chain = path.parent / name, (*below, path)
+    if not _is_file(parent):
+        raise ConfigError(f"{path}: base file not found: {parent}")
+    if parent.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: base {name} leads back to itself: {' -> '.join(map(str, (*chain, parent)))}")
+    return overlay(read_recipe(parent, chain), tree)
+
+
+def overlay(tree: dict, layer: dict) -> dict:
+    """``layer`` over ``tree`` (:func:`merge_trees`, a key of an either-or pair replacing the other)."""
+    return merge_trees(_drop_replaced(tree, layer), layer)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
-    """Defaults of ``cls`` <- ``base`` <- YAML at ``path`` <- dotted ``overrides``."""
+    """Defaults of ``cls`` <- ``base`` <- recipe at ``path`` (over its own bases) <- dotted ``overrides``."""
     tree = dict(base or {})
-    layers = ([read_yaml(path)] if path is not None else []) + [parse_overrides(overrides or [])]
+    layers = ([read_recipe(path)] if path is not None else []) + [parse_overrides(overrides or [])]
     for layer in layers:
-        tree = merge_trees(_drop_replaced(tree, layer), layer)
+        tree = overlay(tree, layer)
     return build_section(cls, tree, "")
 
 
-# Keys that say the same thing two ways: a later layer (the YAML over the defaults, an
-# override over the YAML) that sets one replaces the other, so ``data.sources=[...]`` on
-# the command line trains on those corpora instead of the recipe's ``data.shards``.
+# Keys that say the same thing two ways: a later layer (a recipe over its base or the
+# defaults, an override over the recipe) that sets one replaces the other, so
+# ``data.sources=[...]`` on the command line trains on those corpora instead of the
+# recipe's ``data.shards``.
 EITHER_OR = (("data", "shards", "sources"),)
 
 
