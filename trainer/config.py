@@ -145,19 +145,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- schema
-# Imported late: these modules import ``option``/``check`` from dataio.schema only.
+# Imported late: these modules import ``option``/``check`` from dataio.schema only. The
+# choices of a key are the names of the registry that holds its implementations.
 from dataclasses import dataclass  # noqa: E402
 
 from dataio.augment import parse_chain  # noqa: E402
 from dataio.batch import DataConfig  # noqa: E402
 from dataio.frontend import FrontendConfig  # noqa: E402
+from trainer.models.encoders import ENCODERS  # noqa: E402
 from trainer.objectives import OBJECTIVES  # noqa: E402
+from trainer.objectives.moco import MOMENTUM_SCHEDULES  # noqa: E402
+from trainer.optim import OPTIMIZERS, SCHEDULES  # noqa: E402
+from trainer.parallel import ENGINES  # noqa: E402
+from trainer.precision import PRECISIONS  # noqa: E402
+from trainer.speed import COMPILE_MODES  # noqa: E402
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = option("resnet18", "encoder architecture",
-                          ("resnet18", "resnet50", "efficientnet_b0", "vgglike", "crnn"))
+    encoder: str = option("resnet18", "encoder architecture", tuple(ENCODERS))
     width: int = option(64, "channels of the encoder's first stage (64 = the published sizes)")
     pretrained: str = option("", "local file of torchvision-named weights to start the encoder from "
                              "(e.g. ImageNet; the first conv is adapted to frontend.channels)")
@@ -173,15 +179,14 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = option("simclr", "training objective",
-                       ("simclr", "moco", "npid", "cola", "supcon", "hybrid"))
+    name: str = option("simclr", "training objective", tuple(OBJECTIVES))
     temperature: float = option(0.2, "softmax temperature of the contrastive loss")
     alpha: float = option(0.5, "hybrid: weight of SupCon in alpha*SupCon + (1-alpha)*CE")
     overlap_weighting: bool = option(False, "supcon/hybrid, multi-label: weight positives by label overlap")
     supcon_dim: int = option(64, "supcon/hybrid: size of the linear projection")
     queue_size: int = option(65536, "moco: negatives in the queue (all ranks together)")
     momentum: float = option(0.999, "moco: momentum of the key encoder's EMA")
-    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", ("constant", "cosine"))
+    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", tuple(MOMENTUM_SCHEDULES))
     nce_noise: int = option(4096, "npid: noise rows per positive for NCE; 0 = exact softmax over the bank")
     bank_momentum: float = option(0.5, "npid: momentum of the memory-bank row updates")
     cola_dim: int = option(512, "cola: size of the Linear+LayerNorm+tanh head")
@@ -198,7 +203,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = option("sgd", "optimizer (adamw: momentum is its beta1)", ("sgd", "lars", "adamw"))
+    name: str = option("sgd", "optimizer (adamw: momentum is its beta1)", tuple(OPTIMIZERS))
     lr: float = option(0.1, "peak learning rate (after warm-up)")
     momentum: float = option(0.9, "momentum")
     weight_decay: float = option(1e-4, "weight decay of conv / linear weights (not biases or norms)")
@@ -206,8 +211,7 @@ class OptimConfig:
     warmup_steps: int = option(0, "linear warm-up steps")
     warmup_epochs: float = option(0.0, "linear warm-up in epochs (instead of warmup_steps)")
     schedule: str = option("cosine", "after the warm-up: cosine to final_lr_ratio, step (x decay at each "
-                           "milestone epoch), exponential (x decay per epoch) or constant",
-                           ("cosine", "step", "exponential", "constant"))
+                           "milestone epoch), exponential (x decay per epoch) or constant", SCHEDULES)
     milestones: list[float] = option([], "step schedule: epochs at which the learning rate is multiplied by decay")
     decay: float = option(0.1, "step: factor per milestone; exponential: factor per epoch")
     final_lr_ratio: float = option(0.0, "learning rate at the end of the cosine, as a fraction of lr")
@@ -241,19 +245,18 @@ class TrainConfig:
     resume: str = option("auto", "'auto' = newest checkpoint of run_dir, 'none', or a checkpoint folder")
     precision: str = option("auto", "autocast dtype: auto = bf16 on GPU, fp32 on CPU; fast = bf16 wherever the "
                             "hardware computes it natively (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32",
-                            ("auto", "fast", "fp32", "bf16"))
+                            tuple(PRECISIONS))
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
     compile: str = option("auto", "torch.compile the encoder: on, off, or auto = on a GPU, falling back to "
-                          "eager with a warning if compilation fails (tried before the first step)",
-                          ("off", "auto", "on"))
+                          "eager with a warning if compilation fails (tried before the first step)", COMPILE_MODES)
     cudnn_benchmark: bool = option(True, "GPU: let cuDNN time its convolution algorithms once per batch shape "
                                    "and keep the fastest (training batches all have one shape)")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
     threads: int = option(0, "CPU threads of the training process; 0 = auto: the cores idle at start (a core "
                           "another process keeps busy would stall every step), or OMP_NUM_THREADS when set")
     engine: str = option("ddp", "how the model is replicated across ranks: ddp (PyTorch DDP) or deepspeed "
-                         "(ZeRO, set in the deepspeed section)", ("ddp", "deepspeed"))
+                         "(ZeRO, set in the deepspeed section)", ENGINES)
     progress: bool = option(True, "progress bar on rank 0")
     tensorboard: bool = option(True, "write TensorBoard events to run_dir/tb")
     grad_cache_chunk: int = option(0, "gradient caching: clips per forward chunk (0 = off); "

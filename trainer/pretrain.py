@@ -43,6 +43,7 @@ from trainer.parallel import distributed
 from trainer.parallel.engine import build_engine
 from trainer.parallel.gradcache import GradCache
 from trainer.parallel.sync_bn import convert_global_bn
+from trainer.precision import autocast_dtype, cpu_computes_bf16  # noqa: F401  (deepspeed_engine reads it here)
 from trainer.safe_files import describe_error
 from trainer.speed import compile_encoder, set_cudnn_benchmark, wants_compile
 from trainer.telemetry import Telemetry
@@ -54,22 +55,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, ...); the message says why."""
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast
-    speeds convolutions up instead of emulating them."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` on ``device``: the autocast dtype, or None for fp32."""
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
-    return {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None,
-            "fast": torch.bfloat16 if native else None}[precision]
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:

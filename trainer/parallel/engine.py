@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.parallel import distributed
+from trainer.parallel import ENGINES, distributed
 from trainer.safe_files import CheckpointError, durable_write, load_tensors, save_tensors
 
 WEIGHTS = "weights.safetensors"  # the whole model, written by every engine (rank 0)
@@ -171,6 +171,8 @@ def build_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                  autocast_dtype: torch.dtype | None, grad_clip: float, *, deepspeed=None,
                  batch_size: int = 1) -> Engine:
     """``train.engine`` -> an engine around ``model``; ``deepspeed``: its config section."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine '{name}': choose one of {', '.join(ENGINES)}")
     if name == "deepspeed":
         from trainer.parallel.deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(model, optimizer, scheduler, device, autocast_dtype, grad_clip,

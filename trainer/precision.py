@@ -1,0 +1,31 @@
+"""``train.precision``: the autocast dtype each setting picks on a device."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast
+    speeds convolutions up instead of emulating them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _native_bf16(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()) else None
+
+
+PRECISIONS = {
+    "auto": lambda device: torch.bfloat16 if device.type == "cuda" else None,
+    "fast": _native_bf16,
+    "fp32": lambda device: None,
+    "bf16": lambda device: torch.bfloat16,
+}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` on ``device``: the autocast dtype, or None for fp32."""
+    return PRECISIONS[precision](device)
