@@ -20,8 +20,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, ShardInfo, load_manifest
@@ -138,13 +136,10 @@ def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, worke
 
 
 def frontend_from_recipe(path: str | None, sample_rate: int) -> FrontendConfig:
-    """The ``frontend:`` section of a recipe YAML (defaults without one, at ``sample_rate``)."""
+    """The ``frontend:`` section of a recipe YAML, over its ``base:`` recipes (defaults
+    without a recipe, at ``sample_rate``)."""
     if not path:
         return FrontendConfig(sample_rate=sample_rate)
-    try:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ShardWriteError(f"--config {path} is not valid YAML: {err}") from None
-    section = tree.get("frontend") or {} if isinstance(tree, dict) else {}
-    return build_section(FrontendConfig, section, "frontend.")
+    from trainer.config import read_recipe
+
+    return build_section(FrontendConfig, read_recipe(path).get("frontend") or {}, "frontend.")

@@ -203,6 +203,38 @@ def test_a_refused_value_is_exit_2_and_one_line_through_each_command(tmp_path, c
     assert not failures, f"{len(failures)} of {len(sample)}:\n" + "\n".join(failures[:40])
 
 
+BASE_FILES = {"list.yaml": "[1, 2]\n", "broken.yaml": "a: [\n", "loop.yaml": "base: recipe.yaml\n",
+              "unknown.yaml": "nokey: 1\n"}
+
+
+def test_a_bad_base_recipe_is_exit_2_and_one_line_through_each_command(tmp_path, capsys):
+    """``base:`` (a key of the YAML file, not of a schema) given every bad value, a missing
+    file, a folder, itself, a circle and files that do not hold a recipe, in each command's
+    --config: exit 2 and one line naming the key or a file, nothing written."""
+    from trainer.cli import main
+    values = [*BAD_ANY, *BAD_TEXT, *BAD_NUMBER[:3], "gone.yaml", ".", "recipe.yaml", *BASE_FILES]
+    failures = []
+    for command in ("pretrain", "eval", "tune"):
+        for i, value in enumerate(values):
+            folder = tmp_path / command / f"case{i}"
+            folder.mkdir(parents=True)
+            for name, text in {**BASE_FILES, "recipe.yaml": f"base: {value}\n"}.items():
+                (folder / name).write_text(text)
+            before = sorted(p.name for p in folder.iterdir())
+            argv = {"pretrain": ["pretrain", f"run_dir={folder / 'run'}"], "tune": ["tune"],
+                    "eval": ["eval", "--run", str(folder / "run"), "--data", str(folder)]}[command]
+            try:
+                code = main([*argv, "--config", str(folder / "recipe.yaml")])
+            except SystemExit as exit_:
+                code = exit_.code
+            err = capsys.readouterr().err
+            named = any(n in err for n in ("base", "nokey", *BASE_FILES, "recipe.yaml"))
+            if code != 2 or len(err.strip().splitlines()) != 1 or "Traceback" in err or not named or sorted(
+                    p.name for p in folder.iterdir()) != before:
+                failures.append(f"{command} base: {value[:80]!r}: exit {code}, said {err[-300:]!r}")
+    assert not failures, f"{len(failures)}:\n" + "\n".join(failures[:40])
+
+
 # --------------------------------------------------------------------- 2. file fuzzer
 
 def mutations(data: bytes, rng: random.Random, count: int) -> list[tuple[str, bytes | None]]:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from dataio.schema import cli_number
+from trainer.parallel.device import PRECISIONS, autocast_dtype, pick_device
+from trainer.parallel.engines import ENGINES
 
 log = logging.getLogger("audioclr.bench_train")
 
@@ -38,7 +40,6 @@ def bare_step(args, device: torch.device, frames: int):
     from trainer.models.encoders import build_encoder
     from trainer.models.heads import ContrastiveModel, ProjectionHead
     from trainer.objectives.ntxent import nt_xent
-    from trainer.parallel.device import autocast_dtype
 
     torch.manual_seed(0)
     encoder = build_encoder(args.encoder, in_channels=1, width=args.width)
@@ -155,7 +156,6 @@ def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
 
 def run(args) -> dict:
     from dataio.frontend import FrontendConfig
-    from trainer.parallel.device import pick_device
 
     device = pick_device(args.device, 0)
     frontend = FrontendConfig(n_mels=args.n_mels)
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=cli_number(int, 2), default=64, help="clips per step (two views each)")
     p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0)
     p.add_argument("--n-mels", type=cli_number(int, 1), default=64)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fast", "auto"))
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", default="off", choices=("off", "on"),
                    help="torch.compile the encoder in (a) and (b, c) alike")
-    p.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"))
+    p.add_argument("--engine", default="ddp", choices=tuple(ENGINES))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--steps", type=cli_number(int, 1), default=20, help="timed steps per loop")
     p.add_argument("--warmup", type=cli_number(int, 0), default=3, help="untimed steps first")

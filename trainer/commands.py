@@ -36,11 +36,15 @@ def config_parser(prog: str, doc: str | None, config_help: str, overrides_help: 
     return p
 
 
+BASE_HELP = ("base = ''  # YAML file only: the recipe this one is written over (a path relative to this "
+             "file's folder; its mappings merge key by key, any other value or {} replaces the base's)")
+
+
 def print_help_config(schema: type, *more: str) -> int:
     """``--help-config``: every key of ``schema`` with its default and doc."""
     from trainer.config import describe
 
-    print("\n".join([*describe(schema), *more]))
+    print("\n".join([BASE_HELP, *describe(schema), *more]))
     return 0
 
 

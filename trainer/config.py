@@ -4,19 +4,33 @@ Every key is a dataclass field declared with :func:`option` (default, one-line d
 optional choices). ``load_config`` merges defaults <- YAML <- ``a.b=v`` overrides and
 checks every key and type before any work starts; a mistake raises
 :class:`ConfigError` naming the key (and the nearest valid names), which the command
-line turns into exit status 2.
+line turns into exit status 2. A YAML file may name a ``base:`` recipe it is written
+over (:func:`read_recipe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dataio.atomic import write_text_atomically
+from dataio.augment import parse_chain
+from dataio.batch import DataConfig
+from dataio.frontend import FrontendConfig
 from dataio.schema import ConfigError, build_section, check, describe, option  # noqa: F401  (re-exported)
+from trainer.models.encoders import ENCODERS
+from trainer.objectives import OBJECTIVES
+from trainer.objectives.moco import MOMENTUM_SCHEDULES
+from trainer.optim import OPTIMIZERS, SCHEDULES
+from trainer.parallel.device import PRECISIONS
+from trainer.parallel.engines import ENGINES
+from trainer.speed import COMPILE_MODES
+
+# The choices of a key are the names of the registry that holds its implementations.
 
 # ----------------------------------------------------------------------------- merging
 
@@ -53,42 +67,78 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def merge_trees(base: dict, extra: dict) -> dict:
-    """``extra`` over ``base``, section by section (nested dicts merge, values replace)."""
+    """``extra`` over ``base``, section by section: nested mappings merge key by key; any
+    other value, an empty mapping or null included, replaces (``augment: {}``: no chain)."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the file system refuses (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
+def read_recipe(path: str | Path, below: tuple[Path, ...] = ()) -> dict:
+    """The YAML at ``path`` merged over the recipe its top-level ``base:`` names (a path
+    relative to its folder; a base may have its own), without the ``base`` key. ``below``:
+    the files already on the way (a circle is an error)."""
+    path = Path(path)
+    tree = read_yaml(path)
+    if "base" not in tree:
+        return tree
+    name = tree.pop("base")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{path}: base: expected the file name of a recipe, got {name!r}")
+    parent, chain = path.parent / name, (*below, path)
+    if not _is_file(parent):
+        raise ConfigError(f"{path}: base file not found: {parent}")
+    if parent.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: base {name} leads back to itself: {' -> '.join(map(str, (*chain, parent)))}")
+    return overlay(read_recipe(parent, chain), tree)
+
+
+def overlay(tree: dict, layer: dict) -> dict:
+    """``layer`` over ``tree`` (:func:`merge_trees`, a key of an either-or pair replacing the other)."""
+    return merge_trees(_drop_replaced(tree, layer), layer)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
-    """Defaults of ``cls`` <- ``base`` <- YAML at ``path`` <- dotted ``overrides``."""
+    """Defaults of ``cls`` <- ``base`` <- recipe at ``path`` (over its own bases) <- dotted ``overrides``."""
     tree = dict(base or {})
-    layers = ([read_yaml(path)] if path is not None else []) + [parse_overrides(overrides or [])]
+    layers = ([read_recipe(path)] if path is not None else []) + [parse_overrides(overrides or [])]
     for layer in layers:
-        tree = merge_trees(_drop_replaced(tree, layer), layer)
+        tree = overlay(tree, layer)
     return build_section(cls, tree, "")
 
 
-# Keys that say the same thing two ways: a later layer (the YAML over the defaults, an
-# override over the YAML) that sets one replaces the other, so ``data.sources=[...]`` on
-# the command line trains on those corpora instead of the recipe's ``data.shards``.
+# Keys that say the same thing two ways: a later layer (a recipe over its base or the
+# defaults, an override over the recipe) that sets one replaces the other, so
+# ``data.sources=[...]`` on the command line trains on those corpora instead of the
+# recipe's ``data.shards``.
 EITHER_OR = (("data", "shards", "sources"),)
 
 
@@ -108,19 +158,11 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- schema
-# Imported late: these modules import ``option``/``check`` from dataio.schema only.
-from dataclasses import dataclass  # noqa: E402
-
-from dataio.augment import parse_chain  # noqa: E402
-from dataio.batch import DataConfig  # noqa: E402
-from dataio.frontend import FrontendConfig  # noqa: E402
-from trainer.objectives import OBJECTIVES  # noqa: E402
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = option("resnet18", "encoder architecture",
-                          ("resnet18", "resnet50", "efficientnet_b0", "vgglike", "crnn"))
+    encoder: str = option("resnet18", "encoder architecture", tuple(ENCODERS))
     width: int = option(64, "channels of the encoder's first stage (64 = the published sizes)")
     pretrained: str = option("", "local file of torchvision-named weights to start the encoder from "
                              "(e.g. ImageNet; the first conv is adapted to frontend.channels)")
@@ -136,15 +178,14 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = option("simclr", "training objective",
-                       ("simclr", "moco", "npid", "cola", "supcon", "hybrid"))
+    name: str = option("simclr", "training objective", tuple(OBJECTIVES))
     temperature: float = option(0.2, "softmax temperature of the contrastive loss")
     alpha: float = option(0.5, "hybrid: weight of SupCon in alpha*SupCon + (1-alpha)*CE")
     overlap_weighting: bool = option(False, "supcon/hybrid, multi-label: weight positives by label overlap")
     supcon_dim: int = option(64, "supcon/hybrid: size of the linear projection")
     queue_size: int = option(65536, "moco: negatives in the queue (all ranks together)")
     momentum: float = option(0.999, "moco: momentum of the key encoder's EMA")
-    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", ("constant", "cosine"))
+    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", tuple(MOMENTUM_SCHEDULES))
     nce_noise: int = option(4096, "npid: noise rows per positive for NCE; 0 = exact softmax over the bank")
     bank_momentum: float = option(0.5, "npid: momentum of the memory-bank row updates")
     cola_dim: int = option(512, "cola: size of the Linear+LayerNorm+tanh head")
@@ -161,7 +202,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = option("sgd", "optimizer (adamw: momentum is its beta1)", ("sgd", "lars", "adamw"))
+    name: str = option("sgd", "optimizer (adamw: momentum is its beta1)", tuple(OPTIMIZERS))
     lr: float = option(0.1, "peak learning rate (after warm-up)")
     momentum: float = option(0.9, "momentum")
     weight_decay: float = option(1e-4, "weight decay of conv / linear weights (not biases or norms)")
@@ -169,8 +210,7 @@ class OptimConfig:
     warmup_steps: int = option(0, "linear warm-up steps")
     warmup_epochs: float = option(0.0, "linear warm-up in epochs (instead of warmup_steps)")
     schedule: str = option("cosine", "after the warm-up: cosine to final_lr_ratio, step (x decay at each "
-                           "milestone epoch), exponential (x decay per epoch) or constant",
-                           ("cosine", "step", "exponential", "constant"))
+                           "milestone epoch), exponential (x decay per epoch) or constant", SCHEDULES)
     milestones: list[float] = option([], "step schedule: epochs at which the learning rate is multiplied by decay")
     decay: float = option(0.1, "step: factor per milestone; exponential: factor per epoch")
     final_lr_ratio: float = option(0.0, "learning rate at the end of the cosine, as a fraction of lr")
@@ -204,19 +244,18 @@ class TrainConfig:
     resume: str = option("auto", "'auto' = newest checkpoint of run_dir, 'none', or a checkpoint folder")
     precision: str = option("auto", "autocast dtype: auto = bf16 on GPU, fp32 on CPU; fast = bf16 wherever the "
                             "hardware computes it natively (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32",
-                            ("auto", "fast", "fp32", "bf16"))
+                            tuple(PRECISIONS))
     channels_last: bool = option(False, "keep conv weights and activations channels-last (NHWC): faster "
                                  "convolutions on CPUs with oneDNN and on GPUs with tensor cores")
     compile: str = option("auto", "torch.compile the encoder: on, off, or auto = on a GPU, falling back to "
-                          "eager with a warning if compilation fails (tried before the first step)",
-                          ("off", "auto", "on"))
+                          "eager with a warning if compilation fails (tried before the first step)", COMPILE_MODES)
     cudnn_benchmark: bool = option(True, "GPU: let cuDNN time its convolution algorithms once per batch shape "
                                    "and keep the fastest (training batches all have one shape)")
     device: str = option("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
     threads: int = option(0, "CPU threads of the training process; 0 = auto: the cores idle at start (a core "
                           "another process keeps busy would stall every step), or OMP_NUM_THREADS when set")
     engine: str = option("ddp", "how the model is replicated across ranks: ddp (PyTorch DDP) or deepspeed "
-                         "(ZeRO, set in the deepspeed section)", ("ddp", "deepspeed"))
+                         "(ZeRO, set in the deepspeed section)", tuple(ENGINES))
     progress: bool = option(True, "progress bar on rank 0")
     tensorboard: bool = option(True, "write TensorBoard events to run_dir/tb")
     grad_cache_chunk: int = option(0, "gradient caching: clips per forward chunk (0 = off); "

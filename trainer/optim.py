@@ -56,25 +56,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": plain, "weight_decay": 0.0, "lars_exclude": True}]
 
 
+def _sgd(groups: list[dict], lr: float, momentum: float, eta: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **({"fused": True} if fused else {}))
+
+
+def _lars(groups: list[dict], lr: float, momentum: float, eta: float, fused: bool) -> torch.optim.Optimizer:
+    return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+
+
+def _adamw(groups: list[dict], lr: float, momentum: float, eta: float, fused: bool) -> torch.optim.Optimizer:
+    """COLA's recipe (Adam); ``momentum`` is beta1."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+
+
+OPTIMIZERS = {"sgd": _sgd, "lars": _lars, "adamw": _adamw}
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float,
                     weight_decay: float, lars_eta: float, fused: bool = False) -> torch.optim.Optimizer:
     """``fused``: PyTorch's one-kernel update, for sgd (AdamW's fused CPU kernel drifted
     from the plain one in a 3-step test; LARS has none)."""
-    groups = param_groups(model, weight_decay)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}")
     if fused and name != "sgd":
         raise ValueError(f"optim.kernel: fused is for sgd only, not {name}")
-    kernel = {"fused": True} if fused else {}
-    if name == "sgd":
+    groups = param_groups(model, weight_decay)
+    if name != "lars":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta)
-    if name == "adamw":  # COLA's recipe (Adam); ``momentum`` is beta1
-        for g in groups:
-            g.pop("lars_exclude")
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise ValueError(f"unknown optimizer '{name}': choose sgd, lars or adamw")
+    return OPTIMIZERS[name](groups, lr, momentum, lars_eta, fused)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, final_ratio: float = 0.0) -> float:
@@ -109,6 +119,8 @@ def lr_multiplier(step: int, *, schedule: str, warmup: int, total: int, steps_pe
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, final_ratio: float = 0.0, *,
                     schedule: str = "cosine", steps_per_epoch: int = 1, milestones: tuple = (),
                     decay: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}': choose one of {', '.join(SCHEDULES)}")
     kwargs = dict(schedule=schedule, warmup=warmup, total=total, steps_per_epoch=max(1, steps_per_epoch),
                   final_ratio=final_ratio, milestones=tuple(milestones), decay=decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, **kwargs))

@@ -1,9 +1,9 @@
 """Speed settings that change how the step runs, never what it computes: cuDNN's
 algorithm search and ``torch.compile`` of the encoder (``train.cudnn_benchmark``,
 ``train.compile``). The others live where they act: ``train.channels_last`` and
-``train.precision`` in the pretrainer, ``optim.kernel`` in the optimizer,
-``data.prefetch`` / ``data.persistent_workers`` / ``data.worker_threads`` in the loader,
-``train.threads`` in :mod:`trainer.threads`."""
+``train.precision`` in the pretrainer (its dtypes in :mod:`trainer.parallel.device`),
+``optim.kernel`` in the optimizer, ``data.prefetch`` / ``data.persistent_workers`` /
+``data.worker_threads`` in the loader, ``train.threads`` in :mod:`trainer.threads`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from dataio.schema import ConfigError
 
 log = logging.getLogger("audioclr.speed")
 

@@ -196,11 +196,9 @@ class MoCo(_Base):
                                 temperature=self.cfg.temperature)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        from trainer.objectives.moco import cosine_momentum, momentum_update
+        from trainer.objectives.moco import MOMENTUM_SCHEDULES, momentum_update
 
-        m = self.cfg.momentum
-        if self.cfg.momentum_schedule == "cosine":
-            m = cosine_momentum(step, self.ctx.total_steps, self.cfg.momentum)
+        m = MOMENTUM_SCHEDULES[self.cfg.momentum_schedule](step, self.ctx.total_steps, self.cfg.momentum)
         momentum_update(self.key_model, model, m)
         if self._keys is not None:
             self.queue.enqueue(self._keys)

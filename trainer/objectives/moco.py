@@ -118,3 +118,7 @@ def cosine_momentum(step: int, total: int, base: float) -> float:
     ``1 - (1 - base) * (cos(pi * step / total) + 1) / 2`` (step clamped to [0, total])."""
     frac = min(max(step, 0), total) / max(total, 1)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * frac) + 1.0) / 2.0
+
+
+# objective.momentum_schedule: (step, total steps, objective.momentum) -> the EMA momentum
+MOMENTUM_SCHEDULES = {"constant": lambda step, total, base: base, "cosine": cosine_momentum}

@@ -1,2 +1,3 @@
 """Everything about many processes: collectives, the engines that replicate and step the
-model (DDP, DeepSpeed), global batch norm and gradient caching."""
+model (DDP, DeepSpeed; their registry in ``engines``), the device and its precision,
+global batch norm and gradient caching."""

@@ -28,8 +28,19 @@ def cpu_computes_bf16() -> bool:
         return False
 
 
+def _native_bf16(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()) else None
+
+
+# train.precision: the autocast dtype each setting picks on a device (None: fp32)
+PRECISIONS = {
+    "auto": lambda device: torch.bfloat16 if device.type == "cuda" else None,
+    "fast": _native_bf16,
+    "fp32": lambda device: None,
+    "bf16": lambda device: torch.bfloat16,
+}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """``train.precision`` on ``device``: the autocast dtype, or None for fp32."""
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
-    return {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None,
-            "fast": torch.bfloat16 if native else None}[precision]
+    return PRECISIONS[precision](device)
