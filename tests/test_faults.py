@@ -85,7 +85,7 @@ def test_eval_refuses_an_encoder_file_that_is_a_pickle(tiny_shards, tmp_path):
 
 
 def test_a_sweep_trial_state_and_searcher_state_are_never_unpickled(tmp_path):
-    from trainer.tune import set_aside_damaged_state
+    from trainer.tune_ray import set_aside_damaged_state
 
     marker = tmp_path / "code_ran"
     torch.save({"runner": Payload(marker)}, tmp_path / "state.pt")
@@ -316,7 +316,7 @@ def test_launch_names_the_rank_whose_data_failed_with_exit_1(good_shards, tmp_pa
     _, err = proc.communicate(timeout=LIMIT)
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert "rank 0: no readable clip" in err or "rank 1: no readable clip" in err
-    assert "audioclr launch: rank" in err and "failed first" in err
+    assert "audioclr launch: error: rank" in err and "failed first" in err
 
 
 def test_sigterm_to_launch_saves_on_every_rank_and_exits_143(good_shards, tmp_path):

@@ -406,7 +406,7 @@ def test_damaged_exported_encoders_are_refused_by_name(tmp_path):
 def test_damaged_sweep_states_are_set_aside_by_name(tmp_path, caplog):
     import pickle
 
-    from trainer.tune import set_aside_damaged_state
+    from trainer.tune_ray import set_aside_damaged_state
     state = json.dumps({"trial_data": [["{}", "{}"]], "runner_data": {}, "stats": {}}).encode()
     searcher = pickle.dumps({"a": list(range(100))})
     rng = random.Random(SEED + 3)
@@ -435,7 +435,7 @@ def test_damaged_sweep_states_are_set_aside_by_name(tmp_path, caplog):
 
 def _readable(name: str, content: bytes) -> bool:
     """What the sweep's own check reads (JSON state, or one whole pickle, walked not run)."""
-    from trainer.tune import _walk_pickle
+    from trainer.tune_ray import _walk_pickle
     try:
         json.loads(content) if name.startswith("experiment_state") else _walk_pickle(content)
     except Exception:  # noqa: BLE001

@@ -125,7 +125,7 @@ def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
 def test_trials_whose_last_checkpoint_is_gone_are_restarted():
     from types import SimpleNamespace
 
-    from trainer.tune import lost_checkpoints
+    from trainer.tune_ray import lost_checkpoints
 
     gone = ValueError("Could not recover from checkpoint as it does not exist on storage anymore. Got ...")
     fine = SimpleNamespace(error=None, metrics={"trial_id": "a"}, path="p")
@@ -180,7 +180,7 @@ def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
 
 
 def test_a_best_trial_that_validates_far_above_its_test_is_noted():
-    from trainer.tune import check_val_against_test
+    from trainer.tune_results import check_val_against_test
     metric = "class_averaged_accuracy"
     far = [{f"val_{metric}": 0.51, f"test_{metric}": 0.29}, {f"val_{metric}": 0.4, f"test_{metric}": 0.38}]
     assert "validates at 0.510 but tests at 0.290" in check_val_against_test(far, metric)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from dataio.schema import ConfigError, cli_number
-from trainer.commands import setup_logging
+from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 
 log = logging.getLogger("audioclr.bench.quality")
@@ -270,17 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds: not a comma-separated list of integers: {args.seeds!r}")
-    setup_logging()
-    try:
+
+    def work() -> int:
         if args.epochs < 0 or args.minutes < 0 or not args.seeds or not math.isfinite(args.minutes):
             raise ConfigError("--epochs and --minutes must be positive and --seeds not empty")
-        result = run(args)
-    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as err:
-        print(f"audioclr bench quality: error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, DataError) as err:  # interrupted (SIGTERM: checkpoint saved), non-finite loss
-        print(f"audioclr bench quality: error: {err}", file=sys.stderr)
-        return 1
-    print_table(result)
-    print(f"results in {Path(args.out) / 'quality.json'}")
-    return 0
+        print_table(run(args))
+        print(f"results in {Path(args.out) / 'quality.json'}")
+        return 0
+    # interrupted (SIGTERM: checkpoint saved), a non-finite loss, unreadable data: exit 1
+    return run_guarded("audioclr bench quality", work, input_errors=(ConfigError, ManifestError, ValueError,
+                                                                     FileNotFoundError),
+                       run_errors=(TrainingError, DataError))

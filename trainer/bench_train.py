@@ -234,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a pretrain config override for (b) and (c), e.g. --set data.prefetch=4 (repeatable)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     from trainer.commands import run_guarded
 
     def work() -> int:
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return 0
-    return run_guarded("audioclr bench train", work)
+    return run_guarded("audioclr bench train", work, log_level=logging.WARNING)
 
 
 if __name__ == "__main__":

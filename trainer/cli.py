@@ -18,14 +18,13 @@ def _demo_corpus(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
     from dataio.shard_writer import ShardWriteError
+    from trainer.commands import run_guarded
     from trainer.demo import make_corpus
 
-    try:
+    def work() -> int:
         print(make_corpus(args.out, args.clips, args.seed, args.workers, args.overwrite).summary())
-    except ShardWriteError as err:
-        print(f"audioclr demo-corpus: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_guarded("audioclr demo-corpus", work, input_errors=(ShardWriteError,))
 
 
 def _shard(argv: list[str]) -> int:
@@ -116,13 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audioclr: unknown command '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from trainer.commands import report_stop, sigterm_stops  # here: `audioclr --help` stays light
-    try:
-        with sigterm_stops():  # commands with a graceful stop of their own install theirs inside
+    from trainer.commands import STOPPED, report_stop, sigterm_stops  # here: `audioclr --help` stays light
+    try:  # a stop while a command parses its options, before its own guard runs
+        with sigterm_stops():
             return COMMANDS[name][0](rest)
     except KeyboardInterrupt as err:
-        return report_stop(f"audioclr {name}", err, "stopped by {signal}; nothing half-written is kept "
-                           "under a final name (rerun the command)")
+        return report_stop(f"audioclr {name}", err, STOPPED)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataio.schema import ConfigError
 from trainer.safe_files import CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
+STOPPED = "stopped by {signal}; nothing half-written is kept under a final name (rerun the command)"
 
 
 def config_parser(prog: str, doc: str | None, config_help: str, overrides_help: str) -> argparse.ArgumentParser:
@@ -48,11 +49,11 @@ def print_help_config(schema: type, *more: str) -> int:
     return 0
 
 
-def setup_logging(rank: int = 0, world_size: int = 1) -> None:
+def setup_logging(rank: int = 0, world_size: int = 1, level: int = logging.INFO) -> None:
     """Every command logs alike: ``HH:MM:SS LEVEL logger: message``, with ``[rank N]`` where
     several ranks write to one terminal; ranks other than 0 log warnings and errors only."""
     where = f"[rank {rank}] " if world_size > 1 else ""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
@@ -66,6 +67,14 @@ class Reporter:
     def __call__(self, message, everywhere: bool = False) -> None:
         if everywhere or not self.quiet:
             print(f"{self.prog}: error: {message}", file=sys.stderr)
+
+
+class CommandFailed(RuntimeError):
+    """The command failed with its own exit ``status`` (a launched rank's); the message says how."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 class Stopped(KeyboardInterrupt):
@@ -186,17 +195,23 @@ def report_stop(prog: str, err: KeyboardInterrupt, message: str, quiet: bool = F
 
 def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INPUT_ERRORS,
                 run_errors: tuple = (), own_errors: tuple = (), quiet: bool = False,
-                on_interrupt: str = "error: interrupted") -> int:
-    """``work()``'s status, or the status and message of what it raised: ``input_errors``
+                on_interrupt: str = STOPPED, rank: int = 0, world_size: int = 1,
+                log_level: int = logging.INFO) -> int:
+    """The one way every command runs: logging set up (:func:`setup_logging`), then
+    ``work()``'s status, or the status and message of what it raised: ``input_errors``
     exit 2, ``run_errors`` 1 (printed once), ``own_errors`` 1 (printed by every rank that
-    meets them: a rank's own data or disk), an OSError 1, Ctrl-C 130 and SIGTERM 143
-    (``on_interrupt`` printed)."""
+    meets them: a rank's own data or disk), an OSError 1, CommandFailed its status, Ctrl-C
+    130 and SIGTERM 143 (``on_interrupt`` printed)."""
+    setup_logging(rank, world_size, log_level)
     report = Reporter(prog, quiet)
     try:
         with sigterm_stops():
             return work()
     except KeyboardInterrupt as err:
         return report_stop(prog, err, on_interrupt, quiet)
+    except CommandFailed as err:
+        report(err)
+        return err.status
     except own_errors as err:
         report(describe_error(err) if isinstance(err, OSError) else err, everywhere=True)
         return 1
@@ -211,5 +226,5 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return 1
 
 
-__all__ = ["CheckpointError", "ConfigError", "GracefulStop", "INPUT_ERRORS", "Stopped", "config_parser", "print_help_config",
+__all__ = ["CheckpointError", "CommandFailed", "ConfigError", "GracefulStop", "INPUT_ERRORS", "STOPPED", "Stopped", "config_parser", "print_help_config",
            "report_stop", "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]

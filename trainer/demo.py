@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 from dataio.manifest import MANIFEST_NAME, ManifestError
 from dataio.schema import cli_number
 from dataio.shard_writer import ShardWriteError
-from trainer.commands import setup_logging
+from trainer.commands import run_guarded
 from trainer.config import ConfigError, PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
 from trainer.pretrain import TrainingError, run
@@ -75,17 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=cli_number(int, 1), default=400, help="clips in the synthetic corpus")
     p.add_argument("overrides", nargs="*", help="pretraining overrides (train.epochs=2) and eval.* keys")
     args = p.parse_args(argv)
-    setup_logging(0)
     eval_overrides = [o for o in args.overrides if o.startswith("eval.")]
     overrides = [o for o in args.overrides if not o.startswith("eval.")]
-    try:
-        s = demo(Path(args.out), Path(args.config), args.clips, overrides, eval_overrides)
-    except (ConfigError, ManifestError, ShardWriteError) as err:
-        print(f"audioclr demo: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"audioclr demo: error: {err}", file=sys.stderr)
-        return 1
+
+    def work() -> int:
+        report(demo(Path(args.out), Path(args.config), args.clips, overrides, eval_overrides), Path(args.out))
+        return 0
+    return run_guarded("audioclr demo", work, input_errors=(ConfigError, ManifestError, ShardWriteError),
+                       run_errors=(TrainingError,))
+
+
+def report(s: dict, out: Path) -> None:
+    """The demo's table, on stdout."""
     print(f"\nkNN class-averaged accuracy on the demo corpus ({s['num_classes']} classes, "
           f"{s['num_clips']} clips, leave-one-fold-out, k={s['k']}):\n"
           f"  pretrained encoder : {s['knn_accuracy']:.3f} +- {s['knn_std']:.3f}\n"
@@ -93,5 +93,4 @@ def main(argv: list[str] | None = None) -> int:
           f"  chance             : {1 / s['num_classes']:.3f}\n"
           f"{_threads_note(s['trained_on'])}"
           f"wall time {s['seconds']['total']:.0f} s (pretraining {s['seconds']['pretrain']:.0f} s); "
-          f"summary in {Path(args.out) / 'summary.json'}")
-    return 0
+          f"summary in {out / 'summary.json'}")

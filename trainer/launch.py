@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 
+from dataio.schema import ConfigError
+from trainer.commands import CommandFailed, run_guarded
+
 COMMANDS = {"pretrain": "trainer.pretrain"}
 
 
@@ -97,43 +100,39 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    try:
-        options, module, rest = split_argv(argv)
-    except ValueError as err:
-        print(f"audioclr launch: error: {err}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
-    try:
-        args = get_args_parser().parse_args([*options, "-m", module, *rest])
-        check_options(args)
-        config, cmd, cmd_args = config_from_args(args)
-    except (ValueError, AssertionError, RuntimeError) as err:
-        print(f"audioclr launch: error: {str(err).strip() or type(err).__name__}", file=sys.stderr)
-        return 2
-    # the agent's own failure report repeats what the ranks printed; ours is one line
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    if config.max_nodes > 1:
-        RendezvousWatch(config).start()
-    try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
-    except RendezvousTimeoutError:
-        print("audioclr launch: the other nodes did not join within the rendezvous timeout; start "
-              "the same command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout",
-              file=sys.stderr)
-        return 1
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        code = exit_code(failure.exitcode)
-        if code not in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
-            print(f"audioclr launch: rank {rank} failed first (exit {code}; its message is above)", file=sys.stderr)
-        return code
-    except SignalException as err:  # the agent itself was signalled: the ranks got it too and saved
-        return 128 + int(err.sigval)
-    except KeyboardInterrupt:
-        from trainer.commands import stop_handled
-        stop_handled()
-        return 128 + signal.SIGINT
-    return 0
+
+    def options() -> tuple:
+        try:
+            opts, module, rest = split_argv(argv)
+            args = get_args_parser().parse_args([*opts, "-m", module, *rest])
+            check_options(args)
+            return config_from_args(args)
+        except (ValueError, AssertionError, RuntimeError) as err:
+            raise ConfigError(str(err).strip() or type(err).__name__) from None
+
+    def work() -> int:
+        config, cmd, cmd_args = options()
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
+        # the agent's own failure report repeats what the ranks printed; ours is one line
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        if config.max_nodes > 1:
+            RendezvousWatch(config).start()
+        try:
+            elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        except RendezvousTimeoutError:
+            raise CommandFailed("the other nodes did not join within the rendezvous timeout; start the same "
+                                "command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout") from None
+        except ChildFailedError as err:
+            rank, failure = err.get_first_failure()
+            code = exit_code(failure.exitcode)
+            if code in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):  # the rank said why
+                return code
+            raise CommandFailed(f"rank {rank} failed first (exit {code}; its message is above)", code) from None
+        except SignalException as err:  # the agent itself was signalled: the ranks got it too and saved
+            return 128 + int(err.sigval)
+        return 0
+    return run_guarded("audioclr launch", work, input_errors=(ConfigError,), log_level=logging.WARNING,
+                       on_interrupt="stopped by {signal}; the ranks save a checkpoint as they stop")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from trainer.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded, setup_logging
+from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
@@ -372,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = distributed.env_info()
     rank = info.rank
-    setup_logging(rank, info.world_size)
     if args.help_config:
         from dataio.augment import describe_ops
         return print_help_config(PretrainConfig, *describe_ops())
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
     # one rank's data or disk: that rank says so
     return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
-                       run_errors=(TrainingError,), quiet=rank != 0,
+                       run_errors=(TrainingError,), quiet=rank != 0, rank=rank, world_size=info.world_size,
                        own_errors=(DataError, CheckpointError, distributed.PeerLost),
                        on_interrupt="error: interrupted before a checkpoint could be saved")
 

@@ -15,14 +15,9 @@ metric) and ``best.yaml`` (ready for ``audioclr eval --config``).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
 import os
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,10 +28,12 @@ import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.schema import ConfigError, check, option
-from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded, setup_logging
+from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
+from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
+from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
 
 if TYPE_CHECKING:
     from trainer.evaluate.clips import ClipSet
@@ -168,16 +165,6 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def node_name(ray) -> str:
-    """The Ray node this runs on by its name (its IP unless ``ray start --node-name``): a
-    node id is new at every start, so a sweep resumed on the same machine would show two."""
-    node_id = ray.get_runtime_context().get_node_id()
-    try:
-        return next(n["NodeName"] for n in ray.nodes() if n.get("NodeID") == node_id)
-    except (StopIteration, KeyError, RuntimeError):
-        return node_id[:8]
-
-
 def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
     """Check the data before any trial starts; return the validation metric's name and
     the clips (loaded once, shared with every trial)."""
@@ -235,87 +222,6 @@ def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
     return shared
 
 
-def ray_endpoint(address: str) -> tuple[str, int] | None:
-    """(host, port) that ``ray.address`` names, or None for 'auto' (Ray finds its cluster)."""
-    if address == "auto":
-        return None
-    rest = address.split("://", 1)[1] if "://" in address else address
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"ray.address: '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
-    return host.strip("[]"), int(port)
-
-
-def start_ray(cfg: RayConfig, wait_s: float = 10.0) -> None:
-    """Join the cluster ``cfg.address`` names (a clear error within about ``wait_s`` when
-    none answers there: Ray itself retries for a long while), or start Ray here."""
-    import socket
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.address:
-        endpoint = ray_endpoint(cfg.address)
-        if endpoint is not None:
-            try:
-                socket.create_connection(endpoint, timeout=wait_s).close()
-            except OSError as err:
-                raise ConfigError(f"ray.address: no Ray cluster answers at {cfg.address} ({err.strerror or err}); "
-                                  f"start one (ray start --head) or leave ray.address empty to run Ray here") from None
-        try:
-            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
-        except (ConnectionError, RuntimeError) as err:
-            raise ConfigError(f"ray.address: cannot join the Ray cluster at {cfg.address}: "
-                              f"{str(err).splitlines()[0]}") from None
-        log.info("joined the Ray cluster at %s: %d node(s), %s CPUs, %s GPUs", cfg.address, len(ray.nodes()),
-                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
-        return
-    ray.init(num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
-             include_dashboard=False)
-
-
-def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
-    """Ray copies its experiment and searcher state from the session folder into the
-    storage folder without a rename, so a driver killed mid-copy can leave an empty or
-    truncated file there; ``Tuner.restore`` then trusts it (the trials come back with an
-    empty config). Such a file is renamed ``*.damaged``: the trials and their checkpoints
-    are still listed in the last readable experiment state."""
-    damaged = []
-    for path in sorted(exp_dir.glob("experiment_state-*.json")) + sorted(exp_dir.glob("basic-variant-state-*.json")):
-        try:
-            with open(path, "rb") as f:
-                # the searcher state is a pickle: its opcodes are walked to the STOP, never run
-                json.load(f) if path.name.startswith("experiment_state") else _walk_pickle(f.read())
-        except Exception as err:
-            log.warning("setting aside %s, damaged when the sweep was stopped (%r)", path.name, err)
-            path.rename(path.with_name(path.name + ".damaged"))
-            damaged.append(path)
-    return damaged
-
-
-def _walk_pickle(data: bytes) -> None:
-    """Raise unless ``data`` is one complete pickle (checked opcode by opcode, nothing executed)."""
-    import pickletools
-
-    if not data:
-        raise ValueError("empty file")
-    for _ in pickletools.genops(data):
-        pass
-
-
-def lost_checkpoints(results) -> bool:
-    """Whether a restored trial failed because its last checkpoint is gone. Ray deletes a
-    trial's older checkpoint as soon as a newer one is registered, and writes the
-    experiment state naming the newer one a moment later; a driver killed in between
-    leaves a state that names a deleted checkpoint. Such trials are then restarted."""
-    lost = [r for r in results if r.error and "does not exist on storage anymore" in str(r.error)]
-    for r in lost:
-        log.warning("trial %s lost its last checkpoint when the sweep was stopped: it restarts from epoch 0",
-                    (r.metrics or {}).get("trial_id", r.path))
-    return bool(lost)
-
-
 def trial_lines(cfg: SweepConfig, metric: str):
     """A Ray Tune callback that logs one line as each trial starts, ends or fails (Ray Tune's
     own report, a status table and a result table per trial, is off: 391 lines for a small sweep)."""
@@ -331,7 +237,7 @@ def trial_lines(cfg: SweepConfig, metric: str):
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             log.info("trial %s done after %s epoch(s) (%s): val %s %s, test %s", trial.trial_id, r.get("epoch", "?"),
-                     knobs(trial), metric, _fmt(r.get(f"val_{metric}", "?")), _fmt(r.get(f"test_{metric}", "?")))
+                     knobs(trial), metric, fmt(r.get(f"val_{metric}", "?")), fmt(r.get(f"test_{metric}", "?")))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log.warning("trial %s failed (%s); see %s", trial.trial_id, knobs(trial), trial.local_path or "its folder")
@@ -369,70 +275,6 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, rest
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0,
                                   callbacks=[trial_lines(cfg, metric)]))
-
-
-def result_rows(results, cfg: SweepConfig, metric: str) -> list[dict]:
-    """One row per trial: its parameters, epochs run, last validation and test metrics,
-    sorted best first (errored trials last)."""
-    rows = []
-    for r in results:
-        m, config = r.metrics or {}, r.config or {}  # a trial a stop left pending has neither
-        row = {"trial": m.get("trial_id", Path(str(r.path)).name),
-               "status": "error" if r.error else "ok" if "epoch" in m else "not run"}
-        row["encoder"] = config.get("encoder", "")
-        row.update({k: config.get(k, "") for k in cfg.space})
-        row["epochs"] = m.get("epoch", 0)
-        row["resumed_from_epoch"] = m.get("start_epoch", 0)
-        row["node"] = m.get("node", "")
-        row.update({k: m[k] for k in sorted(m) if k.startswith(("val_", "test_"))})
-        rows.append(row)
-    key = f"val_{metric}"
-    sign = -1 if cfg.mode == "max" else 1
-
-    def order(row: dict) -> tuple:
-        v = row.get(key)
-        ok = isinstance(v, (int, float)) and math.isfinite(v)
-        return (0 if ok else 1, sign * v if ok else 0.0)
-
-    return sorted(rows, key=order)
-
-
-VAL_TEST_GAP = 0.1  # validation above test by more than this is worth a line
-
-
-def check_val_against_test(rows: list[dict], metric: str) -> str:
-    """A line (logged, and returned) when the best trial validates far above its test score:
-    the validation clips then share something with training (a speaker, a kit, a source
-    recording) that the test clips do not, and the ranking may not hold on new data."""
-    best = rows[0] if rows else {}
-    val, test = best.get(f"val_{metric}"), best.get(f"test_{metric}")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (val, test)) or val - test <= VAL_TEST_GAP:
-        return ""
-    line = (f"the best trial validates at {val:.3f} but tests at {test:.3f}: its validation clips may share groups "
-            f"(speakers, instruments, kits, source recordings) with its training clips. Give the shards folds "
-            f"that are groups (validation is then a whole fold) or a 'val' split of their own")
-    log.warning(line)
-    return line
-
-
-def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def write_tables(rows: list[dict], exp_dir: Path) -> tuple[Path, Path]:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path = write_text_atomically(exp_dir / "results.csv", table.getvalue())
-    # a column every trial shares (one encoder, one node) is left out of the Markdown table
-    shown = [c for c in columns if c not in ("encoder", "node") or len({r.get(c) for r in rows}) > 1]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for row in rows:
-        cells = [Path(str(row.get(c, ""))).name if c == "encoder" else _fmt(row.get(c, "")) for c in shown]
-        lines.append("| " + " | ".join(cells) + " |")
-    return csv_path, write_text_atomically(exp_dir / "results.md", "\n".join(lines) + "\n")
 
 
 def write_best(best: dict, cfg: SweepConfig, exp_dir: Path) -> Path:
@@ -505,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(f"ray.address={args.address}")
     if not args.config:
         p.error("--config is required")
-    setup_logging()
     # Ray Tune warns at every few saves that "snapshotting ... may become a bottleneck": a
     # sweep saves each trial's state every epoch on purpose (resume), and the trials are small
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -516,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, exp_dir = tune_sweep(cfg, stop)
         print((exp_dir / "results.md").read_text())
         if stop.signal:
-            print(f"audioclr tune: stopped by {signal.Signals(stop.signal).name}; the table above holds the trials "
-                  f"so far. Rerun the same command to resume the sweep ({exp_dir})", file=sys.stderr)
+            log.warning("stopped by %s; the table above holds the trials so far. Rerun the same command to resume "
+                        "the sweep (%s)", signal.Signals(stop.signal).name, exp_dir)
             return 128 + stop.signal
         failed = sum(r["status"] != "ok" for r in rows)
         print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")

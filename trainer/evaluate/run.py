@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from dataio.atomic import write_text_atomically
 from dataio.manifest import load_manifest
 from dataio.schema import ConfigError
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
-from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded, setup_logging
+from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
@@ -249,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         return print_help_config(EvalRoot)
     if not args.run or not args.data:
         p.error("--run and --data are required")
-    setup_logging()
 
     def work() -> int:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
         result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
         print(headline(result))
         if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
-            print("audioclr eval: warning: the metric is not finite (a class without test clips?)", file=sys.stderr)
+            log.warning("the metric is not finite (a class without test clips?)")
         print(f"results in {result['file']}")
         return 0
 

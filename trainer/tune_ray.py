@@ -1,0 +1,103 @@
+"""The Ray side of a sweep: joining or starting the cluster, naming its nodes, and the
+experiment state Ray leaves behind when a sweep is stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from dataio.schema import ConfigError
+
+log = logging.getLogger("audioclr.tune")
+
+
+def node_name(ray) -> str:
+    """The Ray node this runs on by its name (its IP unless ``ray start --node-name``): a
+    node id is new at every start, so a sweep resumed on the same machine would show two."""
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        return next(n["NodeName"] for n in ray.nodes() if n.get("NodeID") == node_id)
+    except (StopIteration, KeyError, RuntimeError):
+        return node_id[:8]
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``ray.address`` names, or None for 'auto' (Ray finds its cluster)."""
+    if address == "auto":
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address: '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
+
+
+def start_ray(cfg, wait_s: float = 10.0) -> None:
+    """Join the cluster ``cfg.address`` names (``cfg``: the sweep's ``ray`` section) (a clear error within about ``wait_s`` when
+    none answers there: Ray itself retries for a long while), or start Ray here."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        endpoint = ray_endpoint(cfg.address)
+        if endpoint is not None:
+            try:
+                socket.create_connection(endpoint, timeout=wait_s).close()
+            except OSError as err:
+                raise ConfigError(f"ray.address: no Ray cluster answers at {cfg.address} ({err.strerror or err}); "
+                                  f"start one (ray start --head) or leave ray.address empty to run Ray here") from None
+        try:
+            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as err:
+            raise ConfigError(f"ray.address: cannot join the Ray cluster at {cfg.address}: "
+                              f"{str(err).splitlines()[0]}") from None
+        log.info("joined the Ray cluster at %s: %d node(s), %s CPUs, %s GPUs", cfg.address, len(ray.nodes()),
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+        return
+    ray.init(num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
+             include_dashboard=False)
+
+
+def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
+    """Ray copies its experiment and searcher state from the session folder into the
+    storage folder without a rename, so a driver killed mid-copy can leave an empty or
+    truncated file there; ``Tuner.restore`` then trusts it (the trials come back with an
+    empty config). Such a file is renamed ``*.damaged``: the trials and their checkpoints
+    are still listed in the last readable experiment state."""
+    damaged = []
+    for path in sorted(exp_dir.glob("experiment_state-*.json")) + sorted(exp_dir.glob("basic-variant-state-*.json")):
+        try:
+            with open(path, "rb") as f:
+                # the searcher state is a pickle: its opcodes are walked to the STOP, never run
+                json.load(f) if path.name.startswith("experiment_state") else _walk_pickle(f.read())
+        except Exception as err:
+            log.warning("setting aside %s, damaged when the sweep was stopped (%r)", path.name, err)
+            path.rename(path.with_name(path.name + ".damaged"))
+            damaged.append(path)
+    return damaged
+
+
+def _walk_pickle(data: bytes) -> None:
+    """Raise unless ``data`` is one complete pickle (checked opcode by opcode, nothing executed)."""
+    import pickletools
+
+    if not data:
+        raise ValueError("empty file")
+    for _ in pickletools.genops(data):
+        pass
+
+
+def lost_checkpoints(results) -> bool:
+    """Whether a restored trial failed because its last checkpoint is gone. Ray deletes a
+    trial's older checkpoint as soon as a newer one is registered, and writes the
+    experiment state naming the newer one a moment later; a driver killed in between
+    leaves a state that names a deleted checkpoint. Such trials are then restarted."""
+    lost = [r for r in results if r.error and "does not exist on storage anymore" in str(r.error)]
+    for r in lost:
+        log.warning("trial %s lost its last checkpoint when the sweep was stopped: it restarts from epoch 0",
+                    (r.metrics or {}).get("trial_id", r.path))
+    return bool(lost)
