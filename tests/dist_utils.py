@@ -7,6 +7,7 @@ import pickle
 import socket
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -90,3 +91,25 @@ def kill_launch(launcher_pid: int) -> list[int]:
             pass
     os.killpg(launcher_pid, signal.SIGKILL)
     return ranks
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Average ``.grad`` over ranks in place, as DDP does for the modules it wraps (the
+    reference for losses computed outside an engine). One collective for
+    all of them; a rank where a parameter has no gradient contributes zeros, so ranks
+    never disagree on the collective's shape."""
+    params = [p for p in params if p.requires_grad]
+    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is not None:
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n

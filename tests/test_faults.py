@@ -395,4 +395,4 @@ def test_padding_short_clips_is_normal_not_a_warning(tmp_path, backend):
     make_shards(tmp_path / "notes", [3, 5, 9, 10], seconds=0.03)  # 30 ms notes, 0.5 s views
     write_dali_indexes(tmp_path / "notes")
     err = _plain_error(_pretrain(tmp_path / "notes", tmp_path / "run", "train.epochs=2", f"data.backend={backend}"), 0)
-    assert "INFO audioclr.pretrain: epoch 1: 24 view(s) zero-padded" in err and "WARNING" not in err, err[-2000:]
+    assert "INFO audioclr.telemetry: epoch 1: 24 view(s) zero-padded" in err and "WARNING" not in err, err[-2000:]

@@ -8,11 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.cola import Bilinear, ColaHead, cola_loss
+from trainer.objectives.cola import Bilinear, ColaHead, cola_projected_loss, project
 from trainer.objectives.moco import ShardedQueue, moco_logits_loss
 from trainer.objectives.npid import ShardedMemoryBank, npid_exact_loss, npid_nce_loss
 from trainer.objectives.supcon import classification_loss, hybrid_loss, label_affinity, supcon_loss
 from trainer.parallel import distributed
+
+
+def cola_loss(anchors, candidates, weight, rank):
+    """COLA's loss from the anchors themselves: a^T W, then the projected loss."""
+    return cola_projected_loss(project(anchors, weight), candidates, rank)
 
 
 def _falls(losses: list[float], by: float = 0.05) -> bool:

@@ -32,9 +32,10 @@ def _encoder():
 
 def _grads_and_mean_loss(loss, params) -> tuple[float, dict]:
     """What DDP would leave: gradients averaged over ranks, and the mean loss."""
+    from tests.dist_utils import average_gradients
     from trainer.parallel import distributed
 
-    distributed.average_gradients(params)
+    average_gradients(params)
     mean = distributed.reduce_mean({"loss": loss.item()}, torch.device("cpu"))["loss"]
     return mean, [p.grad.clone() for p in params]
 

@@ -56,22 +56,18 @@ def project(anchors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return wide(anchors) @ wide(weight)
 
 
-def cola_loss(anchors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+def cola_projected_loss(projected: torch.Tensor, candidates: torch.Tensor, rank: int) -> torch.Tensor:
     """Mean multi-class cross-entropy of this rank's anchors over all candidates.
 
-    anchors: [B, D] first segments of this rank's clips (head outputs);
-    candidates: [W*B, D] second segments of all ranks' clips in rank order (gathered with
-    gradient; pass this rank's [B, D] and rank 0 for in-batch negatives only);
-    weight: [D, D] the bilinear W. The positive of anchor i is candidate ``rank*B + i``
-    (the other segment of the same clip); the other W*B - 1 candidates are its negatives.
-    Returns a scalar (float32, or float64 for float64 inputs), the mean over the B anchors:
-    the mean of this over ranks is the loss of one process holding the global batch.
+    projected: [B, D] this rank's anchors (first segments' head outputs) times the bilinear
+    W, a^T W (:func:`project`; what :class:`ColaParts` adds); candidates: [W*B, D] second
+    segments of all ranks' clips in rank order (gathered with gradient; pass this rank's
+    [B, D] and rank 0 for in-batch negatives only). The positive of anchor i is candidate
+    ``rank*B + i`` (the other segment of the same clip); the other W*B - 1 candidates are
+    its negatives. Returns a scalar (float32, or float64 for float64 inputs), the mean over
+    the B anchors: the mean of this over ranks is the loss of one process holding the
+    global batch.
     """
-    return cola_projected_loss(project(anchors, weight), candidates, rank)
-
-
-def cola_projected_loss(projected: torch.Tensor, candidates: torch.Tensor, rank: int) -> torch.Tensor:
-    """:func:`cola_loss` from the anchors' a^T W [B, D] (what :class:`ColaParts` adds)."""
     b = projected.shape[0]
     if candidates.shape[0] < (rank + 1) * b:
         raise ValueError(f"candidates hold {candidates.shape[0]} rows: too few for rank {rank} with B={b}")

@@ -222,25 +222,3 @@ def distributed_logsumexp(local_logits: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or dist.get_world_size() == 1:
         return local
     return torch.logsumexp(_GatherWithGrad.apply(local[None]), dim=0)
-
-
-@torch.no_grad()
-def average_gradients(params) -> None:
-    """Average ``.grad`` over ranks in place, as DDP does for the modules it wraps (tests
-    use it as the reference for losses computed outside an engine). One collective for
-    all of them; a rank where a parameter has no gradient contributes zeros, so ranks
-    never disagree on the collective's shape."""
-    params = [p for p in params if p.requires_grad]
-    if not params or not is_initialized() or dist.get_world_size() == 1:
-        return
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                      for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        if p.grad is not None:
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
