@@ -22,12 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, ShardInfo, load_manifest
 from dataio.remote import Publisher, Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
-from dataio.shard_writer import REJECTED_NAME, Encoding, ShardSink, ShardWriteError, check_encoding, prepare_out_dir
+from dataio.shard_writer import REJECTED_NAME, Encoding, ShardSink, check_encoding, prepare_out_dir
 
 
 def check_conversion(manifest: Manifest, encoding: Encoding) -> None:

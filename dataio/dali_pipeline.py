@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import Batch, DataConfig, DataError, Placement
+from dataio.batch import Batch, DataConfig, Placement
+from dataio.errors import DataError
 from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window
 from dataio.manifest import Manifest

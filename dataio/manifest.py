@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dataio.atomic import write_text_atomically
+from dataio.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -41,10 +42,6 @@ CLIP_FORMATS = tuple(MEMBER_EXT)
 # the front-end keys a stored log-mel depends on (normalisation and channels are applied later)
 STORED_FRONTEND = ("sample_rate", "win_ms", "hop_ms", "n_fft", "window", "n_mels", "f_min", "f_max", "mel_scale",
                    "log_floor")
-
-
-class ManifestError(ValueError):
-    """A shard folder whose manifest is missing, malformed or names missing shards."""
 
 
 @dataclass
@@ -179,7 +176,8 @@ def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> M
 def _load_remote_manifest(url: str, retry=None, check_files: bool = True) -> Manifest:
     """The manifest of a folder URL; with ``check_files`` every shard it lists must be
     there at the size it records (one HEAD or listing each, no download)."""
-    from dataio.remote import RemoteError, Retry, join, read_bytes, shown, sizes
+    from dataio.errors import RemoteError
+    from dataio.remote import Retry, join, read_bytes, shown, sizes
     folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
     where = url if url.endswith(".json") else join(folder, MANIFEST_NAME)
     try:

@@ -23,17 +23,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataio.batch import DataError
+from dataio.errors import RemoteError
 from dataio.tar_reader import local_tar_samples
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SCHEMES = ("http", "https")
 CLOUD_EXTRA = "pip install -e '.[cloud]'"
-
-
-class RemoteError(DataError):
-    """A URL that cannot be read: gone for good, refused, or still failing after the retries."""
 
 
 @dataclass(frozen=True)

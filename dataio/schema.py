@@ -13,9 +13,7 @@ import typing
 from dataclasses import field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported before any work starts."""
+from dataio.errors import ConfigError
 
 
 def option(default: Any, doc: str, choices: tuple | None = None) -> Any:

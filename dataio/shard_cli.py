@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.errors import RemoteError, ShardWriteError
 from dataio.manifest import CLIP_FORMATS, load_manifest
-from dataio.remote import Publisher, RemoteError, is_url, shown
+from dataio.remote import Publisher, is_url, shown
 from dataio.schema import cli_number
-from dataio.shard_writer import REJECTED_NAME, Encoding, ShardWriteError, write_shards
+from dataio.shard_writer import REJECTED_NAME, Encoding, write_shards
 
 FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
                "pcm16 (the same samples raw: twice FLAC's size on tonal audio, read with no decoder), logmel "

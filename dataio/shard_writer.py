@@ -32,6 +32,7 @@ import numpy as np
 import soundfile as sf
 
 from dataio.atomic import write_text_atomically
+from dataio.errors import ShardWriteError
 from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import Manifest, ShardInfo
@@ -43,10 +44,6 @@ DALI_INDEX_VERSION = "v1.2"
 _TAR_BLOCK = 512
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _OUR_FILES = re.compile(r"^(shard-\d{5,}\.(tar|idx)|manifest\.json|rejected\.tsv)(\.tmp)?$")
-
-
-class ShardWriteError(ValueError):
-    """Shards cannot be written as asked (occupied output folder, no usable clips, ...)."""
 
 
 @dataclass

@@ -31,8 +31,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import Batch, DataConfig, DataError, Placement
-from dataio.batcher import BatchMaker, NoReadableClips, stage
+from dataio.batch import Batch, DataConfig, Placement
+from dataio.batcher import BatchMaker, stage
+from dataio.errors import DataError, NoReadableClips
 from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
 from dataio.remote import Retry, tar_samples
 

@@ -17,7 +17,7 @@ def _demo_corpus(argv: list[str]) -> int:
     p.add_argument("--workers", type=cli_number(int, 0), default=0, help="processes (0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
-    from dataio.shard_writer import ShardWriteError
+    from dataio.errors import ShardWriteError
     from trainer.demo import make_corpus
 
     try:

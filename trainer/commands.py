@@ -19,8 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dataio.manifest import ManifestError
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError, ManifestError
 from trainer.safe_files import CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)

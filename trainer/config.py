@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from dataio.atomic import write_text_atomically
-from dataio.schema import ConfigError, build_section, check, describe, option  # noqa: F401  (re-exported)
+from dataio.errors import ConfigError
+from dataio.schema import build_section, check, describe, option  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- merging
 

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from dataio.errors import ConfigError
 
 log = logging.getLogger("audioclr.speed")
 

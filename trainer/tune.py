@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from dataio.atomic import write_text_atomically
-from dataio.schema import ConfigError, check, option
+from dataio.errors import ConfigError
+from dataio.schema import check, option
 from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded, setup_logging
 from trainer.config import load_config, merge_trees, set_dotted, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig

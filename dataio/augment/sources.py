@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 
