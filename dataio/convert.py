@@ -26,7 +26,8 @@ from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, ShardInfo, load_manifest
-from dataio.remote import Publisher, Retry, is_url, shown, tar_samples
+from dataio.publish import Publisher
+from dataio.remote import Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
 from dataio.shard_writer import REJECTED_NAME, Encoding, ShardSink, check_encoding, prepare_out_dir
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from dataio.convert import convert_corpus, frontend_from_recipe
 from dataio.errors import RemoteError, ShardWriteError
 from dataio.manifest import CLIP_FORMATS, load_manifest
-from dataio.remote import Publisher, is_url, shown
+from dataio.publish import Publisher
+from dataio.remote import is_url, shown
 from dataio.schema import cli_number
 from dataio.shard_writer import REJECTED_NAME, Encoding, write_shards
 
