@@ -20,7 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
+from tqdm import tqdm
 
 from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
@@ -52,7 +54,6 @@ def convert_shard(location: str, number: int, expected: int, codec: ClipCodec, e
         return True
 
     if multiprocessing.parent_process() is not None:
-        import torch
         torch.set_num_threads(1)  # the pool is the parallelism
     sink = ShardSink(Path(out_dir), 0, 0, first=number)
     count = 0
@@ -113,8 +114,6 @@ def convert_corpus(src: str | Path, out: str, encoding: Encoding, *, overwrite: 
 def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, workers: int, publisher,
                     progress: bool) -> list[ShardInfo]:
     """Every shard converted into ``staging`` (uploaded and removed there with a publisher)."""
-    from tqdm import tqdm
-
     codec = ClipCodec.of(manifest)
     locations = [str(p) for p in manifest.shard_paths()]
     workers = min(workers or os.cpu_count() or 1, len(locations))

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from tqdm import tqdm
 
 from dataio.atomic import write_text_atomically
 from dataio.errors import ShardWriteError
@@ -165,7 +168,6 @@ def _logmel(frontend: FrontendConfig) -> LogMel:
     """One LogMel per front end per process (its filter bank is built once)."""
     key = repr(frontend)
     if key not in _LOGMELS:
-        import torch
         if multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
         _LOGMELS[key] = LogMel(frontend)
@@ -173,9 +175,7 @@ def _logmel(frontend: FrontendConfig) -> LogMel:
 
 
 def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz (imports torch on first use)."""
-    import torch
-    import torchaudio.functional as AF
+    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz."""
     if multiprocessing.parent_process() is not None and torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
     return AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target).numpy()
@@ -372,8 +372,6 @@ class _Tally:
 def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[ClipResult],
                  sink: ShardSink, dataset: str, sample_rate: int, progress: bool, ext: str) -> _Tally:
     """Write each accepted result (the j-th belongs to ``items[order[j]]``) into ``sink``."""
-    from tqdm import tqdm
-
     keys = assign_keys(items)
     tally = _Tally()
     with tqdm(total=len(items), unit="clip", desc="shard", disable=not progress) as bar:

@@ -19,6 +19,8 @@ skipped samples' bytes but decodes nothing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import logging
@@ -226,9 +228,6 @@ def batch_ids(wave_batch: dict, rank: int) -> BatchIds:
 
 def _libc():
     """The C library (glibc's calls below are no-ops, or raise, elsewhere)."""
-    import ctypes
-    import ctypes.util
-
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
