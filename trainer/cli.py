@@ -57,7 +57,7 @@ def _bench(argv: list[str]) -> int:
     if argv[0] == "train":
         from trainer.bench_train import main
         return main(argv[1:])
-    from dataio.bench import main
+    from trainer.bench_data import main
     return main(argv[1:])
 
 
