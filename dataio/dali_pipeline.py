@@ -268,14 +268,6 @@ class DaliSource:
         return self.batches.state()
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def numpy_logmel(waves: np.ndarray, frontend: FrontendConfig, device: str = "cpu") -> np.ndarray:
     """DALI log-mels of float32 waves [N, S], computed on the CPU or (``device="gpu"``)
     GPU 0, for parity tests and benchmarks."""

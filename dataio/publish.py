@@ -50,7 +50,6 @@ class Publisher:
         if held and not overwrite:
             raise ValueError(f"--out {shown(url)} already holds a corpus (its {MANIFEST_NAME}); pass --overwrite "
                              f"to replace it")
-        self.sent = 0
 
     def put(self, local: Path) -> None:
         """Upload ``local`` into the folder URL, then remove it."""
@@ -59,7 +58,6 @@ class Publisher:
             self.fs.put_file(str(local), f"{self.root}/{local.name}")
         except Exception as err:  # noqa: BLE001 -- as above
             raise RemoteError(f"uploading {describe_store_error(target, err)}") from None
-        self.sent += local.stat().st_size
         local.unlink()
 
     def shard(self, tar: Path, index: Path) -> None:
