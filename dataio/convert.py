@@ -31,7 +31,8 @@ from dataio.manifest import Manifest, ShardInfo, load_manifest
 from dataio.publish import Publisher
 from dataio.remote import Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
-from dataio.shard_writer import REJECTED_NAME, Encoding, ShardSink, check_encoding, prepare_out_dir
+from dataio.shard_writer import REJECTED_NAME, Encoding, check_encoding, prepare_out_dir
+from dataio.tar_writer import ShardSink
 
 
 def check_conversion(manifest: Manifest, encoding: Encoding) -> None:
