@@ -99,10 +99,6 @@ class DataConfig:
             seen.add(where)
 
 
-class DataError(RuntimeError):
-    """The data cannot be read as configured; the message says what to do."""
-
-
 @dataclass
 class Batch:
     """One training batch on the training device.

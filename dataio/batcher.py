@@ -19,16 +19,13 @@ import numpy as np
 import torch
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import DataConfig, DataError
+from dataio.batch import DataConfig
+from dataio.errors import NoReadableClips
 from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
 from dataio.manifest import Manifest
 from dataio.views import crop_keys, keyed_crop_starts
 
 log = logging.getLogger(__name__)
-
-
-class NoReadableClips(DataError):
-    """A worker's shards yielded no sample at all."""
 
 
 class BatchMaker:

@@ -14,9 +14,10 @@ import sys
 from concurrent import futures
 from pathlib import Path
 
+from dataio.errors import ManifestError, RemoteError
 from dataio.formats import ClipCodec
-from dataio.manifest import ManifestError, load_manifest
-from dataio.remote import RemoteError, Retry, is_url, join, read_bytes, tar_samples
+from dataio.manifest import load_manifest
+from dataio.remote import Retry, is_url, join, read_bytes, tar_samples
 from dataio.schema import cli_number
 
 

@@ -20,12 +20,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, ShardInfo, load_manifest
-from dataio.remote import Publisher, Retry, is_url, shown, tar_samples
+from dataio.recipes import read_recipe
+from dataio.publish import Publisher
+from dataio.remote import Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
-from dataio.shard_writer import REJECTED_NAME, Encoding, ShardSink, ShardWriteError, check_encoding, prepare_out_dir
+from dataio.shard_writer import REJECTED_NAME, Encoding, check_encoding, prepare_out_dir
+from dataio.tar_writer import ShardSink
 
 
 def check_conversion(manifest: Manifest, encoding: Encoding) -> None:
@@ -48,7 +55,6 @@ def convert_shard(location: str, number: int, expected: int, codec: ClipCodec, e
         return True
 
     if multiprocessing.parent_process() is not None:
-        import torch
         torch.set_num_threads(1)  # the pool is the parallelism
     sink = ShardSink(Path(out_dir), 0, 0, first=number)
     count = 0
@@ -109,8 +115,6 @@ def convert_corpus(src: str | Path, out: str, encoding: Encoding, *, overwrite: 
 def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, workers: int, publisher,
                     progress: bool) -> list[ShardInfo]:
     """Every shard converted into ``staging`` (uploaded and removed there with a publisher)."""
-    from tqdm import tqdm
-
     codec = ClipCodec.of(manifest)
     locations = [str(p) for p in manifest.shard_paths()]
     workers = min(workers or os.cpu_count() or 1, len(locations))
@@ -140,6 +144,4 @@ def frontend_from_recipe(path: str | None, sample_rate: int) -> FrontendConfig:
     without a recipe, at ``sample_rate``)."""
     if not path:
         return FrontendConfig(sample_rate=sample_rate)
-    from trainer.config import read_recipe
-
     return build_section(FrontendConfig, read_recipe(path).get("frontend") or {}, "frontend.")

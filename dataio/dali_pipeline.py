@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import Batch, DataConfig, DataError, Placement
+from dataio.batch import Batch, DataConfig, Placement
+from dataio.errors import DataError
 from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window
 from dataio.manifest import Manifest
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def logmel_nodes(views, cfg: FrontendConfig):
     """DALI nodes turning each 1-D wave node in ``views`` into a normalised log-mel [F, T]."""
-    from nvidia.dali import fn
+    from nvidia.dali import fn  # deferred: DALI is heavy and optional
 
     out = []
     for wave in views:
@@ -66,8 +67,8 @@ def cut_views(audio, num: int, length: int, *, group: int = 2, gap: int = 0, fil
     views, ``group`` = 2) the two starts of each pair are at least ``gap`` apart where the
     clip allows (as far apart as it allows otherwise), as :func:`dataio.views.place_crops`
     places them."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath  # deferred: DALI is heavy and optional
+    from nvidia.dali import fn, types  # deferred: DALI is heavy and optional
 
     n = fn.cast(audio.shape()[0], dtype=types.FLOAT)
     room = n - length
@@ -111,7 +112,7 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
     """The DALI pipeline of one rank; outputs ``views`` [K*V, S] waves (the chain has
     waveform ops) or [K*V, F, T] log-mels, ``meta`` and ``info`` (padded JSON and
     source-info bytes), K = ``data.pairs_per_clip`` view sets per clip."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # deferred: DALI is heavy and optional
 
     usable = readable_shards(manifest)
     paths = [str(manifest.root / s.url) for s in usable]
@@ -149,7 +150,7 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
 def _views(member, codec: ClipCodec, data: DataConfig, augmenter: Augmenter, count: int) -> list:
     """The view nodes cut from one member node: decoded FLAC samples (float), int16
     samples, or float16 ``[T, F]`` frames (padded with the log floor)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, types  # deferred: DALI is heavy and optional
 
     rate = codec.sample_rate
     if codec.clip_format == "flac":
@@ -193,7 +194,7 @@ class DaliBatches:
 
     def __init__(self, data: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
                  place: Placement, checkpoint: str | None = None):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator  # deferred: DALI is heavy and optional
 
         self.data, self.manifest, self.augmenter, self.place = data, manifest, augmenter, place
         device = place.device
@@ -267,18 +268,10 @@ class DaliSource:
         return self.batches.state()
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def numpy_logmel(waves: np.ndarray, frontend: FrontendConfig, device: str = "cpu") -> np.ndarray:
     """DALI log-mels of float32 waves [N, S], computed on the CPU or (``device="gpu"``)
     GPU 0, for parity tests and benchmarks."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import fn, pipeline_def  # deferred: DALI is heavy and optional
 
     @pipeline_def
     def graph():

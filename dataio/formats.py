@@ -24,9 +24,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from dataio.errors import ConfigError
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import CLIP_FORMATS, MEMBER_EXT, STORED_FRONTEND
-from dataio.schema import ConfigError
 from dataio.views import cut
 
 __all__ = ["CLIP_FORMATS", "MEMBER_EXT", "STORED_FRONTEND", "ClipCodec", "check_recipe_frontend", "encode_member",

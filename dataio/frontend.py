@@ -72,6 +72,27 @@ class FrontendConfig:
 
 WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window}
 
+# the mel scales of torchaudio's MelSpectrogram (what LogMel computes), on tensors
+_SLANEY_SP, _SLANEY_LOGSTEP = 200.0 / 3, math.log(6.4) / 27.0  # Hz per mel below 1 kHz; log step above
+_SLANEY_HZ = 1000.0  # where the slaney scale turns from linear to log
+_SLANEY_MEL = _SLANEY_HZ / _SLANEY_SP
+
+
+def hz_to_mel(hz: torch.Tensor, scale: str) -> torch.Tensor:
+    """Frequencies in Hz -> mels on ``scale`` (htk or slaney), as the front end's filter bank."""
+    if scale == "htk":
+        return 2595.0 * torch.log10(1.0 + hz / 700.0)
+    return torch.where(hz >= _SLANEY_HZ, _SLANEY_MEL + torch.log(hz.clamp_min(1e-9) / _SLANEY_HZ) / _SLANEY_LOGSTEP,
+                       hz / _SLANEY_SP)
+
+
+def mel_to_hz(mel: torch.Tensor, scale: str) -> torch.Tensor:
+    """Mels on ``scale`` -> Hz, the inverse of :func:`hz_to_mel`."""
+    if scale == "htk":
+        return 700.0 * (torch.pow(10.0, mel / 2595.0) - 1.0)
+    return torch.where(mel >= _SLANEY_MEL, _SLANEY_HZ * torch.exp(_SLANEY_LOGSTEP * (mel - _SLANEY_MEL)),
+                       _SLANEY_SP * mel)
+
 
 def analysis_window(cfg: FrontendConfig) -> torch.Tensor:
     """The periodic analysis window of ``cfg``, float64 [win_length] (both front ends use it)."""

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from dataio.atomic import write_text_atomically
+from dataio.errors import ManifestError, RemoteError
+from dataio.remote import Retry, join, read_bytes, shown, sizes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -41,10 +43,6 @@ CLIP_FORMATS = tuple(MEMBER_EXT)
 # the front-end keys a stored log-mel depends on (normalisation and channels are applied later)
 STORED_FRONTEND = ("sample_rate", "win_ms", "hop_ms", "n_fft", "window", "n_mels", "f_min", "f_max", "mel_scale",
                    "log_floor")
-
-
-class ManifestError(ValueError):
-    """A shard folder whose manifest is missing, malformed or names missing shards."""
 
 
 @dataclass
@@ -94,7 +92,6 @@ class Manifest:
     def where(self) -> str:
         """The folder or URL, fit for a message (no credentials, no query string)."""
         if self.remote:
-            from dataio.remote import shown
             return shown(self.root)
         return str(self.root)
 
@@ -104,7 +101,6 @@ class Manifest:
         if self.sources:
             return [s.url if "://" in s.url else Path(s.url) for s in self.shards]
         if self.remote:
-            from dataio.remote import join
             return [join(self.root, s.url) for s in self.shards]
         return [self.root / s.url for s in self.shards]
 
@@ -171,15 +167,14 @@ def load_manifest(folder: str | Path, check_files: bool = True, retry=None) -> M
     if check_files:
         missing = [str(p) for p in manifest.shard_paths() if not p.is_file()]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ManifestError(f"manifest {path} lists shards that do not exist: {shown}")
+            listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ManifestError(f"manifest {path} lists shards that do not exist: {listed}")
     return manifest
 
 
 def _load_remote_manifest(url: str, retry=None, check_files: bool = True) -> Manifest:
     """The manifest of a folder URL; with ``check_files`` every shard it lists must be
     there at the size it records (one HEAD or listing each, no download)."""
-    from dataio.remote import RemoteError, Retry, join, read_bytes, shown, sizes
     folder = url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
     where = url if url.endswith(".json") else join(folder, MANIFEST_NAME)
     try:

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 from dataio.augment import Augmenter
 from dataio.batch import DataConfig, Placement
+from dataio.dali_pipeline import DaliSource
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest
+from dataio.remote import Retry
+from dataio.shard_cache import localize
+from dataio.synthetic import SyntheticSource
+from dataio.torch_pipeline import TorchSource
 
 
 def open_source(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
                 place: Placement, state=None):
     """The configured back end; ``state`` is what its ``state()`` returned at a checkpoint."""
     if cfg.backend == "synthetic":
-        from dataio.synthetic import SyntheticSource
         return SyntheticSource(cfg, manifest, frontend, augmenter, place)
     if cfg.backend == "dali":
-        from dataio.dali_pipeline import DaliSource
         if manifest.remote:  # DALI's readers open local files: a node-local copy
-            from dataio.remote import Retry
-            from dataio.shard_cache import localize
             manifest = localize(manifest, cfg.cache_dir, cfg.cache_gb, Retry.of(cfg))
         return DaliSource(cfg, manifest, frontend, augmenter, place, state=state)
-    from dataio.torch_pipeline import TorchSource
     return TorchSource(cfg, manifest, augmenter, place)

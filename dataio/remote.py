@@ -7,7 +7,8 @@ credentials from the usual places (environment, the provider's config files). A 
 that fails on the way (a reset connection, a timeout, a 5xx or 429 answer) is retried
 with exponential back-off from the byte where it stopped; an answer that will not change
 (404, 401, 403) fails at once. Either way the error names the URL, with any user name,
-password or query string (signed URLs carry secrets there) left out.
+password or query string (signed URLs carry secrets there) left out. Writing a corpus to
+a URL is :mod:`dataio.publish`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from dataio.batch import DataError
+from dataio.errors import RemoteError
 from dataio.tar_reader import local_tar_samples
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SCHEMES = ("http", "https")
 CLOUD_EXTRA = "pip install -e '.[cloud]'"
-
-
-class RemoteError(DataError):
-    """A URL that cannot be read: gone for good, refused, or still failing after the retries."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,7 @@ def tar_samples(location, handler, retry: Retry = Retry()):
     """The samples (webdataset dicts) of one tar shard, a local path (members as
     memoryviews, JSON as bytes) or a URL (streamed, members as bytes); ``handler`` sees
     each read error (a RemoteError is raised again, whatever it says)."""
-    import webdataset as wds
+    import webdataset as wds  # deferred: heavy, and only this function uses it
 
     def handle(exc: Exception) -> bool:
         if isinstance(exc, RemoteError):  # webdataset appends (stream, url) to its args: the sentence only
@@ -109,7 +106,6 @@ def sizes(urls: list[str], timeout: float = 30.0) -> dict[str, int | None]:
     found: dict[str, int | None] = {}
     http = [u for u in urls if urllib.parse.urlsplit(u).scheme in BUILTIN_SCHEMES]
     if http:
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(16) as pool:
             for url, size in zip(http, pool.map(lambda u: _head(u, timeout), http)):
                 if size != -1:
@@ -119,7 +115,7 @@ def sizes(urls: list[str], timeout: float = 30.0) -> dict[str, int | None]:
         by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
     for folder, members in by_folder.items():
         try:
-            import fsspec
+            import fsspec  # deferred: the optional cloud extra
             fs, path = fsspec.core.url_to_fs(folder)
             listing = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(path, detail=True)}
         except Exception:  # noqa: BLE001 -- a store that cannot list: the reads will say
@@ -161,16 +157,6 @@ def describe_no_credentials(err: BaseException) -> str:
     return f"no credentials for this store ({type(err).__name__}: {str(err)[:200]}); give them: {CREDENTIALS_HINT}"
 
 
-def describe_store_error(url: str, err: BaseException) -> str:
-    """One line for a failed write or listing at ``url``: what went wrong and what to check."""
-    if no_credentials(err):
-        return f"{shown(url)}: {describe_no_credentials(err)}"
-    if isinstance(err, PermissionError):
-        return (f"{shown(url)}: access denied ({str(err)[:200] or type(err).__name__}); check that these "
-                f"credentials may write there ({CREDENTIALS_HINT})")
-    return f"{shown(url)}: {type(err).__name__}: {str(err)[:200]}"
-
-
 class _Permanent(Exception):
     """A failure a retry will not mend."""
 
@@ -202,7 +188,7 @@ class _FsspecSource:
 
     def __init__(self, url: str):
         try:
-            import fsspec
+            import fsspec  # deferred: the optional cloud extra
             self.fs, self.path = fsspec.core.url_to_fs(url)
         except ImportError as err:
             raise RemoteError(f"{shown(url)}: reading {urllib.parse.urlsplit(url).scheme}:// URLs needs "
@@ -286,57 +272,3 @@ class _Resuming(io.RawIOBase):
     def close(self) -> None:
         self._drop()
         super().close()
-
-
-class Publisher:
-    """Copies a shard folder written locally to a folder URL as it is written: each shard
-    and its index as soon as they are complete (then removed locally, so staging holds one
-    shard at a time), the manifest last, so a reader never finds a manifest before every
-    shard it lists."""
-
-    def __init__(self, url: str, overwrite: bool):
-        from dataio.manifest import MANIFEST_NAME
-        scheme = urllib.parse.urlsplit(url).scheme
-        if scheme in BUILTIN_SCHEMES:
-            raise ValueError(f"--out {shown(url)}: http(s) URLs cannot be written; give an object store "
-                             f"(s3://, gs://, any writable fsspec URL) or a folder")
-        try:
-            import fsspec
-            self.fs, self.root = fsspec.core.url_to_fs(url)
-        except ImportError as err:
-            raise ValueError(f"--out {shown(url)}: writing {scheme}:// URLs needs the cloud extra: "
-                             f"{CLOUD_EXTRA} ({err})") from None
-        self.url, self.root = url.rstrip("/"), self.root.rstrip("/")
-        try:
-            held = self.fs.exists(f"{self.root}/{MANIFEST_NAME}")
-            if not held:
-                self.fs.makedirs(self.root, exist_ok=True)
-        except Exception as err:  # noqa: BLE001 -- each client raises its own kinds; all are named
-            raise RemoteError(f"--out {describe_store_error(url, err)}") from None
-        if held and not overwrite:
-            raise ValueError(f"--out {shown(url)} already holds a corpus (its {MANIFEST_NAME}); pass --overwrite "
-                             f"to replace it")
-        self.sent = 0
-
-    def put(self, local: Path) -> None:
-        """Upload ``local`` into the folder URL, then remove it."""
-        target = f"{self.url}/{local.name}"
-        try:
-            self.fs.put_file(str(local), f"{self.root}/{local.name}")
-        except Exception as err:  # noqa: BLE001 -- as above
-            raise RemoteError(f"uploading {describe_store_error(target, err)}") from None
-        self.sent += local.stat().st_size
-        local.unlink()
-
-    def shard(self, tar: Path, index: Path) -> None:
-        self.put(tar)
-        self.put(index)
-
-    def finish(self, staging: Path) -> None:
-        """Whatever else the writer left in ``staging`` (rejected and missing lists), then
-        the manifest."""
-        from dataio.manifest import MANIFEST_NAME
-        for path in sorted(staging.iterdir()):
-            if path.name != MANIFEST_NAME and path.is_file():
-                self.put(path)
-        self.put(staging / MANIFEST_NAME)

@@ -4,6 +4,7 @@ key and type and naming the key (and its nearest valid names) when one is wrong.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -13,9 +14,7 @@ import typing
 from dataclasses import field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported before any work starts."""
+from dataio.errors import ConfigError
 
 
 def option(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -31,8 +30,6 @@ def option(default: Any, doc: str, choices: tuple | None = None) -> Any:
 def cli_number(kind: type, minimum: float, *, above: bool = False):
     """An argparse ``type=`` for a finite ``kind`` (int or float) >= ``minimum`` (or >
     with ``above``): a bad value is exit 2 and the option named, by argparse."""
-    import argparse
-
     def parse(text: str):
         try:
             value = kind(text)

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dataio.errors import CacheError
 from dataio.manifest import MANIFEST_NAME, Manifest
 from dataio.remote import Retry, join, open_stream, shown
 
@@ -36,10 +37,6 @@ USED = ".used"  # touched by every run that uses the folder: eviction goes by it
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AUDIOCLR_CACHE") or Path.home() / ".cache" / "audioclr" / "shards")
-
-
-class CacheError(ValueError):
-    """The corpus cannot be cached as configured (exit 2)."""
 
 
 def localize(manifest: Manifest, cache_dir: str | Path, limit_gb: float, retry: Retry = Retry()) -> Manifest:

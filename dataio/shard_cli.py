@@ -11,10 +11,13 @@ import tempfile
 from pathlib import Path
 
 from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.errors import RemoteError, ShardWriteError
 from dataio.manifest import CLIP_FORMATS, load_manifest
-from dataio.remote import Publisher, RemoteError, is_url, shown
+from dataio.publish import Publisher
+from dataio.remote import is_url, shown
 from dataio.schema import cli_number
-from dataio.shard_writer import REJECTED_NAME, Encoding, ShardWriteError, write_shards
+from dataio.shard_writer import REJECTED_NAME, Encoding, write_shards
+from dataio.sources import layout_options, load_layout, write_missing
 
 FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
                "pcm16 (the same samples raw: twice FLAC's size on tonal audio, read with no decoder), logmel "
@@ -119,8 +122,6 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _layout_options(args: argparse.Namespace) -> dict:
     """The layout options given on the command line; one the layout does not take is an error."""
-    from dataio.sources import layout_options
-
     accepted = layout_options(args.layout)  # an unknown layout fails here, listing the valid ones
     given = {key: getattr(args, key, None) for key in LAYOUT_FLAGS}
     given = {key: value for key, value in given.items() if value is not None}
@@ -134,8 +135,6 @@ def _layout_options(args: argparse.Namespace) -> dict:
 
 def run_shard(args: argparse.Namespace) -> int:
     """Run ``audioclr shard``; returns the exit status (2 with a one-line error on bad input)."""
-    from dataio.sources import load_layout, write_missing
-
     src = Path(args.src)
     try:
         encoding = _encoding(args, args.sample_rate)

@@ -5,8 +5,8 @@ it to the target rate, validate it, quantise it to 16 bits and encode it in the 
 format (:mod:`dataio.formats`: FLAC, raw 16-bit PCM, or a float16 log-mel). The main
 process writes accepted clips, in a seeded shuffled order, into ``shard-NNNNN.tar``
 (members ``KEY.flac`` / ``KEY.pcm`` / ``KEY.mel`` and ``KEY.json``) with one DALI index
-``shard-NNNNN.idx`` per tar, then ``rejected.tsv`` (``path<TAB>reason`` of every clip
-left out) and ``manifest.json``. The same items and seed give byte-identical shards
+``shard-NNNNN.idx`` per tar (:mod:`dataio.tar_writer`), then ``rejected.tsv``
+(``path<TAB>reason`` of every clip left out) and ``manifest.json``. The same items and seed give byte-identical shards
 whatever the number of workers.
 """
 
@@ -15,13 +15,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import pickle
 import re
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,23 +28,22 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from tqdm import tqdm
 
 from dataio.atomic import write_text_atomically
+from dataio.errors import ShardWriteError
 from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import Manifest, ShardInfo
+from dataio.manifest import Manifest
+from dataio.tar_writer import ShardSink
 
 REJECTED_NAME = "rejected.tsv"
 DEFAULT_SHARD_SIZE = 1000
 MAX_KEY_CHARS = 80  # "KEY.flac" stays inside the 100-character ustar name field
-DALI_INDEX_VERSION = "v1.2"
-_TAR_BLOCK = 512
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _OUR_FILES = re.compile(r"^(shard-\d{5,}\.(tar|idx)|manifest\.json|rejected\.tsv)(\.tmp)?$")
-
-
-class ShardWriteError(ValueError):
-    """Shards cannot be written as asked (occupied output folder, no usable clips, ...)."""
 
 
 @dataclass
@@ -168,7 +165,6 @@ def _logmel(frontend: FrontendConfig) -> LogMel:
     """One LogMel per front end per process (its filter bank is built once)."""
     key = repr(frontend)
     if key not in _LOGMELS:
-        import torch
         if multiprocessing.parent_process() is not None:
             torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
         _LOGMELS[key] = LogMel(frontend)
@@ -176,9 +172,7 @@ def _logmel(frontend: FrontendConfig) -> LogMel:
 
 
 def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz (imports torch on first use)."""
-    import torch
-    import torchaudio.functional as AF
+    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz."""
     if multiprocessing.parent_process() is not None and torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
     return AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target).numpy()
@@ -249,68 +243,6 @@ def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: in
             yield pending.popleft().result()
 
 
-class ShardSink:
-    """Writes samples into numbered tars (under a ``.tmp`` name until complete) and DALI indexes."""
-
-    def __init__(self, out_dir: Path, max_clips: int, max_bytes: int, on_shard=None, first: int = 0):
-        self.out_dir, self.max_clips, self.max_bytes = out_dir, max_clips, max_bytes
-        self.on_shard = on_shard  # called with (tar, index) once both are complete
-        self.first = first  # the number of the first shard written
-        self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
-        self._index_lines: list[str] = []
-        self._payload = 0  # bytes of member data in the open shard
-
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Append one sample (``[(extension, data), ...]``); cut the shard when it is full."""
-        if self._tar is None:
-            name = f"shard-{self.first + len(self.shards):05d}.tar.tmp"
-            self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
-        components = []
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")  # uid, gid 0 and no user names by default
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # the same bytes every run
-            self._tar.addfile(info, io.BytesIO(data))
-            # the member's data ends, padded to whole blocks, where the tar now stands
-            offset = self._tar.offset - -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
-            components.append(f"{ext} {offset} {len(data)} {key}.{ext}")
-            self._payload += len(data)
-        self._index_lines.append(" ".join(components))
-        full_count = self.max_clips > 0 and len(self._index_lines) >= self.max_clips
-        if full_count or (self.max_bytes > 0 and self._payload >= self.max_bytes):
-            self.close()
-
-    def close(self) -> None:
-        """Finish the open shard, if any: rename the tar, then write its index."""
-        if self._tar is None:
-            return
-        self._tar.close()
-        stem = f"shard-{self.first + len(self.shards):05d}"
-        tar_path = self.out_dir / f"{stem}.tar"
-        (self.out_dir / f"{stem}.tar.tmp").replace(tar_path)
-        write_dali_index(self.out_dir / f"{stem}.idx", self._index_lines)
-        self.shards.append(ShardInfo(url=tar_path.name, count=len(self._index_lines),
-                                     bytes=tar_path.stat().st_size, index_file=f"{stem}.idx"))
-        self._tar, self._index_lines, self._payload = None, [], 0
-        if self.on_shard is not None:
-            self.on_shard(tar_path, self.out_dir / f"{stem}.idx")
-
-
-def write_dali_index(path: Path, sample_lines: list[str]) -> None:
-    """Write a DALI webdataset index in format ``v1.2``, atomically.
-
-    This is the format NVIDIA DALI's ``tools/wds2idx.py`` writes and
-    ``fn.readers.webdataset(index_paths=...)`` parses (``ParseIndexFile`` in
-    ``dali/operators/reader/loader/webdataset_loader.cc``; DALI reads ``v1.1`` and
-    ``v1.2``): a first line ``v1.2 <num_samples>``, then one line per sample with, for
-    each of its members, ``<ext> <offset> <size> <member name>``; ``offset`` is the byte
-    position of the member's data (past its header, a multiple of 512) and ``size`` its
-    length in bytes. ``sample_lines`` are those per-sample lines.
-    """
-    write_text_atomically(path, f"{DALI_INDEX_VERSION} {len(sample_lines)}\n"
-                      + "".join(line + "\n" for line in sample_lines))
-
-
 def check_encoding(encoding: Encoding, sample_rate: int) -> None:
     """A known clip format; a logmel front end at the shards' rate."""
     if encoding.clip_format not in MEMBER_EXT:
@@ -375,8 +307,6 @@ class _Tally:
 def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[ClipResult],
                  sink: ShardSink, dataset: str, sample_rate: int, progress: bool, ext: str) -> _Tally:
     """Write each accepted result (the j-th belongs to ``items[order[j]]``) into ``sink``."""
-    from tqdm import tqdm
-
     keys = assign_keys(items)
     tally = _Tally()
     with tqdm(total=len(items), unit="clip", desc="shard", disable=not progress) as bar:

@@ -19,12 +19,10 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dataio.errors import TarFormatError
+
 BLOCK = 512
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class TarFormatError(ValueError):
-    """A tar that cannot be read on from here (bad header checksum, member cut short)."""
 
 
 def _number(field: bytes, where: str) -> int:

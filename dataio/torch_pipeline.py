@@ -19,6 +19,8 @@ skipped samples' bytes but decodes nothing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import logging
@@ -31,8 +33,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import Batch, DataConfig, DataError, Placement
-from dataio.batcher import BatchMaker, NoReadableClips, stage
+from dataio.batch import Batch, DataConfig, Placement
+from dataio.batcher import BatchMaker, stage
+from dataio.errors import DataError, NoReadableClips
 from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
 from dataio.remote import Retry, tar_samples
 
@@ -225,9 +228,6 @@ def batch_ids(wave_batch: dict, rank: int) -> BatchIds:
 
 def _libc():
     """The C library (glibc's calls below are no-ops, or raise, elsewhere)."""
-    import ctypes
-    import ctypes.util
-
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 

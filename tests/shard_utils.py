@@ -50,7 +50,7 @@ def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int
 
 def write_dali_indexes(folder: Path) -> None:
     """DALI index files for hand-made shards (the shard writer makes its own)."""
-    from dataio.shard_writer import write_dali_index
+    from dataio.tar_writer import write_dali_index
 
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

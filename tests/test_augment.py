@@ -9,8 +9,8 @@ import torch
 
 from dataio.augment import OPS, BatchIds, build_augmenter, parse_chain
 from dataio.augment.keyed import M32, mix, uniforms
+from dataio.errors import ConfigError
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.schema import ConfigError
 
 RATE = 16000
 FRONT = FrontendConfig(n_mels=32)

@@ -8,7 +8,7 @@ from tests.conftest import PYTHON, REPO, cli_env
 
 
 def test_bench_data_reports_each_backend_against_the_limit(tiny_shards, capsys):
-    from dataio.bench import print_table, run
+    from trainer.bench_data import print_table, run
 
     backends = "torch,dali" if importlib.util.find_spec("nvidia.dali") else "torch"
     args = argparse.Namespace(shards=str(tiny_shards), clips=0, clip_seconds=0, cores=1, backends=backends,

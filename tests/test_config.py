@@ -4,8 +4,10 @@ import subprocess
 
 import pytest
 
+from dataio.errors import ConfigError
 from tests.conftest import PYTHON, REPO, cli_env
-from trainer.config import ConfigError, PretrainConfig, load_config, parse_overrides, save_config
+from dataio.recipes import parse_overrides
+from trainer.config import PretrainConfig, load_config, save_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 

@@ -6,9 +6,9 @@ import torch
 
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.errors import ConfigError, ManifestError
 from dataio.frontend import FrontendConfig
-from dataio.manifest import ManifestError, load_manifest, split_for_reader, split_for_worker
-from dataio.schema import ConfigError
+from dataio.manifest import load_manifest, split_for_reader, split_for_worker
 from dataio.torch_pipeline import wave_loader
 from tests.shard_utils import make_shards
 

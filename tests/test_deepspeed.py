@@ -280,7 +280,8 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
     import psutil
 
     import trainer.parallel.deepspeed_engine
-    from trainer.config import ConfigError, PretrainConfig, load_config
+    from dataio.errors import ConfigError
+    from trainer.config import PretrainConfig, load_config
 
     check_section = trainer.parallel.deepspeed_engine.DeepSpeedEngine.check
     cpu = torch.device("cpu")

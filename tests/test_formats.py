@@ -20,11 +20,12 @@ import torch
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_corpus
+from dataio.errors import ManifestError, ShardWriteError
 from dataio.formats import PCM_SCALE, ClipCodec, logmel_frames
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import ManifestError, load_manifest
+from dataio.manifest import load_manifest
 from dataio.remote import tar_samples
-from dataio.shard_writer import Encoding, ShardWriteError
+from dataio.shard_writer import Encoding
 from dataio.torch_pipeline import DeviceFeeder, wave_loader
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from tests.shard_utils import make_shards, rewrite_members, write_dali_indexes

@@ -113,7 +113,7 @@ def _names_key(message: str, key: str) -> bool:
 
 def test_every_key_of_every_command_is_accepted_or_refused_by_name():
     """All cases, in-process through the schema (about 6,000 in a few seconds)."""
-    from dataio.schema import ConfigError
+    from dataio.errors import ConfigError
     from trainer.config import load_config
     schemas = commands()
     tried, failures = 0, []
@@ -170,7 +170,7 @@ def _entry_point(command: str, override: str, folder: Path) -> list[str]:
 def test_a_refused_value_is_exit_2_and_one_line_through_each_command(tmp_path, capsys):
     """Each command's real entry point, on a seeded sample of the refused cases (all of
     them with AUDIOCLR_FUZZ=long)."""
-    from dataio.schema import ConfigError
+    from dataio.errors import ConfigError
     from trainer.cli import main
     from trainer.config import load_config
     schemas = commands()
@@ -295,8 +295,7 @@ def _read_everything(folder: Path) -> tuple[int, int]:
 
 
 def test_damaged_shards_and_manifests_are_named_or_skipped_and_counted(corpus, tmp_path, caplog):
-    from dataio.batch import DataError
-    from dataio.manifest import ManifestError
+    from dataio.errors import DataError, ManifestError
     rng = random.Random(SEED)
     count = 12 if LONG else 3
     failures, tried = [], 0

@@ -9,9 +9,9 @@ import torch
 
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.errors import ConfigError, ManifestError
 from dataio.frontend import FrontendConfig
-from dataio.manifest import ManifestError, load_sources
-from dataio.schema import ConfigError
+from dataio.manifest import load_sources
 from dataio.torch_pipeline import wave_loader
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from tests.dist_utils import free_port

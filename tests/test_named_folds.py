@@ -107,7 +107,8 @@ def test_cli_mixed_folds_exit_2_with_one_line(tmp_path, audio, capsys):
 
 
 def test_manifest_fold_names_are_optional(tmp_path):
-    from dataio.manifest import Manifest, ManifestError, ShardInfo, parse_manifest
+    from dataio.errors import ManifestError
+    from dataio.manifest import Manifest, ShardInfo, parse_manifest
 
     plain = Manifest(dataset="d", sample_rate=16000, num_clips=1, shards=[ShardInfo("a.tar", 1)])
     assert "fold_names" not in plain.to_json()  # manifests without named folds are written as before

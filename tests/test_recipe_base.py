@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from trainer.config import ConfigError, PretrainConfig, load_config, to_dict
+from dataio.errors import ConfigError
+from trainer.config import PretrainConfig, load_config, to_dict
 
 CONFIGS = REPO / "configs"
 FIXTURE = REPO / "tests" / "data" / "resolved_recipes.json"

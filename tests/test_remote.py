@@ -285,7 +285,8 @@ def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(ti
 def test_missing_credentials_fail_at_once_by_name(tmp_path, s3_server, monkeypatch):
     import time
 
-    from dataio.manifest import ManifestError, load_manifest
+    from dataio.errors import ManifestError
+    from dataio.manifest import load_manifest
     from dataio.remote import Retry
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)

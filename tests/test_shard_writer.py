@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from dataio.errors import ShardWriteError
 from dataio.manifest import load_manifest
 from dataio.shard_cli import add_shard_arguments, parse_size, run_shard
-from dataio.shard_writer import REJECTED_NAME, ClipItem, ShardWriteError, write_shards
+from dataio.shard_writer import REJECTED_NAME, ClipItem, write_shards
 from dataio.sources import items_for_layout
 from dataio.sources.folder import csv_items, folder_items
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dataio.errors import ConfigError
 from tests.conftest import PYTHON, cli_env, tiny_overrides
-from trainer.config import ConfigError, PretrainConfig, load_config
+from trainer.config import PretrainConfig, load_config
 from trainer.models.encoders import build_encoder
 from trainer.models.heads import ContrastiveModel, ProjectionHead
 from trainer.speed import compile_encoder, wants_compile

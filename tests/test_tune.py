@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 from tests.conftest import PYTHON, cli_env
 from trainer.config import load_config
 from trainer.evaluate.config import EvalRoot

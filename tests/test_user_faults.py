@@ -111,7 +111,8 @@ def test_a_many_node_launch_says_what_it_waits_for(tmp_path):
     ("optim.lr=.inf", "optim.lr: must be a finite number"),
     ("data.sources=[{shards: /x, weight: -1}]", "data.sources[0].weight: must be a positive number")])
 def test_non_finite_and_negative_numbers_are_refused_by_key(override, words):
-    from trainer.config import ConfigError, PretrainConfig, load_config
+    from dataio.errors import ConfigError
+    from trainer.config import PretrainConfig, load_config
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, REPO / "configs" / "demo.yaml", ["data.shards=", override])
     assert words in str(err.value)
@@ -122,7 +123,7 @@ def test_a_weight_written_1e_3_is_a_float_and_sources_replace_the_recipes_shards
     recipe = REPO / "configs" / "demo.yaml"
     cfg = load_config(PretrainConfig, recipe, ["data.sources=[{shards: /a, weight: 1e-3}, {shards: /b}]"])
     assert cfg.data.shards == "" and [s["weight"] for s in cfg.data.sources] == [0.001, 1.0]
-    from trainer.config import ConfigError
+    from dataio.errors import ConfigError
     with pytest.raises(ConfigError, match="not both"):
         load_config(PretrainConfig, recipe, ["data.sources=[{shards: /a}]", "data.shards=/b"])
 

@@ -3,7 +3,7 @@
 
 import sys
 
-from dataio.bench import main
+from trainer.bench_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import gc
 import io
 import json
@@ -51,137 +52,32 @@ import socket
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CATEGORIES = ("params", "grads", "buckets", "optim", "master", "other")
+from memory_census import CATEGORIES, snapshot  # noqa: E402  (beside this file)
+from trainer.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
+from trainer.models.encoders import build_encoder  # noqa: E402
+from trainer.objectives import ObjectiveContext, build_objective  # noqa: E402
+from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+from trainer.parallel.deepspeed_engine import import_deepspeed  # noqa: E402
+from trainer.parallel.engines import build_engine  # noqa: E402
+from trainer.parallel.sync_bn import convert_global_bn  # noqa: E402
+
 MIB = 2 ** 20
-
-
-# ---------------------------------------------------------------- counting storages
-def _storage(t) -> tuple[int, int, str] | None:
-    """(address, bytes, device) of the storage under tensor ``t``; None when it has none."""
-    try:
-        s = t.untyped_storage()
-        return (s.data_ptr(), s.nbytes(), str(s.device)) if s.nbytes() and s.data_ptr() else None
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, meta, fake tensors
-        return None
-
-
-def tensors_under(obj, path: str = "", depth: int = 8, seen: set | None = None):
-    """(path, tensor) for every tensor reachable from ``obj`` through containers and the
-    attributes of torch / DeepSpeed objects (modules excluded: their parameters are
-    counted as parameters); a tensor's ``.grad`` comes as ``path.grad``."""
-    import torch
-    from torch import nn
-
-    seen = set() if seen is None else seen
-    if depth < 0 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-        if obj.is_leaf and obj.grad is not None:
-            yield f"{path}.grad", obj.grad
-        return
-    if isinstance(obj, nn.Module | str | bytes | int | float | bool | type(None)):
-        return
-    if isinstance(obj, dict):
-        children = ((f"{path}[{k if isinstance(k, str | int) else '.'}]", v) for k, v in list(obj.items()))
-    elif isinstance(obj, list | tuple | set | frozenset):
-        children = ((f"{path}[{i}]", v) for i, v in enumerate(list(obj)))
-    elif type(obj).__module__.split(".")[0] in ("deepspeed", "torch") and hasattr(obj, "__dict__"):
-        children = ((f"{path}.{k}", v) for k, v in list(vars(obj).items()))
-    else:
-        return
-    for child_path, child in children:
-        yield from tensors_under(child, child_path, depth - 1, seen)
-
-
-def _is_tensor(obj) -> bool:
-    import torch
-
-    try:
-        return isinstance(obj, torch.Tensor)
-    except ReferenceError:  # a dead weak proxy
-        return False
-
-
-def alive_storages(device) -> dict[int, int]:
-    """address -> bytes of every distinct storage on ``device`` held by a tensor gc sees."""
-    found = {}
-    with warnings.catch_warnings():  # isinstance on deprecated module proxies warns
-        warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if _is_tensor(obj)]
-    for obj in tensors:
-        s = _storage(obj)
-        if s and s[2] == str(device):
-            found[s[0]] = s[1]
-    return found
-
-
-def _is_bucket(path: str) -> bool:
-    """A ZeRO optimizer's gradient staging buffers: ``ipg_buckets``, ``__ipg_bucket_flat_buffer``."""
-    return "ipg" in path.lower() or "bucket" in path.lower()
-
-
-def attribute(engine, hook_buffers: list, device) -> dict[str, dict[int, int]]:
-    """The storages of the model state, by category (params ... master), address -> bytes."""
-    zero = getattr(getattr(engine, "ds", None), "optimizer", None)
-    client = zero.optimizer if zero is not None else engine.optimizer
-    params = list(engine.module.parameters())
-    found: list[tuple[str, object]] = []
-    found += [("params", p) for p in params] + [("params", p.ds_tensor) for p in params if hasattr(p, "ds_tensor")]
-    found += [("buckets", b) for b in hook_buffers]
-    if zero is not None:  # before .grad: under ZeRO-2/3 a parameter's .grad is a view into the bucket
-        found += [("buckets", t) for path, t in tensors_under(zero, "zero") if _is_bucket(path)]
-    found += [("grads", p.grad) for p in params if p.grad is not None]
-    found += [("optim", t) for _, t in tensors_under(client.state)]
-    # what the client optimizer steps: its groups' tensors, and the keys of its state (ZeRO-3
-    # puts its fp32 partitions into the groups only for the length of the step)
-    stepped = [t for _, t in tensors_under(client.param_groups)] + [k for k in client.state if _is_tensor(k)]
-    found += [("master", t) for t in stepped]
-    if zero is not None:
-        found += [("grads" if "grad" in path.lower() else "other", t) for path, t in tensors_under(zero, "zero")]
-    owner: dict[str, dict[int, int]] = {c: {} for c in CATEGORIES}
-    claimed = set()
-    for category, t in found:
-        s = _storage(t)
-        if s and s[2] == str(device) and s[0] not in claimed:
-            claimed.add(s[0])
-            owner[category][s[0]] = s[1]
-    return owner
-
-
-def snapshot(engine, hook_buffers: list, device) -> dict[str, int]:
-    """Bytes per category, and ``total`` over every storage alive on ``device``."""
-    gc.collect()
-    owner = attribute(engine, hook_buffers, device)
-    alive = alive_storages(device)
-    for category in CATEGORIES:
-        alive.update(owner[category])
-    claimed = {ptr for c in CATEGORIES[:-1] for ptr in owner[c]}
-    sizes = {c: sum(owner[c].values()) for c in CATEGORIES[:-1]}
-    sizes["other"] = sum(n for ptr, n in alive.items() if ptr not in claimed)
-    sizes["total"] = sum(alive.values())
-    return sizes
 
 
 # ---------------------------------------------------------------- one rank
 def build(spec: dict, rank: int, world: int, device):
     """The objective and the engine, built as ``trainer.pretrain.Pretrainer`` builds them."""
-    import torch
-
-    from trainer.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig
-    from trainer.models.encoders import build_encoder
-    from trainer.objectives import ObjectiveContext, build_objective
-    from trainer.optim import build_optimizer, build_scheduler
-    from trainer.parallel.engines import build_engine
-    from trainer.parallel.sync_bn import convert_global_bn
-
     torch.manual_seed(0)
     model_cfg = ModelConfig(encoder=spec["encoder"], width=spec["width"], proj_hidden=spec["proj_hidden"],
                             proj_dim=spec["proj_dim"])
@@ -207,9 +103,6 @@ def build(spec: dict, rank: int, world: int, device):
 def watch_ddp_buckets(engine) -> list:
     """The DDP reducer's bucket buffers of the latest backward, seen by a comm hook doing
     what the built-in one does (all-reduce the bucket, divide by the world size)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from torch.nn.parallel import DistributedDataParallel
-
     seen: list = []
     if isinstance(getattr(engine, "model", None), DistributedDataParallel):
         def hook(state, bucket):
@@ -223,8 +116,6 @@ def forward_backward(engine, objective, spec: dict, device, probe=None) -> None:
     """One forward and backward on random views [batch, 2, 1, mels, frames]; ``probe()``
     runs once autograd has computed every gradient, before the engine's own end-of-backward
     work (DDP's last bucket wait, ZeRO's final reduction into partitions)."""
-    import torch
-
     views = torch.randn(spec["batch"], 2, 1, spec["mels"], spec["frames"], device=device)
     batch = SimpleNamespace(views=views, labels=None, indices=torch.arange(spec["batch"], device=device))
     engine.train()
@@ -237,8 +128,6 @@ def forward_backward(engine, objective, spec: dict, device, probe=None) -> None:
 
 
 def peak_bytes(device) -> int:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -247,10 +136,7 @@ def peak_bytes(device) -> int:
 def measure(spec: dict, rank: int, world: int, device) -> dict:
     """One rank: build, one step, then count at the end of the second step's backward,
     once the engine has finished its backward, and after the step."""
-    import torch
-
     if spec["stage"] != "ddp":
-        from trainer.parallel.deepspeed_engine import import_deepspeed
         import_deepspeed(device)  # before the baseline: the import is not model state
     gc.collect()
     if device.type == "cuda":
@@ -274,15 +160,10 @@ def measure(spec: dict, rank: int, world: int, device) -> dict:
 
 def _entry(rank: int, world: int, port: int, spec: dict, timeout_s: float, results) -> None:
     """A spawned rank: its process group, then ``measure``; reports to the parent."""
-    import datetime
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if spec["device"] == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-    import torch.distributed as dist
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
     try:
@@ -307,8 +188,6 @@ def _free_port() -> int:
 
 def run_config(spec: dict, world: int, timeout_s: float) -> dict:
     """``measure`` on ``world`` spawned ranks: {"ranks": [...]} or {"failed": reason}."""
-    import torch.multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -344,10 +223,6 @@ def run_config(spec: dict, world: int, timeout_s: float) -> dict:
 def expectations(encoder: str, spec: dict, world: int, stages: list[str]) -> dict:
     """Per stage: the fp32 SGD expectation and DeepSpeed's estimate (bytes per rank), with
     the text DeepSpeed's ``*_all_live`` estimator prints for this model."""
-    from trainer.config import ModelConfig, ObjectiveConfig
-    from trainer.models.encoders import build_encoder
-    from trainer.objectives import ObjectiveContext, build_objective
-
     objective = build_objective(ObjectiveConfig(name="simclr"), ModelConfig(
         encoder=encoder, width=spec["width"], proj_hidden=spec["proj_hidden"], proj_dim=spec["proj_dim"]),
         ObjectiveContext())
@@ -366,9 +241,9 @@ def deepspeed_estimate(model, stage: str, world: int) -> dict:
     ``_all_live`` estimator prints. There is no ZeRO-1 estimator: ZeRO-2's stands in."""
     try:
         if stage == "3":
-            from deepspeed.runtime.zero import stage3 as z
+            from deepspeed.runtime.zero import stage3 as z  # deferred: DeepSpeed is heavy and optional
         else:
-            from deepspeed.runtime.zero import stage_1_and_2 as z
+            from deepspeed.runtime.zero import stage_1_and_2 as z  # deferred: as above
         text = io.StringIO()
         live = getattr(z, f"estimate_zero{3 if stage == '3' else 2}_model_states_mem_needs_all_live")
         with contextlib.redirect_stdout(text):
@@ -465,8 +340,6 @@ def _leave(signum, frame) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _leave)
-    import torch
-
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.device_count() >= args.world else "cpu"

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from dataio.atomic import write_text_atomically
-from dataio.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from dataio.schema import ConfigError, cli_number
+from dataio.errors import ConfigError, ManifestError
+from dataio.manifest import MANIFEST_NAME, load_manifest
+from dataio.schema import cli_number
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 
@@ -245,7 +246,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataio.batch import DataError
+    from dataio.errors import DataError
     from trainer.pretrain import TrainingError
 
     p = argparse.ArgumentParser(prog="audioclr bench quality", description=__doc__,

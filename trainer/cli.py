@@ -17,7 +17,7 @@ def _demo_corpus(argv: list[str]) -> int:
     p.add_argument("--workers", type=cli_number(int, 0), default=0, help="processes (0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
-    from dataio.shard_writer import ShardWriteError
+    from dataio.errors import ShardWriteError
     from trainer.commands import run_guarded
     from trainer.demo import make_corpus
 
@@ -56,7 +56,7 @@ def _bench(argv: list[str]) -> int:
     if argv[0] == "train":
         from trainer.bench_train import main
         return main(argv[1:])
-    from dataio.bench import main
+    from trainer.bench_data import main
     return main(argv[1:])
 
 

@@ -19,8 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dataio.manifest import ManifestError
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError, ManifestError
 from trainer.safe_files import CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
@@ -43,7 +42,7 @@ BASE_HELP = ("base = ''  # YAML file only: the recipe this one is written over (
 
 def print_help_config(schema: type, *more: str) -> int:
     """``--help-config``: every key of ``schema`` with its default and doc."""
-    from trainer.config import describe
+    from dataio.schema import describe
 
     print("\n".join([BASE_HELP, *describe(schema), *more]))
     return 0

@@ -8,11 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-from dataio.manifest import MANIFEST_NAME, ManifestError
+from dataio.errors import ConfigError, ManifestError, ShardWriteError
+from dataio.manifest import MANIFEST_NAME
 from dataio.schema import cli_number
-from dataio.shard_writer import ShardWriteError
 from trainer.commands import run_guarded
-from trainer.config import ConfigError, PretrainConfig, load_config
+from trainer.config import PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
 from trainer.pretrain import TrainingError, run
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import Batch, DataError, Placement, steps_per_epoch
+from dataio.batch import Batch, Placement, steps_per_epoch
+from dataio.errors import ConfigError, DataError, ManifestError
 from dataio.formats import check_recipe_frontend
-from dataio.manifest import ManifestError, load_manifest, load_sources
+from dataio.manifest import load_manifest, load_sources
 from dataio.pipeline import open_source
 from dataio.remote import Retry
 from dataio.schema import cli_number
@@ -35,7 +36,7 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
-from trainer.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
+from trainer.config import PretrainConfig, load_config, save_config, to_dict
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
 from trainer.objectives import ObjectiveContext, build_objective

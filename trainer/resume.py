@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 from trainer.safe_files import describe_error
 
 log = logging.getLogger("audioclr.pretrain")

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 
 log = logging.getLogger("audioclr.speed")
 

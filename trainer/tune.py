@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING
 import yaml
 
 from dataio.atomic import write_text_atomically
-from dataio.schema import ConfigError, check, option
+from dataio.errors import ConfigError
+from dataio.schema import check, option
 from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
-from trainer.config import load_config, merge_trees, set_dotted, to_dict
+from dataio.recipes import merge_trees, set_dotted
+from trainer.config import load_config, to_dict
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.safe_files import CheckpointError
 from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray

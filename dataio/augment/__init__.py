@@ -22,7 +22,8 @@ from dataio.augment.base import OpConfig
 from dataio.augment.chain import Augmenter, BatchIds
 from dataio.augment.mel import MEL_OPS
 from dataio.augment.wave import WAVE_OPS
-from dataio.schema import ConfigError, build_section, describe
+from dataio.errors import ConfigError
+from dataio.schema import build_section, describe
 
 OPS: dict[str, type[OpConfig]] = {**WAVE_OPS, **MEL_OPS}
 

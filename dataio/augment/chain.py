@@ -56,7 +56,6 @@ class Augmenter:
             need = op.needed(need)
         self.mel_frames_in = need
         need = view_samples + (self.mel_frames_in - self.frames) * frontend.hop_length
-        self.mel_samples_in = need
         for op in reversed(self.wave_ops):
             op.out_size = need
             need = op.needed(need)

@@ -3,7 +3,6 @@ all batched tensor ops on the rows' device."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from dataio.augment.base import BuildContext, OpConfig, RateOp, lerp
 from dataio.augment.sources import NoiseTables
-from dataio.frontend import FrontendConfig
+from dataio.frontend import FrontendConfig, hz_to_mel, mel_to_hz
 from dataio.schema import option
 
 
@@ -220,20 +219,18 @@ class TimeStretch(RateOp):
         return _resample_axes(x, f_pos, self.positions(u, x.dtype))
 
 
-def _hz_to_mel(f: torch.Tensor, scale: str) -> torch.Tensor:
-    if scale == "htk":
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return torch.where(f >= min_log_hz, min_log_mel + torch.log(f.clamp_min(1e-9) / min_log_hz) / logstep, f / f_sp)
+def _mel_span(fe: FrontendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest mel band edges of ``fe``, in mels (float64)."""
+    edges = torch.tensor([float(fe.f_min), float(fe.f_max or fe.sample_rate / 2)], dtype=torch.float64)
+    lo, hi = hz_to_mel(edges, fe.mel_scale)
+    return lo, hi
 
 
 def mel_band_position(hz: torch.Tensor, fe: FrontendConfig) -> torch.Tensor:
     """Fractional mel-band index (0 = the lowest band's centre) of frequencies ``hz``."""
-    lo = _hz_to_mel(torch.tensor(float(fe.f_min), dtype=torch.float64), fe.mel_scale)
-    hi = _hz_to_mel(torch.tensor(float(fe.f_max or fe.sample_rate / 2), dtype=torch.float64), fe.mel_scale)
+    lo, hi = _mel_span(fe)
     step = (hi - lo) / (fe.n_mels + 1)
-    return (_hz_to_mel(hz.to(torch.float64), fe.mel_scale) - lo) / step - 1
+    return (hz_to_mel(hz.to(torch.float64), fe.mel_scale) - lo) / step - 1
 
 
 @dataclass
@@ -265,18 +262,9 @@ class PitchShift(OpConfig):
 
 def _band_centres(fe: FrontendConfig) -> torch.Tensor:
     """Centre frequency of each mel band, Hz [F] (float64)."""
-    lo = _hz_to_mel(torch.tensor(float(fe.f_min), dtype=torch.float64), fe.mel_scale)
-    hi = _hz_to_mel(torch.tensor(float(fe.f_max or fe.sample_rate / 2), dtype=torch.float64), fe.mel_scale)
+    lo, hi = _mel_span(fe)
     mels = lo + (hi - lo) * torch.arange(1, fe.n_mels + 1, dtype=torch.float64) / (fe.n_mels + 1)
-    return _mel_to_hz(mels, fe.mel_scale)
-
-
-def _mel_to_hz(m: torch.Tensor, scale: str) -> torch.Tensor:
-    if scale == "htk":
-        return 700.0 * (torch.pow(10.0, m / 2595.0) - 1.0)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return torch.where(m >= min_log_mel, min_log_hz * torch.exp(logstep * (m - min_log_mel)), f_sp * m)
+    return mel_to_hz(mels, fe.mel_scale)
 
 
 MEL_OPS = {"time_mask": TimeMask, "freq_mask": FreqMask, "rrc": RandomResizedCrop, "compress": Compress,

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 
@@ -58,8 +59,6 @@ class NoiseTables:
 
 def _one_pole_lowpass(x: np.ndarray, a: float) -> np.ndarray:
     """y[n] = (1 - a) x[n] + a y[n-1] (torchaudio's IIR filter, no Python loop per sample)."""
-    import torchaudio
-
     y = torchaudio.functional.lfilter(torch.from_numpy(x)[None], torch.tensor([1.0, -a], dtype=torch.float64),
                                       torch.tensor([1.0 - a, 0.0], dtype=torch.float64), clamp=False)
     return y[0].numpy()
@@ -90,8 +89,6 @@ def load_impulse_responses(folder: str | Path, rate: int, max_seconds: float) ->
     """The impulse responses in ``folder``, [count, L] float32: mono, resampled to
     ``rate``, starting at their peak (the direct path), cut at ``max_seconds``, unit peak.
     An empty folder or an unreadable file is a ConfigError naming it."""
-    import torchaudio
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"augment rir.folder: {root} is not a folder")

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from dataio.atomic import write_text_atomically
+from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
-from dataio.schema import ConfigError
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config

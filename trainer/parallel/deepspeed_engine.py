@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 from trainer.parallel import distributed
 from trainer.parallel.device import cpu_computes_bf16
 from trainer.parallel.engine import Engine, save_weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
 
 
 def pick_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:

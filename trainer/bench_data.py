@@ -39,14 +39,17 @@ import webdataset as wds
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.dali_pipeline import logmel_nodes
 from dataio.formats import ClipCodec, check_recipe_frontend, stored_frontend
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
 from dataio.schema import cli_number
-from dataio.shard_writer import Encoding
+from dataio.shard_writer import Encoding, write_shards
+from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
+from trainer.config import PretrainConfig, load_config
 
 
 def _decode_shards(paths: list[str], codec: ClipCodec) -> int:
@@ -151,8 +154,6 @@ def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int
 
 def load_recipe(path: str) -> dict:
     """The parts of a pretraining recipe the data path depends on."""
-    from trainer.config import PretrainConfig, load_config
-
     cfg = load_config(PretrainConfig, path, ["data.shards=unused"])
     return {"augment": cfg.augment, "frontend": cfg.frontend, "view_seconds": cfg.data.view_seconds}
 
@@ -177,9 +178,7 @@ def gpu_mel_rates(batch: int = 2048, repeats: int = 20) -> dict:
 
 
 def _dali_gpu_mel_rate(cfg: FrontendConfig, waves: torch.Tensor, repeats: int) -> float:
-    from nvidia.dali import fn, pipeline_def
-
-    from dataio.dali_pipeline import logmel_nodes
+    from nvidia.dali import fn, pipeline_def  # deferred: DALI is heavy and optional
 
     host = [w for w in waves.cpu().numpy()]
 
@@ -199,9 +198,6 @@ def _dali_gpu_mel_rate(cfg: FrontendConfig, waves: torch.Tensor, repeats: int) -
 
 
 def make_bench_shards(folder: Path, clips: int, clip_seconds: float) -> Path:
-    from dataio.shard_writer import write_shards
-    from dataio.sources.demo import RATE, demo_items, synth_loader
-
     items = demo_items(clips, seed=1, min_seconds=clip_seconds, max_seconds=clip_seconds)
     write_shards(items, folder, dataset="bench", sample_rate=RATE, shard_size=max(1, clips // 16),
                  loader=synth_loader, workers=0, progress=False)
