@@ -12,7 +12,7 @@
 Seeded and bounded in the default run; ``AUDIOCLR_FUZZ=long`` runs every case (and
 ``AUDIOCLR_FUZZ_SEED=N`` another draw)::
 
-    AUDIOCLR_FUZZ=long AUDIOCLR_FUZZ_SEED=7 python3 -m pytest -q tests/test_fuzz.py
+    AUDIOCLR_FUZZ=long AUDIOCLR_FUZZ_SEED=7 python3 -m pytest -q tests/trainer/test_fuzz.py
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import cli_env, tiny_overrides
 from tests.dist_utils import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SRUN = """#!/usr/bin/env bash
 # stand-in for srun: one task per node, here, with the variables SLURM gives each
 while [[ "$1" == --* ]]; do shift; done

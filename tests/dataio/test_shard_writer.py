@@ -260,7 +260,7 @@ def test_csv_layout(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label,fold\naudio/clip0.wav,cat,1\naudio/clip1.wav,dog,first\n")
     with pytest.raises(ValueError, match="line 3: fold 'first' is a name, but .* line 2 has the integer fold 1"):
-        csv_items(bad)  # named folds are fine (tests/test_named_folds.py), a mix of both is not
+        csv_items(bad)  # named folds are fine (tests/dataio/sources/test_named_folds.py), a mix of both is not
     bad.write_text("audio/clip0.wav,cat\naudio/clip1.wav\n")
     with pytest.raises(ValueError, match="line 2"):
         csv_items(bad)
