@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.shard_utils import corrupt_member, make_shards, write_dali_indexes
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def broken(tmp_path):

@@ -181,6 +181,7 @@ def _train(shards: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_pcm16_trains_the_weights_flac_trains(corpora, tmp_path, backend):
     weights = []
@@ -193,6 +194,7 @@ def test_pcm16_trains_the_weights_flac_trains(corpora, tmp_path, backend):
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_a_logmel_corpus_trains_on_either_back_end(corpora, tmp_path, backend):
     chain = "augment={reverse: {p: 0.5}, polarity: {}, gain: {}, rrc: {}, pitch_shift: {}}"  # those a log-mel allows
@@ -201,6 +203,7 @@ def test_a_logmel_corpus_trains_on_either_back_end(corpora, tmp_path, backend):
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_a_logmel_corpus_refuses_waveform_ops_and_another_front_end_by_name(corpora, tmp_path):
     out = _train(corpora / "logmel", tmp_path / "a", "augment={speed: {}, rrc: {}}")
     assert out.returncode == 2 and "augment.speed" in out.stderr and "logmel" in out.stderr
@@ -211,6 +214,7 @@ def test_a_logmel_corpus_refuses_waveform_ops_and_another_front_end_by_name(corp
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_unknown_clip_format_in_a_manifest_is_named(corpora, tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()
@@ -235,6 +239,7 @@ def _damage(folder: Path, ext: str, cut: int) -> str:
     return victim[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt,ext,cut,why", [("pcm16", "pcm", 1, "even byte count"),
                                               ("logmel", "mel", 2, "whole number of 32-band float16 frames")])
 def test_a_member_that_does_not_fit_its_format_is_named_skipped_and_counted(corpora, tmp_path, fmt, ext, cut, why):
@@ -269,6 +274,7 @@ def test_non_finite_stored_frames_are_skipped_and_counted(corpora, tmp_path):
     assert all(torch.isfinite(b["mels"]).all() for b in batches)
 
 
+@pytest.mark.e2e
 def test_convert_refuses_what_it_cannot_do_and_leaves_no_manifest_when_it_fails(corpora, tmp_path):
     def convert(src, out, fmt, *extra):
         return subprocess.run([PYTHON, "-m", "trainer.cli", "shard", "convert", str(src), "--format", fmt, "--out",
@@ -294,6 +300,7 @@ def test_convert_refuses_what_it_cannot_do_and_leaves_no_manifest_when_it_fails(
         check_encoding(Encoding("logmel"), 16000)
 
 
+@pytest.mark.e2e
 def test_shard_writes_every_format_from_audio_files(tmp_path):
     import soundfile as sf
 

@@ -79,6 +79,7 @@ def test_corpora_at_different_rates_are_refused(tmp_path, corpora):
         load_sources([{"shards": str(corpora[0])}, {"shards": str(tmp_path / "c")}])
 
 
+@pytest.mark.e2e
 def test_two_ranks_on_a_mix_resume_mid_epoch_exactly_and_count_each_corpus(corpora, tmp_path):
     import shutil
     a, b = corpora

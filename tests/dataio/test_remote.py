@@ -73,6 +73,7 @@ def _pretrain(shards: str, run_dir: Path, *extra, timeout: float = 300) -> subpr
                           timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_training_from_a_url_equals_training_from_the_folder(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards, cut_first=True)  # every shard's first read breaks off mid-member
     local = _pretrain(str(tiny_shards), tmp_path / "local")
@@ -85,6 +86,7 @@ def test_training_from_a_url_equals_training_from_the_folder(tiny_shards, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_a_server_gone_mid_run_stops_it_with_the_url_named_and_a_checkpoint(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards, down_after=4)  # the manifest and three shards, then 503 for good
     out = _pretrain(url, tmp_path / "run", "train.max_steps=1000", "train.ckpt_every=1000",
@@ -99,6 +101,7 @@ def test_a_server_gone_mid_run_stops_it_with_the_url_named_and_a_checkpoint(tiny
     assert "saving a checkpoint first" in out.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where,words", [
     ("{url}/nothing/", "no shard manifest at {url}/nothing/manifest.json: HTTP 404"),
     ("{url}/forbidden/", "no shard manifest at {url}/forbidden/manifest.json: HTTP 403"),
@@ -119,6 +122,7 @@ def test_urls_that_cannot_be_read_are_named_before_training(tiny_shards, tmp_pat
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
 
 
+@pytest.mark.e2e
 @needs_dali
 def test_dali_trains_from_a_url_through_a_node_cache_fetched_once(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards, cut_first=True)
@@ -139,6 +143,7 @@ def test_dali_trains_from_a_url_through_a_node_cache_fetched_once(tiny_shards, t
     assert tiny.returncode == 2 and "data.cache_gb: the corpus at" in tiny.stderr and "Traceback" not in tiny.stderr
 
 
+@pytest.mark.e2e
 @needs_dali
 def test_two_ranks_of_a_node_share_one_fetch(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards)
@@ -154,6 +159,7 @@ def test_two_ranks_of_a_node_share_one_fetch(tiny_shards, tmp_path, serve):
     assert len(files) >= 4 and serve.servers[0].requests == 2 + len(files)
 
 
+@pytest.mark.e2e
 def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
     import os
 
@@ -175,6 +181,7 @@ def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
     assert not cached[0].exists() and cached[1].exists() and cached[2].exists()
 
 
+@pytest.mark.e2e
 def test_a_corpus_replaced_at_its_url_is_fetched_again(tmp_path, serve, caplog):
     import shutil
 
@@ -194,6 +201,7 @@ def test_a_corpus_replaced_at_its_url_is_fetched_again(tmp_path, serve, caplog):
     assert (again.root / "shard-00000.tar").read_bytes() == (folder / "shard-00000.tar").read_bytes() != old
 
 
+@pytest.mark.e2e
 def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards, cut_first=True)
     runs = {}
@@ -207,6 +215,7 @@ def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_sh
     assert all(torch.equal(runs["local"][k], runs["remote"][k]) for k in runs["local"])
 
 
+@pytest.mark.e2e
 def test_evaluation_reads_shards_from_a_url_as_from_the_folder(tmp_path, serve):
     from tests.conftest import export_random_encoder
     from tests.shard_utils import make_shards
@@ -233,6 +242,7 @@ def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
     assert len(a) == 24 and [(s["__key__"], s["flac"]) for s in a] == [(s["__key__"], s["flac"]) for s in b]
 
 
+@pytest.mark.e2e
 def test_check_shards_and_bench_data_read_a_url(tiny_shards, tmp_path, serve):
     url = serve(tiny_shards)
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "check-shards", url], env=cli_env(), capture_output=True,
@@ -263,6 +273,7 @@ def s3_server(monkeypatch):
     server.stop()
 
 
+@pytest.mark.e2e
 def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(tiny_shards, tmp_path, s3_server):
     import boto3
     client = boto3.client("s3", endpoint_url=s3_server)
@@ -282,6 +293,7 @@ def test_training_from_an_s3_compatible_store_equals_training_from_the_folder(ti
     assert gone.returncode == 2 and "no shard manifest at s3://audio/nothing/manifest.json: not found" in gone.stderr
 
 
+@pytest.mark.e2e
 def test_missing_credentials_fail_at_once_by_name(tmp_path, s3_server, monkeypatch):
     import time
 
@@ -322,6 +334,7 @@ def test_a_refused_upload_names_the_url_and_the_credentials(tiny_shards, tmp_pat
     assert "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny_shards, tmp_path, serve):
     import shutil
     copy = tmp_path / "copy"
@@ -336,6 +349,7 @@ def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_decode_free_formats_stream_from_a_url_and_convert_from_one(tiny_shards, tmp_path, serve):
     from dataio.convert import convert_corpus
     from dataio.frontend import FrontendConfig

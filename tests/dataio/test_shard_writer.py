@@ -327,6 +327,7 @@ def test_cli_writes_to_a_url_shard_by_shard_and_the_manifest_last(audio_tree, tm
     assert "http(s) URLs cannot be written" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_check_shards_lists_a_truncated_shard_once(tmp_path):
     """A shard cut short, mid-member or at a member boundary (it then lacks the tar's
     end-of-archive blocks), stops the read: one line says so and how far it got (the

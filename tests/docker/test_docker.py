@@ -45,6 +45,7 @@ def pinned_in_setup_cfg() -> dict[str, str]:
     return pins
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (the test extra brings it)")
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile):
@@ -103,6 +104,7 @@ def test_every_copied_path_exists_and_is_not_ignored(dockerfile):
         assert _ignored(needed)
 
 
+@pytest.mark.e2e
 def test_the_entrypoint_maps_slurm_variables_and_runs_the_command():
     env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK")}
     out = subprocess.run([str(REPO / "docker" / "entrypoint.sh"), "bash", "-c", "echo $NNODES $NODE_RANK"],

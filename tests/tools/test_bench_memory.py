@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, cli_env
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("deepspeed")
 
 

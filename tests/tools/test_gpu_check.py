@@ -4,7 +4,11 @@ its time limit, and one JSON and one text report come out."""
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import REPO, cli_env
+
+pytestmark = pytest.mark.e2e
 
 STAGES = ["cuda_tests", "dali_gpu_mel_vs_torch", "corpus", "bench_data", "bench_train_formats",
           "bench_train_resnet50", "bench_train_resnet18_compiled", "torchrun_nccl_2gpu"]

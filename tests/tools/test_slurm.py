@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import cli_env, tiny_overrides
 from tests.dist_utils import free_port
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[2]
 SRUN = """#!/usr/bin/env bash
 # stand-in for srun: one task per node, here, with the variables SLURM gives each

@@ -4,6 +4,8 @@ import argparse
 import importlib.util
 import subprocess
 
+import pytest
+
 from tests.conftest import PYTHON, REPO, cli_env
 
 
@@ -21,6 +23,7 @@ def test_bench_data_reports_each_backend_against_the_limit(tiny_shards, capsys):
     assert "decode_limit" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_bench_gradcache_runs(tmp_path):
     out = subprocess.run([PYTHON, str(REPO / "tools" / "bench_gradcache.py"), "--batches", "8", "--cached", "16",
                           "--chunk", "8", "--width", "4", "--seconds", "0.2"],
@@ -29,6 +32,7 @@ def test_bench_gradcache_runs(tmp_path):
     assert len(rows) == 3 and rows[-1].split()[:2] == ["16", "8"]
 
 
+@pytest.mark.e2e
 def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
     """On a tiny path,label,fold CSV of tones: the whole benchmark, end to end."""
     import csv

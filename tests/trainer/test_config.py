@@ -46,6 +46,7 @@ def test_mistakes_name_the_key(override, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override, key", [("optim.lrr=0.1", "optim.lrr"), ("optim.lr=abc", "optim.lr"),
                                            ("train.precision=fp8", "train.precision")])
 def test_cli_exits_2_before_any_work(tmp_path, override, key):
@@ -57,6 +58,7 @@ def test_cli_exits_2_before_any_work(tmp_path, override, key):
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_missing_shards_exit_2_with_a_message(tmp_path):
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "pretrain", f"data.shards={tmp_path / 'nope'}",
                           f"run_dir={tmp_path / 'run'}"], env=cli_env(), capture_output=True, text=True)

@@ -6,8 +6,9 @@ import pytest
 
 from trainer.demo import DEMO_CONFIG, demo
 
+pytestmark = pytest.mark.e2e
 
-@pytest.mark.slow
+
 def test_short_demo_beats_chance(tmp_path):
     summary = demo(tmp_path, DEMO_CONFIG, clips=120,
                    overrides=["train.epochs=6", "data.batch_size=32", "model.width=8",

@@ -138,6 +138,7 @@ def test_load_model_needs_a_run_with_an_encoder(tmp_path):
         hear.load_model(str(tmp_path))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("hearvalidator") is None or shutil.which("hear-validator") is None,
                     reason="hearvalidator is not installed (it brings TensorFlow)")
 def test_hear_validator_accepts_the_module(model_dir):

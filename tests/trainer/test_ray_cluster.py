@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import PYTHON, cli_env
 from tests.dist_utils import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

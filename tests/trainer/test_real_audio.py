@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, cli_env
 
+pytestmark = pytest.mark.e2e
+
 INSTRUMENTS = REPO.parent / "shared" / "data" / "instruments" / "meta.csv"
 
 

@@ -28,6 +28,7 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.e2e
 def test_the_compiled_encoder_computes_what_the_eager_one_does_and_the_trial_leaves_no_trace():
     model = _model()
     before = _state(model)
@@ -87,6 +88,7 @@ def test_compile_auto_is_for_gpus_and_off_is_off():
     assert model.encoder._compiled_call_impl is None
 
 
+@pytest.mark.e2e
 def test_compile_on_under_zero_3_is_refused_before_any_work(tiny_shards, tmp_path):
     pytest.importorskip("deepspeed")
     out = subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, tmp_path / "run"),
@@ -157,6 +159,7 @@ print("views", tuple(batch["views"].shape))
 """
 
 
+@pytest.mark.e2e
 def test_workers_with_several_threads_do_not_hang_after_the_parent_computed(tiny_shards):
     """A forked worker's first multi-threaded op waits forever on the parent's OpenMP team
     (it is not copied by fork): workers with more than one thread are spawned fresh."""

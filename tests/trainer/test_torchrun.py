@@ -16,6 +16,8 @@ from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.dist_utils import alive, children, free_port, kill_launch
 from tests.shard_utils import make_shards
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 6  # more than one epoch: 27 clips // (2 ranks x 4) = 3 steps per epoch
 
 
@@ -97,7 +99,6 @@ def test_ranks_save_and_stop_when_their_launcher_is_killed(uneven_shards, tmp_pa
     assert 0 < int(saved.name.split("_")[1]) < 100000
 
 
-@pytest.mark.slow
 def test_two_nodes_on_loopback(uneven_shards, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     agents = [subprocess.Popen([*_torchrun(), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={n}",
@@ -129,7 +130,6 @@ def unbroken_run(uneven_shards, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["c10d", "static", "audioclr-launch"])
 def test_elastic_restart_after_a_lost_worker_ends_with_the_weights_of_an_unbroken_run(
         uneven_shards, unbroken_run, tmp_path, rendezvous):

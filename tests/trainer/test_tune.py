@@ -33,6 +33,7 @@ def _tune(config, *extra, **kw):
                           capture_output=True, text=True, env=cli_env(), **kw)
 
 
+@pytest.mark.e2e
 def test_space_keys_are_checked_before_ray_starts(encoder_run, tmp_path):
     assert nest({"finetune.alpha": 0.5, "seed": 1}) == {"finetune": {"alpha": 0.5}, "seed": 1}
     assert trial_eval_config({}, {"finetune.alpha": 0.25}).finetune.alpha == 0.25
@@ -48,7 +49,7 @@ def test_space_keys_are_checked_before_ray_starts(encoder_run, tmp_path):
     assert done.returncode == 2 and "never on test clips" in done.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp_path):
     space = {"finetune.alpha": {"grid": [0.25, 0.75]}, "finetune.temperature": {"grid": [0.1, 0.3]}}
     config = _sweep_yaml(tmp_path / "grid.yaml", encoder_run, tmp_path / "sweeps", "grid", 1, space)
@@ -99,7 +100,7 @@ def _state_records_a_checkpoint(exp_dir) -> bool:
     return named > 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
     space = {"finetune.alpha": {"grid": [0.25, 0.75]}}
     config = _sweep_yaml(tmp_path / "kill.yaml", encoder_run, tmp_path / "sweeps", "kill", 10, space)
@@ -134,7 +135,7 @@ def test_trials_whose_last_checkpoint_is_gone_are_restarted():
     assert lost_checkpoints([fine, SimpleNamespace(error=gone, metrics={}, path="p")])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(encoder_run, tmp_path, sig):
     space = {"finetune.alpha": {"grid": [0.25, 0.5, 0.75]}}  # one trial at a time: two still pending

@@ -341,6 +341,7 @@ def test_null_removes_an_entry_and_one_op_can_appear_twice():
     assert [(o.label, o.op) for o in ops] == [("mask_a", "time_mask"), ("mask_b", "time_mask")]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override, message", [
     ('augment={"rrc": {"time_scale": [1.0, 0.5]}}', "augment.rrc.time_scale: the range [1.0, 0.5] is reversed"),
     ('augment={"gain": {"p": -0.1}}', "augment.gain.p: must be a probability in [0, 1]"),
@@ -360,6 +361,7 @@ def test_pretrain_exits_2_naming_the_key_before_any_work(tiny_shards, tmp_path, 
     assert not run_dir.exists()
 
 
+@pytest.mark.e2e
 def test_an_empty_ir_folder_exits_2_before_any_work(tiny_shards, tmp_path):
     import subprocess
 

@@ -16,6 +16,8 @@ import torch
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from trainer.checkpoint import verify
 
+pytestmark = pytest.mark.e2e
+
 LIMIT = 240  # seconds any one command may take; a hang fails the test
 
 

@@ -14,6 +14,8 @@ import torch
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from trainer.checkpoint import load_tensors
 
+pytestmark = pytest.mark.e2e
+
 TOTAL = 30
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
 

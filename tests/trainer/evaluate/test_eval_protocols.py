@@ -181,6 +181,7 @@ def test_multilabel_shards_are_scored_with_map(tones, tmp_path):
         assert set(result["metrics"]) == {"mAP", "auc", "d_prime"} and result["metrics"]["mAP"]["mean"] > 0.9
 
 
+@pytest.mark.e2e
 def test_eval_cli_writes_pictures_and_summary(tones, tmp_path):
     import shutil
 
@@ -217,6 +218,7 @@ def test_run_eval_random_init_writes_its_own_result(tones, tmp_path):
     assert saved["encoder"] == "random_init" and saved["pictures"] == {}
 
 
+@pytest.mark.e2e
 def test_an_encoder_with_nan_weights_is_refused_with_a_message(tones, tmp_path):
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", width=8).eval()

@@ -2,9 +2,12 @@
 
 import subprocess
 
+import pytest
 import torch
 
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
+
+pytestmark = pytest.mark.e2e
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_checkpoints(tiny_shards, tmp_path):

@@ -1,6 +1,7 @@
 """Faults injected on purpose: planted code, bad data, signals (damaged checkpoints and a
-full disk while saving: tests/trainer/checkpoint/test_checkpoint.py). Each ends with a message naming the problem and a known exit code, within a time
-limit (a hang fails the test), and never runs code from a file."""
+full disk while saving: tests/trainer/checkpoint/test_checkpoint.py). Each ends with a
+message naming the problem and a known exit code, within a time limit (a hang fails the
+test), and never runs code from a file."""
 
 import importlib.util
 import json
@@ -43,6 +44,7 @@ def _plain_error(out: subprocess.CompletedProcess, code: int) -> str:
 
 
 # ---------------------------------------------------------------------- no code from files
+@pytest.mark.e2e
 def test_planted_pretrained_weights_are_refused_with_exit_2(tiny_shards, tmp_path):
     weights, marker = tmp_path / "weights.pt", tmp_path / "code_ran"
     torch.save({"conv1.weight": Payload(marker)}, weights)
@@ -51,6 +53,7 @@ def test_planted_pretrained_weights_are_refused_with_exit_2(tiny_shards, tmp_pat
     assert not marker.exists() and f"model.pretrained: {weights}: refused" in err
 
 
+@pytest.mark.e2e
 def test_eval_refuses_an_encoder_file_that_is_a_pickle(tiny_shards, tmp_path):
     from tests.conftest import export_random_encoder
 
@@ -79,6 +82,7 @@ def test_a_sweep_trial_state_and_searcher_state_are_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_a_run_dir_that_is_a_file_or_under_a_file_exits_2(tiny_shards, tmp_path):
     (tmp_path / "taken").write_text("x")
     for run_dir, words in ((tmp_path / "taken", "is a file, not a folder"),
@@ -88,6 +92,7 @@ def test_a_run_dir_that_is_a_file_or_under_a_file_exits_2(tiny_shards, tmp_path)
 
 
 # ---------------------------------------------------------------------- shard writing
+@pytest.mark.e2e
 def test_shard_writer_survives_every_bad_file_and_counts_it_in_the_manifest(tmp_path):
     import numpy as np
     import soundfile as sf
@@ -156,6 +161,7 @@ def _spoiled(good: Path, folder: Path, case: str) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_data_that_cannot_train_stops_within_seconds_with_a_message(good_shards, tmp_path, case, backend):
@@ -171,6 +177,7 @@ def test_data_that_cannot_train_stops_within_seconds_with_a_message(good_shards,
         assert check.returncode == 1 and "24 problem(s)" in check.stderr, check.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_check_shards_catches_a_wrong_sample_rate_and_empty_audio(tmp_path):
     make_shards(tmp_path / "a", [3], rate=8000)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
@@ -200,6 +207,7 @@ def _torchrun(shards, run_dir, *extra) -> subprocess.CompletedProcess:
                           env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_shard_two_ranks_trains_with_the_clips_split(tmp_path, backend):
     make_shards(tmp_path / "one", [16], seconds=0.8)
@@ -211,6 +219,7 @@ def test_one_shard_two_ranks_trains_with_the_clips_split(tmp_path, backend):
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_a_rank_whose_data_is_unreadable_ends_every_rank(good_shards, tmp_path):
     shards = tmp_path / "half"
     shutil.copytree(good_shards, shards)
@@ -234,6 +243,7 @@ def _launch(shards, run_dir, *extra, **kw):
     return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.e2e
 def test_launch_reports_a_config_error_once_with_exit_2(good_shards, tmp_path):
     proc = _launch(good_shards, tmp_path / "run", "optim.lrr=3")
     _, err = proc.communicate(timeout=LIMIT)
@@ -241,6 +251,7 @@ def test_launch_reports_a_config_error_once_with_exit_2(good_shards, tmp_path):
     assert err.count("unknown key 'optim.lrr'") == 1, err[-3000:]
 
 
+@pytest.mark.e2e
 def test_launch_names_the_rank_whose_data_failed_with_exit_1(good_shards, tmp_path):
     shards = _spoiled(good_shards, tmp_path / "shards", "empty_shards")
     proc = _launch(shards, tmp_path / "run", "train.max_steps=3")
@@ -250,6 +261,7 @@ def test_launch_names_the_rank_whose_data_failed_with_exit_1(good_shards, tmp_pa
     assert "audioclr launch: rank" in err and "failed first" in err
 
 
+@pytest.mark.e2e
 def test_sigterm_to_launch_saves_on_every_rank_and_exits_143(good_shards, tmp_path):
     run = tmp_path / "run"
     proc = _launch(good_shards, run, "train.max_steps=100000", "train.ckpt_every=100000")
@@ -271,6 +283,7 @@ def _alive(pid: str) -> bool:
         return False
 
 
+@pytest.mark.e2e
 def test_loader_workers_die_with_a_killed_trainer(tiny_shards, tmp_path):
     run = tmp_path / "run"
     cmd = [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run), "train.max_steps=100000",
@@ -295,6 +308,7 @@ def test_loader_workers_die_with_a_killed_trainer(tiny_shards, tmp_path):
                 os.kill(int(c), 9)
 
 
+@pytest.mark.e2e
 def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
     """The DataLoader notices a dead parent only between batches; a worker deep in one
     (a slow shard, a huge batch) is ended by the kernel as its parent dies."""
@@ -321,6 +335,7 @@ def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
             os.kill(int(busy), 9)  # a failed run leaves no busy orphan behind
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_short_clips_is_normal_not_a_warning(tmp_path, backend):
     make_shards(tmp_path / "notes", [3, 5, 9, 10], seconds=0.03)  # 30 ms notes, 0.5 s views

@@ -32,6 +32,7 @@ def finished_run(tiny_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.e2e
 def test_every_file_of_a_run_is_readable_as_the_umask_says(finished_run):
     modes = {str(p.relative_to(finished_run)): stat.S_IMODE(p.stat().st_mode) for p in finished_run.rglob("*")}
     assert "encoder.safetensors" in modes and "config.yaml" in modes
@@ -40,6 +41,7 @@ def test_every_file_of_a_run_is_readable_as_the_umask_says(finished_run):
     assert not files and not folders, (files, folders)
 
 
+@pytest.mark.e2e
 def test_shards_and_evaluations_are_readable_as_the_umask_says(finished_run, tiny_shards, tmp_path):
     import numpy as np
     import soundfile as sf
@@ -61,6 +63,7 @@ def test_shards_and_evaluations_are_readable_as_the_umask_says(finished_run, tin
     assert not wrong, wrong
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,words", [
     ("objective.name=moco", "objective.name: 'simclr' there, 'moco' here"),
     ("model.width=8", "model.width: 4 there, 8 here"),
@@ -75,12 +78,14 @@ def test_a_resume_into_another_models_run_is_refused_and_changes_nothing(finishe
     assert _snapshot(finished_run) == before, "config.yaml and every other file as they were"
 
 
+@pytest.mark.e2e
 def test_a_batch_of_one_is_refused_where_the_negatives_come_from_the_batch(tiny_shards, tmp_path):
     out = _pretrain(tiny_shards, tmp_path / "run", "data.batch_size=1")
     assert out.returncode == 2 and "data.batch_size: objective simclr takes its negatives" in out.stderr
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("option,words", [
     ("--nproc-per-node=0", "--nproc-per-node must be a positive number"),
     ("--nproc-per-node=abc", "--nproc-per-node must be a positive number"),
@@ -93,6 +98,7 @@ def test_launcher_options_torchrun_asserts_on_exit_2_with_a_line(option, words, 
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_a_many_node_launch_says_what_it_waits_for(tmp_path):
     from tests.dist_utils import free_port
     port = free_port()
@@ -153,6 +159,7 @@ def test_the_cloud_extras_bound_what_the_resolver_would_backtrack_through():
                 "boto3's upper bound must be aiobotocore's botocore upper bound"
 
 
+@pytest.mark.e2e
 def test_a_full_disk_under_torch_save_reads_as_the_os_error_with_the_file(tmp_path):
     # torch's writer says "[enforce fail at inline_container.cc] unexpected pos"; the user
     # reads the OS's words and the file, and no half-written .tmp is left taking the space
@@ -170,6 +177,7 @@ def test_a_full_disk_under_torch_save_reads_as_the_os_error_with_the_file(tmp_pa
     assert not list(tmp_path.iterdir()), "neither the file nor its .tmp"
 
 
+@pytest.mark.e2e
 def test_sigterm_ends_an_evaluation_as_ctrl_c_does(encoder_run, tmp_path):
     import signal
     import time
@@ -184,6 +192,7 @@ def test_sigterm_ends_an_evaluation_as_ctrl_c_does(encoder_run, tmp_path):
     assert "audioclr eval: stopped; nothing was written" in err and "(SIGTERM)" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_every_command_ends_on_a_stop_signal_with_128_plus_n_and_a_line(tmp_path, sig):
     import signal

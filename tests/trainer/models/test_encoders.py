@@ -228,6 +228,7 @@ def test_load_pretrained_lenient_shapes_skips_and_reports():
     assert torch.equal(enc.state_dict()["layer4.0.conv1.weight"], state["layer4.0.conv1.weight"])
 
 
+@pytest.mark.e2e
 def test_narrow_resnets_train_channels_last_on_the_cpu():
     """oneDNN's strided 1x1 backward corrupted the heap for fewer than 8 input channels (a
     width-4 ResNet-18, channels-last, one thread: "double free or corruption" on an AVX2

@@ -7,6 +7,7 @@ trainer.parallel.distributed answers for a world of one); the 2-rank side runs i
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,7 @@ def _same_queue(a: dict, b: dict) -> bool:
     return a["ptr"] == b["ptr"] and torch.allclose(a["queue"], b["queue"], atol=1e-12, rtol=0)
 
 
+@pytest.mark.e2e
 def test_moco_sharded_queue_equals_one_process_and_resumes_across_world_sizes():
     one = _moco(0, 1, [None])[0]
     one_resumed = _moco(0, 1, [one["after_enqueue"]])[0]
@@ -172,6 +174,7 @@ def _same_bank(a: dict, b: dict) -> bool:
     return same_z and torch.allclose(a["bank"], b["bank"], atol=1e-12, rtol=0)
 
 
+@pytest.mark.e2e
 def test_npid_sharded_bank_equals_one_process_and_resumes_across_world_sizes():
     one = _npid(0, 1, [None])[0]
     one_resumed = _npid(0, 1, [one["after_update"]])[0]

@@ -90,6 +90,7 @@ def _close(got: dict, want: dict, what: str) -> None:
             assert torch.equal(got[key], value), f"{what}: {key}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["simclr", "moco", "npid", "cola", "hybrid"])
 def test_zero_0_to_3_on_two_ranks_equal_ddp_and_one_process(name):
     (one,) = run_workers(_all_engines, 1, name)
@@ -117,6 +118,7 @@ def _initial(name: str) -> dict:
     return obj.build_model(build_encoder("resnet18", in_channels=1, width=4)).state_dict()
 
 
+@pytest.mark.e2e
 def test_gradient_caching_under_zero_2_and_3_equals_ddp():
     """Chunks of 2 clips; batch norm sees each chunk's statistics, so the reference is
     DDP with the same chunks on the same number of ranks."""
@@ -149,6 +151,7 @@ def _cpu_bf16() -> bool:
     return cpu_computes_bf16()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("ranks,stage,precision", [
     (1, 2, "fp32"), (1, 3, "fp32"), (2, 2, "fp32"), (2, 3, "fp32"),
     pytest.param(1, 1, "bf16", marks=pytest.mark.skipif(not _cpu_bf16(), reason="a CPU without bf16"))])
@@ -203,6 +206,7 @@ def _pretrain(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_resumes_only_where_it_fits(tiny_shards, tmp_path):
     run = tmp_path / "run"
     _plain(_pretrain(*_cmd(tiny_shards, run, 2), "train.max_steps=2"), 0)
@@ -221,6 +225,7 @@ def test_a_checkpoint_resumes_only_where_it_fits(tiny_shards, tmp_path):
     assert "written by the ddp engine and this run uses deepspeed" in err and "train.engine=ddp" in err
 
 
+@pytest.mark.e2e
 def test_a_pickle_planted_in_a_deepspeed_shard_is_refused_and_never_run(tiny_shards, tmp_path):
     import hashlib
 
@@ -237,6 +242,7 @@ def test_a_pickle_planted_in_a_deepspeed_shard_is_refused_and_never_run(tiny_sha
     assert not marker.exists() and f"{shard}: refused" in err, err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override,words", [
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage: '4' is not one of 0, 1, 2, 3"),
     ("deepspeed.config={zero_optimisation: {stage: 1}}", "deepspeed.config.zero_optimisation: not a DeepSpeed "
@@ -275,6 +281,7 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
         check_section(cfg, cpu)
 
 
+@pytest.mark.e2e
 def test_eval_and_a_tune_sweep_read_an_encoder_trained_under_zero_3(tiny_shards, tmp_path):
     import yaml
 
@@ -295,6 +302,7 @@ def test_eval_and_a_tune_sweep_read_an_encoder_trained_under_zero_3(tiny_shards,
     assert "1 trial(s), 0 failed" in out.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed launcher")
 def test_the_deepspeed_launcher_with_a_hostfile_as_two_nodes(tiny_shards, tmp_path):
     """Two nodes of one process each on loopback, as on a cluster without ssh between nodes:

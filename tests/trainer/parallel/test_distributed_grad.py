@@ -8,6 +8,8 @@ import torch
 
 from tests.dist_utils import run_workers
 
+pytestmark = pytest.mark.e2e
+
 B = 4
 
 
