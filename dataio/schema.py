@@ -39,7 +39,7 @@ def cli_number(kind: type, minimum: float, *, above: bool = False):
             raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, not {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
-    parse.kind, parse.minimum, parse.above = kind, minimum, above  # what tests/test_fuzz.py tries
+    parse.kind, parse.minimum, parse.above = kind, minimum, above  # what tests/trainer/test_fuzz.py tries
     return parse
 
 

@@ -27,7 +27,7 @@ class StridedPointwise(nn.Conv2d):
     input it reads every ``stride``-th position first and convolves those at stride 1: the
     same numbers, but oneDNN's own strided 1x1 backward corrupts the heap for inputs of
     fewer than 8 channels on some CPUs (found on an AVX2 AMD EPYC with torch 2.11: a width-4
-    ResNet-18 aborted with "double free or corruption"; tests/test_encoders.py keeps it out)."""
+    ResNet-18 aborted with "double free or corruption"; tests/trainer/models/test_encoders.py keeps it out)."""
 
     def forward(self, x):
         s = self.stride
