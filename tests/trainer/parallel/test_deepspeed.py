@@ -274,6 +274,7 @@ def test_every_shipped_recipe_passes_the_deepspeed_check_at_every_stage(stage):
         assert any("channels_last" in line for line in left_off) == cfg.train.channels_last, path.name
 
 
+@pytest.mark.e2e
 def test_the_demo_recipe_trains_under_deepspeed_with_channels_last_left_off(tiny_shards, tmp_path):
     out = _pretrain("--config", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tiny_shards, tmp_path / "run"),
                     "train.engine=deepspeed", "deepspeed.zero_stage=2", "train.max_steps=2")

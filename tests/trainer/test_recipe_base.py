@@ -3,7 +3,7 @@ config recorded in tests/data/resolved_recipes.json.
 
 A change to a recipe, a default or the loader that moves what a recipe trains shows up
 here; when the move is meant, record the new resolution with
-``python3 -m tests.test_recipe_base`` and review the fixture's diff.
+``python3 -m tests.trainer.test_recipe_base`` and review the fixture's diff.
 """
 
 import json
@@ -107,7 +107,7 @@ def test_help_config_names_the_base_key(capsys):
     assert capsys.readouterr().out.startswith("base = ")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
     from dataio.shard_writer import write_shards
     from dataio.sources.demo import RATE, demo_items, synth_loader
