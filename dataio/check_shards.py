@@ -14,7 +14,7 @@ import sys
 from concurrent import futures
 from pathlib import Path
 
-from dataio.errors import ManifestError, RemoteError
+from dataio.errors import RemoteError
 from dataio.formats import ClipCodec
 from dataio.manifest import load_manifest
 from dataio.remote import Retry, is_url, join, read_bytes, tar_samples
@@ -99,16 +99,17 @@ def index_problems(root: Path, shard) -> list[tuple[str, str]]:
     return []
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="audioclr check-shards", description=__doc__)
     p.add_argument("shards", help="shard folder (with manifest.json), or its URL")
     p.add_argument("--workers", type=cli_number(int, 0), default=0, help="processes (0 = all cores)")
-    args = p.parse_args(argv)
-    try:
-        manifest = load_manifest(args.shards)
-    except ManifestError as err:
-        print(f"audioclr check-shards: error: {err}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def check_all(args: argparse.Namespace) -> int:
+    """Check every shard ``args.shards`` lists: 0 when all is well, 1 with problems (a bad
+    manifest raises ManifestError)."""
+    manifest = load_manifest(args.shards)
     paths = [str(x) for x in manifest.shard_paths()]
     bad = 0
     with futures.ProcessPoolExecutor(args.workers or None) as pool:

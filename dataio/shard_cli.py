@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -88,15 +87,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     _add_format_arguments(parser, default=None)
 
 
+# what bad input raises (ShardWriteError, a layout's, a manifest's and a config's errors are
+# ValueErrors): exit 2 with one line
+SHARD_INPUT_ERRORS = (ValueError, OSError, RemoteError)
+
+
 def run_convert(args: argparse.Namespace) -> int:
-    """Run ``audioclr shard convert``; 2 with a one-line error on bad input (nothing
+    """Run ``audioclr shard convert`` (bad input raises: SHARD_INPUT_ERRORS; nothing
     half-written is left with a manifest)."""
-    try:
-        encoding = _encoding(args, None)
-        manifest = convert_corpus(args.src, args.out, encoding, overwrite=args.overwrite, workers=args.workers)
-    except (ValueError, OSError, RemoteError) as err:  # ShardWriteError, ManifestError, ConfigError are ValueErrors
-        print(f"audioclr shard convert: error: {err}", file=sys.stderr)
-        return 2
+    encoding = _encoding(args, None)
+    manifest = convert_corpus(args.src, args.out, encoding, overwrite=args.overwrite, workers=args.workers)
     where = shown(args.out) if is_url(args.out) else args.out
     print(f"converted {manifest.num_clips} clips in {len(manifest.shards)} shard(s) to {encoding.clip_format}: "
           f"{where} ({sum(s.bytes for s in manifest.shards) / 1e6:.1f} MB)")
@@ -134,39 +134,35 @@ def _layout_options(args: argparse.Namespace) -> dict:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    """Run ``audioclr shard``; returns the exit status (2 with a one-line error on bad input)."""
+    """Run ``audioclr shard`` (bad input raises: SHARD_INPUT_ERRORS)."""
     src = Path(args.src)
+    encoding = _encoding(args, args.sample_rate)
+    options = _layout_options(args)
+    if not src.exists():
+        raise ShardWriteError(f"SRC {src} does not exist")
+    listing = load_layout(args.layout, src, **options)
+    if listing.missing:
+        print(f"{len(listing.missing)} listed clips missing on disk")
+    if not listing.items:
+        raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
+    dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
+    publisher = Publisher(args.out, args.overwrite) if is_url(args.out) else None
+    staging = Path(tempfile.mkdtemp(prefix="audioclr-shard-")) if publisher else Path(args.out)
     try:
-        encoding = _encoding(args, args.sample_rate)
-        options = _layout_options(args)
-        if not src.exists():
-            raise ShardWriteError(f"SRC {src} does not exist")
-        listing = load_layout(args.layout, src, **options)
-        if listing.missing:
-            print(f"{len(listing.missing)} listed clips missing on disk")
-        if not listing.items:
-            raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
-        dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
-        publisher = Publisher(args.out, args.overwrite) if is_url(args.out) else None
-        staging = Path(tempfile.mkdtemp(prefix="audioclr-shard-")) if publisher else Path(args.out)
-        try:
-            report = write_shards(listing.items, staging, dataset=dataset,
-                                  sample_rate=args.sample_rate, shard_size=args.shard_size,
-                                  shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
-                                  min_seconds=args.min_seconds, overwrite=args.overwrite,
-                                  vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None,
-                                  encoding=encoding)
-            if listing.fold_names:
-                _record_fold_names(report.out_dir, listing.fold_names)
-            missing_path = write_missing(listing, report.out_dir)
-            if publisher:
-                publisher.finish(staging)
-        finally:
-            if publisher:
-                shutil.rmtree(staging, ignore_errors=True)
-    except (ValueError, OSError, RemoteError) as err:  # ShardWriteError, bad layouts and CSVs are ValueErrors
-        print(f"audioclr shard: error: {err}", file=sys.stderr)
-        return 2
+        report = write_shards(listing.items, staging, dataset=dataset,
+                              sample_rate=args.sample_rate, shard_size=args.shard_size,
+                              shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
+                              min_seconds=args.min_seconds, overwrite=args.overwrite,
+                              vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None,
+                              encoding=encoding)
+        if listing.fold_names:
+            _record_fold_names(report.out_dir, listing.fold_names)
+        missing_path = write_missing(listing, report.out_dir)
+        if publisher:
+            publisher.finish(staging)
+    finally:
+        if publisher:
+            shutil.rmtree(staging, ignore_errors=True)
     where = shown(args.out) if publisher else str(report.out_dir)
     print(report.summary().replace(str(report.out_dir), where))
     print(f"rejected clips and reasons: {where}/{REJECTED_NAME}")

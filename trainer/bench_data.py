@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent import futures
@@ -49,6 +48,7 @@ from dataio.schema import cli_number
 from dataio.shard_writer import Encoding, write_shards
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
+from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 
 
@@ -285,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0, help="--formats: the views' length")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> int:
         result = run(args)
-    except (ValueError, OSError) as err:  # a bad shard folder, recipe or format: ConfigError, ManifestError ...
-        print(f"audioclr bench data: error: {err}", file=sys.stderr)
-        return 2
-    print_table(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+        print_table(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return 0
+    # a bad shard folder, recipe or format (ConfigError, ManifestError ... are ValueErrors): exit 2
+    return run_guarded("audioclr bench data", work, input_errors=(ValueError, OSError))

@@ -28,22 +28,29 @@ def _demo_corpus(argv: list[str]) -> int:
 
 
 def _shard(argv: list[str]) -> int:
-    from dataio.shard_cli import add_convert_arguments, add_shard_arguments, run_convert, run_shard
+    from dataio.shard_cli import SHARD_INPUT_ERRORS, add_convert_arguments, add_shard_arguments, run_convert, run_shard
+    from trainer.commands import run_guarded
 
     if argv[:1] == ["convert"]:
         p = argparse.ArgumentParser(prog="audioclr shard convert", description="Re-encode a shard corpus in "
                                     "another clip format (flac <-> pcm16 losslessly, or to logmel).")
         add_convert_arguments(p)
-        return run_convert(p.parse_args(argv[1:]))
+        args = p.parse_args(argv[1:])
+        return run_guarded("audioclr shard convert", lambda: run_convert(args), input_errors=SHARD_INPUT_ERRORS)
     p = argparse.ArgumentParser(prog="audioclr shard", description="Write audio files as WebDataset shards "
                                 "(`audioclr shard convert --help`: re-encode a corpus in another clip format).")
     add_shard_arguments(p)
-    return run_shard(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return run_guarded("audioclr shard", lambda: run_shard(args), input_errors=SHARD_INPUT_ERRORS)
 
 
 def _check_shards(argv: list[str]) -> int:
-    from dataio.check_shards import main
-    return main(argv)
+    from dataio.check_shards import check_all, parse_args
+    from dataio.errors import ManifestError
+    from trainer.commands import run_guarded
+
+    args = parse_args(argv)
+    return run_guarded("audioclr check-shards", lambda: check_all(args), input_errors=(ManifestError,))
 
 
 def _bench(argv: list[str]) -> int:

@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 
-from dataio.schema import ConfigError
+from dataio.errors import ConfigError
+from dataio.torch_pipeline import die_with_parent
 from trainer.commands import CommandFailed, run_guarded
 
 COMMANDS = {"pretrain": "trainer.pretrain"}
@@ -87,6 +88,19 @@ class RendezvousWatch(logging.Handler):
         while not self.met.wait(self.EVERY):
             print(f"audioclr launch: still {self.what} ({time.monotonic() - start:.0f} s of {self.timeout} s)",
                   file=sys.stderr, flush=True)
+
+
+def stop_with_launcher() -> None:
+    """A rank started by a launcher (torchrun, the deepspeed launcher) gets SIGTERM when
+    the launcher dies: it saves a checkpoint and exits, as for a scheduler's stop. torchrun
+    starts every rank in a session of its own, so a launcher killed with -9 would otherwise
+    leave its ranks training on, unseen, beside the rerun that resumes their run."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # it died before the line above took effect
+        raise CommandFailed("the launcher of this rank is gone; rerun the launch command to resume")
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -25,7 +24,6 @@ from dataio.pipeline import open_source
 from dataio.remote import Retry
 from dataio.schema import cli_number
 from dataio.synthetic import synthetic_manifest
-from dataio.torch_pipeline import die_with_parent
 from trainer.checkpoint import (
     ENGINE,
     Checkpointer,
@@ -37,6 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import PretrainConfig, load_config, save_config, to_dict
+from trainer.launch import stop_with_launcher
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
 from trainer.objectives import ObjectiveContext, build_objective
@@ -390,18 +389,6 @@ def main(argv: list[str] | None = None) -> int:
                        run_errors=(TrainingError,), quiet=rank != 0, rank=rank, world_size=info.world_size,
                        own_errors=(DataError, CheckpointError, distributed.PeerLost),
                        on_interrupt="error: interrupted before a checkpoint could be saved")
-
-
-def stop_with_launcher() -> None:
-    """A rank started by a launcher (torchrun, the deepspeed launcher) gets SIGTERM when
-    the launcher dies: it saves a checkpoint and exits, as for a scheduler's stop. torchrun
-    starts every rank in a session of its own, so a launcher killed with -9 would otherwise
-    leave its ranks training on, unseen, beside the rerun that resumes their run."""
-    if "LOCAL_RANK" not in os.environ:
-        return
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() == 1:  # it died before the line above took effect
-        raise TrainingError("the launcher of this rank is gone; rerun the launch command to resume")
 
 
 if __name__ == "__main__":

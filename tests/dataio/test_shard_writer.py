@@ -16,7 +16,7 @@ import soundfile as sf
 
 from dataio.errors import ShardWriteError
 from dataio.manifest import load_manifest
-from dataio.shard_cli import add_shard_arguments, parse_size, run_shard
+from dataio.shard_cli import parse_size
 from dataio.shard_writer import REJECTED_NAME, ClipItem, write_shards
 from dataio.sources import items_for_layout
 from dataio.sources.folder import csv_items, folder_items
@@ -268,9 +268,8 @@ def test_csv_layout(tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="audioclr shard")
-    add_shard_arguments(parser)
-    return run_shard(parser.parse_args(argv))
+    from trainer.cli import main
+    return main(["shard", *argv])
 
 
 def test_cli(audio_tree, tmp_path, capsys):

@@ -3,7 +3,6 @@ order in the clip JSON, the names kept in the manifest's ``fold_names``; integer
 
 from __future__ import annotations
 
-import argparse
 import json
 import tarfile
 
@@ -12,7 +11,6 @@ import pytest
 import soundfile as sf
 
 from dataio.manifest import load_manifest
-from dataio.shard_cli import add_shard_arguments, run_shard
 from dataio.sources import load_layout
 from dataio.sources.folder import csv_items
 
@@ -38,9 +36,8 @@ def _csv(tmp_path, folds: list[str], name: str = "meta.csv"):
 
 
 def _shard(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="audioclr shard")
-    add_shard_arguments(parser)
-    return run_shard(parser.parse_args(argv))
+    from trainer.cli import main
+    return main(["shard", *argv])
 
 
 def _clip_folds(folder) -> dict[str, int | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import tarfile
 from collections import Counter
@@ -13,7 +12,6 @@ import pytest
 import soundfile as sf
 
 from dataio.manifest import load_manifest
-from dataio.shard_cli import add_shard_arguments, run_shard
 from dataio.shard_writer import write_shards
 from dataio.sources import MissingClip, items_for_layout, load_layout
 from dataio.sources.gtzan import split_counts
@@ -33,9 +31,8 @@ def _write(root: Path, relative: str, text: str) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="audioclr shard")
-    add_shard_arguments(parser)
-    return run_shard(parser.parse_args(argv))
+    from trainer.cli import main
+    return main(["shard", *argv])
 
 
 def _shard_json(folder: Path) -> dict[str, dict]:
