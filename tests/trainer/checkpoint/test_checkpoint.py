@@ -5,35 +5,17 @@ killed-and-resumed runs: test_resume.py beside this file.)"""
 
 import hashlib
 import json
-import os
 import resource
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
+from tests.conftest import checkpoint_weights
+from tests.trainer.faults.test_faults import Payload, _plain_error, _pretrain
 from trainer.checkpoint import verify
 
 pytestmark = pytest.mark.e2e
-
-LIMIT = 240  # seconds any one command may take; a hang fails the test
-
-
-class Payload:
-    """Unpickling this makes the folder ``marker``: proof that code from a file ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
-def _pretrain(shards, run_dir, *extra, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), *extra],
-                          env=cli_env(), capture_output=True, text=True, timeout=LIMIT, preexec_fn=preexec)
 
 
 def _reseal(folder: Path) -> None:
@@ -41,12 +23,6 @@ def _reseal(folder: Path) -> None:
     meta = json.loads((folder / "meta.json").read_text())
     meta["sha256"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in meta["sha256"]}
     (folder / "meta.json").write_text(json.dumps(meta))
-
-
-def _plain_error(out: subprocess.CompletedProcess, code: int) -> str:
-    assert out.returncode == code, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    return out.stderr
 
 
 # ---------------------------------------------------------------------- no code from files

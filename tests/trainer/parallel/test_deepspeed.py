@@ -229,7 +229,7 @@ def test_a_checkpoint_resumes_only_where_it_fits(tiny_shards, tmp_path):
 def test_a_pickle_planted_in_a_deepspeed_shard_is_refused_and_never_run(tiny_shards, tmp_path):
     import hashlib
 
-    from tests.test_faults import Payload
+    from tests.trainer.faults.test_faults import Payload
     run, marker = tmp_path / "run", tmp_path / "code_ran"
     _plain(_pretrain(*_cmd(tiny_shards, run, 2), "train.max_steps=2"), 0)
     folder = run / "checkpoints" / "step_00000002"
