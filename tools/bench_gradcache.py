@@ -11,24 +11,23 @@ memory of one chunk plus the cached embeddings, whatever the batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import time
 
+import torch
+
+from dataio.frontend import FrontendConfig, LogMel
+from trainer.config import ModelConfig, ObjectiveConfig
+from trainer.models.encoders import build_encoder
+from trainer.objectives import ObjectiveContext, build_objective
+from trainer.parallel.gradcache import GradCache
+
 
 def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:
-    import contextlib
-
-    import torch
-
-    from dataio.frontend import FrontendConfig, LogMel
-    from trainer.config import ModelConfig, ObjectiveConfig
-    from trainer.models.encoders import build_encoder
-    from trainer.objectives import ObjectiveContext, build_objective
-    from trainer.parallel.gradcache import GradCache
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     obj = build_objective(ObjectiveConfig(name="simclr"), ModelConfig(), ObjectiveContext(device=device))
     enc = build_encoder("resnet18", width=width)

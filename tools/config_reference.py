@@ -24,6 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REFRESH = "python3 tools/config_reference.py --write docs/config-reference.md"
+if str(REPO) not in sys.path:  # run as a script: the repository's packages beside this folder
+    sys.path.insert(0, str(REPO))
+
+from trainer import cli  # noqa: E402
 
 # (command, what its keys configure); each is `audioclr COMMAND --help-config`.
 COMMANDS = (
@@ -43,10 +47,6 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 
 def help_config(command: str) -> str:
     """What ``audioclr COMMAND --help-config`` prints."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from trainer import cli
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.COMMANDS[command][0](["--help-config"])

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -49,7 +51,6 @@ sys.exit(0 if worst < 0.01 else 1)
 
 
 def facts() -> dict:
-    import torch
     gpus = torch.cuda.device_count()
     return {"gpus": gpus, "gpu_names": [torch.cuda.get_device_name(i) for i in range(gpus)],
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],

@@ -33,11 +33,23 @@ import numpy as np
 import torch
 
 from dataio.atomic import write_text_atomically
-from dataio.errors import ConfigError, ManifestError
+from dataio.convert import convert_corpus
+from dataio.errors import ConfigError, DataError, ManifestError
+from dataio.formats import frontend_record
+from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import MANIFEST_NAME, load_manifest
 from dataio.schema import cli_number
+from dataio.shard_writer import Encoding, write_shards
+from dataio.sources import load_layout
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
+from trainer.evaluate.clips import load_clipset
+from trainer.evaluate.config import EvalRoot
+from trainer.evaluate.metrics import class_averaged_accuracy
+from trainer.evaluate.protocol import make_rounds
+from trainer.evaluate.run import run_eval
+from trainer.pretrain import TrainingError
+from trainer.pretrain import run as pretrain_run
 
 log = logging.getLogger("audioclr.bench.quality")
 PROTOCOLS = ("linear", "knn")
@@ -45,9 +57,6 @@ PROTOCOLS = ("linear", "knn")
 
 def shard_csv(csv: Path, out: Path, sample_rate: int) -> Path:
     """Shards of the CSV's clips in ``out`` (rewritten only when the CSV changes)."""
-    from dataio.shard_writer import write_shards
-    from dataio.sources import load_layout
-
     stamp = hashlib.sha256(csv.read_bytes()).hexdigest()[:16] + f"-{sample_rate}"
     marker = out / "source.txt"
     if (out / MANIFEST_NAME).is_file() and marker.is_file() and marker.read_text() == stamp:
@@ -65,10 +74,6 @@ def shard_csv(csv: Path, out: Path, sample_rate: int) -> Path:
 def training_shards(shards: Path, clip_format: str, frontend, out: Path) -> Path:
     """``shards`` in ``clip_format`` for pretraining: the folder itself, or its conversion
     in ``out`` (converted again only when the shards or the front end change)."""
-    from dataio.convert import convert_corpus
-    from dataio.formats import frontend_record
-    from dataio.shard_writer import Encoding
-
     if clip_format == load_manifest(shards).clip_format:
         return shards
     record = frontend_record(frontend) if clip_format == "logmel" else {}
@@ -85,8 +90,6 @@ def training_shards(shards: Path, clip_format: str, frontend, out: Path) -> Path
 def handcrafted_features(clips, sample_rate: int) -> np.ndarray:
     """[N, 168] per clip: mean and std over time of a 64-band log-mel (dB, 25 ms / 10 ms)
     and of its first 20 DCT coefficients (MFCCs)."""
-    from dataio.frontend import FrontendConfig, LogMel
-
     front = FrontendConfig(sample_rate=sample_rate, n_mels=64, norm_mean=0.0, norm_std=1.0)
     logmel = LogMel(front)
     dct = torch.from_numpy(_dct_matrix(64, 20))
@@ -112,12 +115,8 @@ def _dct_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def handcrafted_baseline(shards: Path, seed: int = 0) -> dict:
     """Leave-one-fold-out class-averaged accuracy of logistic regression on hand-crafted features."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # deferred: scikit-learn is slow to import
     from sklearn.preprocessing import StandardScaler
-
-    from trainer.evaluate.clips import load_clipset
-    from trainer.evaluate.metrics import class_averaged_accuracy
-    from trainer.evaluate.protocol import make_rounds
 
     clips = load_clipset(load_manifest(shards))
     feats = handcrafted_features(clips, clips.sample_rate)
@@ -134,12 +133,10 @@ def handcrafted_baseline(shards: Path, seed: int = 0) -> dict:
 def seconds_per_epoch(config: str, shards: Path, out: Path, overrides: list[str], epochs: int = 3) -> float:
     """Wall seconds one epoch of the recipe takes here, from a short run (its first
     epoch, which pays for start-up, is left out)."""
-    from trainer.pretrain import run
-
     cfg = load_config(PretrainConfig, config, [*overrides, f"data.shards={shards}", f"run_dir={out}",
                                                f"train.epochs={epochs}", "train.log_every=1",
                                                "train.resume=none", "train.progress=false"])
-    run(cfg)
+    pretrain_run(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "elapsed" in r]  # step records, not the per-epoch clip counts
     per_epoch = len(records) // epochs
@@ -149,23 +146,18 @@ def seconds_per_epoch(config: str, shards: Path, out: Path, overrides: list[str]
 
 def pretrain(config: str, shards: Path, run_dir: Path, seed: int, epochs: int, overrides: list[str]) -> float:
     """Pretrain (or finish pretraining) one seed; returns the wall seconds spent now."""
-    from trainer.pretrain import TrainingError, run
-
     if (run_dir / "encoder.json").is_file():
         return 0.0
     cfg = load_config(PretrainConfig, config, [*overrides, f"seed={seed}", f"data.shards={shards}",
                                                f"run_dir={run_dir}", f"train.epochs={epochs}"])
     start = time.perf_counter()
-    if run(cfg) != "finished":
+    if pretrain_run(cfg) != "finished":
         raise TrainingError(f"pretraining {run_dir} was interrupted; rerun the benchmark to resume it")
     return time.perf_counter() - start
 
 
 def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float) -> dict:
     """Fold-mean class-averaged accuracy of each protocol, pretrained and at random init."""
-    from trainer.evaluate.config import EvalRoot
-    from trainer.evaluate.run import run_eval
-
     cfg = load_config(EvalRoot, None, [f"eval.seed={seed}", f"eval.patch_seconds={patch_seconds}",
                                        "eval.split=folds", "eval.pictures=false"]).eval
     out = {}
@@ -246,9 +238,6 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataio.errors import DataError
-    from trainer.pretrain import TrainingError
-
     p = argparse.ArgumentParser(prog="audioclr bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)

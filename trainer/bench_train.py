@@ -28,19 +28,27 @@ from pathlib import Path
 
 import torch
 
+from dataio.batch import Placement
+from dataio.convert import convert_corpus
+from dataio.frontend import FrontendConfig
+from dataio.manifest import load_manifest
+from dataio.pipeline import open_source
 from dataio.schema import cli_number
+from dataio.shard_writer import Encoding
+from trainer.commands import run_guarded
+from trainer.config import PretrainConfig, load_config
+from trainer.models.encoders import build_encoder
+from trainer.models.heads import ContrastiveModel, ProjectionHead
+from trainer.objectives.ntxent import nt_xent
 from trainer.parallel.device import PRECISIONS, autocast_dtype, pick_device
 from trainer.parallel.engines import ENGINES
+from trainer.pretrain import Pretrainer
 
 log = logging.getLogger("audioclr.bench_train")
 
 
 def bare_step(args, device: torch.device, frames: int):
     """(a): no engine, no checks; autocast and channels-last as asked. Returns one step."""
-    from trainer.models.encoders import build_encoder
-    from trainer.models.heads import ContrastiveModel, ProjectionHead
-    from trainer.objectives.ntxent import nt_xent
-
     torch.manual_seed(0)
     encoder = build_encoder(args.encoder, in_channels=1, width=args.width)
     model = ContrastiveModel(encoder, ProjectionHead(encoder.embedding_dim)).to(device)
@@ -94,11 +102,6 @@ def _sync(device: torch.device) -> None:
 
 def trainer_step(args, backend: str, shards: str, run_dir: Path):
     """(b) and (c): audioclr's own step, fed by ``backend``; (the step, the trainer)."""
-    from dataio.batch import Placement
-    from dataio.pipeline import open_source
-    from trainer.config import PretrainConfig, load_config
-    from trainer.pretrain import Pretrainer
-
     overrides = [f"run_dir={run_dir}", f"data.backend={backend}", *_overrides(args), f"data.shards={shards}",
                  *args.set]
     if backend == "synthetic" or not args.config:
@@ -134,11 +137,6 @@ def _overrides(args) -> list[str]:
 def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
     """(row name, back end, shard folder) of each real-data loop (c): every back end on
     ``--data``, or with ``--formats`` on ``--data`` converted to each format."""
-    from dataio.convert import convert_corpus
-    from dataio.manifest import load_manifest
-    from dataio.shard_writer import Encoding
-    from trainer.config import PretrainConfig, load_config
-
     backends = [b for b in args.backends.split(",") if b]
     if not args.formats:
         return [(backend, backend, args.data) for backend in backends]
@@ -155,8 +153,6 @@ def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
 
 
 def run(args) -> dict:
-    from dataio.frontend import FrontendConfig
-
     device = pick_device(args.device, 0)
     frontend = FrontendConfig(n_mels=args.n_mels)
     frames = frontend.num_frames(int(round(args.view_seconds * frontend.sample_rate)))
@@ -234,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a pretrain config override for (b) and (c), e.g. --set data.prefetch=4 (repeatable)")
     args = p.parse_args(argv)
-    from trainer.commands import run_guarded
 
     def work() -> int:
         report = run(args)

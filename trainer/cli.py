@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+
+# Each command imports its own modules inside its function below, so that `audioclr --help` and
+# the dispatch itself never import torch or a command's dependencies.
 
 
 def _demo_corpus(argv: list[str]) -> int:
@@ -117,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
         near = difflib.get_close_matches(name, list(COMMANDS), n=1)
         print(f"audioclr: unknown command '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from trainer.commands import STOPPED, report_stop, sigterm_stops  # here: `audioclr --help` stays light
+    from trainer.commands import STOPPED, report_stop, sigterm_stops
     try:  # a stop while a command parses its options, before its own guard runs
         with sigterm_stops():
             return COMMANDS[name][0](rest)

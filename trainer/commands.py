@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
+from dataio.schema import describe
 from trainer.safe_files import CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
@@ -42,8 +43,6 @@ BASE_HELP = ("base = ''  # YAML file only: the recipe this one is written over (
 
 def print_help_config(schema: type, *more: str) -> int:
     """``--help-config``: every key of ``schema`` with its default and doc."""
-    from dataio.schema import describe
-
     print("\n".join([BASE_HELP, *describe(schema), *more]))
     return 0
 

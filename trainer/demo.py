@@ -11,6 +11,8 @@ from pathlib import Path
 from dataio.errors import ConfigError, ManifestError, ShardWriteError
 from dataio.manifest import MANIFEST_NAME
 from dataio.schema import cli_number
+from dataio.shard_writer import write_shards
+from dataio.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
@@ -21,9 +23,6 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def make_corpus(out: Path, clips: int, seed: int, workers: int, overwrite: bool = False):
-    from dataio.shard_writer import write_shards
-    from dataio.sources.demo import RATE, demo_items, synth_loader
-
     return write_shards(demo_items(clips, seed=seed), out, dataset="demo", sample_rate=RATE,
                         shard_size=max(1, clips // 8), seed=seed, workers=workers,
                         loader=synth_loader, overwrite=overwrite)

@@ -104,6 +104,7 @@ def stop_with_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # deferred: torchrun's elastic launcher is slow to import, and only the launching process needs it
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError

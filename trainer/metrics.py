@@ -18,7 +18,7 @@ class MetricWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: TensorBoard is slow to import
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def truncate_after(self, step: int) -> None:

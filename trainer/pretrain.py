@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dataio.augment import build_augmenter
+from dataio.augment import build_augmenter, describe_ops
 from dataio.batch import Batch, Placement, steps_per_epoch
 from dataio.errors import ConfigError, DataError, ManifestError
 from dataio.formats import check_recipe_frontend
@@ -373,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     info = distributed.env_info()
     rank = info.rank
     if args.help_config:
-        from dataio.augment import describe_ops
         return print_help_config(PretrainConfig, *describe_ops())
 
     def work() -> int:

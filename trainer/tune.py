@@ -22,23 +22,24 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
-from dataio.schema import check, option
-from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
+from dataio.manifest import load_manifest
 from dataio.recipes import merge_trees, set_dotted
+from dataio.schema import check, option
+from trainer.checkpoint import load_tensors
+from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import load_config, to_dict
+from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
+from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
+from trainer.evaluate.run import Evaluation, frozen_embeddings
 from trainer.safe_files import CheckpointError
 from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
 from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
-
-if TYPE_CHECKING:
-    from trainer.evaluate.clips import ClipSet
 
 log = logging.getLogger("audioclr.tune")
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -123,7 +124,7 @@ def encoder_paths(cfg: SweepConfig) -> list[str]:
 
 def param_space(cfg: SweepConfig) -> dict:
     """Ray Tune's search space: the encoders as a grid, then each dimension of ``space``."""
-    from ray import tune
+    from ray import tune  # deferred: Ray is optional and slow to import
 
     samplers = {"grid": tune.grid_search, "choice": tune.choice,
                 "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
@@ -140,13 +141,11 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
     """One trial: the evaluation stepped epoch by epoch, each epoch reported to Ray Tune
     with a checkpoint of every round's state (resumed from the last one on retry). The
     clips, and a frozen protocol's embeddings, come from Ray's object store (``shared``)."""
-    import ray
+    import ray  # deferred: Ray is optional and slow to import; this runs in a Ray worker
     import torch
     from ray import tune
 
-    from trainer.checkpoint import load_tensors
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per saved checkpoint
-    from trainer.evaluate.run import Evaluation
 
     knobs = {k: v for k, v in params.items() if k != "encoder"}
     cfg = trial_eval_config(sweep["eval"], knobs)
@@ -170,10 +169,6 @@ def run_trial(params: dict, *, sweep: dict, shared: dict) -> None:
 def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
     """Check the data before any trial starts; return the validation metric's name and
     the clips (loaded once, shared with every trial)."""
-    from dataio.manifest import load_manifest
-    from trainer.evaluate.clips import load_clipset
-    from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
-
     for enc in cfg.encoders:
         if not (Path(enc) / "encoder.json").is_file():
             raise FileNotFoundError(f"encoders: {enc} holds no exported encoder (encoder.json)")
@@ -200,9 +195,7 @@ def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
     frozen protocols each encoder's embeddings of them, computed by one Ray task per
     encoder with a trial's resources (on whichever node has them) instead of once per
     trial. Each node fetches an object once; a lost copy is computed again by Ray."""
-    import ray
-
-    from trainer.evaluate.run import frozen_embeddings
+    import ray  # deferred: Ray is optional and slow to import
 
     t0 = time.perf_counter()
     shared = {"clips": ray.put(clips), "frozen": {}}
@@ -227,7 +220,7 @@ def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
 def trial_lines(cfg: SweepConfig, metric: str):
     """A Ray Tune callback that logs one line as each trial starts, ends or fails (Ray Tune's
     own report, a status table and a result table per trial, is off: 391 lines for a small sweep)."""
-    from ray.tune import Callback
+    from ray.tune import Callback  # deferred: Ray is optional and slow to import
 
     def knobs(trial) -> str:
         return ", ".join(f"{k}={trial.config.get(k)}" for k in cfg.space) or "-"
@@ -250,7 +243,7 @@ def trial_lines(cfg: SweepConfig, metric: str):
 def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, restart_errored: bool = False):
     """A fresh Tuner, or the restored one when ``exp_dir`` holds this sweep already
     (errored trials resume from their checkpoint, or with ``restart_errored`` from scratch)."""
-    from ray import tune
+    from ray import tune  # deferred: Ray is optional and slow to import
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = {"protocol": cfg.protocol, "data": str(Path(cfg.data).resolve()), "eval": to_dict(cfg.eval)}

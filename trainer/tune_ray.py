@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickletools
+import socket
 from pathlib import Path
 
 from dataio.schema import ConfigError
@@ -36,9 +38,7 @@ def ray_endpoint(address: str) -> tuple[str, int] | None:
 def start_ray(cfg, wait_s: float = 10.0) -> None:
     """Join the cluster ``cfg.address`` names (``cfg``: the sweep's ``ray`` section) (a clear error within about ``wait_s`` when
     none answers there: Ray itself retries for a long while), or start Ray here."""
-    import socket
-
-    import ray
+    import ray  # deferred: Ray is optional and slow to import
 
     if ray.is_initialized():
         return
@@ -83,8 +83,6 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
 
 def _walk_pickle(data: bytes) -> None:
     """Raise unless ``data`` is one complete pickle (checked opcode by opcode, nothing executed)."""
-    import pickletools
-
     if not data:
         raise ValueError("empty file")
     for _ in pickletools.genops(data):

@@ -173,7 +173,7 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str]
               title: str, seed: int = 0, max_points: int = 5000) -> Path | None:
     """2-D t-SNE of [N, D] ``embeddings`` coloured by [N] ``labels`` (< 0 = unlabelled);
     None when N < 5."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # deferred: scikit-learn is slow to import
     from threadpoolctl import threadpool_limits
 
     x = np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1)

@@ -165,7 +165,7 @@ class Evaluation:
 def draw_pictures(evaluation: Evaluation, result: dict, eval_dir: Path, stem: str) -> dict[str, str]:
     """Learning curves (trained protocols), confusion matrix (single-label) and t-SNE PNGs
     in ``eval_dir``; returns {picture: file name}."""
-    from trainer.evaluate import plots
+    from trainer.evaluate import plots  # deferred: plots imports matplotlib, slow to import
 
     clips, pictures = evaluation.clips, {}
     title = f"{evaluation.protocol} - {evaluation.encoder_name}"
@@ -196,7 +196,7 @@ def write_outputs(evaluation: Evaluation, result: dict, eval_dir: str | Path, st
     path = eval_dir / f"{stem}.json"
     write_text_atomically(path, json.dumps(result, indent=1, default=float))
     if evaluation.cfg.pictures:
-        from trainer.evaluate.plots import write_summary
+        from trainer.evaluate.plots import write_summary  # deferred: as above (matplotlib)
 
         write_summary(eval_dir)
     return path

@@ -17,8 +17,13 @@ import torch
 from torch import nn
 
 from trainer.models.heads import ContrastiveModel, LinearProjection, ObjectiveParts, ProjectionHead
+from trainer.objectives.cola import ColaHead, ColaParts, cola_projected_loss
+from trainer.objectives.moco import MOMENTUM_SCHEDULES, ShardedQueue, moco_logits_loss, momentum_update
+from trainer.objectives.npid import ShardedMemoryBank, npid_exact_loss, npid_nce_loss
 from trainer.objectives.ntxent import nt_xent
+from trainer.objectives.supcon import ClassifierParts, classification_loss, hybrid_loss, supcon_loss
 from trainer.parallel import distributed
+from trainer.parallel.gradcache import blockwise_backward
 
 
 @dataclass
@@ -88,8 +93,6 @@ class SimCLR(_Base):
         return nt_xent(z, distributed.gather_with_grad(z), self.ctx.rank, temperature=self.cfg.temperature)
 
     def loss_backward(self, out: dict, batch, block: int) -> torch.Tensor:
-        from trainer.parallel.gradcache import blockwise_backward
-
         z = out["z"]
         rows = z.shape[0] * z.shape[1]
         step = max(1, block) * z.shape[1]
@@ -104,16 +107,12 @@ class Cola(_Base):
     """COLA: bilinear similarity of two segments, cross-entropy over the batch's candidates."""
 
     def make_parts(self, embedding_dim: int) -> ObjectiveParts:
-        from trainer.objectives.cola import ColaParts
         return ColaParts(self.cfg.cola_dim)
 
     def make_head(self, embedding_dim: int) -> nn.Module:
-        from trainer.objectives.cola import ColaHead
         return ColaHead(embedding_dim, self.cfg.cola_dim)
 
     def loss(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.cola import cola_projected_loss
-
         z = out["z"]
         candidates = distributed.gather_with_grad(z[:, 1]) if self.cfg.global_negatives else z[:, 1]
         rank = self.ctx.rank if self.cfg.global_negatives else 0
@@ -127,8 +126,6 @@ class SupCon(_Base):
         return LinearProjection(embedding_dim, self.cfg.supcon_dim)
 
     def supcon(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.supcon import supcon_loss
-
         z = out["z"]
         return supcon_loss(z, distributed.gather_with_grad(z), batch.labels,
                            distributed.gather_no_grad(batch.labels), self.ctx.rank,
@@ -143,15 +140,11 @@ class Hybrid(SupCon):
     the L2-normalised encoder embedding of every view."""
 
     def make_parts(self, embedding_dim: int) -> ObjectiveParts:
-        from trainer.objectives.supcon import ClassifierParts
-
         if self.ctx.num_classes < 2:
             raise ValueError("objective hybrid needs labelled shards (a vocabulary of >= 2 labels)")
         return ClassifierParts(embedding_dim, self.ctx.num_classes)
 
     def loss(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.supcon import classification_loss, hybrid_loss
-
         logits = out["logits"]
         labels = batch.labels.repeat_interleave(logits.shape[1], dim=0)
         logits = logits.reshape(-1, logits.shape[-1])
@@ -167,8 +160,6 @@ class MoCo(_Base):
     batch_negatives = False
 
     def __init__(self, cfg, model_cfg, ctx):
-        from trainer.objectives.moco import ShardedQueue
-
         super().__init__(cfg, model_cfg, ctx)
         self.queue = ShardedQueue(cfg.queue_size, model_cfg.proj_dim, ctx.rank, ctx.world_size,
                                   ctx.device, seed=ctx.seed)
@@ -189,15 +180,11 @@ class MoCo(_Base):
         return self.key_model(views[:, 1:2])["z"][:, 0].float()
 
     def loss(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.moco import moco_logits_loss
-
         self._keys = self.keys(batch.views)
         return moco_logits_loss(out["z"][:, 0], self._keys, self.queue.shard, self.ctx.rank,
                                 temperature=self.cfg.temperature)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        from trainer.objectives.moco import MOMENTUM_SCHEDULES, momentum_update
-
         m = MOMENTUM_SCHEDULES[self.cfg.momentum_schedule](step, self.ctx.total_steps, self.cfg.momentum)
         momentum_update(self.key_model, model, m)
         if self._keys is not None:
@@ -219,8 +206,6 @@ class NPID(_Base):
     batch_negatives = False
 
     def __init__(self, cfg, model_cfg, ctx):
-        from trainer.objectives.npid import ShardedMemoryBank
-
         super().__init__(cfg, model_cfg, ctx)
         self.bank = ShardedMemoryBank(ctx.num_clips, model_cfg.proj_dim, ctx.rank, ctx.world_size,
                                       cfg.bank_momentum, ctx.device, seed=ctx.seed)
@@ -234,8 +219,6 @@ class NPID(_Base):
         return views[:, :1]
 
     def loss(self, out: dict, batch) -> torch.Tensor:
-        from trainer.objectives.npid import npid_exact_loss, npid_nce_loss
-
         z = out["z"][:, 0].float()
         z_all = distributed.gather_with_grad(z)
         idx_all = distributed.gather_no_grad(batch.indices)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.parallel import distributed
@@ -100,8 +101,6 @@ def time_allreduce(ddp_model: DistributedDataParallel, telemetry) -> None:
     ranks) and adding the time from launch to completion to ``telemetry.allreduce_seconds``.
     With NCCL the completion is when the work is queued on the stream, so there it times
     the launch."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     def hook(state, bucket):
         start = time.perf_counter()
 

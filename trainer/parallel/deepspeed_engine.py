@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dataio.errors import ConfigError
+from trainer.models.encoders import build_encoder
 from trainer.parallel import distributed
 from trainer.parallel.device import cpu_computes_bf16
 from trainer.parallel.engine import Engine, save_weights
@@ -62,7 +63,7 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        import deepspeed
+        import deepspeed  # deferred: DeepSpeed is optional and slow to import
     except ImportError as err:
         raise ConfigError(f"train.engine: deepspeed cannot be imported ({err}); install it with "
                           f"`pip install -e .` (setup.cfg pins it)") from None
@@ -78,7 +79,7 @@ def _quiet(record: logging.LogRecord) -> bool:
 
 
 def known_keys() -> set[str]:
-    import deepspeed.runtime.constants as constants
+    import deepspeed.runtime.constants as constants  # deferred: DeepSpeed is optional and slow to import
 
     names = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
     return names | set(SECTIONS)
@@ -130,9 +131,8 @@ def build_config(section, batch_size: int, grad_clip: float, device: torch.devic
 def check_offload_memory(cfg, ds) -> None:
     """Offload needs host memory for the fp32 master weights, their gradients and the
     optimizer state of this node's share: refuse when it is plainly not there."""
-    import psutil
+    import psutil  # deferred: only an offload run needs it
 
-    from trainer.models.encoders import build_encoder
 
     params = sum(p.numel() for p in build_encoder(cfg.model.encoder, in_channels=cfg.frontend.channels,
                                                   width=cfg.model.width).parameters())
@@ -266,7 +266,7 @@ class DeepSpeedEngine(Engine):
         if self.stage < 3:
             yield self.module
             return
-        import deepspeed
+        import deepspeed  # deferred: DeepSpeed is optional and slow to import
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
             yield self.module
 
@@ -312,7 +312,7 @@ class DeepSpeedEngine(Engine):
 def _safe_classes() -> list:
     """What DeepSpeed's checkpoint files hold besides tensors and plain containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # deferred: DeepSpeed is optional and slow to import
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

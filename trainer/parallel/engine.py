@@ -23,6 +23,8 @@ import contextlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from trainer.safe_files import CheckpointError, durable_write
@@ -101,17 +103,12 @@ class Engine:
 
 def save_weights(module: nn.Module, folder: Path) -> None:
     """``folder/weights.safetensors``: every parameter and buffer of ``module``, fsynced."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     durable_write(folder / WEIGHTS, lambda f: f.write(save(tensors)))
 
 
 def load_weights(module: nn.Module, folder: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = folder / WEIGHTS
     try:
         module.load_state_dict(load_file(str(path)))

@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+
+from trainer.safe_files import CheckpointError, load_tensors
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 FIRST_CONV_KEYS = ("conv1.weight", "features.0.0.weight")
@@ -82,8 +86,6 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
                                     (" (a folder without encoder.safetensors or engine/weights.safetensors)"
                                      if path.is_dir() else ""))
         if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
             try:
                 state = load_file(str(path), device="cpu")
             except (OSError, SafetensorError) as err:
@@ -91,7 +93,6 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
             if encoder_only:  # a whole model's weights: keep the encoder's
                 state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         else:
-            from trainer.safe_files import CheckpointError, load_tensors
             try:
                 state = load_tensors(path)
             except CheckpointError as err:
