@@ -268,8 +268,8 @@ def build_from_meta(meta: dict) -> tuple[torch.nn.Module, FrontendConfig]:
     return encoder, FrontendConfig(**meta["frontend"])
 
 
-def load_encoder(run_dir: str | Path) -> tuple[torch.nn.Module, FrontendConfig, dict]:
-    """The exported encoder of ``run_dir`` (eval mode), its front end and its metadata."""
+def read_encoder_meta(run_dir: str | Path) -> dict:
+    """``run_dir``'s encoder.json (what was exported: architecture, front end, view length)."""
     run_dir = Path(run_dir)
     meta_path, weights_path = run_dir / ENCODER_META, run_dir / ENCODER_WEIGHTS
     if not meta_path.is_file() or not weights_path.is_file():
@@ -277,8 +277,19 @@ def load_encoder(run_dir: str | Path) -> tuple[torch.nn.Module, FrontendConfig, 
                                 f"{ENCODER_WEIGHTS}); has its pretraining finished?")
     try:
         meta = json.loads(meta_path.read_text())
-        encoder, frontend = build_from_meta(meta)
+        FrontendConfig(**meta["frontend"])
     except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path}: not a valid encoder description ({describe_error(err)})") from None
+    return meta
+
+
+def load_encoder(run_dir: str | Path) -> tuple[torch.nn.Module, FrontendConfig, dict]:
+    """The exported encoder of ``run_dir`` (eval mode), its front end and its metadata."""
+    meta = read_encoder_meta(run_dir)
+    meta_path, weights_path = Path(run_dir) / ENCODER_META, Path(run_dir) / ENCODER_WEIGHTS
+    try:
+        encoder, frontend = build_from_meta(meta)
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_path}: not a valid encoder description ({describe_error(err)})") from None
     try:
         weights = load_file(str(weights_path))

@@ -36,7 +36,7 @@ from trainer.config import load_config, to_dict
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
-from trainer.evaluate.run import Evaluation, frozen_embeddings
+from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.safe_files import CheckpointError
 from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
 from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
@@ -172,7 +172,10 @@ def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
     for enc in cfg.encoders:
         if not (Path(enc) / "encoder.json").is_file():
             raise FileNotFoundError(f"encoders: {enc} holds no exported encoder (encoder.json)")
-    clips = load_clipset(load_manifest(cfg.data))
+    manifest = load_manifest(cfg.data)
+    for enc in cfg.encoders:
+        check_rate(manifest, enc)
+    clips = load_clipset(manifest)
     e = cfg.eval
     rounds = make_rounds(clips, e.split, test_fraction=e.test_fraction, val_fraction=e.val_fraction,
                          seed=e.seed, max_rounds=e.max_rounds)

@@ -20,7 +20,7 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
-from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
+from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder, read_encoder_meta
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
 from trainer.evaluate.clips import ClipSet, load_clipset
@@ -34,10 +34,13 @@ from trainer.parallel.device import pick_device
 log = logging.getLogger("audioclr.eval")
 
 
-def check_rate(shards_rate: int, encoder_rate: int, data) -> None:
-    if shards_rate != encoder_rate:
-        raise ConfigError(f"the shards in {data} are at {shards_rate} Hz but the encoder "
-                          f"was trained on {encoder_rate} Hz: re-shard with --sample-rate")
+def check_rate(manifest, run_dir: str | Path) -> None:
+    """The one check of the sample rate: the shards' (their manifest's, the one source) against
+    the rate the encoder in ``run_dir`` was trained on (its encoder.json), before any decoding."""
+    encoder_rate = read_encoder_meta(run_dir)["frontend"]["sample_rate"]
+    if manifest.sample_rate != encoder_rate:
+        raise ConfigError(f"the shards in {manifest.where} are at {manifest.sample_rate} Hz but the encoder "
+                          f"in {run_dir} was trained on {encoder_rate} Hz: re-shard with --sample-rate")
 
 
 def patching(cfg: EvalConfig, meta: dict) -> tuple[float, float]:
@@ -50,8 +53,7 @@ def patching(cfg: EvalConfig, meta: dict) -> tuple[float, float]:
 def frozen_embeddings(run_dir: str | Path, clips: ClipSet, cfg: EvalConfig) -> ClipEmbeddings:
     """The embeddings of ``clips`` by the encoder exported in ``run_dir``, as an
     :class:`Evaluation` of a frozen protocol computes them (a sweep computes them once)."""
-    encoder, frontend, meta = load_encoder(run_dir)
-    check_rate(clips.sample_rate, frontend.sample_rate, run_dir)
+    encoder, frontend, meta = load_encoder(run_dir)  # a sweep's preflight checked the rate
     patch_s, hop_s = patching(cfg, meta)
     return embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
                        batch_size=cfg.embed_batch, device=pick_device(cfg.device, key="eval.device"))
@@ -76,12 +78,10 @@ class Evaluation:
         if random_init:
             torch.manual_seed(cfg.seed)
             encoder, frontend = build_from_meta(meta)
-        if clips is None:
+        if clips is None:  # a sweep passes them in, its preflight having checked the rate
             manifest = load_manifest(data)
-            check_rate(manifest.sample_rate, frontend.sample_rate, data)  # before decoding anything
+            check_rate(manifest, run_dir)
             clips = load_clipset(manifest)
-        else:
-            check_rate(clips.sample_rate, frontend.sample_rate, data)
         self.clips = clips
         self.device = pick_device(cfg.device, key="eval.device")
         patch_s, hop_s = patching(cfg, meta)

@@ -59,3 +59,19 @@ def test_exported_encoder_rebuilds_and_separates_tones(tmp_path):
     result = Evaluation("knn", tmp_path, shards.root, cfg).run()
     assert result["rounds"].keys() == {"fold1", "fold2"}
     assert result["metrics"]["class_averaged_accuracy"]["mean"] > 0.9
+
+
+def test_shards_at_another_rate_than_the_encoder_are_refused_before_decoding(tmp_path):
+    """The sample rate has one source, the shards' manifest, checked once against the encoder's."""
+    from dataio.errors import ConfigError
+    from tests.conftest import export_random_encoder
+    from tests.shard_utils import make_shards
+    from trainer.evaluate.run import check_rate
+
+    (tmp_path / "run").mkdir()
+    export_random_encoder(tmp_path / "run")  # 16 kHz
+    manifest = make_shards(tmp_path / "shards", [4], seconds=0.3, rate=8000)
+    with pytest.raises(ConfigError, match=r"at 8000 Hz but the encoder in .*run was trained on 16000 Hz"):
+        Evaluation("knn", tmp_path / "run", tmp_path / "shards", EvalConfig())
+    check_rate(make_shards(tmp_path / "same", [4], seconds=0.3), tmp_path / "run")
+    assert manifest.sample_rate == 8000
