@@ -3,8 +3,9 @@
 A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``engine/`` (what
 the engine saves from every rank: the whole model as ``weights.safetensors``, and DDP's
 ``optimizer.pt`` or DeepSpeed's sharded files), ``state.pt`` (what every rank shares:
-objective state, step, config), ``rank_XXXXX.pt`` (each rank's RNG states and data position) and ``meta.json``
-(step, world size, the engine that wrote it and the sha256 of every other file). It is
+objective state, step, config), one ``rank_<rank>.pt`` per rank (its RNG states and data
+position) and ``meta.json`` (step, world size, the engine that wrote it and the sha256 of
+every other file). It is
 assembled under ``step_XXXXXXXX.tmp``, every file fsynced, ``meta.json`` last, then
 renamed into place: a killed run or a full disk never leaves a half-written checkpoint
 where ``resume=auto`` would find it. Resume takes the newest checkpoint whose files match

@@ -165,10 +165,12 @@ class GracefulStop:
             signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.signal and time.monotonic() - self._at > 2.0 or not self.signal and not self.ready():
-            raise Stopped(signum)
-        if self.signal:
+        if self.signal:  # a second stop leaves now; the same one arriving twice is ignored
+            if time.monotonic() - self._at > 2.0:
+                raise Stopped(signum)
             return
+        if not self.ready():
+            raise Stopped(signum)
         self.signal, self._at = signum, time.monotonic()
         self.log.warning(self.announce.format(signal=signal.Signals(signum).name))
         if self.forward is not None:

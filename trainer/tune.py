@@ -30,7 +30,7 @@ from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
 from dataio.recipes import merge_trees, set_dotted
 from dataio.schema import check, option
-from trainer.checkpoint import load_tensors
+from trainer.checkpoint import load_tensors, read_encoder_meta
 from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import load_config, to_dict
 from trainer.evaluate.clips import ClipSet, load_clipset
@@ -174,7 +174,7 @@ def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
             raise FileNotFoundError(f"encoders: {enc} holds no exported encoder (encoder.json)")
     manifest = load_manifest(cfg.data)
     for enc in cfg.encoders:
-        check_rate(manifest, enc)
+        check_rate(manifest, read_encoder_meta(enc)["frontend"]["sample_rate"], enc)
     clips = load_clipset(manifest)
     e = cfg.eval
     rounds = make_rounds(clips, e.split, test_fraction=e.test_fraction, val_fraction=e.val_fraction,

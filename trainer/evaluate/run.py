@@ -20,7 +20,7 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
-from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder, read_encoder_meta
+from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
 from trainer.evaluate.clips import ClipSet, load_clipset
@@ -34,10 +34,9 @@ from trainer.parallel.device import pick_device
 log = logging.getLogger("audioclr.eval")
 
 
-def check_rate(manifest, run_dir: str | Path) -> None:
+def check_rate(manifest, encoder_rate: int, run_dir: str | Path) -> None:
     """The one check of the sample rate: the shards' (their manifest's, the one source) against
-    the rate the encoder in ``run_dir`` was trained on (its encoder.json), before any decoding."""
-    encoder_rate = read_encoder_meta(run_dir)["frontend"]["sample_rate"]
+    the rate the encoder in ``run_dir`` was trained on, before any decoding."""
     if manifest.sample_rate != encoder_rate:
         raise ConfigError(f"the shards in {manifest.where} are at {manifest.sample_rate} Hz but the encoder "
                           f"in {run_dir} was trained on {encoder_rate} Hz: re-shard with --sample-rate")
@@ -80,7 +79,7 @@ class Evaluation:
             encoder, frontend = build_from_meta(meta)
         if clips is None:  # a sweep passes them in, its preflight having checked the rate
             manifest = load_manifest(data)
-            check_rate(manifest, run_dir)
+            check_rate(manifest, frontend.sample_rate, run_dir)
             clips = load_clipset(manifest)
         self.clips = clips
         self.device = pick_device(cfg.device, key="eval.device")

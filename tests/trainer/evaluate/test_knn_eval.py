@@ -73,5 +73,5 @@ def test_shards_at_another_rate_than_the_encoder_are_refused_before_decoding(tmp
     manifest = make_shards(tmp_path / "shards", [4], seconds=0.3, rate=8000)
     with pytest.raises(ConfigError, match=r"at 8000 Hz but the encoder in .*run was trained on 16000 Hz"):
         Evaluation("knn", tmp_path / "run", tmp_path / "shards", EvalConfig())
-    check_rate(make_shards(tmp_path / "same", [4], seconds=0.3), tmp_path / "run")
+    check_rate(make_shards(tmp_path / "same", [4], seconds=0.3), 16000, tmp_path / "run")
     assert manifest.sample_rate == 8000
