@@ -20,9 +20,10 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int = 16000,
-                classes: int = 3, seed: int = 0) -> Manifest:
+                classes: int = 3, seed: int = 0, folds: bool = True, noise: float = 0.01) -> Manifest:
     """Shards with ``counts[i]`` clips in shard i; clip ``index`` runs 0..N-1 and each
-    clip is a tone whose frequency encodes its class (label ``c{index % classes}``)."""
+    clip is a tone whose frequency encodes its class (label ``c{index % classes}``), in
+    fold ``index % 2 + 1`` (no fold unless ``folds``), under white noise of std ``noise``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     index, shards = 0, []
@@ -32,12 +33,14 @@ def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int
             for _ in range(count):
                 t = np.arange(int(seconds * rate)) / rate
                 wave = 0.3 * np.sin(2 * np.pi * (200 + 300 * (index % classes)) * t) \
-                    + 0.01 * rng.standard_normal(len(t))
+                    + noise * rng.standard_normal(len(t))
                 buf = io.BytesIO()
                 sf.write(buf, wave.astype(np.float32), rate, format="FLAC", subtype="PCM_16")
                 key = f"clip{index:05d}"
                 meta = {"index": index, "dataset": "tiny", "labels": [f"c{index % classes}"],
-                        "split": "train", "fold": index % 2 + 1, "duration": seconds}
+                        "split": "train", "duration": seconds}
+                if folds:
+                    meta["fold"] = index % 2 + 1
                 _add(tar, key + ".flac", buf.getvalue())
                 _add(tar, key + ".json", json.dumps(meta).encode())
                 index += 1

@@ -171,6 +171,13 @@ def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float) -> di
     return out
 
 
+def online_curve(run_dir: Path) -> list[list[float]]:
+    """[[epoch, online kNN], ...] of a run trained with the online probe (``--online-every``)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [[r["epoch"], r["online_knn"]] for r in records if "online_knn" in r]
+
+
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and std over seeds of each fold-mean score."""
     keys = next(iter(per_seed.values())).keys()
@@ -200,11 +207,14 @@ def run(args: argparse.Namespace) -> dict:
         epochs = max(1, int(args.minutes * 60 // per_epoch))
         timing["calibrated_seconds_per_epoch"] = per_epoch
         log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
-    per_seed, pretrain_seconds = {}, {}
+    per_seed, pretrain_seconds, curves = {}, {}, {}
+    probe = [f"eval.online={shards}", f"eval.every={args.online_every}",
+             f"eval.patch_seconds={args.patch_seconds}"] if args.online_every else []
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
-        pretrain_seconds[seed] = pretrain(args.config, train_on, run_dir, seed, epochs, args.overrides)
+        pretrain_seconds[seed] = pretrain(args.config, train_on, run_dir, seed, epochs, [*args.overrides, *probe])
         per_seed[seed] = evaluate(run_dir, shards, seed, args.patch_seconds)
+        curves[str(seed)] = online_curve(run_dir)
     hand = handcrafted_baseline(shards)
     timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
               "epochs": epochs, "seeds": args.seeds, "patch_seconds": args.patch_seconds,
               "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
-              "handcrafted": hand, "timing": timing}
+              "handcrafted": hand, "timing": timing, "online_curves": curves}
     write_text_atomically(out / "quality.json", json.dumps(result, indent=1))
     return result
 
@@ -235,6 +245,9 @@ def print_table(result: dict) -> None:
     spent = f"{np.mean(minutes):.1f} min per seed" if minutes else "reused"
     print(f"  pretrained - random init (linear): {gain:+.3f}; pretraining {spent}; "
           f"total {result['timing']['total_seconds'] / 60:.1f} min")
+    for seed, curve in result.get("online_curves", {}).items():
+        if curve:
+            print(f"  online kNN, seed {seed}: " + "  ".join(f"ep {e:g} {v:.3f}" for e, v in curve))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch-seconds", type=cli_number(float, 0, above=True), default=1.0, help="evaluation patch length, s")
     p.add_argument("--format", default="", choices=("", "flac", "pcm16", "logmel"),
                    help="pretrain from the shards converted to this clip format (evaluation reads the audio)")
+    p.add_argument("--online-every", type=cli_number(int, 0), default=0,
+                   help="score kNN on the set every N epochs while pretraining (the online probe) and show the curve")
     p.add_argument("--out", default="runs/quality", help="folder for shards, runs and quality.json")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=0.05 augment.rrc.p=0")
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ from dataio.batch import DataConfig
 from dataio.frontend import FrontendConfig
 from dataio.recipes import overlay, parse_overrides, read_recipe
 from dataio.schema import build_section, check, option
+from trainer.evaluate.config import OnlineConfig
 from trainer.models.encoders import ENCODERS
 from trainer.objectives import OBJECTIVES
 from trainer.objectives.moco import MOMENTUM_SCHEDULES
@@ -208,6 +209,7 @@ class PretrainConfig:
     optim: OptimConfig = option(OptimConfig(), "optimizer and schedule")
     train: TrainConfig = option(TrainConfig(), "loop, checkpoints and precision")
     deepspeed: DeepSpeedConfig = option(DeepSpeedConfig(), "the DeepSpeed engine (train.engine=deepspeed)")
+    eval: OnlineConfig = option(OnlineConfig(), "the online probe: kNN (and the linear probe) during training")
 
     def __post_init__(self) -> None:
         check(bool(self.data.shards or self.data.sources) or self.data.backend == "synthetic", "data.shards",

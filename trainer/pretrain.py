@@ -35,6 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import PretrainConfig, load_config, save_config, to_dict
+from trainer.evaluate.online import OnlineProbe
 from trainer.launch import stop_with_launcher
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
@@ -84,6 +85,8 @@ class Pretrainer:
         if self.augmenter:
             log.info("augmentation: %s", self.augmenter.describe())
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.probe = OnlineProbe(cfg.eval, cfg.frontend, cfg.data.view_seconds, self.steps_per_epoch,
+                                 self.total_steps, self.info, self.device)  # reads its clips: exit 2 if unfit
         if self.info.is_main:
             prepare_run_dir(self.run_dir)  # config.yaml and metrics are written once a resume is accepted
         distributed.barrier()
@@ -213,6 +216,7 @@ class Pretrainer:
                     bar.advance(self.telemetry.last_loss)
                     if stop:
                         return self._interrupted(stop)
+                    self.probe.after_step(self.step, self.engine, self.metrics, bar)
                     if self.checkpointer.due(self.step):
                         self.save_checkpoint()
                     if self.step >= self.total_steps:

@@ -173,6 +173,7 @@ class ProgressBar:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="pretrain", unit="step",
                         dynamic_ncols=True, file=sys.stderr)
+        self.notes: dict[str, str] = {}
 
     def __enter__(self):
         return self
@@ -180,7 +181,11 @@ class ProgressBar:
     def advance(self, loss: float | None) -> None:
         self.bar.update(1)
         if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.3f}", **self.notes, refresh=False)
+
+    def note(self, **values: str) -> None:
+        """Keep ``values`` (the online probe's scores) beside the loss from now on."""
+        self.notes.update(values)
 
     def __exit__(self, *exc) -> None:
         self.bar.close()

@@ -55,7 +55,7 @@ def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
         csv.writer(fh).writerows([("path", "label", "fold"), *rows])
     out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--csv", str(tmp_path / "meta.csv"),
                           "--config", str(REPO / "configs/demo.yaml"), "--minutes", "0.05", "--seeds", "0,1",
-                          "--out", str(tmp_path / "q"), "--patch-seconds", "0.5", "data.batch_size=8",
+                          "--out", str(tmp_path / "q"), "--patch-seconds", "0.5", "--online-every", "1", "data.batch_size=8",
                           "model.width=4", "train.progress=false", "train.tensorboard=false"],
                          env=cli_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -68,3 +68,8 @@ def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
     assert len(result["handcrafted"]["folds"]) == 3
     assert result["handcrafted"]["class_averaged_accuracy"] > 0.6, "three tones apart are easy for features"
     assert "random init" in out.stdout and "hand-crafted" in out.stdout
+    for seed in ("0", "1"):  # the online probe's curve: one kNN score per epoch, the last = the final kNN
+        curve = result["online_curves"][seed]
+        assert [e for e, _ in curve] == list(range(1, result["epochs"] + 1))
+        assert curve[-1][1] == result["per_seed"][seed]["knn"]["mean"]
+    assert "online kNN, seed 0: ep 1 " in out.stdout

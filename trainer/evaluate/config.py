@@ -89,5 +89,22 @@ class EvalConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The online probe of a pretraining run (its ``eval:`` section)."""
+
+    online: str = option("", "labelled shard folder with folds scored during training with the current "
+                         "encoder, as `audioclr eval` scores an exported one ('' = off)")
+    every: int = option(25, "epochs between online scores (one is always taken at the end)")
+    linear: bool = option(False, "also the linear probe (scored on rank 0; kNN alone is cheaper)")
+    max_rounds: int = option(0, "score only the first N folds; 0 = all")
+    patch_seconds: float = option(0.0, "patch length, s; 0 = the training view length (as audioclr eval)")
+
+    def __post_init__(self) -> None:
+        check(self.every > 0, "every", "must be positive")
+        check(self.patch_seconds >= 0, "patch_seconds", "must be >= 0")
+        check(self.max_rounds >= 0, "max_rounds", "must be >= 0")
+
+
+@dataclass
 class EvalRoot:
     eval: EvalConfig = option(EvalConfig(), "evaluation settings")

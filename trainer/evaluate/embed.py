@@ -68,14 +68,18 @@ def patch_batches(clips: ClipSet, rows, patch: int, hop: int, batch_size: int):
 @torch.no_grad()
 def embed_clips(encoder: torch.nn.Module, frontend: FrontendConfig, clips: ClipSet, *,
                 patch_seconds: float, hop_seconds: float, batch_size: int,
-                device: torch.device) -> ClipEmbeddings:
-    """Embed every patch (``patch_seconds`` long, every ``hop_seconds``) of every clip."""
+                device: torch.device, rows=None) -> ClipEmbeddings:
+    """Embed every patch (``patch_seconds`` long, every ``hop_seconds``) of every clip (of
+    the clips ``rows`` when given, in their order)."""
     encoder = encoder.to(device).eval()
     logmel = LogMel(frontend).to(device)
     patch = int(patch_seconds * clips.sample_rate)
     hop = max(1, int(hop_seconds * clips.sample_rate))
+    dtype = next(encoder.parameters()).dtype  # bf16 weights (DeepSpeed's bf16) take bf16 log-mels
     out, owner = [], []
-    for rows, waves in patch_batches(clips, range(len(clips)), patch, hop, batch_size):
-        out.append(encoder(logmel(torch.from_numpy(waves).to(device))).float().cpu().numpy())
+    for rows, waves in patch_batches(clips, range(len(clips)) if rows is None else rows, patch, hop, batch_size):
+        out.append(encoder(logmel(torch.from_numpy(waves).to(device)).to(dtype)).float().cpu().numpy())
         owner.append(rows)
+    if not out:  # no rows: an empty share
+        return ClipEmbeddings(np.zeros((0, encoder.embedding_dim), np.float32), np.zeros(0, np.int64))
     return ClipEmbeddings(np.concatenate(out), np.concatenate(owner))

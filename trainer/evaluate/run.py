@@ -64,16 +64,18 @@ class Evaluation:
     report and checkpoint between epochs."""
 
     def __init__(self, protocol: str, run_dir: str | Path, data: str | Path, cfg: EvalConfig,
-                 random_init: bool = False, clips: ClipSet | None = None, frozen: ClipEmbeddings | None = None):
+                 random_init: bool = False, clips: ClipSet | None = None, frozen: ClipEmbeddings | None = None,
+                 loaded: tuple | None = None):
         """``clips`` (the shards' clips, loaded) and ``frozen`` (this encoder's embeddings
         of them under ``cfg``, :func:`frozen_embeddings`) are passed in by a sweep, which
         computes them once for all its trials; otherwise they are computed here
-        (``embedded_here`` says which)."""
+        (``embedded_here`` says which). ``loaded`` (encoder, frontend, meta) is a model in
+        memory (the online probe's) instead of the export in ``run_dir``."""
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
         self.protocol, self.cfg, self.data = protocol, cfg, str(data)
         self.encoder_name = "random_init" if random_init else str(run_dir)
-        encoder, frontend, meta = load_encoder(run_dir)
+        encoder, frontend, meta = loaded or load_encoder(run_dir)
         if random_init:
             torch.manual_seed(cfg.seed)
             encoder, frontend = build_from_meta(meta)

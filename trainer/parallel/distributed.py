@@ -207,6 +207,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (one collective)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def distributed_logsumexp(local_logits: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp over the columns of every rank: [Q, n_r] on each rank -> [Q].
 
