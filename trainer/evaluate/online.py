@@ -95,8 +95,13 @@ class OnlineProbe:
             encoder = getattr(model.encoder, "_orig_mod", model.encoder)  # not a compiled wrapper
             scores, error = self.score(encoder)
         self.seconds += time.perf_counter() - start
-        if step == self.total_steps and self.info.is_main:
-            log.info(self.summary(time.perf_counter() - self.first))
+        try:
+            self._report(step, start, scores, error, metrics, bar)
+        finally:
+            if step == self.total_steps and self.info.is_main:
+                log.info(self.summary(time.perf_counter() - self.first))
+
+    def _report(self, step: int, start: float, scores: dict | None, error: str, metrics, bar) -> None:
         if error:
             log.warning("online probe at step %d skipped: %s; training goes on", step, error)
             return
