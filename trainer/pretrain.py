@@ -347,6 +347,7 @@ class Pretrainer:
             self.source.close()  # loader workers stop now, not at interpreter exit
         if self.metrics is not None:
             self.metrics.close()
+        self.engine.close()  # before the process group goes
         distributed.close()
 
 

@@ -270,6 +270,11 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
             yield self.module
 
+    def close(self) -> None:
+        # ZeRO-3's parameter coordinator keeps gather work on the process group: left to
+        # interpreter exit, gloo may tear it down in the wrong order and abort the rank
+        self.ds.destroy()
+
     @property
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])

@@ -4,7 +4,8 @@ The training loop asks an engine for exactly these: ``forward``, ``backward``,
 ``accumulating()`` (backwards whose gradients add up before one step), ``step() -> grad
 norm``, ``train()`` / ``eval()``, ``gathered()`` (the full module, for a momentum
 update or the encoder export, even where parameters are sharded), and ``save(folder)``
-/ ``load(folder)``, which every rank calls inside the checkpointer's write-then-rename.
+/ ``load(folder)``, which every rank calls inside the checkpointer's write-then-rename,
+and ``close()`` before the process group is destroyed.
 The module it trains holds every trained parameter (model and objective parts), and the
 losses gather embeddings across ranks themselves (``trainer.parallel.distributed``), so
 an engine only replicates, reduces gradients, steps and saves.
@@ -99,6 +100,10 @@ class Engine:
         if saved.get("engine", "ddp") != self.name:
             return f"it was written by the {saved.get('engine', 'ddp')} engine and this run uses {self.name}"
         return None
+
+    def close(self) -> None:
+        """Release what the engine holds of the process group's work (hooks, pending
+        gathers) while the group and the interpreter are still alive."""
 
 
 def save_weights(module: nn.Module, folder: Path) -> None:
