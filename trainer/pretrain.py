@@ -224,6 +224,7 @@ class Pretrainer:
                 self.counts.report(epoch, self.step, self.metrics)
             self.save_checkpoint()
             self.export()
+            self.engine.close()  # every rank is here: the engine lets go of the group's work
         return "finished"
 
     def _open_source(self):
@@ -347,7 +348,6 @@ class Pretrainer:
             self.source.close()  # loader workers stop now, not at interpreter exit
         if self.metrics is not None:
             self.metrics.close()
-        self.engine.close()  # before the process group goes
         distributed.close()
 
 

@@ -271,9 +271,8 @@ class DeepSpeedEngine(Engine):
             yield self.module
 
     def close(self) -> None:
-        # ZeRO-3's parameter coordinator keeps gather work on the process group: left to
-        # interpreter exit, gloo may tear it down in the wrong order and abort the rank
-        self.ds.destroy()
+        self.ds.destroy()  # ZeRO-3's hooks and parameter coordinator hold gather work
+        super().close()
 
     @property
     def lr(self) -> float:

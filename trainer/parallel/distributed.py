@@ -7,7 +7,6 @@ rest of the code never branches on "distributed or not".
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 from dataclasses import dataclass
 
@@ -88,10 +87,7 @@ def restart_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store | N
 
 
 def close() -> None:
-    """Destroy the process group, once what still references its work is collected: a
-    gloo work object first freed during interpreter exit can abort the process."""
     if is_initialized():
-        gc.collect()
         dist.destroy_process_group()
 
 

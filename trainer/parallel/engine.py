@@ -5,7 +5,7 @@ The training loop asks an engine for exactly these: ``forward``, ``backward``,
 norm``, ``train()`` / ``eval()``, ``gathered()`` (the full module, for a momentum
 update or the encoder export, even where parameters are sharded), and ``save(folder)``
 / ``load(folder)``, which every rank calls inside the checkpointer's write-then-rename,
-and ``close()`` before the process group is destroyed.
+and ``close()`` at the end of a finished run.
 The module it trains holds every trained parameter (model and objective parts), and the
 losses gather embeddings across ranks themselves (``trainer.parallel.distributed``), so
 an engine only replicates, reduces gradients, steps and saves.
@@ -21,6 +21,7 @@ the two engines.
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -103,7 +104,10 @@ class Engine:
 
     def close(self) -> None:
         """Release what the engine holds of the process group's work (hooks, pending
-        gathers) while the group and the interpreter are still alive."""
+        gathers), at the end of a finished run, while every peer is alive: a gloo work
+        object first freed during interpreter exit can abort the process. (Not after a
+        failure: collecting work that waits on a lost peer would block.)"""
+        gc.collect()
 
 
 def save_weights(module: nn.Module, folder: Path) -> None:
