@@ -17,6 +17,11 @@ audio shards as before, so the scores say what the format changes in learning.
 The table goes to the screen, everything to ``OUT/quality.json``, with the wall times.
 Evaluation patches have a fixed length (``--patch-seconds``), independent of the
 recipe's view length, so changing the recipe never moves the baselines.
+
+An objective that learns from the labels (supcon, hybrid) would have seen the test
+clips' labels if it pretrained on the whole set: with ``--csv`` it is pretrained once
+per fold, on the other folds' clips only, and each encoder is scored on the fold it
+never saw (4 folds: 4 pretrainings of three quarters of the set per seed).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from trainer.evaluate.config import EvalRoot
 from trainer.evaluate.metrics import class_averaged_accuracy
 from trainer.evaluate.protocol import make_rounds
 from trainer.evaluate.run import run_eval
+from trainer.objectives import OBJECTIVES
 from trainer.pretrain import TrainingError
 from trainer.pretrain import run as pretrain_run
 
@@ -55,20 +61,33 @@ log = logging.getLogger("audioclr.bench.quality")
 PROTOCOLS = ("linear", "knn")
 
 
-def shard_csv(csv: Path, out: Path, sample_rate: int) -> Path:
-    """Shards of the CSV's clips in ``out`` (rewritten only when the CSV changes)."""
+def shard_csv(csv: Path, out: Path, sample_rate: int, drop_fold: int = 0) -> Path:
+    """Shards of the CSV's clips in ``out`` (rewritten only when the CSV changes), without
+    the clips of fold ``drop_fold`` where it is set (the vocabulary stays the whole set's)."""
     stamp = hashlib.sha256(csv.read_bytes()).hexdigest()[:16] + f"-{sample_rate}"
+    stamp += f"-without-fold{drop_fold}" if drop_fold else ""
     marker = out / "source.txt"
     if (out / MANIFEST_NAME).is_file() and marker.is_file() and marker.read_text() == stamp:
         return out
     listing = load_layout("csv", csv)
     if not listing.items:
         raise ConfigError(f"--csv {csv}: no audio clip listed there was found")
-    write_shards(listing.items, out, dataset=csv.stem, sample_rate=sample_rate, shard_size=0, shard_bytes=0,
-                 seed=0, workers=0, min_seconds=0.01, overwrite=True, vocabulary=listing.vocabulary,
+    vocabulary = listing.vocabulary or sorted({label for item in listing.items for label in item.labels})
+    items = [item for item in listing.items if not drop_fold or item.fold != drop_fold]
+    write_shards(items, out, dataset=csv.stem, sample_rate=sample_rate, shard_size=0, shard_bytes=0,
+                 seed=0, workers=0, min_seconds=0.01, overwrite=True, vocabulary=vocabulary,
                  progress=False)
     marker.write_text(stamp)
     return out
+
+
+def shards_without_each_fold(csv: Path, out: Path, sample_rate: int) -> dict[int, Path]:
+    """Fold number -> shards of the CSV's other folds (for objectives that read labels)."""
+    folds = [item.fold for item in load_layout("csv", csv).items]
+    if None in folds or len(set(folds)) < 2:
+        raise ConfigError(f"--csv {csv}: an objective that learns from labels is pretrained once per held-out "
+                          "fold, which needs a fold for every clip and two or more folds")
+    return {f: shard_csv(csv, out / f"shards-without-fold{f}", sample_rate, drop_fold=f) for f in sorted(set(folds))}
 
 
 def training_shards(shards: Path, clip_format: str, frontend, out: Path) -> Path:
@@ -156,19 +175,44 @@ def pretrain(config: str, shards: Path, run_dir: Path, seed: int, epochs: int, o
     return time.perf_counter() - start
 
 
-def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float) -> dict:
-    """Fold-mean class-averaged accuracy of each protocol, pretrained and at random init."""
+def evaluate(run_dir: Path, shards: Path, seed: int, patch_seconds: float, random_inits=(False, True),
+             folds: tuple[int, ...] = ()) -> dict:
+    """Fold-mean class-averaged accuracy of each protocol, pretrained and at random init
+    (of the rounds testing ``folds`` only, where given)."""
     cfg = load_config(EvalRoot, None, [f"eval.seed={seed}", f"eval.patch_seconds={patch_seconds}",
-                                       "eval.split=folds", "eval.pictures=false"]).eval
+                                       "eval.split=folds", "eval.pictures=false",
+                                       f"eval.folds=[{','.join(map(str, folds))}]"]).eval
     out = {}
     for protocol in PROTOCOLS:
-        for random_init in (False, True):
+        for random_init in random_inits:
             result = run_eval(run_dir, shards, cfg, protocol, random_init, overwrite=True)
             metric = result["metrics"]["class_averaged_accuracy"]
             out[f"{protocol}{'_random_init' if random_init else ''}"] = {
                 "mean": metric["mean"], "std": metric["std"],
                 "folds": [r["class_averaged_accuracy"] for r in result["rounds"].values()]}
     return out
+
+
+def pretrain_per_fold(args: argparse.Namespace, by_fold: dict[int, Path], shards: Path, seed: int,
+                      epochs: int, frontend) -> tuple[float, dict]:
+    """An objective that reads labels: one encoder per held-out fold, pretrained on the
+    other folds, scored on that fold alone. Returns the wall seconds and the scores."""
+    out, spent, fold_scores = Path(args.out), 0.0, {p: [] for p in PROTOCOLS}
+    for fold, fold_shards in by_fold.items():
+        run_dir = out / f"seed{seed}" / f"without-fold{fold}"
+        train_on = training_shards(fold_shards, args.format or load_manifest(fold_shards).clip_format, frontend,
+                                   out / f"shards-without-fold{fold}-{args.format}")
+        spent += pretrain(args.config, train_on, run_dir, seed, epochs, args.overrides)
+        scores = evaluate(run_dir, shards, seed, args.patch_seconds, random_inits=(False,), folds=(fold,))
+        for protocol in PROTOCOLS:
+            fold_scores[protocol] += scores[protocol]["folds"]
+    result = {p: {"mean": float(np.mean(v)), "std": float(np.std(v)), "folds": v} for p, v in fold_scores.items()}
+    result.update(evaluate(run_dir, shards, seed, args.patch_seconds, random_inits=(True,)))  # any fold's architecture
+    return spent, result
+
+
+def labels_read(objective_name: str) -> bool:
+    return OBJECTIVES[objective_name].uses_labels
 
 
 def online_curve(run_dir: Path) -> list[list[float]]:
@@ -208,10 +252,22 @@ def run(args: argparse.Namespace) -> dict:
         timing["calibrated_seconds_per_epoch"] = per_epoch
         log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
     per_seed, pretrain_seconds, curves = {}, {}, {}
+    per_fold = labels_read(base.objective.name)
+    if per_fold and not args.csv:
+        raise ConfigError(f"objective {base.objective.name} learns from labels: bench quality pretrains it once "
+                          "per held-out fold on shards of the other folds, which it writes from --csv; give --csv")
+    if per_fold and args.online_every:
+        raise ConfigError(f"--online-every with objective {base.objective.name}: each encoder saw the labels of "
+                          "all but one fold, so an online score over every fold would test on its training labels")
+    by_fold = shards_without_each_fold(Path(args.csv), out, base.frontend.sample_rate) if per_fold else {}
     probe = [f"eval.online={shards}", f"eval.every={args.online_every}",
              f"eval.patch_seconds={args.patch_seconds}"] if args.online_every else []
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
+        if per_fold:
+            pretrain_seconds[seed], per_seed[seed] = pretrain_per_fold(args, by_fold, shards, seed, epochs,
+                                                                       base.frontend)
+            continue
         pretrain_seconds[seed] = pretrain(args.config, train_on, run_dir, seed, epochs, [*args.overrides, *probe])
         per_seed[seed] = evaluate(run_dir, shards, seed, args.patch_seconds)
         curves[str(seed)] = online_curve(run_dir)
@@ -219,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
               "classes": len(manifest.vocabulary), "config": args.config, "overrides": args.overrides,
-              "epochs": epochs, "seeds": args.seeds, "patch_seconds": args.patch_seconds,
+              "epochs": epochs, "seeds": args.seeds, "pretrained_per_fold": per_fold, "patch_seconds": args.patch_seconds,
               "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
               "handcrafted": hand, "timing": timing, "online_curves": curves}
@@ -235,6 +291,8 @@ def print_table(result: dict) -> None:
           f"leave-one-fold-out, class-averaged accuracy)\nrecipe {result['config']} "
           f"{' '.join(result['overrides'])}, {result['epochs']} epochs, seeds {seeds} (mean +- std over seeds), "
           f"pretrained from {result.get('train_format', 'flac')} shards")
+    if result.get("pretrained_per_fold"):
+        print("  the objective reads labels: one encoder per held-out fold, pretrained on the other folds")
     print(f"  {'encoder':<28}{'linear probe':>16}{'kNN':>16}")
     for name, key in (("pretrained", ""), ("random init", "_random_init")):
         lin, knn = s[f"linear{key}"], s[f"knn{key}"]

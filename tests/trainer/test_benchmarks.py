@@ -32,31 +32,40 @@ def test_bench_gradcache_runs(tmp_path):
     assert len(rows) == 3 and rows[-1].split()[:2] == ["16", "8"]
 
 
-@pytest.mark.e2e
-def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
-    """On a tiny path,label,fold CSV of tones: the whole benchmark, end to end."""
+def _tone_csv(folder):
+    """A path,label,fold CSV of 27 decaying tones: 3 pitches x 3 folds x 3 clips."""
     import csv
-    import json
 
     import numpy as np
     import soundfile as sf
 
     rows, rate = [], 16000
-    (tmp_path / "audio").mkdir()
+    (folder / "audio").mkdir()
     rng = np.random.default_rng(0)
     for label, f0 in (("low", 220.0), ("mid", 660.0), ("high", 1980.0)):
         for fold in (1, 2, 3):
             for k in range(3):
                 t = np.arange(int(rate * rng.uniform(0.3, 1.2))) / rate
                 wave = 0.3 * np.sin(2 * np.pi * f0 * (1 + 0.05 * k) * t) * np.exp(-3 * t)
-                sf.write(tmp_path / "audio" / f"{label}_{fold}_{k}.wav", wave.astype(np.float32), rate)
+                sf.write(folder / "audio" / f"{label}_{fold}_{k}.wav", wave.astype(np.float32), rate)
                 rows.append((f"audio/{label}_{fold}_{k}.wav", label, fold))
-    with open(tmp_path / "meta.csv", "w", newline="") as fh:
+    with open(folder / "meta.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("path", "label", "fold"), *rows])
-    out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--csv", str(tmp_path / "meta.csv"),
+    return folder / "meta.csv"
+
+
+TINY = ["data.batch_size=8", "model.width=4", "train.progress=false", "train.tensorboard=false"]
+
+
+@pytest.mark.e2e
+def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
+    """On a tiny path,label,fold CSV of tones: the whole benchmark, end to end."""
+    import json
+
+    meta = _tone_csv(tmp_path)
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--csv", str(meta),
                           "--config", str(REPO / "configs/demo.yaml"), "--minutes", "0.05", "--seeds", "0,1",
-                          "--out", str(tmp_path / "q"), "--patch-seconds", "0.5", "--online-every", "1", "data.batch_size=8",
-                          "model.width=4", "train.progress=false", "train.tensorboard=false"],
+                          "--out", str(tmp_path / "q"), "--patch-seconds", "0.5", "--online-every", "1", *TINY],
                          env=cli_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
@@ -73,3 +82,37 @@ def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
         assert [e for e, _ in curve] == list(range(1, result["epochs"] + 1))
         assert curve[-1][1] == result["per_seed"][seed]["knn"]["mean"]
     assert "online kNN, seed 0: ep 1 " in out.stdout
+
+
+@pytest.mark.e2e
+def test_bench_quality_pretrains_a_label_reading_objective_without_the_fold_it_scores(tmp_path):
+    """SupCon reads labels: one encoder per held-out fold, trained on the other folds'
+    clips only, scored on its fold alone; --shards (no CSV to split) is refused."""
+    import json
+
+    from dataio.manifest import load_manifest
+    from trainer.evaluate.clips import load_clipset
+
+    meta = _tone_csv(tmp_path)
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--csv", str(meta),
+                          "--config", str(REPO / "configs/demo_supcon.yaml"), "--epochs", "1", "--seeds", "0",
+                          "--out", str(tmp_path / "q"), "--patch-seconds", "0.5", *TINY],
+                         env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert result["pretrained_per_fold"] and "one encoder per held-out fold" in out.stdout
+    for fold in (1, 2, 3):
+        manifest = load_manifest(tmp_path / "q" / f"shards-without-fold{fold}")
+        trained_on = load_clipset(manifest)
+        assert len(trained_on.keys) == 18 and fold not in set(trained_on.folds.tolist())
+        assert manifest.vocabulary == ["high", "low", "mid"]
+        scored = json.loads(next((tmp_path / "q" / "seed0" / f"without-fold{fold}" / "eval").glob("*/linear.json"))
+                            .read_text())
+        assert list(scored["rounds"]) == [f"fold{fold}"]
+    seed = result["per_seed"]["0"]
+    assert len(seed["linear"]["folds"]) == len(seed["knn"]["folds"]) == len(seed["linear_random_init"]["folds"]) == 3
+    refused = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--shards", str(tmp_path / "q" / "shards"),
+                              "--config", str(REPO / "configs/demo_supcon.yaml"), "--epochs", "1",
+                              "--out", str(tmp_path / "q2"), *TINY],
+                             env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "learns from labels" in refused.stderr and "--csv" in refused.stderr

@@ -121,7 +121,8 @@ def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
                                                  "objective.queue_size=8", "train.progress=false",
                                                  "train.tensorboard=false"], eval_overrides=["eval.knn.k=2"])
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert "base" not in written and written["augment"] == {} and written["objective"]["name"] == "moco"
+    demo_chain = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["augment"]
+    assert "base" not in written and written["augment"] == demo_chain and written["objective"]["name"] == "moco"
     assert (written["data"]["shards"], written["run_dir"]) == (str(tmp_path / "corpus"), str(tmp_path / "run"))
     assert written["train"]["epochs"] == 30 and written["model"]["proj_hidden"] == 256, "from demo.yaml"
 

@@ -69,6 +69,8 @@ class EvalConfig:
                                  "selects on them): with folds the next fold whole (folds are groups), "
                                  "else this share of each round's training clips")
     max_rounds: int = option(0, "evaluate only the first N rounds (folds); 0 = all")
+    folds: list[int] = option([], "with folds: score only the rounds that test these fold numbers (an encoder "
+                              "pretrained with labels on the other folds); [] = all")
     seed: int = option(0, "seed of the splits, of the training order and of random-init encoders")
     patch_seconds: float = option(0.0, "patch / crop length, s; 0 = the encoder's training view length")
     hop_seconds: float = option(0.0, "hop between a clip's patches, s; 0 = half a patch")
@@ -83,6 +85,7 @@ class EvalConfig:
         check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
         check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         check(self.max_rounds >= 0, "max_rounds", "must be >= 0")
+        check(all(isinstance(f, int) and f > 0 for f in self.folds), "folds", "must be positive fold numbers")
         check(self.patch_seconds >= 0, "patch_seconds", "must be >= 0")
         check(self.hop_seconds >= 0, "hop_seconds", "must be >= 0")
         check(self.embed_batch > 0, "embed_batch", "must be positive")

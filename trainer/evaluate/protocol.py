@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,9 +77,10 @@ def _carve_val(clips: ClipSet, train: np.ndarray, val_fraction: float, seed: int
 
 
 def make_rounds(clips: ClipSet, how: str = "auto", *, test_fraction: float = 0.2, val_fraction: float = 0.0,
-                seed: int = 0, max_rounds: int = 0) -> list[Round]:
+                seed: int = 0, max_rounds: int = 0, only_folds: Sequence[int] = ()) -> list[Round]:
     """The rounds of protocol ``how`` (auto: folds if every labelled clip has one and
-    there are two or more, else the split if it has train and test clips, else random)."""
+    there are two or more, else the split if it has train and test clips, else random);
+    with folds, ``only_folds`` keeps the rounds that test those fold numbers."""
     ok = labelled(clips)
     rows = np.flatnonzero(ok)
     if not len(rows):
@@ -94,7 +95,12 @@ def make_rounds(clips: ClipSet, how: str = "auto", *, test_fraction: float = 0.2
         if not has_folds:
             raise ValueError("eval.split=folds, but the shards' clips carry no folds")
         ids = np.unique(folds[rows])
+        unknown = sorted(set(only_folds) - set(ids.tolist()))
+        if unknown:
+            raise ValueError(f"eval.folds {unknown}: the shards' folds are {ids.tolist()}")
         for i, f in enumerate(ids):
+            if only_folds and f not in only_folds:
+                continue
             rest = rows[folds[rows] != f]
             if val_fraction > 0 and len(ids) > 2:  # a whole fold: no group on both sides
                 held = ids[(i + 1) % len(ids)]
@@ -113,6 +119,8 @@ def make_rounds(clips: ClipSet, how: str = "auto", *, test_fraction: float = 0.2
         test = stratified_take(rows, clips.labels, test_fraction, np.random.default_rng(seed))
         train, val = _carve_val(clips, np.setdiff1d(rows, test), val_fraction, seed + 1)
         rounds.append(Round("random", train, val, test))
+    if only_folds and how != "folds":
+        raise ValueError(f"eval.folds needs rounds by folds, not eval.split={how}")
     return rounds[:max_rounds] if max_rounds > 0 else rounds
 
 

@@ -89,7 +89,8 @@ class Evaluation:
         self.patch = int(patch_s * clips.sample_rate)
         self.hop = max(1, int(hop_s * clips.sample_rate))
         self.rounds = make_rounds(self.clips, cfg.split, test_fraction=cfg.test_fraction,
-                                  val_fraction=cfg.val_fraction, seed=cfg.seed, max_rounds=cfg.max_rounds)
+                                  val_fraction=cfg.val_fraction, seed=cfg.seed, max_rounds=cfg.max_rounds,
+                                  only_folds=cfg.folds)
         for r in self.rounds:
             log.info("%s: %d train, %d val, %d test clips", r.name, len(r.train), len(r.val), len(r.test))
         self.frozen: ClipEmbeddings | None = None

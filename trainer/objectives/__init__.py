@@ -44,6 +44,7 @@ class _Base:
 
     reads_model = False  # after_step reads the trained weights (an engine gathers them first)
     batch_negatives = True  # the negatives are the batch's other clips (not a queue or a bank)
+    uses_labels = False  # the loss reads the clips' labels (a score on them needs encoders that never saw them)
 
     def __init__(self, cfg, model_cfg, ctx: ObjectiveContext):
         self.cfg, self.model_cfg, self.ctx = cfg, model_cfg, ctx
@@ -121,6 +122,8 @@ class Cola(_Base):
 
 class SupCon(_Base):
     """Supervised contrastive loss over all ranks (positives: shared labels)."""
+
+    uses_labels = True
 
     def make_head(self, embedding_dim: int) -> nn.Module:
         return LinearProjection(embedding_dim, self.cfg.supcon_dim)

@@ -40,6 +40,12 @@ def test_every_clip_is_tested_exactly_once_across_folds():
         assert not set(r.train) & set(r.test) and not set(r.val) & set(r.test) and not set(r.val) & set(r.train)
         assert len(r.val) >= 1 and (clips.folds[r.val] != clips.folds[r.test[0]]).all()
     assert [r.name for r in make_rounds(clips, "folds", max_rounds=2)] == ["fold1", "fold2"]
+    only = make_rounds(clips, "folds", val_fraction=0.25, only_folds=[2])  # the same round as among all
+    assert [r.name for r in only] == ["fold2"] and (only[0].val == rounds[1].val).all()
+    with pytest.raises(ValueError, match=r"eval.folds \[7\]"):
+        make_rounds(clips, "folds", only_folds=[7])
+    with pytest.raises(ValueError, match="needs rounds by folds"):
+        make_rounds(clips, "random", only_folds=[1])
 
 
 def test_validation_under_folds_is_a_whole_other_fold():
