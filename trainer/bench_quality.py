@@ -47,7 +47,7 @@ from dataio.schema import cli_number
 from dataio.shard_writer import Encoding, write_shards
 from dataio.sources import load_layout
 from trainer.commands import run_guarded
-from trainer.config import PretrainConfig, load_config
+from trainer.config import PretrainConfig, load_config, to_dict
 from trainer.evaluate.clips import load_clipset
 from trainer.evaluate.config import EvalRoot
 from trainer.evaluate.metrics import class_averaged_accuracy
@@ -275,6 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
               "classes": len(manifest.vocabulary), "config": args.config, "overrides": args.overrides,
+              "recipe": to_dict(base),  # as resolved when the benchmark ran (a recipe file can change later)
               "epochs": epochs, "seeds": args.seeds, "pretrained_per_fold": per_fold, "patch_seconds": args.patch_seconds,
               "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},

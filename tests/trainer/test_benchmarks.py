@@ -71,7 +71,7 @@ def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
     per_epoch = result["timing"]["calibrated_seconds_per_epoch"]  # from a timed run of padded short clips
     assert result["epochs"] == max(1, int(0.05 * 60 // per_epoch)) and per_epoch > 0
-    assert result["seeds"] == [0, 1] and result["clips"] == 27
+    assert result["seeds"] == [0, 1] and result["clips"] == 27 and result["recipe"]["model"]["width"] == 4
     for key in ("linear", "knn", "linear_random_init", "knn_random_init"):
         assert len(result["summary"][key]["seeds"]) == 2 and 0 <= result["summary"][key]["mean"] <= 1
     assert len(result["handcrafted"]["folds"]) == 3

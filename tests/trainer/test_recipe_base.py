@@ -124,7 +124,7 @@ def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
     demo_chain = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["augment"]
     assert "base" not in written and written["augment"] == demo_chain and written["objective"]["name"] == "moco"
     assert (written["data"]["shards"], written["run_dir"]) == (str(tmp_path / "corpus"), str(tmp_path / "run"))
-    assert written["train"]["epochs"] == 30 and written["model"]["proj_hidden"] == 256, "from demo.yaml"
+    assert written["train"]["epochs"] == 100 and written["model"]["proj_hidden"] == 256, "from demo.yaml"
 
 
 if __name__ == "__main__":
