@@ -16,6 +16,7 @@ from dataio.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 from trainer.evaluate.run import EvalRoot, run_eval
+from trainer.objectives import OBJECTIVES
 from trainer.pretrain import TrainingError, run
 
 log = logging.getLogger("audioclr.demo")
@@ -51,11 +52,19 @@ def demo(out: Path, config: Path, clips: int, overrides: list[str], eval_overrid
                "num_clips": trained["num_clips"], "num_classes": trained["num_classes"],
                "k": min(eval_cfg.knn.k, min(s["train"] for s in trained["round_sizes"].values())),
                "run_dir": str(run_dir), "corpus": str(corpus),
+               "objective_read_labels": OBJECTIVES[cfg.objective.name].uses_labels,
                "trained_on": json.loads((run_dir / "encoder.json").read_text()).get("trained_on", {}),
                "seconds": {"corpus": round(t1 - t0, 1), "pretrain": round(t2 - t1, 1),
                            "eval": round(time.time() - t2, 1), "total": round(time.time() - t0, 1)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _labels_note(s: dict) -> str:
+    if not s.get("objective_read_labels"):
+        return ""
+    return ("the objective read these clips' labels while pretraining: the score is a supervised upper "
+            "reference, not transfer (audioclr bench quality pretrains it per held-out fold)\n")
 
 
 def _threads_note(trained_on: dict) -> str:
@@ -90,6 +99,6 @@ def report(s: dict, out: Path) -> None:
           f"  pretrained encoder : {s['knn_accuracy']:.3f} +- {s['knn_std']:.3f}\n"
           f"  random init        : {s['knn_accuracy_random_init']:.3f} +- {s['knn_std_random_init']:.3f}\n"
           f"  chance             : {1 / s['num_classes']:.3f}\n"
-          f"{_threads_note(s['trained_on'])}"
+          f"{_labels_note(s)}{_threads_note(s['trained_on'])}"
           f"wall time {s['seconds']['total']:.0f} s (pretraining {s['seconds']['pretrain']:.0f} s); "
           f"summary in {out / 'summary.json'}")

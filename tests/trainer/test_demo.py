@@ -4,11 +4,20 @@ import json
 
 import pytest
 
-from trainer.demo import DEMO_CONFIG, demo
-
-pytestmark = pytest.mark.e2e
+from trainer.demo import DEMO_CONFIG, demo, report
 
 
+def test_a_label_reading_objective_is_reported_as_a_supervised_reference(tmp_path, capsys):
+    summary = {"num_classes": 10, "num_clips": 400, "k": 200, "knn_accuracy": 0.9, "knn_std": 0.0,
+               "knn_accuracy_random_init": 0.2, "knn_std_random_init": 0.0, "trained_on": {},
+               "seconds": {"total": 1.0, "pretrain": 1.0}}
+    report({**summary, "objective_read_labels": False}, tmp_path)
+    assert "upper reference" not in capsys.readouterr().out
+    report({**summary, "objective_read_labels": True}, tmp_path)
+    assert "read these clips' labels" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
 def test_short_demo_beats_chance(tmp_path):
     summary = demo(tmp_path, DEMO_CONFIG, clips=120,
                    overrides=["train.epochs=6", "data.batch_size=32", "model.width=8",
@@ -16,7 +25,7 @@ def test_short_demo_beats_chance(tmp_path):
                    eval_overrides=["eval.knn.k=20"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["knn_accuracy"] == summary["knn_accuracy"]
-    assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written)
+    assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written) and written["objective_read_labels"] is False
     import torch
     assert written["trained_on"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "world_size": 1}, \
         "the result records the thread count its numbers depend on"
