@@ -211,10 +211,6 @@ def pretrain_per_fold(args: argparse.Namespace, by_fold: dict[int, Path], shards
     return spent, result
 
 
-def labels_read(objective_name: str) -> bool:
-    return OBJECTIVES[objective_name].uses_labels
-
-
 def online_curve(run_dir: Path) -> list[list[float]]:
     """[[epoch, online kNN], ...] of a run trained with the online probe (``--online-every``)."""
     path = run_dir / "metrics.jsonl"
@@ -237,6 +233,13 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = load_config(PretrainConfig, args.config, ["data.shards=unused", *args.overrides])
+    per_fold = OBJECTIVES[base.objective.name].uses_labels
+    if per_fold and not args.csv:
+        raise ConfigError(f"objective {base.objective.name} learns from labels: bench quality pretrains it once "
+                          "per held-out fold on shards of the other folds, which it writes from --csv; give --csv")
+    if per_fold and args.online_every:
+        raise ConfigError(f"--online-every with objective {base.objective.name}: each encoder saw the labels of "
+                          "all but one fold, so an online score over every fold would test on its training labels")
     if args.csv:
         shards = shard_csv(Path(args.csv), out / "shards", base.frontend.sample_rate)
     else:
@@ -252,13 +255,6 @@ def run(args: argparse.Namespace) -> dict:
         timing["calibrated_seconds_per_epoch"] = per_epoch
         log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
     per_seed, pretrain_seconds, curves = {}, {}, {}
-    per_fold = labels_read(base.objective.name)
-    if per_fold and not args.csv:
-        raise ConfigError(f"objective {base.objective.name} learns from labels: bench quality pretrains it once "
-                          "per held-out fold on shards of the other folds, which it writes from --csv; give --csv")
-    if per_fold and args.online_every:
-        raise ConfigError(f"--online-every with objective {base.objective.name}: each encoder saw the labels of "
-                          "all but one fold, so an online score over every fold would test on its training labels")
     by_fold = shards_without_each_fold(Path(args.csv), out, base.frontend.sample_rate) if per_fold else {}
     probe = [f"eval.online={shards}", f"eval.every={args.online_every}",
              f"eval.patch_seconds={args.patch_seconds}"] if args.online_every else []
