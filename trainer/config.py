@@ -89,6 +89,8 @@ class ObjectiveConfig:
     bank_momentum: float = option(0.5, "npid: momentum of the memory-bank row updates")
     cola_dim: int = option(512, "cola: size of the Linear+LayerNorm+tanh head")
     global_negatives: bool = option(True, "cola: candidates from all ranks (False: this rank's batch)")
+    looc_invariant: str = option("all", "looc: positives of the invariant space: all views of a clip, or "
+                                 "views 0 and 1 only (the pair that shares no augmentation)", ("all", "pair"))
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", "must be positive")
@@ -217,6 +219,9 @@ class PretrainConfig:
         check(self.data.batch_size >= 2 or not OBJECTIVES[self.objective.name].batch_negatives, "data.batch_size",
               f"objective {self.objective.name} takes its negatives from the other clips of the batch: "
               "a batch of 1 has none (the loss would be 0); use 2 or more")
+        check(self.objective.name != "looc" or self.data.num_views >= 3, "data.num_views",
+              f"objective looc needs 3 or more views (the invariant pair, then one view per left-out "
+              f"augmentation), got {self.data.num_views}")
         for op in parse_chain(self.augment):
             check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",
                   f"{op.views} names a view that does not exist (data.num_views = {self.data.num_views})")

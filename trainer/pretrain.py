@@ -93,7 +93,7 @@ class Pretrainer:
         self.objective = build_objective(cfg.objective, cfg.model, ObjectiveContext(
             rank=self.info.rank, world_size=self.info.world_size, device=self.device,
             num_clips=self.manifest.num_clips, num_classes=len(self.manifest.vocabulary),
-            total_steps=self.total_steps, seed=cfg.seed))
+            total_steps=self.total_steps, seed=cfg.seed, num_views=cfg.data.num_views))
         self.engine = self._build_engine()
         self.telemetry = Telemetry(self.device, cfg.data.batch_size, self.info.world_size)
         self.engine.watch_allreduce(self.telemetry)

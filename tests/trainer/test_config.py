@@ -41,6 +41,7 @@ def test_yaml_then_overrides(tmp_path):
     ("data.batch_size=0.5", "data.batch_size: expected int"),
     ("train.epochs=0", "train.epochs: must be positive"),
     ("model.encoder=resnet81", "did you mean 'resnet18'"),
+    ("objective.name=looc", "data.num_views: objective looc needs 3 or more views"),
 ])
 def test_mistakes_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:

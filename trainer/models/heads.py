@@ -23,6 +23,18 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(h), dim=-1)
 
 
+class ProjectionHeads(nn.Module):
+    """``count`` independent :class:`ProjectionHead` s on one embedding, outputs side by side:
+    [N, in_dim] -> [N, count * out_dim], each ``out_dim`` block a unit vector (LooC's spaces)."""
+
+    def __init__(self, count: int, in_dim: int, hidden_dim: int = 512, out_dim: int = 128):
+        super().__init__()
+        self.heads = nn.ModuleList(ProjectionHead(in_dim, hidden_dim, out_dim) for _ in range(count))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(h) for head in self.heads], dim=-1)
+
+
 class LinearProjection(nn.Module):
     """One linear layer, L2-normalised output (NPID's 128-d and SoundCLR's 64-d projections)."""
 

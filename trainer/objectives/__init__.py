@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.models.heads import ContrastiveModel, LinearProjection, ObjectiveParts, ProjectionHead
+from trainer.models.heads import ContrastiveModel, LinearProjection, ObjectiveParts, ProjectionHead, ProjectionHeads
 from trainer.objectives.cola import ColaHead, ColaParts, cola_projected_loss
 from trainer.objectives.moco import MOMENTUM_SCHEDULES, ShardedQueue, moco_logits_loss, momentum_update
 from trainer.objectives.npid import ShardedMemoryBank, npid_exact_loss, npid_nce_loss
@@ -37,6 +37,7 @@ class ObjectiveContext:
     num_classes: int = 0
     total_steps: int = 1
     seed: int = 0
+    num_views: int = 2
 
 
 class _Base:
@@ -102,6 +103,40 @@ class SimCLR(_Base):
             return nt_xent(local, everyone, self.ctx.rank, temperature=self.cfg.temperature,
                            rows=slice(i * step, (i + 1) * step))
         return blockwise_backward([z, distributed.gather_with_grad(z)], part, -(-rows // step))
+
+
+class LooC(_Base):
+    """Leave-one-out contrastive learning (Xiao et al., ICLR 2021), NT-Xent in every space.
+
+    V = data.num_views views of a clip, V - 1 projection heads on one encoder. Head 0 is
+    the invariant space: all V views of a clip are positives of one another (multi-positive
+    NT-Xent). Head k (k >= 1) is the space that keeps what view k shares with view 0: there
+    only views 0 and k are positives. The chain says what they share: an op entry with
+    ``per: clip`` and ``views: [0, k]`` draws the same parameters for both (the same
+    frequency crop, say), so head k need not be invariant to it, and the encoder, which
+    feeds every head, keeps that information instead of discarding it."""
+
+    def make_head(self, embedding_dim: int) -> nn.Module:
+        return ProjectionHeads(self.spaces, embedding_dim, self.model_cfg.proj_hidden, self.model_cfg.proj_dim)
+
+    @property
+    def spaces(self) -> int:
+        return self.ctx.num_views - 1
+
+    def space_losses(self, z: torch.Tensor, everyone: torch.Tensor) -> list[torch.Tensor]:
+        d = self.model_cfg.proj_dim
+        views = slice(None) if self.cfg.looc_invariant == "all" else slice(0, 2)
+        losses = [nt_xent(z[:, views, :d], everyone[:, views, :d], self.ctx.rank, temperature=self.cfg.temperature)]
+        for k in range(1, self.spaces):
+            pair = [0, k + 1]
+            cols = slice(k * d, (k + 1) * d)
+            losses.append(nt_xent(z[:, pair, cols], everyone[:, pair, cols], self.ctx.rank,
+                                  temperature=self.cfg.temperature))
+        return losses
+
+    def loss(self, out: dict, batch) -> torch.Tensor:
+        z = out["z"]
+        return torch.stack(self.space_losses(z, distributed.gather_with_grad(z))).mean()
 
 
 class Cola(_Base):
@@ -244,7 +279,7 @@ class NPID(_Base):
         self.noise.set_state(state["noise"])
 
 
-OBJECTIVES = {"simclr": SimCLR, "moco": MoCo, "npid": NPID, "cola": Cola, "supcon": SupCon, "hybrid": Hybrid}
+OBJECTIVES = {"simclr": SimCLR, "looc": LooC, "moco": MoCo, "npid": NPID, "cola": Cola, "supcon": SupCon, "hybrid": Hybrid}
 
 
 def build_objective(cfg, model_cfg, ctx: ObjectiveContext):

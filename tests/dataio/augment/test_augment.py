@@ -94,6 +94,26 @@ def test_per_clip_draws_are_shared_by_the_views_and_views_filter():
     torch.testing.assert_close(out[:, 0], waves[:, 0] * 10 ** 0.6)
 
 
+def test_the_looc_recipe_gives_views_0_and_2_one_frequency_change_and_view_1_its_own():
+    """configs/demo_looc.yaml: the frequency ops drawn per clip for views [0, 2] and per
+    view for view 1; the same wave in all three views comes out the same in 0 and 2 only."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    chain = yaml.safe_load((REPO / "configs/demo_looc.yaml").read_text())["augment"]
+    freq = {k: v for k, v in chain.items() if (v.get("op") or k) in ("rrc", "pitch_shift")}
+    assert len(freq) == 5  # the time crop, a frequency crop and a pitch shift for each side
+    aug = _aug(freq, views=3)
+    waves = _tones(6, 1, aug.input_samples).expand(6, 3, -1).contiguous()
+    out = aug.from_waves(waves, _ids(6))
+    assert not torch.allclose(out[:, 0], out[:, 2])  # the time crop is each view's own
+    freq_only = {k: v for k, v in freq.items() if k != "rrc"}
+    out = _aug(freq_only, views=3).from_waves(waves, _ids(6))
+    torch.testing.assert_close(out[:, 0], out[:, 2], rtol=0, atol=0)
+    assert all(not torch.allclose(out[i, 0], out[i, 1]) for i in range(6))
+
+
 def test_probability_gates_about_that_share_of_views():
     aug = _aug({"polarity": {"p": 0.3}})
     x = torch.ones(4000, aug.input_samples)

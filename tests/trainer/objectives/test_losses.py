@@ -320,3 +320,32 @@ def test_logits_stay_float32_inside_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = fn()
         assert mixed.dtype == torch.float32 and abs(float(mixed) - float(plain)) < 1e-6, name
+
+
+# ---------------------------------------------------------------- LooC
+
+def test_looc_spaces_pair_the_views_they_say():
+    """Head 0 is SimCLR's multi-positive NT-Xent over all three views; head 1 pairs view 0
+    with view 2 only, so what view 1 looks like in head 1 changes nothing, and a head 1 in
+    which views 0 and 2 agree exactly gives a lower loss than one in which they do not."""
+    from trainer.config import ModelConfig, ObjectiveConfig
+    from trainer.objectives import ObjectiveContext, build_objective
+    from trainer.objectives.ntxent import nt_xent
+
+    d = 8
+    obj = build_objective(ObjectiveConfig(name="looc", temperature=0.2), ModelConfig(proj_dim=d),
+                          ObjectiveContext(num_views=3))
+    assert len(obj.make_head(16).heads) == 2
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(6, 3, 2, d, generator=g, dtype=torch.float64), dim=-1).reshape(6, 3, 2 * d)
+    loss = obj.loss({"z": z}, None)
+    head0, head1 = z[..., :d], z[..., d:]
+    expected = (nt_xent(head0, head0, 0, temperature=0.2) + nt_xent(head1[:, [0, 2]], head1[:, [0, 2]], 0,
+                                                                     temperature=0.2)) / 2
+    assert torch.allclose(loss, expected)
+    moved = z.clone()
+    moved[:, 1, d:] = F.normalize(torch.randn(6, d, generator=g, dtype=torch.float64), dim=-1)
+    assert torch.allclose(obj.loss({"z": moved}, None), loss)
+    agreeing = z.clone()
+    agreeing[:, 2, d:] = agreeing[:, 0, d:]
+    assert obj.loss({"z": agreeing}, None) < loss

@@ -10,9 +10,10 @@ from tests.conftest import tiny_overrides
 from trainer.config import PretrainConfig, load_config
 from trainer.pretrain import Pretrainer
 
-OBJECTIVES = ["simclr", "moco", "npid", "cola", "supcon", "hybrid"]
+OBJECTIVES = ["simclr", "looc", "moco", "npid", "cola", "supcon", "hybrid"]
 EXTRA = {"moco": ["objective.queue_size=16", "objective.momentum_schedule=cosine"],
-         "npid": ["objective.nce_noise=5"], "cola": ["objective.cola_dim=16"]}
+         "npid": ["objective.nce_noise=5"], "cola": ["objective.cola_dim=16"],
+         "looc": ["data.num_views=3"]}
 
 
 def _cfg(shards, run_dir, name, *more):

@@ -22,16 +22,21 @@ def _setup(name: str, rank: int, world: int):
     torch.manual_seed(0)
     cfg = ObjectiveConfig(name=name, temperature=0.2, cola_dim=16, queue_size=32, nce_noise=6, momentum=0.9)
     obj = build_objective(cfg, ModelConfig(proj_hidden=16, proj_dim=8),
-                          ObjectiveContext(rank=rank, world_size=world, num_classes=3, num_clips=2 * B))
+                          ObjectiveContext(rank=rank, world_size=world, num_classes=3, num_clips=2 * B,
+                                           num_views=_views(name)))
     enc = build_encoder("resnet18", in_channels=1, width=4)
     model = convert_global_bn(obj.build_model(enc)).double()
     obj.attach(model)
     return obj, model
 
 
-def _batch(rank: int, world: int):
+def _views(name: str) -> int:
+    return 3 if name == "looc" else 2
+
+
+def _batch(rank: int, world: int, name: str):
     g = torch.Generator().manual_seed(1)
-    views = torch.randn(2 * B, 2, 1, 16, 24, generator=g, dtype=torch.float64)
+    views = torch.randn(2 * B, _views(name), 1, 16, 24, generator=g, dtype=torch.float64)
     labels, indices = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0]), torch.arange(2 * B)
     part = slice(rank * (2 * B // world), (rank + 1) * (2 * B // world))
     return SimpleNamespace(views=views[part], labels=labels[part], indices=indices[part])
@@ -45,7 +50,7 @@ def _loss_and_grads(rank: int, world: int, name: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     engine = DDPEngine(model, opt, sched, torch.device("cpu"), None)
-    batch = _batch(rank, world)
+    batch = _batch(rank, world, name)
     loss = obj.loss(engine.forward(obj.model_views(batch.views)), batch)
     engine.backward(loss)
     mean_loss = distributed.reduce_mean({"loss": loss.item()}, torch.device("cpu"))["loss"]
@@ -54,7 +59,7 @@ def _loss_and_grads(rank: int, world: int, name: str):
     return mean_loss, grads, stats
 
 
-@pytest.mark.parametrize("name", ["simclr", "cola", "supcon", "hybrid", "moco", "npid"])
+@pytest.mark.parametrize("name", ["simclr", "looc", "cola", "supcon", "hybrid", "moco", "npid"])
 def test_two_ranks_equal_one_process_with_the_global_batch(name):
     loss1, grads1, stats1 = run_workers(_loss_and_grads, 1, name)[0]
     for loss2, grads2, stats2 in run_workers(_loss_and_grads, 2, name):
