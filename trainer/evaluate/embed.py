@@ -28,7 +28,8 @@ class ClipEmbeddings:
     def unit_patches(self) -> np.ndarray:
         """[P_total, D] L2-normalised patch embeddings (computed once: every round shares them)."""
         if "unit" not in self._cache:
-            self._cache["unit"] = self.patches / (np.linalg.norm(self.patches, axis=1, keepdims=True) + 1e-12)
+            norm = np.linalg.norm(self.patches, axis=1, keepdims=True)
+            self._cache["unit"] = self.patches / np.where(norm > 0, norm, 1.0)  # any scale: 1e-13 is not zero
         return self._cache["unit"]
 
     def clip_means(self) -> np.ndarray:

@@ -74,7 +74,11 @@ class LinearProbe:
         feats = torch.from_numpy(emb.patches).float()
         self.train_patches = np.flatnonzero(np.isin(emb.owner, rnd.train))
         mean = feats[self.train_patches].mean(0)
-        std = feats[self.train_patches].std(0).clamp_min(1e-6)
+        std = feats[self.train_patches].std(0)
+        # constant features (std 0, or next to nothing against the largest) stay as they are;
+        # the threshold is relative: a random-init encoder in eval mode can give every
+        # feature a scale near 1e-13 (EfficientNet-B0), and those features are not constant
+        std = torch.where(std > 1e-6 * std.max(), std, torch.ones_like(std))
         self.feats = (feats - mean) / std
         torch.manual_seed(seed)
         self.head = torch.nn.Linear(feats.shape[1], clips.num_classes)

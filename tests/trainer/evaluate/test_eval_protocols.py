@@ -154,6 +154,25 @@ def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch
                    frozen=type(frozen)(frozen.patches[frozen.owner < 23], frozen.owner[frozen.owner < 23]))
 
 
+def test_scores_do_not_depend_on_the_scale_of_the_embeddings(tones):
+    """A random-init EfficientNet-B0 in eval mode embeds every clip at a scale near 1e-13:
+    the linear probe's standardisation and the kNN's unit vectors must not take such
+    features for constant (an absolute floor did, and the probe scored chance)."""
+    from dataio.manifest import load_manifest
+    from trainer.evaluate.clips import load_clipset
+    from trainer.evaluate.run import frozen_embeddings
+
+    cfg = EvalConfig(pictures=False, linear=LinearConfig(epochs=10), knn=KnnConfig(k=5))
+    clips = load_clipset(load_manifest(tones / "shards"))
+    frozen = frozen_embeddings(tones, clips, cfg)
+    tiny = type(frozen)(frozen.patches * np.float32(1e-13), frozen.owner)
+    for protocol in ("linear", "knn"):
+        as_is = Evaluation(protocol, tones, tones / "shards", cfg, clips=clips, frozen=frozen).run()
+        scaled = Evaluation(protocol, tones, tones / "shards", cfg, clips=clips, frozen=tiny).run()
+        assert _accuracy(as_is) > 0.9, protocol
+        assert _accuracy(scaled) == pytest.approx(_accuracy(as_is), abs=1e-9), protocol
+
+
 @pytest.mark.parametrize("loss", ["ce", "hybrid"])
 def test_finetuning_reaches_high_accuracy(tones, loss):
     cfg = EvalConfig(pictures=False, finetune=FinetuneConfig(epochs=12, batch_size=4, loss=loss))
