@@ -123,20 +123,16 @@ class LooC(_Base):
     def spaces(self) -> int:
         return self.ctx.num_views - 1
 
-    def space_losses(self, z: torch.Tensor, everyone: torch.Tensor) -> list[torch.Tensor]:
-        d = self.model_cfg.proj_dim
-        views = slice(None) if self.cfg.looc_invariant == "all" else slice(0, 2)
-        losses = [nt_xent(z[:, views, :d], everyone[:, views, :d], self.ctx.rank, temperature=self.cfg.temperature)]
-        for k in range(1, self.spaces):
-            pair = [0, k + 1]
-            cols = slice(k * d, (k + 1) * d)
-            losses.append(nt_xent(z[:, pair, cols], everyone[:, pair, cols], self.ctx.rank,
-                                  temperature=self.cfg.temperature))
-        return losses
-
     def loss(self, out: dict, batch) -> torch.Tensor:
         z = out["z"]
-        return torch.stack(self.space_losses(z, distributed.gather_with_grad(z))).mean()
+        everyone = distributed.gather_with_grad(z)
+        d, tau, rank = self.model_cfg.proj_dim, self.cfg.temperature, self.ctx.rank
+        views = slice(None) if self.cfg.looc_invariant == "all" else slice(0, 2)
+        losses = [nt_xent(z[:, views, :d], everyone[:, views, :d], rank, temperature=tau)]
+        for k in range(1, self.spaces):  # head k: views 0 and k + 1, its own d columns
+            pair, cols = [0, k + 1], slice(k * d, (k + 1) * d)
+            losses.append(nt_xent(z[:, pair, cols], everyone[:, pair, cols], rank, temperature=tau))
+        return torch.stack(losses).mean()
 
 
 class Cola(_Base):
@@ -279,7 +275,8 @@ class NPID(_Base):
         self.noise.set_state(state["noise"])
 
 
-OBJECTIVES = {"simclr": SimCLR, "looc": LooC, "moco": MoCo, "npid": NPID, "cola": Cola, "supcon": SupCon, "hybrid": Hybrid}
+OBJECTIVES = {"simclr": SimCLR, "looc": LooC, "moco": MoCo, "npid": NPID, "cola": Cola, "supcon": SupCon,
+              "hybrid": Hybrid}
 
 
 def build_objective(cfg, model_cfg, ctx: ObjectiveContext):
