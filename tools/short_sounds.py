@@ -79,8 +79,7 @@ def tonality(wave: np.ndarray, rate: int, frame: int = 1024) -> tuple[float, flo
     """(spectral flatness, harmonicity) of a clip, energy-weighted over its frames within 30 dB
     of the loudest (Hann windows of ``frame`` samples, half-frame hop)."""
     padded = np.pad(wave, (0, max(0, frame - len(wave))))
-    starts = np.arange(0, len(padded) - frame + 1, frame // 2)
-    frames = np.stack([padded[s:s + frame] for s in starts]) * np.hanning(frame)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::frame // 2] * np.hanning(frame)
     energy = (frames ** 2).sum(axis=1)
     if energy.max() <= 0:
         return 1.0, 0.0  # silence: nothing pitched
