@@ -27,11 +27,11 @@ from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, ShardInfo, load_manifest
-from dataio.recipes import read_recipe
 from dataio.publish import Publisher
+from dataio.recipes import read_recipe
 from dataio.remote import Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
-from dataio.shard_writer import REJECTED_NAME, Encoding, check_encoding, prepare_out_dir
+from dataio.shard_writer import REJECTED_NAME, Encoding, check_encoding, prepare_out_dir, refuse_output_over_input
 from dataio.tar_writer import ShardSink
 
 
@@ -82,7 +82,8 @@ def convert_corpus(src: str | Path, out: str, encoding: Encoding, *, overwrite: 
                    progress: bool = True) -> Manifest:
     """Write the corpus at ``src`` (folder or URL) as ``encoding`` says into ``out`` (a
     folder, or a writable folder URL: each shard uploaded as it is complete, the manifest
-    last); returns the new manifest."""
+    last); returns the new manifest. ``out`` may not be ``src`` or lie inside it."""
+    refuse_output_over_input(src, out)
     manifest = load_manifest(src)
     if encoding.clip_format == "logmel" and encoding.frontend is None:  # the default front end at the corpus's rate
         encoding = Encoding("logmel", FrontendConfig(sample_rate=manifest.sample_rate))

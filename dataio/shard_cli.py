@@ -15,7 +15,7 @@ from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.publish import Publisher
 from dataio.remote import is_url, shown
 from dataio.schema import cli_number
-from dataio.shard_writer import REJECTED_NAME, Encoding, write_shards
+from dataio.shard_writer import REJECTED_NAME, Encoding, refuse_output_over_input, write_shards
 from dataio.sources import layout_options, load_layout, write_missing
 
 FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
@@ -140,6 +140,7 @@ def run_shard(args: argparse.Namespace) -> int:
     options = _layout_options(args)
     if not src.exists():
         raise ShardWriteError(f"SRC {src} does not exist")
+    refuse_output_over_input(src, args.out)
     listing = load_layout(args.layout, src, **options)
     if listing.missing:
         print(f"{len(listing.missing)} listed clips missing on disk")

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from dataio.errors import ShardWriteError
 from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import Manifest
+from dataio.remote import is_url, shown
 from dataio.tar_writer import ShardSink
 
 REJECTED_NAME = "rejected.tsv"
@@ -253,6 +255,25 @@ def check_encoding(encoding: Encoding, sample_rate: int) -> None:
         if encoding.frontend.sample_rate != sample_rate:
             raise ShardWriteError(f"the front end's sample_rate {encoding.frontend.sample_rate} Hz differs from "
                                   f"the shards' {sample_rate} Hz")
+
+
+def refuse_output_over_input(src: str | Path, out: str | Path) -> None:
+    """ShardWriteError when ``out`` is ``src`` or lies inside it, however either is spelled
+    (``X/../X``, a symlink, a trailing slash; URLs compared without credentials or query):
+    a command never writes over, or deletes with ``--overwrite``, the corpus it reads."""
+    if is_url(src) != is_url(out):
+        return
+    if is_url(src):
+        a, b = (urllib.parse.urlsplit(str(u)) for u in (src, out))
+        a_path, b_path = a.path.rstrip("/") + "/", b.path.rstrip("/") + "/"
+        same_store = (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+        inside = same_store and b_path.startswith(a_path)
+    else:
+        a_dir, b_dir = Path(os.path.realpath(src)), Path(os.path.realpath(out))
+        inside = b_dir == a_dir or a_dir in b_dir.parents
+    if inside:
+        raise ShardWriteError(f"--out {shown(str(out))} is the input {shown(str(src))} or inside it: writing there "
+                              f"would replace the clips being read; choose a folder outside it")
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:

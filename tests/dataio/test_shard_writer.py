@@ -291,6 +291,36 @@ def test_cli(audio_tree, tmp_path, capsys):
     assert _cli(argv + ["--overwrite"]) == 0
 
 
+def test_no_command_writes_over_its_own_input(audio_tree, tmp_path, capsys):
+    """Issue 36, row 1: ``shard convert`` onto its source with --overwrite emptied it. An
+    --out that is the input, however spelled, or inside it is refused before anything is
+    touched, --overwrite included; a sibling or a parent is fine."""
+    from dataio.convert import convert_corpus
+    from dataio.shard_writer import Encoding, refuse_output_over_input
+
+    corpus = tmp_path / "corpus"
+    assert _cli([str(audio_tree), "--out", str(corpus), "--workers", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in corpus.iterdir()}
+    (tmp_path / "link").symlink_to(corpus)
+    for out in (corpus, f"{corpus}/", tmp_path / "corpus" / ".." / "corpus", tmp_path / "link", corpus / "pcm"):
+        with pytest.raises(ShardWriteError, match="is the input .* or inside it"):
+            convert_corpus(corpus, str(out), Encoding("pcm16"), overwrite=True, workers=1, progress=False)
+        from trainer.cli import main
+        assert main(["shard", "convert", str(corpus), "--format", "pcm16", "--out", str(out), "--overwrite"]) == 2
+        assert "or inside it" in capsys.readouterr().err
+        assert _cli([str(audio_tree), "--out", str(audio_tree / ".." / audio_tree.name), "--overwrite"]) == 2
+        assert "or inside it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in corpus.iterdir() if p.name != "pcm"} == before
+    assert not (corpus / "pcm").exists()
+    refuse_output_over_input(corpus, tmp_path / "corpus-pcm")  # a sibling whose name starts alike
+    refuse_output_over_input(corpus, tmp_path)  # a parent: --overwrite removes only its own files there
+    refuse_output_over_input("s3://bucket/corpus", "s3://bucket/corpus-pcm")
+    refuse_output_over_input("s3://bucket/corpus", "s3://other/corpus")
+    for out in ("s3://bucket/corpus/", "s3://key:secret@bucket/corpus/pcm", "s3://bucket/corpus?v=1"):
+        with pytest.raises(ShardWriteError, match="s3://bucket/corpus or inside it"):
+            refuse_output_over_input("s3://bucket/corpus", out)
+
+
 def test_parse_size():
     assert parse_size("64MB") == 64 << 20 and parse_size("1GB") == 1 << 30
     assert parse_size("500000") == 500000 and parse_size("2k") == 2048
