@@ -20,7 +20,7 @@ import torch
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import DataConfig
-from dataio.errors import NoReadableClips
+from dataio.errors import NoReadableClips, ShardMismatch
 from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
 from dataio.manifest import Manifest
 from dataio.views import crop_keys, keyed_crop_starts
@@ -114,8 +114,20 @@ class BatchMaker:
         except Exception as err:  # a broken member must not stop training
             self._broken(sample, err, errors, pass_no)
             return None
+        self._check_index(int(meta["index"]), sample)
         return _Opened(clip, self.manifest.label_target(meta.get("labels") or []), index, pass_no,
                        sample["__key__"], sample["__shard__"], sample)
+
+    def _check_index(self, index: int, sample: dict) -> None:
+        """ShardMismatch unless the clip JSON's ``index`` lies inside its corpus (a memory
+        bank and the augmentation keys are indexed by it)."""
+        limit = self.manifest.clips_of(sample["__shard__"])
+        if not 0 <= index < limit:
+            where = self.manifest.shards[sample["__shard__"]].url
+            raise ShardMismatch(f"clip {sample['__key__']} of shard {where} has index {index}, outside the "
+                                f"0..{limit - 1} of the num_clips={limit} its manifest lists: the manifest of "
+                                f"{self.manifest.where} does not describe its shards; run `audioclr check-shards` "
+                                f"on it, or shard the audio again")
 
     def _cut(self, opened: _Opened, starts: np.ndarray, out: np.ndarray, errors: list) -> bool:
         """Cut ``opened``'s views at ``starts`` into ``out`` (False: it failed, and is counted)."""

@@ -35,7 +35,7 @@ import torch
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, Placement
-from dataio.errors import DataError
+from dataio.errors import DataError, ManifestError, ShardMismatch
 from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window
 from dataio.manifest import Manifest
@@ -96,6 +96,10 @@ def readable_shards(manifest: Manifest) -> list:
         if shard.index_file and (manifest.root / shard.index_file).is_file():
             lines = (manifest.root / shard.index_file).read_text().split("\n")[1:]
             fields = [line.split() for line in lines if line.strip()]
+            if len(fields) != shard.count:
+                raise ManifestError(f"shard {shard.url} of {manifest.root}: its DALI index lists {len(fields)} "
+                                    f"samples, its manifest {shard.count}; the manifest does not describe its "
+                                    f"shards: run `audioclr check-shards` on it, or shard the audio again")
             end = max((int(f[i + 1]) + int(f[i + 2]) for f in fields for i in range(0, len(f), 4)), default=0)
             size = (manifest.root / shard.url).stat().st_size
             if size < end:
@@ -222,10 +226,14 @@ class DaliBatches:
         try:
             meta = json.loads(text)
             meta["index"] = int(meta["index"])
-            return meta
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"malformed clip JSON {source} ({err!r}): list the broken members with "
                             f"`audioclr check-shards {self.manifest.root}` and re-shard them") from None
+        if not 0 <= meta["index"] < self.manifest.num_clips:  # a memory bank is indexed by it
+            raise ShardMismatch(f"clip {source} has index {meta['index']}, outside the 0..{self.manifest.num_clips - 1}"
+                                f" of the num_clips={self.manifest.num_clips} the manifest of {self.manifest.root} "
+                                f"lists: it does not describe its shards; run `audioclr check-shards` on it")
+        return meta
 
     def next_batch(self, epoch: int, step: int) -> Batch:
         try:

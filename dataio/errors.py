@@ -36,3 +36,8 @@ class RemoteError(DataError):
 
 class NoReadableClips(DataError):
     """A worker's shards yielded no sample at all."""
+
+
+class ShardMismatch(DataError):
+    """A shard that holds more members than its manifest lists, or a clip index beyond the
+    corpus's ``num_clips``: the manifest was edited or belongs to other shards."""

@@ -109,6 +109,10 @@ class Manifest:
         share one (memory banks and augmentation keys are indexed by it)."""
         return self.sources[self.shards[shard].source].offset if self.sources else 0
 
+    def clips_of(self, shard: int) -> int:
+        """How many clips the corpus of ``shard`` holds: its clip JSON indices run 0..n-1."""
+        return self.sources[self.shards[shard].source].num_clips if self.sources else self.num_clips
+
     def label_id(self, label: str) -> int:
         """Position of ``label`` in the vocabulary (-1 if absent)."""
         return self._label_ids.get(label, -1)

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.batcher import BatchMaker, stage
-from dataio.errors import DataError, NoReadableClips
+from dataio.errors import DataError, NoReadableClips, ShardMismatch
 from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
-from dataio.remote import Retry, tar_samples
+from dataio.remote import Retry, shown, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,18 @@ def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
 
     paths = manifest.shard_paths()
     for sid in shard_ids:
+        listed, count, errors_before = manifest.shards[sid].count, 0, len(tar_errors)
         for sample in tar_samples(paths[sid], on_error, retry):
+            count += 1
+            if count > listed:
+                raise ShardMismatch(f"shard {shown(str(paths[sid]))} holds more samples than the {listed} its "
+                                    f"manifest lists: the manifest of {manifest.where} does not describe its "
+                                    f"shards; run `audioclr check-shards` on it, or shard the audio again")
             sample["__shard__"] = sid
             yield sample
+        if count < listed and len(tar_errors) == errors_before:
+            log.warning("shard %s holds %d of the %d samples its manifest lists; training on what it holds",
+                        shown(str(paths[sid])), count, listed)
 
 
 def _worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = Retry()) -> Iterator[tuple]:
