@@ -3,8 +3,9 @@
 A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``engine/`` (what
 the engine saves from every rank: the whole model as ``weights.safetensors``, and DDP's
 ``optimizer.pt`` or DeepSpeed's sharded files), ``state.pt`` (what every rank shares:
-objective state, step, config), one ``rank_<rank>.pt`` per rank (its RNG states and data
-position) and ``meta.json`` (step, world size, the engine that wrote it and the sha256 of
+objective state, step, config), one ``rank_<rank>.pt`` per rank (its RNG states, data
+position and its slices of state sharded over ranks: NPID's bank rows, MoCo's queue
+slots, which no rank ever gathers whole) and ``meta.json`` (step, world size, the engine that wrote it and the sha256 of
 every other file). It is
 assembled under ``step_XXXXXXXX.tmp``, every file fsynced, ``meta.json`` last, then
 renamed into place: a killed run or a full disk never leaves a half-written checkpoint
@@ -39,7 +40,7 @@ from trainer.models.encoders import build_encoder
 from trainer.parallel import distributed
 from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, save_tensors, sha256
 
-__all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder"]
+__all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder", "slice_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +154,15 @@ class Checkpointer:
         except OSError as err:
             error = err
         distributed.barrier()
+        mine: dict = {}
         if error is None and tmp.is_dir():
-            error = _try(lambda: self._write_mine(tmp, per_rank, engine))
+            error = _try(lambda: mine.update(self._write_mine(tmp, per_rank, engine)))
         elif error is None:
             error = FileNotFoundError(f"{tmp} was not created")
         failed, = distributed.any_rank([error is not None], self.device)
+        summed = {name: digest for sums in distributed.gather_objects(mine) for name, digest in sums.items()}
         if not failed and self.info.is_main:
-            error = _try(lambda: self._finish(tmp, final, step, shared, engine.saved_as()))
+            error = _try(lambda: self._finish(tmp, final, step, shared, engine.saved_as(), summed))
         failed, = distributed.any_rank([error is not None], self.device)
         if failed:
             if self.info.is_main:
@@ -174,18 +177,23 @@ class Checkpointer:
         distributed.barrier()
         return final
 
-    def _write_mine(self, tmp: Path, per_rank: dict, engine) -> None:
-        """This rank's part: the engine's files (a collective) and the rank file, fsynced."""
+    def _write_mine(self, tmp: Path, per_rank: dict, engine) -> dict[str, str]:
+        """This rank's part: the engine's files (a collective) and the rank file (its RNGs,
+        data position and slices of sharded state), fsynced; returns the rank file's sha256
+        (each rank sums its own: no rank reads all of a sharded bank)."""
         before = set(_files(tmp / ENGINE))
         engine.save(tmp / ENGINE)
         for path in set(_files(tmp / ENGINE)) - before:  # what this rank wrote, durably
             with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        save_tensors(tmp / f"rank_{self.info.rank:05d}.pt", per_rank)
+        name = f"rank_{self.info.rank:05d}.pt"
+        save_tensors(tmp / name, per_rank)
+        return {name: sha256(tmp / name)}
 
-    def _finish(self, tmp: Path, final: Path, step: int, shared: dict, engine: dict) -> None:
+    def _finish(self, tmp: Path, final: Path, step: int, shared: dict, engine: dict, summed: dict) -> None:
         save_tensors(tmp / STATE, shared)
-        sums = {p.relative_to(tmp).as_posix(): sha256(p) for p in _files(tmp)}
+        sums = {p.relative_to(tmp).as_posix(): summed.get(p.relative_to(tmp).as_posix()) or sha256(p)
+                for p in _files(tmp)}
         meta = {"format": FORMAT, "step": step, "world_size": self.info.world_size, **engine, "sha256": sums}
         durable_write(tmp / META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         for folder in sorted({p.parent for p in _files(tmp)}, key=lambda p: -len(p.parts)):
@@ -213,8 +221,22 @@ class Checkpointer:
                                   f"Finish that run with the version that started it, or start a new run")
         shared = load_tensors(folder / STATE)
         mine = folder / f"rank_{self.info.rank:05d}.pt"
-        per_rank = load_tensors(mine) if mine.is_file() else None
+        per_rank = load_tensors(mine, mmap=True) if mine.is_file() else None
         return shared, per_rank, meta
+
+
+def slice_reader(folder: Path):
+    """``name`` -> the slice records (see ``Objective.slice_state``) that every rank of
+    checkpoint ``folder`` saved under ``name``, one rank file at a time, memory-mapped: a
+    rank reads the rows it takes, not the whole bank."""
+    files = sorted(Path(folder).glob("rank_*.pt"))
+
+    def records(name: str):
+        for path in files:
+            record = load_tensors(path, mmap=True).get("slices", {}).get(name)
+            if record is not None:
+                yield record
+    return records
 
 
 def _files(folder: Path) -> list[Path]:

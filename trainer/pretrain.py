@@ -19,11 +19,9 @@ from dataio.augment import build_augmenter, describe_ops
 from dataio.batch import Batch, Placement, steps_per_epoch
 from dataio.errors import ConfigError, DataError, ManifestError
 from dataio.formats import check_recipe_frontend
-from dataio.manifest import load_manifest, load_sources
-from dataio.pipeline import open_source
+from dataio.pipeline import load_corpus, open_source
 from dataio.remote import Retry
 from dataio.schema import cli_number
-from dataio.synthetic import synthetic_manifest
 from trainer.checkpoint import (
     ENGINE,
     Checkpointer,
@@ -32,6 +30,7 @@ from trainer.checkpoint import (
     export_encoder,
     rng_state,
     set_rng_state,
+    slice_reader,
 )
 from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import PretrainConfig, load_config, save_config, to_dict
@@ -74,9 +73,8 @@ class Pretrainer:
         self.info = distributed.init(self.device.type, always=self.engine_class.needs_process_group)
         self.run_dir = Path(cfg.run_dir)
         retry = Retry.of(cfg.data)
-        self.manifest = load_sources(cfg.data.sources, retry) if cfg.data.sources else \
-            load_manifest(cfg.data.shards, retry=retry) if cfg.data.shards else \
-            synthetic_manifest(cfg.data, cfg.frontend)
+        self.manifest = load_corpus(cfg.data, cfg.frontend, retry, share=distributed.broadcast_object,
+                                    is_main=self.info.is_main)
         check_recipe_frontend(cfg.frontend, self.manifest)
         self.steps_per_epoch = steps_per_epoch(cfg.data, self.manifest, self.info.world_size)
         self.augmenter = build_augmenter(cfg.augment, cfg.frontend, cfg.data.view_seconds,
@@ -155,8 +153,8 @@ class Pretrainer:
         shared = {"objective": self.objective.state_dict(), "step": self.step,
                   "steps_per_epoch": self.steps_per_epoch, "world_size": self.info.world_size,
                   "config": to_dict(self.cfg)}
-        path = self.checkpointer.save(self.step, shared, {"rng": rng_state(), "data": self.source.state()},
-                                      self.engine)
+        mine = {"rng": rng_state(), "data": self.source.state(), "slices": self.objective.slice_state()}
+        path = self.checkpointer.save(self.step, shared, mine, self.engine)
         log.info("checkpoint %s", path)
         return path
 
@@ -177,7 +175,7 @@ class Pretrainer:
         report_differences(shared, to_dict(self.cfg), self.steps_per_epoch)
         try:
             self.engine.load(folder / ENGINE)
-            self.objective.load_state_dict(shared["objective"])
+            self.objective.load_state_dict(shared["objective"], slice_reader(folder))
         except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
             if isinstance(err, CheckpointError) and "does not fit" not in str(err):
                 raise

@@ -15,12 +15,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file cannot be written or trusted; the message names it."""
 
 
-def load_tensors(path: str | Path) -> dict:
+def load_tensors(path: str | Path, mmap: bool = False) -> dict:
     """A ``torch.save`` file of tensors and plain values, refusing anything that would run
-    code when unpickled."""
+    code when unpickled; with ``mmap`` the tensors are mapped, not read, until used."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except IsADirectoryError:

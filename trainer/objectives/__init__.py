@@ -4,13 +4,15 @@ An objective builds the model it trains (``build_model``: the encoder, the head 
 and its own trainable parts, COLA's bilinear W or SoundCLR's classifier, all in one
 module), says which views go through it (``model_views``), holds its state (MoCo's key
 encoder and queue, NPID's memory bank) and exposes ``loss(out, batch)``,
-``after_step(model, step)``, ``state_dict`` / ``load_state_dict``.
+``after_step(model, step)``, ``state_dict`` / ``load_state_dict`` and, for state sharded over
+ranks, ``slice_state`` (each rank saves its own slice).
 The losses themselves are pure functions in the sibling modules.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,9 @@ from trainer.objectives.ntxent import nt_xent
 from trainer.objectives.supcon import ClassifierParts, classification_loss, hybrid_loss, supcon_loss
 from trainer.parallel import distributed
 from trainer.parallel.gradcache import blockwise_backward
+
+# name -> the slice records every rank of a checkpoint saved under it (see slice_state)
+SliceReader = Callable[[str], Iterable[dict]]
 
 
 @dataclass
@@ -81,10 +86,16 @@ class _Base:
         return loss.detach()
 
     def state_dict(self) -> dict:
+        """What every rank shares (saved once)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def slice_state(self) -> dict:
+        """This rank's slices of state sharded over ranks, by name (saved by each rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict, slices: SliceReader = lambda name: ()) -> None:
+        """``state`` as :meth:`state_dict` saved it; ``slices(name)``: the slice records every
+        rank saved under ``name`` (at any world size)."""
 
 
 class SimCLR(_Base):
@@ -228,8 +239,11 @@ class MoCo(_Base):
     def state_dict(self) -> dict:
         return {"queue": self.queue.state_dict(), "key_model": self.key_model.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.queue.load_state_dict(state["queue"])
+    def slice_state(self) -> dict:
+        return {"queue": self.queue.slice_state()}
+
+    def load_state_dict(self, state: dict, slices: SliceReader = lambda name: ()) -> None:
+        self.queue.load_state_dict(state["queue"], slices("queue"))
         self.key_model.load_state_dict(state["key_model"])
 
 
@@ -270,8 +284,11 @@ class NPID(_Base):
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict(), "noise": self.noise.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.bank.load_state_dict(state["bank"])
+    def slice_state(self) -> dict:
+        return {"bank": self.bank.slice_state()}
+
+    def load_state_dict(self, state: dict, slices: SliceReader = lambda name: ()) -> None:
+        self.bank.load_state_dict(state["bank"], slices("bank"))
         self.noise.set_state(state["noise"])
 
 

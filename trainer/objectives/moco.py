@@ -11,24 +11,27 @@ world size, so a checkpoint resumes exactly at any other world size that divides
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from trainer.objectives.common import seeded_unit_rows, wide
+from trainer.objectives.common import rows_from_slices, seeded_unit_rows, slice_record, wide
 from trainer.parallel import distributed
 
 
 def initial_queue(size: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The whole queue before any key arrives: [size, dim] unit rows from ``seed`` (CPU)."""
-    return seeded_unit_rows(size, dim, seed, dtype)
+    """The whole queue before any key arrives: [size, dim] unit rows from ``seed`` (CPU;
+    for tests: a rank draws only its own block)."""
+    return seeded_unit_rows(0, size, dim, seed, dtype)
 
 
 class ShardedQueue:
     """This rank's block of a ring of ``size`` keys (see the module docstring).
 
-    ``shard``: [size / world_size, dim] keys (no gradient). ``ptr``: the global write
-    position in 0 .. size-1, identical on every rank.
+    ``shard``: [size / world_size, dim] keys (no gradient), drawn, saved and restored by
+    this rank alone (as NPID's bank is). ``ptr``: the global write position in
+    0 .. size-1, identical on every rank.
     """
 
     def __init__(self, size: int, dim: int, rank: int, world_size: int, device: torch.device | str = "cpu",
@@ -37,11 +40,9 @@ class ShardedQueue:
             raise ValueError(f"queue_size {size} must be divisible by the world size {world_size}")
         self.size, self.dim, self.rank, self.world_size = size, dim, rank, world_size
         self.block = size // world_size
+        self.lo, self.hi = rank * self.block, (rank + 1) * self.block
         self.ptr = 0
-        self.shard = self._my_block(initial_queue(size, dim, seed, dtype)).to(device)
-
-    def _my_block(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.rank * self.block:(self.rank + 1) * self.block].clone()
+        self.shard = seeded_unit_rows(self.lo, self.hi, dim, seed, dtype).to(device)
 
     @torch.no_grad()
     def enqueue(self, keys_local: torch.Tensor) -> None:
@@ -61,16 +62,26 @@ class ShardedQueue:
         self.ptr = (self.ptr + n) % self.size
 
     def state_dict(self) -> dict:
-        """The FULL queue [size, dim] on CPU (gathered; collective) and the global pointer."""
-        return {"queue": distributed.gather_no_grad(self.shard).cpu().clone(), "ptr": self.ptr}
+        """What every rank shares: the queue's size and the global pointer (the keys:
+        :meth:`slice_state`)."""
+        return {"size": self.size, "ptr": self.ptr}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Take a full queue saved at any world size; keep this rank's block of the current
-        one. The ring order and the pointer are global, so nothing needs remapping."""
-        full = state["queue"]
-        if tuple(full.shape) != (self.size, self.dim):
-            raise ValueError(f"saved queue is {tuple(full.shape)}, expected {(self.size, self.dim)}")
-        self.shard = self._my_block(full).to(device=self.shard.device, dtype=self.shard.dtype)
+    def slice_state(self) -> dict:
+        """This rank's block of slots, to be saved by this rank."""
+        return slice_record(self.lo, self.hi, self.shard)
+
+    def load_state_dict(self, state: dict, slices: Iterable[dict] = ()) -> None:
+        """Take this rank's block from ``slices`` saved at any world size (a checkpoint of an
+        older version keeps the whole queue in ``state["queue"]``). The ring order and the
+        pointer are global, so nothing needs remapping."""
+        whole = state.get("queue")
+        if isinstance(whole, torch.Tensor):
+            slices = [slice_record(0, whole.shape[0], whole)]
+        size = whole.shape[0] if isinstance(whole, torch.Tensor) else int(state.get("size", self.size))
+        if size != self.size:
+            raise ValueError(f"saved queue has {size} slots, expected {self.size}")
+        self.shard = rows_from_slices(slices, self.lo, self.hi, self.dim, "MoCo queue").to(
+            device=self.shard.device, dtype=self.shard.dtype)
         self.ptr = int(state["ptr"]) % self.size
 
 

@@ -11,22 +11,29 @@ so the loss is exactly the one over the whole bank.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.common import seeded_unit_rows, wide
+from trainer.objectives.common import rows_from_slices, rows_logsumexp, seeded_unit_rows, slice_record, wide
 from trainer.parallel import distributed
 
 
 def initial_bank(num_rows: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The whole bank before training: [num_rows, dim] unit rows from ``seed`` (CPU)."""
-    return seeded_unit_rows(num_rows, dim, seed, dtype)
+    """The whole bank before training: [num_rows, dim] unit rows from ``seed`` (CPU; for
+    tests: a rank draws only its own rows)."""
+    return seeded_unit_rows(0, num_rows, dim, seed, dtype)
 
 
 class ShardedMemoryBank:
     """This rank's rows ``lo .. hi-1`` of an N x dim memory bank (``shard``, no gradient),
-    the row momentum, and NCE's normalising constant ``nce_z`` (None until estimated)."""
+    the row momentum, and NCE's normalising constant ``nce_z`` (None until estimated).
+
+    Born sharded: each rank draws only its rows (a function of the row and the seed, so
+    the bank is the same at any world size), saves only its rows (:meth:`slice_state`) and
+    on resume takes its rows from the saved slices of any world size. Nothing ever holds
+    the whole bank."""
 
     def __init__(self, num_rows: int, dim: int, rank: int, world_size: int, momentum: float,
                  device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -37,7 +44,7 @@ class ShardedMemoryBank:
         self.block = math.ceil(num_rows / world_size)
         self.lo = min(rank * self.block, num_rows)
         self.hi = min(self.lo + self.block, num_rows)
-        self.shard = initial_bank(num_rows, dim, seed, dtype)[self.lo:self.hi].clone().to(device)
+        self.shard = seeded_unit_rows(self.lo, self.hi, dim, seed, dtype).to(device)
         self.nce_z: float | None = None
 
     def owned(self, indices: torch.Tensor) -> torch.Tensor:
@@ -63,18 +70,24 @@ class ShardedMemoryBank:
         self.shard[rows] = F.normalize(self.momentum * self.shard[rows] + (1.0 - self.momentum) * z, dim=1)
 
     def state_dict(self) -> dict:
-        """The FULL bank [N, dim] on CPU (gathered; collective) and ``nce_z``."""
-        padded = torch.zeros(self.block, self.dim, dtype=self.shard.dtype, device=self.shard.device)
-        padded[:self.hi - self.lo] = self.shard
-        full = distributed.gather_no_grad(padded)[:self.num_rows]
-        return {"bank": full.cpu().clone(), "nce_z": self.nce_z}
+        """What every rank shares: the bank's size and ``nce_z`` (the rows: :meth:`slice_state`)."""
+        return {"num_rows": self.num_rows, "nce_z": self.nce_z}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Take a full bank saved at any world size; keep this rank's rows of the current one."""
-        full = state["bank"]
-        if tuple(full.shape) != (self.num_rows, self.dim):
-            raise ValueError(f"saved bank is {tuple(full.shape)}, expected {(self.num_rows, self.dim)}")
-        self.shard = full[self.lo:self.hi].clone().to(device=self.shard.device, dtype=self.shard.dtype)
+    def slice_state(self) -> dict:
+        """This rank's rows, to be saved by this rank."""
+        return slice_record(self.lo, self.hi, self.shard)
+
+    def load_state_dict(self, state: dict, slices: Iterable[dict] = ()) -> None:
+        """Take this rank's rows from ``slices`` saved at any world size (a checkpoint of
+        an older version keeps the whole bank in ``state["bank"]``)."""
+        whole = state.get("bank")
+        if isinstance(whole, torch.Tensor):
+            slices = [slice_record(0, whole.shape[0], whole)]
+        rows = whole.shape[0] if isinstance(whole, torch.Tensor) else int(state.get("num_rows", self.num_rows))
+        if rows != self.num_rows:
+            raise ValueError(f"saved bank has {rows} rows (clips), expected {self.num_rows}")
+        self.shard = rows_from_slices(slices, self.lo, self.hi, self.dim, "memory bank").to(
+            device=self.shard.device, dtype=self.shard.dtype)
         self.nce_z = None if state.get("nce_z") is None else float(state["nce_z"])
 
 
@@ -98,17 +111,18 @@ def npid_exact_loss(z_local: torch.Tensor, z_all: torch.Tensor, indices_all: tor
 
     z_local: [B, D] this rank's L2-normalised embeddings; z_all: [W*B, D] all ranks' in
     rank order, gathered WITH gradient; indices_all: [W*B] their bank rows. Each rank
-    scores the global batch against its rows ([W*B, N/W]); ``distributed_logsumexp`` gives
+    scores the global batch against its rows ([W*B, N/W]); ``combine_logsumexp`` gives
     the log-sum-exp over the whole bank; the positive logit comes from the owner of the
-    row (summed over ranks with gradient). Scalar, float32 (float64 for float64 input);
+    row (summed over ranks with gradient). The [W*B, n_r] logits are computed in blocks
+    (:func:`rows_logsumexp`), never held whole. Scalar, float32 (float64 for float64 input);
     mean over ranks == one process with batch W*B and the whole bank. Collective.
     """
     z = wide(z_all)
     b = z_local.shape[0]
     idx = indices_all.to(z.device).long()
     with torch.autocast(z.device.type, enabled=False):  # float32 logits under autocast too
-        logits = z @ bank.shard.to(z.dtype).T / temperature                       # [W*B, n_r]
-        lse = distributed.distributed_logsumexp(logits)[rank * b:(rank + 1) * b]
+        local = rows_logsumexp(z, bank.shard, temperature)                     # [W*B] over this rank's rows
+        lse = distributed.combine_logsumexp(local)[rank * b:(rank + 1) * b]
         pos = _owned_dots(z, idx[:, None], bank)[rank * b:(rank + 1) * b, 0] / temperature
         return (lse - pos).mean()
 

@@ -227,7 +227,12 @@ def distributed_logsumexp(local_logits: torch.Tensor) -> torch.Tensor:
     every rank's ``local_logits`` gets the gradient of the sum of all ranks' losses
     (the ``gather_with_grad`` convention). No process group: ``torch.logsumexp(x, 1)``.
     """
-    local = torch.logsumexp(local_logits, dim=1)
+    return combine_logsumexp(torch.logsumexp(local_logits, dim=1))
+
+
+def combine_logsumexp(local: torch.Tensor) -> torch.Tensor:
+    """Each rank's [Q] log-sum-exp over its own columns -> [Q] over every rank's columns
+    (gathered with gradient, as :func:`distributed_logsumexp`). No process group: ``local``."""
     if not is_initialized() or dist.get_world_size() == 1:
         return local
     return torch.logsumexp(_GatherWithGrad.apply(local[None]), dim=0)

@@ -349,3 +349,22 @@ def test_looc_spaces_pair_the_views_they_say():
     agreeing = z.clone()
     agreeing[:, 2, d:] = agreeing[:, 0, d:]
     assert obj.loss({"z": agreeing}, None) < loss
+
+
+def test_rows_logsumexp_in_blocks_equals_the_whole_forward_and_backward(monkeypatch):
+    """NPID's log-sum-exp over a bank never holds the [Q, N] logits whole: blocks of rows
+    forward and backward give what one matrix gives (here blocks of 3 of 10 rows)."""
+    from trainer.objectives import common
+
+    g = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(10, 5, generator=g, dtype=torch.float64), dim=1)
+    z = F.normalize(torch.randn(4, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    weights = torch.randn(4, generator=g, dtype=torch.float64)
+    want = torch.logsumexp(z @ rows.T / 0.07, dim=1)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), z)
+    monkeypatch.setattr(common, "LSE_BLOCK_BYTES", 4 * 8 * 3)  # 3 rows of logits per block
+    got = common.rows_logsumexp(z, rows, 0.07)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), z)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0) and torch.allclose(got_grad, want_grad, atol=1e-12, rtol=0)
+    empty = common.rows_logsumexp(z, rows[:0], 0.07)  # a rank that owns no rows
+    assert torch.isneginf(empty).all()

@@ -1,5 +1,7 @@
 """The MoCo queue and the NPID memory bank sharded over 2 gloo ranks == one process
 holding all of it: loss, gradients, updates, and checkpoints across a world-size change.
+Each rank draws, saves and restores only its own rows (``slice_state``); the whole is
+assembled here, in the test, from what the ranks saved.
 
 The one-process side runs in the test process itself (no process group: every helper of
 trainer.parallel.distributed answers for a world of one); the 2-rank side runs in spawned workers.
@@ -31,6 +33,26 @@ def _encoder():
     return torch.nn.Linear(D_IN, D).double()
 
 
+def _saved(part) -> dict:
+    """What a checkpoint keeps of a queue or bank on one rank: the shared state and the
+    rank's slice."""
+    record = part.slice_state()  # the live rows (saved at once in a checkpoint): copied to keep
+    return {"state": part.state_dict(), "slice": {**record, "rows": record["rows"].clone()}}
+
+
+def _load(part, saved_by_ranks: list[dict]) -> None:
+    """Restore ``part`` from what every rank of some run saved (any world size)."""
+    part.load_state_dict(saved_by_ranks[0]["state"], [s["slice"] for s in saved_by_ranks])
+
+
+def _whole(saved_by_ranks: list[dict]) -> torch.Tensor:
+    """The whole queue or bank, from the slices of every rank (in the test only)."""
+    from trainer.objectives.common import rows_from_slices
+
+    last = max(s["slice"]["hi"] for s in saved_by_ranks)
+    return rows_from_slices([s["slice"] for s in saved_by_ranks], 0, last, D, "test")
+
+
 def _grads_and_mean_loss(loss, params) -> tuple[float, dict]:
     """What DDP would leave: gradients averaged over ranks, and the mean loss."""
     from tests.dist_utils import average_gradients
@@ -52,8 +74,8 @@ def _moco(rank: int, world: int, starts: list) -> list[dict]:
     for start in starts:
         queue = ShardedQueue(16, D, rank, world, seed=3, dtype=torch.float64)
         if start is not None:
-            queue.load_state_dict(start)
-        after_load = queue.state_dict()
+            _load(queue, start)
+        after_load = _saved(queue)
         enc, (x, keys) = _encoder(), _data(world, rank)
         q = F.normalize(enc(x), dim=1)
         q.retain_grad()
@@ -63,19 +85,21 @@ def _moco(rank: int, world: int, starts: list) -> list[dict]:
         for k in keys:
             queue.enqueue(k)
         out.append(dict(loss=mean, q_grad=q.grad.clone(), grads=grads, after_load=after_load,
-                        after_enqueue=queue.state_dict()))
+                        after_enqueue=_saved(queue)))
     return out
 
 
-def _same_queue(a: dict, b: dict) -> bool:
-    return a["ptr"] == b["ptr"] and torch.allclose(a["queue"], b["queue"], atol=1e-12, rtol=0)
+def _same_queue(a: list[dict], b: list[dict]) -> bool:
+    """Two runs' saved queues (a list over their ranks) hold the same ring and pointer."""
+    return a[0]["state"]["ptr"] == b[0]["state"]["ptr"] and torch.allclose(_whole(a), _whole(b), atol=1e-12,
+                                                                             rtol=0)
 
 
 @pytest.mark.e2e
 def test_moco_sharded_queue_equals_one_process_and_resumes_across_world_sizes():
     one = _moco(0, 1, [None])[0]
-    one_resumed = _moco(0, 1, [one["after_enqueue"]])[0]
-    two = run_workers(_moco, 2, [None, one["after_enqueue"]])
+    one_resumed = _moco(0, 1, [[one["after_enqueue"]]])[0]
+    two = run_workers(_moco, 2, [None, [one["after_enqueue"]]])
     assert max(g.abs().max() for g in one["grads"]) > 1e-3  # the comparison has teeth
     for rank, (fresh, resumed) in enumerate(two):
         for got, want in ((fresh, one), (resumed, one_resumed)):
@@ -86,14 +110,17 @@ def test_moco_sharded_queue_equals_one_process_and_resumes_across_world_sizes():
             # averaging turns it into the gradient of the global mean loss
             rows = slice(rank * 3, rank * 3 + 3)
             assert torch.allclose(got["q_grad"] / 2, want["q_grad"][rows], atol=TOL, rtol=0)
-            assert _same_queue(got["after_load"], want["after_load"])
-            assert _same_queue(got["after_enqueue"], want["after_enqueue"])
+    for i, want in enumerate((one, one_resumed)):
+        for key in ("after_load", "after_enqueue"):
+            assert _same_queue([two[0][i][key], two[1][i][key]], [want[key]])
+            assert two[0][i][key]["slice"]["rows"].shape == (8, D)  # each rank saved half the ring
     # the enqueues wrapped the ring and moved every slot the batch touched
-    assert one["after_enqueue"]["ptr"] == 18 % 16
-    assert not torch.allclose(one["after_enqueue"]["queue"], one["after_load"]["queue"])
+    assert one["after_enqueue"]["state"]["ptr"] == 18 % 16
+    assert not torch.allclose(_whole([one["after_enqueue"]]), _whole([one["after_load"]]))
     # saved at W=2, loaded at W=1: the same full queue, the same continuation
-    back = _moco(0, 1, [two[0][0]["after_enqueue"]])[0]
-    assert _same_queue(back["after_load"], two[1][0]["after_enqueue"])
+    saved_by_two = [two[0][0]["after_enqueue"], two[1][0]["after_enqueue"]]
+    back = _moco(0, 1, [saved_by_two])[0]
+    assert _same_queue([back["after_load"]], saved_by_two)
     assert abs(back["loss"] - one_resumed["loss"]) < TOL
 
 
@@ -101,6 +128,8 @@ def test_enqueue_matches_a_plain_ring_buffer():
     from trainer.objectives.moco import ShardedQueue, initial_queue
 
     queue, ring = ShardedQueue(8, 2, 0, 1, seed=5), initial_queue(8, 2, 5)
+    halves = [ShardedQueue(8, 2, r, 2, seed=5).shard for r in range(2)]
+    assert torch.equal(torch.cat(halves), ring)  # each rank draws only its block, the same rows
     assert torch.equal(queue.shard, ring)
     ptr = 0
     for n in (3, 3, 3, 11):  # the last batch is larger than the queue
@@ -147,8 +176,8 @@ def _npid(rank: int, world: int, starts: list) -> list[dict]:
     for start in starts:
         bank = ShardedMemoryBank(N_ROWS, D, rank, world, momentum=0.5, seed=4, dtype=torch.float64)
         if start is not None:
-            bank.load_state_dict(start)
-        after_load = bank.state_dict()
+            _load(bank, start)
+        after_load = _saved(bank)
         enc, (x, _) = _encoder(), _data(world, rank)
         z = F.normalize(enc(x), dim=1)
         z_all, idx_all = distributed.gather_with_grad(z), distributed.gather_no_grad(idx)
@@ -166,20 +195,22 @@ def _npid(rank: int, world: int, starts: list) -> list[dict]:
         _, nce_grads = _grads_and_mean_loss(loss, list(enc.parameters()))
         bank.update(idx_all, z_all.detach())
         out.append(dict(exact=exact_loss, exact_grads=exact_grads, nce=nce, nce_grads=nce_grads,
-                        after_load=after_load, after_update=bank.state_dict()))
+                        after_load=after_load, after_update=_saved(bank)))
     return out
 
 
-def _same_bank(a: dict, b: dict) -> bool:
-    same_z = (a["nce_z"] is None and b["nce_z"] is None) or abs(a["nce_z"] - b["nce_z"]) < 1e-9
-    return same_z and torch.allclose(a["bank"], b["bank"], atol=1e-12, rtol=0)
+def _same_bank(a: list[dict], b: list[dict]) -> bool:
+    """Two runs' saved banks (a list over their ranks) hold the same rows and Z."""
+    za, zb = a[0]["state"]["nce_z"], b[0]["state"]["nce_z"]
+    same_z = (za is None and zb is None) or abs(za - zb) < 1e-9
+    return same_z and torch.allclose(_whole(a), _whole(b), atol=1e-12, rtol=0)
 
 
 @pytest.mark.e2e
 def test_npid_sharded_bank_equals_one_process_and_resumes_across_world_sizes():
     one = _npid(0, 1, [None])[0]
-    one_resumed = _npid(0, 1, [one["after_update"]])[0]
-    two = run_workers(_npid, 2, [None, one["after_update"]])
+    one_resumed = _npid(0, 1, [[one["after_update"]]])[0]
+    two = run_workers(_npid, 2, [None, [one["after_update"]]])
     assert max(g.abs().max() for g in one["exact_grads"]) > 1e-3
     for fresh, resumed in two:
         for got, want in ((fresh, one), (resumed, one_resumed)):
@@ -188,13 +219,16 @@ def test_npid_sharded_bank_equals_one_process_and_resumes_across_world_sizes():
             for key in ("exact_grads", "nce_grads"):
                 for g2, g1 in zip(got[key], want[key]):
                     assert torch.allclose(g2, g1, atol=TOL, rtol=0), key
-            assert _same_bank(got["after_load"], want["after_load"])
-            assert _same_bank(got["after_update"], want["after_update"])
-    assert one["after_update"]["nce_z"] is not None
-    assert not torch.allclose(one["after_update"]["bank"], one["after_load"]["bank"])
+    for i, want in enumerate((one, one_resumed)):
+        for key in ("after_load", "after_update"):
+            assert _same_bank([two[0][i][key], two[1][i][key]], [want[key]])
+            assert [two[r][i][key]["slice"]["rows"].shape[0] for r in range(2)] == [4, 3]  # each its own rows
+    assert one["after_update"]["state"]["nce_z"] is not None
+    assert not torch.allclose(_whole([one["after_update"]]), _whole([one["after_load"]]))
     # saved at W=2, loaded at W=1: the same bank and Z, the same continuation
-    back = _npid(0, 1, [two[0][0]["after_update"]])[0]
-    assert _same_bank(back["after_load"], two[1][0]["after_update"])
+    saved_by_two = [two[0][0]["after_update"], two[1][0]["after_update"]]
+    back = _npid(0, 1, [saved_by_two])[0]
+    assert _same_bank([back["after_load"]], saved_by_two)
     assert abs(back["exact"] - one_resumed["exact"]) < TOL and back["nce"] == one_resumed["nce"]
 
 
