@@ -26,6 +26,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def do_HEAD(self) -> None:
+        with self.server.lock:
+            self.server.heads += 1
+        super().do_HEAD()
+
     def do_GET(self) -> None:
         srv = self.server
         with srv.lock:
@@ -55,7 +60,7 @@ def serve():
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                                  functools.partial(_Handler, directory=str(folder)))
         server.folder, server.cut_first, server.down_after = str(folder), cut_first, down_after
-        server.lock, server.requests, server.cut = threading.Lock(), 0, set()
+        server.lock, server.requests, server.heads, server.cut = threading.Lock(), 0, 0, set()
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
@@ -213,6 +218,7 @@ def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_sh
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = checkpoint_weights(tmp_path / name / "checkpoints" / "step_00000004")
     assert all(torch.equal(runs["local"][k], runs["remote"][k]) for k in runs["local"])
+    assert serve.servers[0].heads == 4, "each shard URL checked once per launch, not once per rank (issue 35, item 7)"
 
 
 @pytest.mark.e2e
