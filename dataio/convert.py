@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
-from dataio.frontend import FrontendConfig
+from dataio.frontend import FrontendConfig, one_torch_thread
 from dataio.manifest import Manifest, ShardInfo, load_manifest
 from dataio.publish import Publisher
 from dataio.recipes import read_recipe
@@ -83,8 +83,16 @@ def convert_corpus(src: str | Path, out: str, encoding: Encoding, *, overwrite: 
     """Write the corpus at ``src`` (folder or URL) as ``encoding`` says into ``out`` (a
     folder, or a writable folder URL: each shard uploaded as it is complete, the manifest
     last); returns the new manifest. ``out`` may not be ``src`` or lie inside it."""
+    return convert_manifest(load_manifest(src), out, encoding, overwrite=overwrite, workers=workers,
+                            progress=progress)
+
+
+def convert_manifest(manifest: Manifest, out: str, encoding: Encoding, *, overwrite: bool = False,
+                     workers: int = 0, progress: bool = True) -> Manifest:
+    """:func:`convert_corpus` of the shards ``manifest`` lists (all of a corpus, or a part
+    of one: ``bench data`` converts a bounded sample)."""
+    src = manifest.root
     refuse_output_over_input(src, out)
-    manifest = load_manifest(src)
     if encoding.clip_format == "logmel" and encoding.frontend is None:  # the default front end at the corpus's rate
         encoding = Encoding("logmel", FrontendConfig(sample_rate=manifest.sample_rate))
     check_conversion(manifest, encoding)
@@ -123,8 +131,8 @@ def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, worke
                                                                                              manifest.shards))]
     done: dict[int, ShardInfo] = {}
     with tqdm(total=manifest.num_clips, unit="clip", desc="convert", disable=not progress) as bar:
-        if workers <= 1:
-            results = (convert_shard(*job) for job in jobs)
+        if workers <= 1:  # in this process, on one torch thread as a pool worker would be
+            results = (_in_one_thread(convert_shard, job) for job in jobs)
         else:  # spawn: the parent may hold OpenMP threads a forked child would wait on
             pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             results = pool.map(convert_shard, *zip(*jobs))
@@ -138,6 +146,11 @@ def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, worke
             if workers > 1:
                 pool.shutdown(cancel_futures=True)
     return [done[i] for i in range(len(jobs))]
+
+
+def _in_one_thread(fn, args):
+    with one_torch_thread():
+        return fn(*args)
 
 
 def frontend_from_recipe(path: str | None, sample_rate: int) -> FrontendConfig:

@@ -37,7 +37,7 @@ from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.errors import DataError, ManifestError, ShardMismatch
 from dataio.formats import PCM_SCALE, ClipCodec
-from dataio.frontend import FrontendConfig, analysis_window
+from dataio.frontend import FrontendConfig, analysis_window, one_torch_thread
 from dataio.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -183,12 +183,8 @@ def one_thread_beside_dali(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class DaliBatches:

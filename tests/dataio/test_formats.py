@@ -386,3 +386,23 @@ def test_every_format_feeds_the_gpu_the_views_the_cpu_gets(corpora, backend):
     assert all(torch.equal(a, b) for a, b in zip(flac, pcm))
     for gpu, cpu in zip(views("logmel", "cuda"), views("logmel", "cpu")):
         torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_in_one_process_runs_on_one_torch_thread_and_gives_the_rest_back(tiny_shards, tmp_path, monkeypatch):
+    """Issue 35, item 6: with one shard or --workers 1 the log-mels ran in the main process
+    on every core's thread, 6.4x slower than one thread; now one, as a pool worker has."""
+    import dataio.convert as convert
+
+    seen, real = [], convert.convert_shard
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+    monkeypatch.setattr(convert, "convert_shard", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert_corpus(tiny_shards, str(tmp_path / "mel"), Encoding("logmel", FRONTEND), workers=1, progress=False)
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
