@@ -109,6 +109,17 @@ class Manifest:
         share one (memory banks and augmentation keys are indexed by it)."""
         return self.sources[self.shards[shard].source].offset if self.sources else 0
 
+    def first_shards(self, clips: int) -> Manifest:
+        """The same corpus cut to its first shards (in the manifest's order) that hold at
+        least ``clips`` clips, or all of it: a bounded sample read whole shard by shard."""
+        kept, total = [], 0
+        for shard in self.shards:
+            if total >= clips:
+                break
+            kept.append(shard)
+            total += shard.count
+        return dataclasses.replace(self, shards=kept, num_clips=total)
+
     def clips_of(self, shard: int) -> int:
         """How many clips the corpus of ``shard`` holds: its clip JSON indices run 0..n-1."""
         return self.sources[self.shards[shard].source].num_clips if self.sources else self.num_clips

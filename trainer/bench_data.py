@@ -12,7 +12,11 @@ With ``--config RECIPE.yaml`` each back end is timed twice: with the recipe's
 augmentation chain (and its front end and view length) and without it, so the chain's
 cost to the data path is the ratio of the two.
 
-With ``--formats flac,pcm16,logmel`` the corpus is converted to each format (``audioclr
+With ``--shards`` every figure is measured on a bounded sample of the corpus (its first
+whole shards holding ``--clips`` clips, 2,000 by default), so the benchmark costs the same
+on a thousand clips as on AudioSet and never copies the corpus.
+
+With ``--formats flac,pcm16,logmel`` the corpus (the sample) is converted to each format (``audioclr
 shard convert``) and each is measured in the same run: bytes on disk per second of
 audio, and the clips per second one loader core gives when the chain runs on the device
 (what a loader worker does then: read the shard, open the member, cut the views, batch;
@@ -37,11 +41,11 @@ import webdataset as wds
 
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
-from dataio.convert import convert_corpus, frontend_from_recipe
+from dataio.convert import convert_manifest, frontend_from_recipe
 from dataio.dali_pipeline import logmel_nodes
 from dataio.formats import ClipCodec, check_recipe_frontend, stored_frontend
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import load_manifest
+from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
 from dataio.schema import cli_number
@@ -50,6 +54,10 @@ from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
+
+
+SYNTH_CLIPS = 256  # the corpus synthesized without --shards
+SAMPLE_CLIPS = 2000  # with --shards: what is read of the corpus (whole shards), whatever its size
 
 
 def _decode_shards(paths: list[str], codec: ClipCodec) -> int:
@@ -106,7 +114,7 @@ def format_rows(manifest, formats: list[str], args, frontend: FrontendConfig, tm
         corpus = manifest
         if name != manifest.clip_format:
             encoding = Encoding(name, frontend if name == "logmel" else None)
-            corpus = convert_corpus(manifest.root, str(tmp / name), encoding, overwrite=True, progress=False)
+            convert_manifest(manifest, str(tmp / name), encoding, overwrite=True, progress=False)
             corpus = load_manifest(tmp / name)
         rate = loader_rate(corpus, args.seconds, args.batch_size, args.pairs, frontend_view(args), frontend)
         rows[name] = {"bytes_per_audio_second": sum(s.bytes for s in corpus.shards) / seconds,
@@ -211,8 +219,9 @@ def run(args: argparse.Namespace) -> dict:
         shards = args.shards if is_url(args.shards) else Path(args.shards)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="audioclr-bench-")
-        shards = make_bench_shards(Path(tmp.name), args.clips, args.clip_seconds)
-    manifest = load_manifest(shards)
+        shards = make_bench_shards(Path(tmp.name), args.clips or SYNTH_CLIPS, args.clip_seconds)
+    corpus = load_manifest(shards)
+    manifest = corpus.first_shards(args.clips or SAMPLE_CLIPS) if args.shards else corpus
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     limit = decode_limit(manifest, cores)
     rows = {"decode_limit": limit}
@@ -230,7 +239,8 @@ def run(args: argparse.Namespace) -> dict:
         if recipe and recipe["augment"]:
             rows[f"{backend}+augment"] = backend_rate(manifest, backend, cores, args.batch_size, args.pairs,
                                                       args.seconds, device, recipe)
-    result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": manifest.num_clips,
+    result = {"cores": cores, "device": str(device), "shards": str(shards), "clips": corpus.num_clips,
+              "sample": {"clips": manifest.num_clips, "shards": len(manifest.shards), "of_shards": len(corpus.shards)},
               "pairs_per_clip": args.pairs, "recipe": getattr(args, "config", None), "clips_per_second": rows,
               "ratio_to_limit": {k: v / limit for k, v in rows.items() if k != "decode_limit"}, "skipped": skipped,
               "clip_format": manifest.clip_format, "formats": formats}
@@ -244,7 +254,11 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     print(f"device {result['device']}, {result['cores']} core(s), {result['clips']} clips, "
           f"pairs_per_clip {result['pairs_per_clip']}")
-    if result.get("recipe"):
+    sample = result.get("sample") or {}
+    if sample and sample["clips"] < result["clips"]:
+        print(f"measured on a sample: the first {sample['shards']} of {sample['of_shards']} shards, {sample['clips']} "
+              f"of {result['clips']} clips (--clips sets it; nothing reads or copies the whole corpus)")
+    if any(name.endswith("+augment") for name in result["clips_per_second"]):
         print(f"'+augment' rows: the augmentation chain, front end and view length of {result['recipe']}")
     print(f"{'pipeline':<16}{'clips/s':>12}{'per core':>12}{'/ limit':>10}")
     for name, rate in result["clips_per_second"].items():
@@ -271,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="audioclr bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard folder or its URL; default: synthesize --clips clips of --clip-seconds")
-    p.add_argument("--clips", type=cli_number(int, 1), default=256)
+    p.add_argument("--clips", type=cli_number(int, 1), default=None,
+                   help=f"without --shards: clips to synthesize (default {SYNTH_CLIPS}); with --shards: the bounded "
+                        f"sample, whole shards in manifest order, that the limit, the back ends and --formats read "
+                        f"(default {SAMPLE_CLIPS})")
     p.add_argument("--clip-seconds", type=cli_number(float, 0, above=True), default=10.0)
     p.add_argument("--cores", type=cli_number(int, 0), default=0, help="0 = the cores this process may use")
     p.add_argument("--backends", default="torch,dali", help="back ends to time ('' = none)")
@@ -287,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def work() -> int:
+        unknown = [f for f in args.formats.split(",") if f and f not in CLIP_FORMATS]
+        if unknown:
+            raise ValueError(f"--formats: {', '.join(unknown)} is not a clip format; choose from "
+                             f"{', '.join(CLIP_FORMATS)}")
         result = run(args)
         print_table(result)
         if args.out:

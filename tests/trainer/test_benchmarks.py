@@ -23,6 +23,31 @@ def test_bench_data_reports_each_backend_against_the_limit(tiny_shards, capsys):
     assert "decode_limit" in capsys.readouterr().out
 
 
+def test_bench_data_on_a_large_corpus_reads_a_bounded_sample_and_copies_no_corpus(tiny_shards, capsys, monkeypatch):
+    """Issue 35, item 3: the limit decoded every clip and --formats converted the whole
+    corpus (O(corpus): ~900 GB of copies for AudioSet). Now both, and the back ends, read
+    the first whole shards holding --clips clips, and the output says so."""
+    import trainer.bench_data as bench
+
+    read, converted = [], []
+    limit, convert = bench.decode_limit, bench.convert_manifest
+    monkeypatch.setattr(bench, "decode_limit", lambda m, cores: read.append(m.num_clips) or limit(m, cores))
+    monkeypatch.setattr(bench, "convert_manifest", lambda m, *a, **k: converted.append(len(m.shards)) or
+                        convert(m, *a, **k))
+    args = argparse.Namespace(shards=str(tiny_shards), clips=12, clip_seconds=0, cores=1, backends="torch",
+                              batch_size=4, pairs=1, seconds=0.3, out=None, config=None, formats="flac,pcm16",
+                              view_seconds=0.5)
+    result = bench.run(args)
+    assert result["clips"] == 24 and result["sample"] == {"clips": 12, "shards": 2, "of_shards": 4}
+    assert read == [12] and converted == [2]
+    assert set(result["formats"]["rows"]) == {"flac", "pcm16"}
+    bench.print_table(result)
+    out = capsys.readouterr().out
+    assert "the first 2 of 4 shards, 12 of 24 clips" in out and "'+augment' rows" not in out  # no recipe: no such rows
+    assert bench.main(["--shards", str(tiny_shards), "--formats", "flac,mp3"]) == 2  # refused before any work
+    assert "mp3 is not a clip format" in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_bench_gradcache_runs(tmp_path):
     out = subprocess.run([PYTHON, str(REPO / "tools" / "bench_gradcache.py"), "--batches", "8", "--cached", "16",
