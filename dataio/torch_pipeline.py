@@ -13,8 +13,10 @@ Determinism is what makes mid-epoch resume exact: the shard order depends on
 (seed, epoch), the shuffle on (seed, epoch, rank, worker), the crops on
 (seed, epoch, clip index, pass), the augmentations on keys of their own (see
 :mod:`dataio.augment.keyed`), so batch ``s`` of an epoch is the same whether the
-loader started at step 0 or at step ``s``. Skipping to ``start_step`` reads the
-skipped samples' bytes but decodes nothing.
+loader started at step 0 or at step ``s``. A loader started at ``start_step`` counts
+its way there and reads only the shard it lands in and what the shuffle buffer held
+(:func:`dataio.streams.seek`); with ``data.resampled`` or several corpora it reads the
+skipped samples' bytes, decoding nothing.
 """
 
 from __future__ import annotations
@@ -35,113 +37,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.batcher import BatchMaker, stage
-from dataio.errors import DataError, NoReadableClips, ShardMismatch
-from dataio.manifest import MEMBER_EXT, Manifest, split_for_reader
-from dataio.remote import Retry, shown, tar_samples
+from dataio.errors import DataError
+from dataio.manifest import Manifest, split_for_reader
+from dataio.remote import Retry
+from dataio.streams import Shuffled, mixed, resampled_stream, seek, worker_refs, worker_stream
 
 log = logging.getLogger(__name__)
-
-
-def raw_samples(manifest: Manifest, shard_ids: list[int], tar_errors: list,
-                 retry: Retry = Retry()) -> Iterator[dict]:
-    """Samples ({'__key__', 'flac' | 'pcm' | 'mel', 'json'}) of the given shards, in order; a corrupt or
-    truncated tar is logged, kept in ``tar_errors`` (not counted as skipped clips) and
-    left behind. A shard URL is streamed (:mod:`dataio.remote`); one that cannot be read
-    stops the run with a RemoteError naming it."""
-    def on_error(exc: Exception) -> bool:
-        tar_errors.append(repr(exc))
-        log.warning("skipping unreadable shard data: %s", exc.args[0] if exc.args and isinstance(exc.args[0], str)
-                    else repr(exc))  # webdataset appends (stream, url) to the args: the sentence only
-        return True
-
-    paths = manifest.shard_paths()
-    for sid in shard_ids:
-        listed, count, errors_before = manifest.shards[sid].count, 0, len(tar_errors)
-        for sample in tar_samples(paths[sid], on_error, retry):
-            count += 1
-            if count > listed:
-                raise ShardMismatch(f"shard {shown(str(paths[sid]))} holds more samples than the {listed} its "
-                                    f"manifest lists: the manifest of {manifest.where} does not describe its "
-                                    f"shards; run `audioclr check-shards` on it, or shard the audio again")
-            sample["__shard__"] = sid
-            yield sample
-        if count < listed and len(tar_errors) == errors_before:
-            log.warning("shard %s holds %d of the %d samples its manifest lists; training on what it holds",
-                        shown(str(paths[sid])), count, listed)
-
-
-def _worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = Retry()) -> Iterator[tuple]:
-    """Endless (pass number, raw sample) pairs of one worker: its shards in a fresh order
-    each pass, keeping every ``stride``-th sample; raises if a whole pass is empty."""
-    tar_errors: list = []
-    ext = MEMBER_EXT[manifest.clip_format]
-    for pass_no in itertools.count():
-        order = np.random.default_rng((*rank_seed, pass_no)).permutation(len(split.shards))
-        shard_ids = [split.shards[i] for i in order]
-        found = False
-        for k, sample in enumerate(raw_samples(manifest, shard_ids, tar_errors, retry)):
-            if k % split.sample_stride == split.sample_offset and ext in sample:
-                found = True
-                yield pass_no, sample
-        if not found:
-            urls = [manifest.shards[i].url for i in split.shards]
-            raise NoReadableClips(f"no readable clip in shard(s) {', '.join(urls[:5])}"
-                                  + (f" (+{len(urls) - 5} more)" if len(urls) > 5 else "")
-                                  + (f" of {manifest.where}: {tar_errors[-1]}" if tar_errors else
-                                     f" of {manifest.where}") + "; check them with `audioclr check-shards`")
-
-
-def _resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry(),
-                      ids: list[int] | None = None) -> Iterator[tuple]:
-    """Endless (draw number, raw sample) pairs of ``data.resampled``: whole shards drawn
-    with replacement from all of them (or ``ids``), so any number of readers always has
-    data. Raises once every shard has been drawn and none gave a sample."""
-    rng = np.random.default_rng(rng_key)
-    ids = list(range(len(manifest.shards))) if ids is None else ids
-    tar_errors: list = []
-    empty: set[int] = set()
-    ext = MEMBER_EXT[manifest.clip_format]
-    for draw in itertools.count():
-        sid = ids[int(rng.integers(len(ids)))]
-        found = False
-        for sample in raw_samples(manifest, [sid], tar_errors, retry):
-            if ext in sample:
-                found = True
-                yield draw, sample
-        if found:
-            empty = set()
-            continue
-        empty.add(sid)
-        if len(empty) == len(ids):
-            raise NoReadableClips(f"no readable clip in any shard of {manifest.where}"
-                                  + (f": {tar_errors[-1]}" if tar_errors else "")
-                                  + "; check them with `audioclr check-shards`")
-
-
-def _mixed(streams: list[Iterator[tuple]], weights: np.ndarray, rng: np.random.Generator) -> Iterator[tuple]:
-    """The samples of several corpora's streams, each next one taken from a corpus drawn
-    with probabilities ``weights``."""
-    while True:
-        yield next(streams[int(rng.choice(len(streams), p=weights))])
-
-
-def _shuffled(stream: Iterator[tuple], size: int, rng: np.random.Generator,
-              mix_passes: bool = False) -> Iterator[tuple]:
-    """A seeded shuffle buffer that never mixes two passes (so one pass over a worker's
-    clips is yielded completely before the next begins), unless ``mix_passes`` (the
-    draws of a resampled stream)."""
-    buffer: list = []
-    current = None
-    for item in stream:
-        if not mix_passes and current is not None and item[0] != current:
-            while buffer:
-                yield buffer.pop(int(rng.integers(len(buffer))))
-        current = item[0]
-        buffer.append(item)
-        if len(buffer) >= size:
-            yield buffer.pop(int(rng.integers(len(buffer))))
-    while buffer:
-        yield buffer.pop(int(rng.integers(len(buffer))))
 
 
 class WaveBatches(IterableDataset):
@@ -187,26 +88,33 @@ class WaveBatches(IterableDataset):
         errors: list = []
         rng = np.random.default_rng((seed, epoch, rank, logical, 7))
         retry = Retry.of(self.cfg)
+        done = len(range(mine.start, min(start_step, steps), workers))  # this reader's batches before start_step
+        seeking = done > 0 and not self.cfg.resampled and not self.manifest.sources
         streams = []
         for source, ids in enumerate(self._source_shards()):
             tag = (source,) if source else ()  # one corpus: the numbering of a run without sources
             if self.cfg.resampled:  # every reader draws from every shard, with replacement
-                streams.append(_resampled_stream(self.manifest, (seed, epoch, rank, logical, 11, *tag), retry, ids))
+                streams.append(resampled_stream(self.manifest, (seed, epoch, rank, logical, 11, *tag), retry, ids))
                 continue
             order = [ids[int(i)] for i in np.random.default_rng((seed, epoch, *tag)).permutation(len(ids))]
             split = split_for_reader(order, rank, world, logical, workers)
-            streams.append(_worker_stream(self.manifest, split, (seed, epoch, *tag, *split.order_key), retry))
+            rank_seed = (seed, epoch, *tag, *split.order_key)
+            streams.append(worker_refs(self.manifest, split, rank_seed) if seeking else
+                           worker_stream(self.manifest, split, rank_seed, retry))
         if len(streams) == 1:
             stream = streams[0]
         else:
             weights = np.array([s.weight for s in self.manifest.sources])
-            stream = _mixed(streams, weights / weights.sum(), np.random.default_rng((seed, epoch, rank, logical, 13)))
-        samples = _shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self._by_shard)
+            stream = mixed(streams, weights / weights.sum(), np.random.default_rng((seed, epoch, rank, logical, 13)))
+        samples = Shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self._by_shard)
         clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
-        done = len(range(mine.start, min(start_step, steps), workers))
         self.maker.epoch, self.maker.bad_since = epoch, None
-        for _ in itertools.islice(samples, clips * done):
-            pass
+        if seeking:  # counted to the resume step, not read (dataio.streams)
+            samples = seek(self.manifest, split, rank_seed, retry, samples, clips * done)
+        else:
+            for _ in itertools.islice(iter(samples), clips * done):
+                pass
+        samples = iter(samples)
         for step in mine[done:]:
             out = self.maker.batch(samples, errors, step)
             if self.in_workers:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataio.formats import ClipCodec, PCM_SCALE
+from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.manifest import Manifest
-from dataio.torch_pipeline import raw_samples
+from dataio.streams import raw_samples
 from dataio.views import crop_starts
 
 log = logging.getLogger(__name__)
