@@ -17,6 +17,7 @@ import http.client
 import io
 import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -106,10 +107,22 @@ def sizes(urls: list[str], timeout: float = 30.0) -> dict[str, int | None]:
     found: dict[str, int | None] = {}
     http = [u for u in urls if urllib.parse.urlsplit(u).scheme in BUILTIN_SCHEMES]
     if http:
+        gone = threading.Event()  # a HEAD that timed out: the store stopped answering
+
+        def head(url: str) -> int | None:
+            if gone.is_set():
+                return -1
+            size = _head(url, timeout)
+            if size == _TIMED_OUT:
+                gone.set()
+            return size
         with ThreadPoolExecutor(16) as pool:
-            for url, size in zip(http, pool.map(lambda u: _head(u, timeout), http)):
-                if size != -1:
+            for url, size in zip(http, pool.map(head, http)):
+                if size is None or size >= 0:
                     found[url] = size
+        if gone.is_set():
+            log.warning("the store stopped answering HEAD requests (%.0f s each) after %d of %d shard URLs; the "
+                        "rest are checked as they are read", timeout, len(found), len(http))
     by_folder: dict[str, list[str]] = {}
     for url in (u for u in urls if u not in http):
         by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
@@ -125,14 +138,22 @@ def sizes(urls: list[str], timeout: float = 30.0) -> dict[str, int | None]:
     return found
 
 
+_TIMED_OUT = -2
+
+
 def _head(url: str, timeout: float) -> int | None:
-    """Content-Length of ``url`` (None: not there; -1: unknown)."""
+    """Content-Length of ``url`` (None: not there; -1: unknown; _TIMED_OUT: no answer in
+    ``timeout`` seconds)."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             return int(length) if length is not None else -1
     except urllib.error.HTTPError as err:
         return None if err.code in (404, 410) else -1
+    except (TimeoutError, socket.timeout):
+        return _TIMED_OUT
+    except urllib.error.URLError as err:
+        return _TIMED_OUT if isinstance(err.reason, (TimeoutError, socket.timeout)) else -1
     except (OSError, http.client.HTTPException, ValueError):
         return -1
 

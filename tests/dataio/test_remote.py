@@ -7,6 +7,7 @@ import http.server
 import importlib.util
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_HEAD(self) -> None:
         with self.server.lock:
             self.server.heads += 1
+            hang = self.server.hang_heads_after and self.server.heads > self.server.hang_heads_after
+        if hang:  # a store that stops answering: the client's timeout decides
+            time.sleep(3)
         super().do_HEAD()
 
     def do_GET(self) -> None:
@@ -61,6 +65,7 @@ def serve():
                                                  functools.partial(_Handler, directory=str(folder)))
         server.folder, server.cut_first, server.down_after = str(folder), cut_first, down_after
         server.lock, server.requests, server.heads, server.cut = threading.Lock(), 0, 0, set()
+        server.hang_heads_after = 0
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
@@ -240,7 +245,7 @@ def test_evaluation_reads_shards_from_a_url_as_from_the_folder(tmp_path, serve):
 def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
     """file:// goes through fsspec, as s3:// or gs:// do (with the cloud extra)."""
     from dataio.manifest import load_manifest
-    from dataio.torch_pipeline import raw_samples
+    from dataio.streams import raw_samples
     local, remote = load_manifest(tiny_shards), load_manifest(f"file://{tiny_shards}")
     assert remote.remote and remote.where == f"file://{tiny_shards}"
     ids = list(range(len(local.shards)))
@@ -380,3 +385,24 @@ def test_decode_free_formats_stream_from_a_url_and_convert_from_one(tiny_shards,
         [s.bytes for s in from_folder.shards]
     for name in ("shard-00000.tar", "shard-00003.tar"):
         assert (tmp_path / "mel-url" / name).read_bytes() == (tmp_path / "mel" / name).read_bytes()
+
+
+def test_a_store_that_stops_answering_mid_check_is_left_to_the_reads(tmp_path, serve, caplog):
+    """Issue 35: the start-up check of 2,000 shard URLs against a store that stopped
+    answering would wait out every HEAD's timeout (2,000 / 16 x 30 s). After the first one
+    times out the rest are left to the reads (which retry and name the URL), with a warning."""
+    import logging
+
+    from dataio.remote import sizes
+    from tests.shard_utils import make_shards
+
+    make_shards(tmp_path / "s", [1] * 48, seconds=0.05)
+    url = serve(tmp_path / "s")
+    serve.servers[0].hang_heads_after = 3
+    urls = [f"{url}/shard-{i:05d}.tar" for i in range(48)]
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="dataio.remote"):
+        found = sizes(urls, timeout=0.5)
+    assert time.perf_counter() - start < 2.5 and serve.servers[0].heads <= 3 + 16 + 2
+    assert 3 <= len(found) < 48 and all(size and size > 0 for size in found.values())
+    assert "stopped answering HEAD requests" in caplog.text
