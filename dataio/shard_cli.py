@@ -15,8 +15,9 @@ from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.publish import Publisher
 from dataio.remote import is_url, shown
 from dataio.schema import cli_number
-from dataio.shard_writer import REJECTED_NAME, Encoding, refuse_output_over_input, write_shards
-from dataio.sources import layout_options, load_layout, write_missing
+from dataio.shard_pipeline import WriteSettings, write_parts
+from dataio.shard_writer import REJECTED_NAME, Encoding, refuse_output_over_input
+from dataio.sources import layout_options, listing_parts, write_missing
 
 FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
                "pcm16 (the same samples raw: twice FLAC's size on tonal audio, read with no decoder), logmel "
@@ -141,21 +142,19 @@ def run_shard(args: argparse.Namespace) -> int:
     if not src.exists():
         raise ShardWriteError(f"SRC {src} does not exist")
     refuse_output_over_input(src, args.out)
-    listing = load_layout(args.layout, src, **options)
-    if listing.missing:
-        print(f"{len(listing.missing)} listed clips missing on disk")
-    if not listing.items:
-        raise ShardWriteError(f"no audio clips found in {src} (layout {args.layout})")
+    parts = listing_parts(args.layout, src, **options)  # read by the workers
     dataset = args.dataset or (src.name if src.is_dir() else src.stem) or "dataset"
+    settings = WriteSettings(dataset=dataset, sample_rate=args.sample_rate, min_seconds=args.min_seconds,
+                             encoding=encoding)
     publisher = Publisher(args.out, args.overwrite) if is_url(args.out) else None
     staging = Path(tempfile.mkdtemp(prefix="audioclr-shard-")) if publisher else Path(args.out)
     try:
-        report = write_shards(listing.items, staging, dataset=dataset,
-                              sample_rate=args.sample_rate, shard_size=args.shard_size,
-                              shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
-                              min_seconds=args.min_seconds, overwrite=args.overwrite,
-                              vocabulary=listing.vocabulary, on_shard=publisher.shard if publisher else None,
-                              encoding=encoding)
+        report, listing = write_parts(parts, staging, settings, shard_size=args.shard_size,
+                                      shard_bytes=args.shard_bytes, seed=args.seed, workers=args.workers,
+                                      overwrite=args.overwrite, on_shard=publisher.shard if publisher else None,
+                                      no_clips=f"no audio clips found in {src} (layout {args.layout})")
+        if listing.missing:
+            print(f"{len(listing.missing)} listed clips missing on disk")
         if listing.fold_names:
             _record_fold_names(report.out_dir, listing.fold_names)
         missing_path = write_missing(listing, report.out_dir)

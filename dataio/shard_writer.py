@@ -1,29 +1,26 @@
 """Write audio clips into WebDataset shards, DALI index files and a manifest.
 
-Per clip, worker processes load the audio (``loader``), mix it down to mono, resample
-it to the target rate, validate it, quantise it to 16 bits and encode it in the clip
-format (:mod:`dataio.formats`: FLAC, raw 16-bit PCM, or a float16 log-mel). The main
-process writes accepted clips, in a seeded shuffled order, into ``shard-NNNNN.tar``
-(members ``KEY.flac`` / ``KEY.pcm`` / ``KEY.mel`` and ``KEY.json``) with one DALI index
-``shard-NNNNN.idx`` per tar (:mod:`dataio.tar_writer`), then ``rejected.tsv``
-(``path<TAB>reason`` of every clip left out) and ``manifest.json``. The same items and seed give byte-identical shards
-whatever the number of workers.
-"""
+Per clip, a worker process loads the audio (``loader``), mixes it down to mono, resamples
+it to the target rate, validates it, quantises it to 16 bits and encodes it in the clip
+format (:mod:`dataio.formats`: FLAC, raw 16-bit PCM, or a float16 log-mel). Accepted
+clips go, in a seeded shuffled order, into ``shard-NNNNN.tar`` (members ``KEY.flac`` /
+``KEY.pcm`` / ``KEY.mel`` and ``KEY.json``) with one DALI index ``shard-NNNNN.idx`` per
+tar (:mod:`dataio.tar_writer`), then come ``rejected.tsv`` (``path<TAB>reason`` of every
+clip left out) and ``manifest.json``. Listing, encoding and tar writing all run in the
+workers (:mod:`dataio.shard_pipeline`); the same items and seed give byte-identical
+shards whatever the number of workers. This module holds what one clip goes through."""
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as futures
 import hashlib
 import json
 import multiprocessing
 import os
 import pickle
 import re
-import time
+import shutil
 import urllib.parse
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +28,17 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-from tqdm import tqdm
 
-from dataio.atomic import write_text_atomically
 from dataio.errors import ShardWriteError
 from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import Manifest
 from dataio.remote import is_url, shown
-from dataio.tar_writer import ShardSink
 
 REJECTED_NAME = "rejected.tsv"
 DEFAULT_SHARD_SIZE = 1000
 MAX_KEY_CHARS = 80  # "KEY.flac" stays inside the 100-character ustar name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+WORK_DIR_NAME = "shard-work.tmp"  # the writer's working files (dataio.shard_store)
 _OUR_FILES = re.compile(r"^(shard-\d{5,}\.(tar|idx)|manifest\.json|rejected\.tsv)(\.tmp)?$")
 
 
@@ -115,12 +109,21 @@ def safe_key(text: str) -> str:
     return key
 
 
+def base_key(item: ClipItem) -> str:
+    """The safe key ``item`` asks for (its ``key``, else its path's last two parts)."""
+    return safe_key(item.key or "_".join(Path(item.path).parts[-2:]))
+
+
 def assign_keys(items: Sequence[ClipItem]) -> list[str]:
     """A safe, unique key per item, in item order (``_1``, ``_2``, ... added on collisions)."""
+    return unique_keys([base_key(item) for item in items])
+
+
+def unique_keys(bases: Iterable[str]) -> list[str]:
+    """``bases`` made unique in order: a key already taken gets ``_1``, ``_2``, ..."""
     taken: set[str] = set()
     keys = []
-    for item in items:
-        base = safe_key(item.key or "_".join(Path(item.path).parts[-2:]))
+    for base in bases:
         key, n = base, 0
         while key in taken:
             n += 1
@@ -226,25 +229,6 @@ def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
         return ClipResult(reason=f"encode failed: {_one_line(err)}")
 
 
-def _results_in_order(items: Sequence[ClipItem], loader: Loader, sample_rate: int,
-                      min_seconds: float, workers: int, encoding: Encoding) -> Iterator[ClipResult]:
-    """:func:`process_clip` over ``items``, in order, with at most 4*workers clips in flight."""
-    if workers == 1:
-        for item in items:
-            yield process_clip(item, loader, sample_rate, min_seconds, encoding)
-        return
-    # spawn, not fork: a parent that already ran torch ops may hold OpenMP threads
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: collections.deque[futures.Future] = collections.deque()
-        for item in items:
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
-            pending.append(pool.submit(process_clip, item, loader, sample_rate, min_seconds, encoding))
-        while pending:
-            yield pending.popleft().result()
-
-
 def check_encoding(encoding: Encoding, sample_rate: int) -> None:
     """A known clip format; a logmel front end at the shards' rate."""
     if encoding.clip_format not in MEMBER_EXT:
@@ -287,63 +271,39 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         for old in out_dir.iterdir():
             if old.is_file() and _OUR_FILES.match(old.name):
                 old.unlink()
+            elif old.is_dir() and old.name == WORK_DIR_NAME:  # left by a killed run
+                shutil.rmtree(old)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_inputs(items: Sequence[ClipItem], loader: Loader, workers: int,
-                  vocabulary: list[str] | None) -> None:
-    """Fail before any work: no items, an unpicklable loader, labels outside the vocabulary."""
-    if not items:
-        raise ShardWriteError("no clips to write")
+def check_loader(loader: Loader, workers: int) -> None:
+    """Fail before any work when worker processes cannot be sent ``loader``."""
     if workers != 1:
         try:
             pickle.dumps(loader)
         except Exception as err:  # noqa: BLE001
             raise ShardWriteError(f"loader {loader!r} cannot be sent to worker processes (make "
                                   f"it a top-level function, or use workers=1): {err}") from err
-    unknown = sorted({x for item in items for x in item.labels} - set(vocabulary or []))
+
+
+def check_vocabulary(labels: set[str], vocabulary: list[str] | None) -> None:
+    """Fail before encoding when a listed label is outside the given vocabulary."""
+    unknown = sorted(labels - set(vocabulary or []))
     if vocabulary is not None and unknown:
         raise ShardWriteError(f"{len(unknown)} label(s) missing from the given vocabulary, "
                               f"e.g. {unknown[:5]}")
 
 
-def _clip_json(index: int, dataset: str, item: ClipItem, duration: float) -> bytes:
-    """The ``KEY.json`` member; ``duration`` in seconds; ``subset`` only when the item has one."""
-    meta = {"index": index, "dataset": dataset, "labels": [str(x) for x in item.labels],
+def clip_json_rest(dataset: str, item: ClipItem, duration: float) -> bytes:
+    """The ``KEY.json`` member but its ``index`` (which :func:`dataio.shard_plan.json_with_index`
+    puts first once the clip's place is known); ``duration`` in seconds; ``subset`` only
+    when the item has one."""
+    meta = {"dataset": dataset, "labels": [str(x) for x in item.labels],
             "split": item.split, "fold": None if item.fold is None else int(item.fold),
             "duration": round(duration, 6)}
     if item.subset is not None:
         meta["subset"] = str(item.subset)
     return json.dumps(meta).encode()
-
-
-@dataclass
-class _Tally:
-    num_clips: int = 0
-    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (position, path, reason)
-    labels: set[str] = field(default_factory=set)
-    multi_label: bool = False
-
-
-def _fill_shards(items: list[ClipItem], order: list[int], results: Iterable[ClipResult],
-                 sink: ShardSink, dataset: str, sample_rate: int, progress: bool, ext: str) -> _Tally:
-    """Write each accepted result (the j-th belongs to ``items[order[j]]``) into ``sink``."""
-    keys = assign_keys(items)
-    tally = _Tally()
-    with tqdm(total=len(items), unit="clip", desc="shard", disable=not progress) as bar:
-        for position, result in zip(order, results):
-            bar.update(1)
-            item = items[position]
-            if result.data is None:
-                tally.rejected.append((position, item.path, result.reason or "rejected"))
-                continue
-            meta = _clip_json(tally.num_clips, dataset, item, result.frames / sample_rate)
-            sink.add(keys[position], [(ext, result.data), ("json", meta)])
-            tally.num_clips += 1
-            tally.labels.update(item.labels)
-            tally.multi_label = tally.multi_label or len(item.labels) > 1
-    sink.close()
-    return tally
 
 
 def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str,
@@ -364,30 +324,10 @@ def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str
     ``on_shard(tar, index)`` is called as each shard is complete (an upload, for one).
     ``encoding`` says which clip format the members are written in (FLAC by default).
     """
-    start = time.perf_counter()
-    items, out_dir = list(items), Path(out_dir)
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
-    _check_inputs(items, loader, workers, vocabulary)
-    check_encoding(encoding, sample_rate)
-    prepare_out_dir(out_dir, overwrite)
-    if shard_size <= 0 and shard_bytes <= 0:
-        shard_size = DEFAULT_SHARD_SIZE
-    order = np.random.default_rng(seed).permutation(len(items)).tolist()
-    shuffled = [items[i] for i in order]
-    results = _results_in_order(shuffled, loader, sample_rate, min_seconds, workers, encoding)
-    sink = ShardSink(out_dir, shard_size, shard_bytes, on_shard)
-    tally = _fill_shards(items, order, results, sink, dataset, sample_rate, progress, encoding.ext)
-    rejected = [(path, reason) for _, path, reason in sorted(tally.rejected)]
-    write_text_atomically(out_dir / REJECTED_NAME, "path\treason\n" + "".join(
-        f"{_one_line(path, 10_000)}\t{_one_line(reason)}\n" for path, reason in rejected))
-    if tally.num_clips == 0:
-        raise ShardWriteError(f"none of the {len(items)} clips could be used; the reasons are "
-                              f"listed in {out_dir / REJECTED_NAME}")
-    vocab = sorted(tally.labels) if vocabulary is None else list(vocabulary)
-    kinds = Counter(reason.split(":")[0].strip() for _, reason in rejected)
-    Manifest(dataset=dataset, sample_rate=sample_rate, num_clips=tally.num_clips,
-             shards=sink.shards, vocabulary=vocab, multi_label=tally.multi_label,
-             rejected={"clips": len(rejected), "reasons": dict(sorted(kinds.items())),
-                       "list": REJECTED_NAME}, **encoding.manifest_fields()).write(out_dir)
-    return WriteReport(tally.num_clips, rejected, len(sink.shards), out_dir,
-                       time.perf_counter() - start)
+    # imported here: the pipeline's modules import this one for ClipItem and process_clip
+    from dataio.shard_pipeline import WriteSettings, write_parts
+    settings = WriteSettings(dataset=dataset, sample_rate=sample_rate, min_seconds=min_seconds,
+                             encoding=encoding, loader=loader)
+    return write_parts([list(items)], out_dir, settings, shard_size=shard_size, shard_bytes=shard_bytes,
+                       seed=seed, workers=workers, overwrite=overwrite, vocabulary=vocabulary,
+                       progress=progress, on_shard=on_shard)[0]

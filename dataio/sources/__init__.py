@@ -10,6 +10,7 @@ converter's keyword options are its layout's options (:func:`layout_options`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from dataio.shard_writer import ClipItem
 from dataio.sources.audioset import audioset_items
 from dataio.sources.esc50 import esc50_items
-from dataio.sources.folder import csv_items, folder_items
+from dataio.sources.folder import csv_items, folder_items, folder_parts
 from dataio.sources.fsd50k import fsd50k_items
 from dataio.sources.fsdnoisy18k import fsdnoisy18k_items
 from dataio.sources.gtzan import gtzan_items
@@ -25,7 +26,7 @@ from dataio.sources.listing import MissingClip, SourceListing, write_missing
 from dataio.sources.us8k import us8k_items
 
 __all__ = ["LAYOUTS", "MissingClip", "SourceListing", "items_for_layout", "layout_options",
-           "load_layout", "write_missing"]
+           "listing_parts", "load_layout", "write_missing"]
 
 LAYOUTS: dict[str, Callable[..., list[ClipItem] | SourceListing]] = {
     "folder": folder_items,
@@ -58,19 +59,35 @@ def layout_options(name: str) -> list[str]:
     return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def _check_options(name: str, opts: dict) -> None:
+    """ValueError naming an option that layout ``name`` does not take."""
+    accepted = layout_options(name)
+    for option in opts:
+        if option not in accepted:
+            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
+            raise ValueError(f"option {option!r} does not apply to layout {name} ({takes})")
+
+
 def load_layout(name: str, src: Path, **opts) -> SourceListing:
     """The clips of ``src`` read with layout ``name``; an unknown name lists the valid ones.
 
     An option the layout does not take raises ValueError naming the option and layout.
     """
     convert = _converter(name)
-    accepted = layout_options(name)
-    for option in opts:
-        if option not in accepted:
-            takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
-            raise ValueError(f"option {option!r} does not apply to layout {name} ({takes})")
+    _check_options(name, opts)
     result = convert(Path(src), **opts)
     return result if isinstance(result, SourceListing) else SourceListing(list(result))
+
+
+def listing_parts(name: str, src: Path, **opts) -> list[Callable[[], SourceListing | list[ClipItem]]]:
+    """:func:`load_layout`'s listing as parts the shard writer's workers read in parallel
+    (:func:`dataio.shard_pipeline.write_parts`): the folder layout one part per label
+    folder; the others whole, as one part (read by one worker, off the main process)."""
+    convert = _converter(name)
+    _check_options(name, opts)
+    if convert is folder_items:
+        return list(folder_parts(Path(src)))
+    return [functools.partial(load_layout, name, Path(src), **opts)]
 
 
 def items_for_layout(name: str, src: Path, **opts) -> list[ClipItem]:

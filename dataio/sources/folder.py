@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 from dataio.shard_writer import ClipItem, safe_key
@@ -28,15 +29,25 @@ def folder_items(src: Path) -> list[ClipItem]:
     Each sub-folder of ``src`` is a label; files directly in ``src``, hidden files and
     files soundfile does not read (by extension) are ignored.
     """
+    return [item for part in folder_parts(src) for item in part()]
+
+
+def folder_parts(src: Path) -> list[functools.partial]:
+    """:func:`folder_items` in parts, one per label folder (in sorted order), each a
+    callable that lists its folder: the shard writer's workers list them in parallel."""
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"layout folder: {src} is not a folder (one sub-folder per label)")
+    labels = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [functools.partial(label_folder_items, src, label) for label in labels]
+
+
+def label_folder_items(src: Path, label: str) -> list[ClipItem]:
+    """The items of one label folder ``src/label``, sorted by path."""
     items = []
-    for label_dir in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(p for p in label_dir.rglob("*") if _is_audio(p)):
-            relative = path.relative_to(src).as_posix()
-            items.append(ClipItem(path=str(path), labels=[label_dir.name],
-                                  key=_relative_key(relative)))
+    for path in sorted(p for p in (src / label).rglob("*") if _is_audio(p)):
+        relative = path.relative_to(src).as_posix()
+        items.append(ClipItem(path=str(path), labels=[label], key=_relative_key(relative)))
     return items
 
 
