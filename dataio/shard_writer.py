@@ -304,30 +304,3 @@ def clip_json_rest(dataset: str, item: ClipItem, duration: float) -> bytes:
     if item.subset is not None:
         meta["subset"] = str(item.subset)
     return json.dumps(meta).encode()
-
-
-def write_shards(items: Iterable[ClipItem], out_dir: str | Path, *, dataset: str,
-                 sample_rate: int = 16000, shard_size: int = 0, shard_bytes: int = 0,
-                 seed: int = 0, workers: int = 0, min_seconds: float = 0.025,
-                 overwrite: bool = False, loader: Loader = soundfile_loader,
-                 vocabulary: list[str] | None = None, progress: bool = True, on_shard=None,
-                 encoding: Encoding = Encoding()) -> WriteReport:
-    """Turn ``items`` into WebDataset shards, DALI indexes and a manifest in ``out_dir``.
-
-    ``sample_rate`` in Hz; ``shard_size`` in clips and ``shard_bytes`` in payload bytes
-    (a shard is cut at whichever is reached first; both 0 means 1000 clips); ``seed``
-    fixes the shuffled order of clips in the shards; ``workers`` processes (0: one per
-    CPU, 1: in this process); clips shorter than ``min_seconds`` seconds are rejected.
-    The clip JSON's ``index`` runs 0..N-1 over accepted clips in shard order. The
-    manifest is written last, so a folder with a manifest holds complete shards.
-    Worker processes are spawned: a script calling this needs ``if __name__ == "__main__":``.
-    ``on_shard(tar, index)`` is called as each shard is complete (an upload, for one).
-    ``encoding`` says which clip format the members are written in (FLAC by default).
-    """
-    # imported here: the pipeline's modules import this one for ClipItem and process_clip
-    from dataio.shard_pipeline import WriteSettings, write_parts
-    settings = WriteSettings(dataset=dataset, sample_rate=sample_rate, min_seconds=min_seconds,
-                             encoding=encoding, loader=loader)
-    return write_parts([list(items)], out_dir, settings, shard_size=shard_size, shard_bytes=shard_bytes,
-                       seed=seed, workers=workers, overwrite=overwrite, vocabulary=vocabulary,
-                       progress=progress, on_shard=on_shard)[0]

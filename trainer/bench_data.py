@@ -49,12 +49,12 @@ from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
 from dataio.schema import cli_number
-from dataio.shard_writer import Encoding, write_shards
+from dataio.shard_pipeline import write_shards
+from dataio.shard_writer import Encoding
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
-
 
 SYNTH_CLIPS = 256  # the corpus synthesized without --shards
 SAMPLE_CLIPS = 2000  # with --shards: what is read of the corpus (whole shards), whatever its size

@@ -44,7 +44,8 @@ from dataio.formats import frontend_record
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import MANIFEST_NAME, load_manifest
 from dataio.schema import cli_number
-from dataio.shard_writer import Encoding, write_shards
+from dataio.shard_pipeline import write_shards
+from dataio.shard_writer import Encoding
 from dataio.sources import load_layout
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config, to_dict

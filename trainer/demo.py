@@ -11,7 +11,7 @@ from pathlib import Path
 from dataio.errors import ConfigError, ManifestError, ShardWriteError
 from dataio.manifest import MANIFEST_NAME
 from dataio.schema import cli_number
-from dataio.shard_writer import write_shards
+from dataio.shard_pipeline import write_shards
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config

@@ -9,8 +9,9 @@ import pytest
 
 import dataio.shard_pipeline as pipeline
 from dataio.errors import ShardWriteError
+from dataio.shard_pipeline import write_shards
 from dataio.shard_plan import ShardPlanner
-from dataio.shard_writer import WORK_DIR_NAME, Encoding, write_shards
+from dataio.shard_writer import WORK_DIR_NAME, Encoding
 from dataio.sources import listing_parts
 from dataio.sources.folder import folder_items
 from tests.dataio.shard_fixture import fixture_items, fixture_loader, folder_digest

@@ -17,7 +17,8 @@ import soundfile as sf
 from dataio.errors import ShardWriteError
 from dataio.manifest import load_manifest
 from dataio.shard_cli import parse_size
-from dataio.shard_writer import REJECTED_NAME, ClipItem, write_shards
+from dataio.shard_pipeline import write_shards
+from dataio.shard_writer import REJECTED_NAME, ClipItem
 from dataio.sources import items_for_layout
 from dataio.sources.folder import csv_items, folder_items
 

@@ -109,7 +109,7 @@ def test_help_config_names_the_base_key(capsys):
 
 @pytest.mark.e2e
 def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
-    from dataio.shard_writer import write_shards
+    from dataio.shard_pipeline import write_shards
     from dataio.sources.demo import RATE, demo_items, synth_loader
     from trainer.demo import demo
 

@@ -15,7 +15,7 @@ SMALL = {"moco_fsd50k": ["objective.queue_size=32"], "npid_fsd50k": ["objective.
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    from dataio.shard_writer import write_shards
+    from dataio.shard_pipeline import write_shards
     from dataio.sources.demo import demo_items, synth_loader
 
     made = {}

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from dataio.manifest import load_manifest
-from dataio.shard_writer import write_shards
+from dataio.shard_pipeline import write_shards
 from dataio.sources import MissingClip, items_for_layout, load_layout
 from dataio.sources.gtzan import split_counts
 
