@@ -31,7 +31,14 @@ from dataio.publish import Publisher
 from dataio.recipes import read_recipe
 from dataio.remote import Retry, is_url, shown, tar_samples
 from dataio.schema import build_section
-from dataio.shard_writer import REJECTED_NAME, Encoding, check_encoding, prepare_out_dir, refuse_output_over_input
+from dataio.shard_writer import (
+    REJECTED_NAME,
+    Encoding,
+    check_encoding,
+    prepare_out_dir,
+    refuse_output_over_input,
+    remove_our_files,
+)
 from dataio.tar_writer import ShardSink
 
 
@@ -101,7 +108,7 @@ def convert_manifest(manifest: Manifest, out: str, encoding: Encoding, *, overwr
     try:
         if not publisher:
             prepare_out_dir(staging, overwrite)
-        shards = _convert_shards(manifest, staging, encoding, workers, publisher, progress)
+        shards = _shards_or_nothing(manifest, staging, encoding, workers, publisher, progress)
         rejected = dict(manifest.rejected)
         if not publisher and not is_url(src) and (Path(src) / REJECTED_NAME).is_file():
             shutil.copyfile(Path(src) / REJECTED_NAME, staging / REJECTED_NAME)
@@ -119,6 +126,16 @@ def convert_manifest(manifest: Manifest, out: str, encoding: Encoding, *, overwr
         if publisher:
             shutil.rmtree(staging, ignore_errors=True)
     return converted
+
+
+def _shards_or_nothing(manifest: Manifest, staging: Path, encoding: Encoding, workers: int, publisher,
+                       progress: bool) -> list[ShardInfo]:
+    """:func:`_convert_shards`; a stop or a failure (a full disk) leaves no ``.tmp`` file."""
+    try:
+        return _convert_shards(manifest, staging, encoding, workers, publisher, progress)
+    except BaseException:
+        remove_our_files(staging, unfinished_only=True)
+        raise
 
 
 def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, workers: int, publisher,

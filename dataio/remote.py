@@ -150,10 +150,10 @@ def _head(url: str, timeout: float) -> int | None:
             return int(length) if length is not None else -1
     except urllib.error.HTTPError as err:
         return None if err.code in (404, 410) else -1
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return _TIMED_OUT
     except urllib.error.URLError as err:
-        return _TIMED_OUT if isinstance(err.reason, (TimeoutError, socket.timeout)) else -1
+        return _TIMED_OUT if isinstance(err.reason, TimeoutError) else -1
     except (OSError, http.client.HTTPException, ValueError):
         return -1
 

@@ -54,6 +54,7 @@ from dataio.shard_writer import (
     clip_json_rest,
     prepare_out_dir,
     process_clip,
+    remove_our_files,
     soundfile_loader,
     unique_keys,
 )
@@ -342,6 +343,7 @@ def write_parts(parts: Sequence[ListingPart | list[ClipItem]], out_dir: str | Pa
         tally = _plan_and_write(pool, work, out_dir, listed, settings, limits, seed, workers, progress, on_shard)
     except BaseException:
         _close(pool, work)
+        remove_our_files(out_dir, unfinished_only=True)  # a stop or a full disk leaves no .tmp behind
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -32,12 +33,15 @@ import torchaudio.functional as AF
 from dataio.errors import ShardWriteError
 from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
+from dataio.manifest import MANIFEST_NAME
 from dataio.remote import is_url, shown
 
 REJECTED_NAME = "rejected.tsv"
 DEFAULT_SHARD_SIZE = 1000
 MAX_KEY_CHARS = 80  # "KEY.flac" stays inside the 100-character ustar name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+log = logging.getLogger(__name__)
+
 WORK_DIR_NAME = "shard-work.tmp"  # the writer's working files (dataio.shard_store)
 _OUR_FILES = re.compile(r"^(shard-\d{5,}\.(tar|idx)|manifest\.json|rejected\.tsv)(\.tmp)?$")
 
@@ -261,19 +265,37 @@ def refuse_output_over_input(src: str | Path, out: str | Path) -> None:
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then drop our old files)."""
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then drop our old
+    files). A folder holding nothing but the files of a write that never finished (our
+    shards and working files, no manifest: a stopped or failed run) is taken over as if
+    it were empty, so rerunning the stopped command is what resumes it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardWriteError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ShardWriteError(f"output folder {out_dir} is not empty: choose another folder "
-                                  f"or pass --overwrite (overwrite=True) to replace its shards")
-        for old in out_dir.iterdir():
-            if old.is_file() and _OUR_FILES.match(old.name):
-                old.unlink()
-            elif old.is_dir() and old.name == WORK_DIR_NAME:  # left by a killed run
-                shutil.rmtree(old)
+    entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    unfinished = entries and all(_ours(e) for e in entries) and not (out_dir / MANIFEST_NAME).exists()
+    if entries and not overwrite and not unfinished:
+        raise ShardWriteError(f"output folder {out_dir} is not empty: choose another folder "
+                              f"or pass --overwrite to replace its shards")
+    if unfinished:
+        log.info("%s holds the shards of a write that never finished (no manifest): replacing them", out_dir)
+    remove_our_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _ours(entry: Path) -> bool:
+    return (entry.is_file() and bool(_OUR_FILES.match(entry.name))) or (entry.is_dir() and entry.name == WORK_DIR_NAME)
+
+
+def remove_our_files(out_dir: Path, unfinished_only: bool = False) -> None:
+    """Delete what a shard writer leaves in ``out_dir`` (with ``unfinished_only``: only its
+    ``.tmp`` files and working folder, what a stopped or failed write leaves behind)."""
+    for entry in list(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if not _ours(entry) or (unfinished_only and not entry.name.endswith(".tmp")):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def check_loader(loader: Loader, workers: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dataio.atomic import write_text_atomically
@@ -30,11 +32,19 @@ class ShardSink:
         self._index_lines: list[str] = []
         self._payload = 0  # bytes of member data in the open shard
 
+    @property
+    def _open_path(self) -> Path:
+        return self.out_dir / f"shard-{self.first + len(self.shards):05d}.tar.tmp"
+
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Append one sample (``[(extension, data), ...]``); cut the shard when it is full."""
+        """Append one sample (``[(extension, data), ...]``); cut the shard when it is full. An
+        OSError (a full disk) names the shard it was writing."""
+        with _naming(self._open_path):
+            self._add(key, members)
+
+    def _add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         if self._tar is None:
-            name = f"shard-{self.first + len(self.shards):05d}.tar.tmp"
-            self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self._open_path, "w", format=tarfile.USTAR_FORMAT)
         components = []
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")  # uid, gid 0 and no user names by default
@@ -53,7 +63,8 @@ class ShardSink:
         """Finish the open shard, if any: rename the tar, then write its index."""
         if self._tar is None:
             return
-        self._tar.close()
+        with _naming(self._open_path):
+            self._tar.close()
         stem = f"shard-{self.first + len(self.shards):05d}"
         tar_path = self.out_dir / f"{stem}.tar"
         (self.out_dir / f"{stem}.tar.tmp").replace(tar_path)
@@ -63,6 +74,18 @@ class ShardSink:
         self._tar, self._index_lines, self._payload = None, [], 0
         if self.on_shard is not None:
             self.on_shard(tar_path, self.out_dir / f"{stem}.idx")
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside without a file name (a write to an open file: ENOSPC) gets
+    ``path``, so the message says where the disk filled up."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def write_dali_index(path: Path, sample_lines: list[str]) -> None:

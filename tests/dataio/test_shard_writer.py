@@ -386,3 +386,46 @@ def test_check_shards_lists_a_truncated_shard_once(tmp_path):
     assert re.fullmatch(r"shard-00001.tar\tshard-00001.tar\tunreadable tar data after \d+ of 4 members: "
                         r"TarFormatError: .* cut short .*\(truncated shard\?\)", lines[1]), lines[1]
     assert "3 shard(s) checked: 2 problem(s)" in out.stderr
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_stopped_or_full_write_leaves_no_tmp_and_rerunning_it_works(audio_tree, tmp_path, monkeypatch, stop):
+    """Issue 36, row 2: a stopped (Ctrl-C, SIGTERM) or disk-full shard or convert left
+    shard-*.tar.tmp behind, the stop line said to rerun the command and the rerun was
+    refused; a full disk named no file. Now nothing .tmp is left, the message names the
+    shard being written, and the same command again takes over the unfinished folder."""
+    import tarfile
+
+    from dataio.convert import convert_corpus
+    from dataio.shard_writer import Encoding
+
+    corpus = tmp_path / "corpus"
+    assert _cli([str(audio_tree), "--out", str(corpus), "--workers", "1", "--shard-size", "2"]) == 0
+    real, calls = tarfile.TarFile.addfile, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:  # after a shard or two: their tars complete, the next one open
+            raise stop
+        return real(self, *args, **kwargs)
+
+    def attempts():
+        yield "shard", lambda: write_shards(folder_items(audio_tree), tmp_path / "again", dataset="x", workers=1,
+                                            shard_size=2, progress=False)
+        yield "convert", lambda: convert_corpus(corpus, str(tmp_path / "pcm"), Encoding("pcm16"), workers=1,
+                                                progress=False)
+    for name, run in attempts():
+        calls.clear()
+        monkeypatch.setattr(tarfile.TarFile, "addfile", failing)
+        with pytest.raises(type(stop)) as caught:
+            run()
+        monkeypatch.setattr(tarfile.TarFile, "addfile", real)
+        out = tmp_path / ("again" if name == "shard" else "pcm")
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], name
+        assert not (out / "manifest.json").exists() and any(out.glob("shard-*.tar")), name  # complete shards stay
+        if isinstance(stop, OSError):
+            assert caught.value.filename.endswith(".tar.tmp") and "shard-0000" in caught.value.filename
+        run()  # the same command again, no --overwrite: the unfinished folder is taken over
+        assert (out / "manifest.json").is_file(), name
+    with pytest.raises(ShardWriteError, match="not empty: choose another folder or pass --overwrite to"):
+        convert_corpus(corpus, str(tmp_path / "pcm"), Encoding("pcm16"), workers=1, progress=False)
