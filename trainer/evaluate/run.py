@@ -82,7 +82,7 @@ class Evaluation:
         if clips is None:  # a sweep passes them in, its preflight having checked the rate
             manifest = load_manifest(data)
             check_rate(manifest, frontend.sample_rate, run_dir)
-            clips = load_clipset(manifest)
+            clips = load_clipset(manifest, keep_audio=protocol == "finetune")  # its crops: random access
         self.clips = clips
         self.device = pick_device(cfg.device, key="eval.device")
         patch_s, hop_s = patching(cfg, meta)

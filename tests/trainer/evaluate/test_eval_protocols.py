@@ -26,7 +26,7 @@ def _clips(folds, splits=None, labels=None, multilabel=False, classes=2):
     labels = np.arange(n) % classes if labels is None else np.asarray(labels)
     targets = np.zeros((n, classes), dtype=np.float32)
     targets[np.arange(n)[labels >= 0], labels[labels >= 0]] = 1
-    return ClipSet([f"k{i}" for i in range(n)], [b""] * n, labels, targets, np.asarray(folds),
+    return ClipSet([f"k{i}" for i in range(n)], labels, targets, np.asarray(folds),
                    np.asarray(splits or [""] * n), [f"c{i}" for i in range(classes)], multilabel, 16000)
 
 
