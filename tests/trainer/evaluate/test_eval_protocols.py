@@ -131,7 +131,7 @@ def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch
     """A sweep loads the clips and embeds them once (frozen_embeddings), then hands them to
     each trial's Evaluation, which must score as if it had computed them itself."""
     from dataio.manifest import load_manifest
-    from trainer.evaluate import run as run_module
+    from trainer.evaluate import ranks as ranks_module
     from trainer.evaluate.clips import load_clipset
     from trainer.evaluate.run import frozen_embeddings
 
@@ -145,7 +145,7 @@ def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("embedded again")
 
-    monkeypatch.setattr(run_module, "embed_clips", refuse)
+    monkeypatch.setattr(ranks_module, "embed_clips", refuse)
     given = Evaluation("linear", tones, tones / "shards", cfg, clips=clips, frozen=frozen)
     assert not given.embedded_here
     assert given.run()["metrics"] == alone.run()["metrics"]

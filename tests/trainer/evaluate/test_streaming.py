@@ -121,3 +121,91 @@ def test_shards_that_lose_clips_after_loading_are_named(corpus, tmp_path):
     clips.keys[4] = "renamed"
     with pytest.raises(ValueError, match="changed since they were read: 1 clip"):
         list(clips.waves(range(10)))
+
+
+def test_embeddings_are_kept_in_the_eval_folder_and_reused(corpus, tmp_path, monkeypatch, caplog):
+    """A rerun and a second frozen protocol read the kept embeddings; other patch settings
+    or other weights make them stale: embedded again, with a warning naming what differs."""
+    import shutil
+
+    from trainer.evaluate import ranks as ranks_module
+    from trainer.evaluate.config import KnnConfig, LinearConfig
+    from trainer.evaluate.run import Evaluation, run_eval
+
+    run = tmp_path / "run"
+    shutil.copytree(corpus, run, ignore=shutil.ignore_patterns("shards", "eval", "again"))
+    cfg = EvalConfig(pictures=False, knn=KnnConfig(k=5), linear=LinearConfig(epochs=2))
+    first = run_eval(run, corpus / "shards", cfg, "knn")
+    kept = run / "eval" / "shards" / "embeddings.npz"
+    assert kept.is_file()
+    real, calls = ranks_module.embed_clips, []
+    monkeypatch.setattr(ranks_module, "embed_clips", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    again = run_eval(run, corpus / "shards", cfg, "knn")
+    assert calls == [] and again["metrics"] == first["metrics"]
+    run_eval(run, corpus / "shards", cfg, "linear")
+    assert calls == []
+    fresh = Evaluation("linear", run, corpus / "shards", cfg)  # no cache folder: embeds, and agrees
+    np.testing.assert_array_equal(fresh.frozen.patches, np.load(kept)["patches"])
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        run_eval(run, corpus / "shards", EvalConfig(pictures=False, hop_seconds=0.5), "knn")
+    assert calls == [1] and "stale (hop differ)" in caplog.text
+    export_random_encoder(run, seed=1)  # new weights
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_eval(run, corpus / "shards", EvalConfig(pictures=False, hop_seconds=0.5), "knn")
+    assert calls == [1, 1] and "stale (encoder_sha256 differ)" in caplog.text
+    kept.write_bytes(b"not an npz")
+    run_eval(run, corpus / "shards", cfg, "knn")
+    assert len(calls) == 3 and np.load(kept)["patches"].shape[1] == 64
+
+
+def _embed_on_rank(rank: int, world: int, root) -> tuple:
+    from trainer.evaluate.ranks import embed_over_ranks
+    from trainer.parallel.distributed import DistInfo
+
+    encoder, frontend, _ = load_encoder(root)
+    clips = load_clipset(load_manifest(root / "shards"))
+    emb = embed_over_ranks(encoder, frontend, clips, DistInfo(rank, world, rank), patch_seconds=0.5,
+                           hop_seconds=0.25, batch_size=8, device=torch.device("cpu"))
+    return emb.patches, emb.owner
+
+
+@pytest.mark.e2e
+def test_two_ranks_embed_what_one_process_embeds(corpus):
+    """Each of 2 gloo ranks embeds its contiguous share; gathered in clip order, every rank
+    holds the one-process array."""
+    from tests.dist_utils import run_workers
+
+    one = _embed_on_rank(0, 1, corpus)
+    for patches, owner in run_workers(_embed_on_rank, 2, corpus):
+        np.testing.assert_array_equal(owner, one[1])
+        np.testing.assert_allclose(patches, one[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_audioclr_launch_eval_scores_as_one_process(corpus, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    from tests.conftest import PYTHON, cli_env
+
+    results = {}
+    for name, launch in (("one", []), ("two", ["launch", "--nproc-per-node", "2"])):
+        run = tmp_path / name
+        shutil.copytree(corpus, run, ignore=shutil.ignore_patterns("shards", "eval", "again"))
+        done = subprocess.run([PYTHON, "-m", "trainer.cli", *launch, "eval", "--run", str(run), "--data",
+                               str(corpus / "shards"), "--protocol", "knn", "eval.pictures=false", "eval.knn.k=5"],
+                              capture_output=True, text=True, env=cli_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[name] = json.loads((run / "eval" / "shards" / "knn.json").read_text())
+        kept = np.load(run / "eval" / "shards" / "embeddings.npz")
+        results[name + "_patches"] = kept["patches"]
+    assert results["two"]["metrics"] == results["one"]["metrics"]
+    np.testing.assert_allclose(results["two_patches"], results["one_patches"], rtol=1e-5, atol=1e-6)
+    refused = subprocess.run([PYTHON, "-m", "trainer.cli", "launch", "--nproc-per-node", "2", "eval", "--run",
+                              str(tmp_path / "one"), "--data", str(corpus / "shards"), "--protocol", "finetune"],
+                             capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "run --protocol finetune as one process" in refused.stderr
