@@ -114,8 +114,7 @@ def handcrafted_features(clips, sample_rate: int) -> np.ndarray:
     logmel = LogMel(front)
     dct = torch.from_numpy(_dct_matrix(64, 20))
     rows = []
-    for i in range(len(clips)):
-        wave = clips.wave(i)
+    for _, wave in clips.waves(range(len(clips))):  # each clip decoded as it is reached
         if len(wave) < front.win_length:
             wave = np.pad(wave, (0, front.win_length - len(wave)))
         mel = logmel(torch.from_numpy(wave))[0]  # [F, T] dB

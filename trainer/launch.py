@@ -27,7 +27,7 @@ from dataio.errors import ConfigError
 from dataio.torch_pipeline import die_with_parent
 from trainer.commands import CommandFailed, run_guarded
 
-COMMANDS = {"pretrain": "trainer.pretrain"}
+COMMANDS = {"pretrain": "trainer.pretrain", "eval": "trainer.evaluate.run"}  # eval: the embedding pass over ranks
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     def options() -> tuple:
         try:
             opts, module, rest = split_argv(argv)
-            args = get_args_parser().parse_args([*opts, "-m", module, *rest])
+            parser = get_args_parser()
+            parser.allow_abbrev = False  # eval's --run is its own, not torchrun's --run-path
+            args = parser.parse_args([*opts, "-m", module, *rest])
             check_options(args)
             return config_from_args(args)
         except (ValueError, AssertionError, RuntimeError) as err:

@@ -175,7 +175,7 @@ def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
     manifest = load_manifest(cfg.data)
     for enc in cfg.encoders:
         check_rate(manifest, read_encoder_meta(enc)["frontend"]["sample_rate"], enc)
-    clips = load_clipset(manifest)
+    clips = load_clipset(manifest, keep_audio=cfg.protocol == "finetune")  # frozen: embedded from the shards
     e = cfg.eval
     rounds = make_rounds(clips, e.split, test_fraction=e.test_fraction, val_fraction=e.val_fraction,
                          seed=e.seed, max_rounds=e.max_rounds)

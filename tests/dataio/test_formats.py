@@ -330,8 +330,13 @@ def test_shard_writes_every_format_from_audio_files(tmp_path):
 def test_evaluation_reads_pcm16_and_names_a_logmel_corpus(corpora, tmp_path):
     from trainer.evaluate.clips import load_clipset
 
-    flac, pcm = load_clipset(load_manifest(corpora / "flac")), load_clipset(load_manifest(corpora / "pcm16"))
+    flac = load_clipset(load_manifest(corpora / "flac"), keep_audio=True)
+    pcm = load_clipset(load_manifest(corpora / "pcm16"), keep_audio=True)
     assert flac.keys == pcm.keys
+    streamed = load_clipset(load_manifest(corpora / "pcm16"))  # no audio held: read from the shards
+    assert not streamed.held and [r for r, _ in streamed.waves([2, 0, 1])] == [0, 1, 2]
+    for (row, wave), held in zip(streamed.waves(range(len(pcm))), range(len(pcm))):
+        assert row == held and np.array_equal(wave, pcm.wave(held))
     for row in range(len(flac)):
         assert np.array_equal(flac.wave(row), pcm.wave(row))
         rng_a, rng_b = np.random.default_rng(row), np.random.default_rng(row)

@@ -1,15 +1,22 @@
-"""The labelled clips of a shard folder, held in memory for the evaluation protocols.
+"""The labelled clips of a shard folder for the evaluation protocols.
 
-Clips stay encoded in memory as the shards hold them (FLAC: about half of 16-bit PCM, a
-quarter of float32; pcm16: the 16-bit samples): ESC-50, US8K or GTZAN fit many times
-over, and a fine-tuning epoch reads only the crop it trains on. Evaluation computes the
-encoder's own log-mels, so it needs audio: a logmel corpus is refused, naming the way on.
+A :class:`ClipSet` keeps what the protocols need of every clip (key, labels, fold, split,
+the shard it is in) and, by default, not its audio: the frozen protocols decode each clip
+as it is embedded, reading the shards again (:meth:`ClipSet.waves`), so memory grows with
+the embeddings, not with the corpus (the audio of 100k 1-s FLAC clips is about 2 GB).
+Fine-tuning reads a random crop of random clips every step, and the online probe must
+outlive its folder, so those load with ``keep_audio=True``: the clips stay encoded as the
+shards hold them (FLAC: about half of 16-bit PCM; pcm16: the 16-bit samples).
+
+Evaluation computes the encoder's own log-mels, so it needs audio: a logmel corpus is
+refused, naming the way on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +31,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClipSet:
-    """N clips: ``audio`` the encoded bytes; ``labels`` [N] id of the first label (-1 =
-    none); ``targets`` [N, C] multi-hot over the vocabulary; ``folds`` [N] (0 = none);
-    ``splits`` N strings ("train", "val", "test" or "")."""
+    """N clips: ``labels`` [N] id of the first label (-1 = none); ``targets`` [N, C]
+    multi-hot over the vocabulary; ``folds`` [N] (0 = none); ``splits`` N strings
+    ("train", "val", "test" or ""). Their audio is ``audio`` (N encoded clips) when held,
+    else read from the shards of ``manifest``, row i being in shard ``shard_of[i]``."""
 
     keys: list[str]
-    audio: list[bytes]
     labels: np.ndarray
     targets: np.ndarray
     folds: np.ndarray
@@ -38,6 +45,9 @@ class ClipSet:
     multilabel: bool
     sample_rate: int
     clip_format: str = "flac"
+    audio: list[bytes] | None = None
+    manifest: Manifest | None = None
+    shard_of: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -50,49 +60,97 @@ class ClipSet:
     def codec(self) -> ClipCodec:
         return ClipCodec(self.clip_format, self.sample_rate)
 
+    @property
+    def held(self) -> bool:
+        return self.audio is not None
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        return self.codec.open(data).whole() * np.float32(PCM_SCALE)
+
     def wave(self, row: int) -> np.ndarray:
-        """The whole clip, mono float32 [S]."""
-        return self.codec.open(self.audio[row]).whole() * np.float32(PCM_SCALE)
+        """The whole held clip, mono float32 [S]."""
+        return self._decode(self._held()[row])
 
     def crop(self, row: int, size: int, rng: np.random.Generator) -> np.ndarray:
-        """A random ``size``-sample crop of the clip (zero-padded when it is shorter), float32
-        [size]; only the crop is decoded."""
-        clip = self.codec.open(self.audio[row])
+        """A random ``size``-sample crop of the held clip (zero-padded when it is shorter),
+        float32 [size]; only the crop is decoded."""
+        clip = self.codec.open(self._held()[row])
         return clip.cut(crop_starts(clip.length, size, 1, rng), size)[0] * np.float32(PCM_SCALE)
 
+    def _held(self) -> list[bytes]:
+        if self.audio is None:
+            raise RuntimeError("this clip set holds no audio: load it with keep_audio=True")
+        return self.audio
 
-def load_clipset(manifest: Manifest) -> ClipSet:
-    """Every clip of ``manifest`` whose audio decodes; a broken clip is logged and left out
-    (one bad file must not end an evaluation). Labels outside the vocabulary are ignored."""
+    def waves(self, rows) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, mono float32 wave [S]) of each of ``rows``, in increasing row order, each
+        clip decoded when it is reached: only the shards holding ``rows`` are read."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if self.audio is not None:
+            for row in rows:
+                yield int(row), self.wave(int(row))
+            return
+        found = 0
+        for sid in np.unique(self.shard_of[rows]):
+            for row, data in self._shard_members(int(sid), rows):
+                found += 1
+                yield row, self._decode(data)
+        if found < len(rows):
+            raise ValueError(f"the shards in {self.manifest.where} changed since they were read: "
+                             f"{len(rows) - found} clip(s) are no longer there")
+
+    def _shard_members(self, sid: int, rows: np.ndarray) -> Iterator[tuple[int, bytes]]:
+        """(row, encoded clip) of the wanted ``rows`` in shard ``sid``, found by key (a
+        member left out at load, or not wanted, is passed over)."""
+        row_of = {self.keys[r]: int(r) for r in rows[self.shard_of[rows] == sid]}
+        for sample in raw_samples(self.manifest, [sid], []):
+            row = row_of.pop(sample.get("__key__"), None)
+            if row is not None:
+                yield row, bytes(sample[self.codec.ext])
+
+
+def _read_member(sample: dict, codec: ClipCodec) -> tuple[bytes, dict]:
+    data, meta = bytes(sample[codec.ext]), json.loads(sample["json"])  # KEY.flac|pcm + KEY.json
+    codec.open(data)  # reads the header: catches truncated, odd-sized and foreign members
+    return data, meta
+
+
+def load_clipset(manifest: Manifest, keep_audio: bool = False) -> ClipSet:
+    """Every clip of ``manifest`` whose audio decodes, its audio held only with
+    ``keep_audio``; a broken clip is logged and left out (one bad file must not end an
+    evaluation). Labels outside the vocabulary are ignored."""
     if manifest.clip_format == "logmel":
         raise ValueError(f"{manifest.where} is a logmel corpus: evaluation computes the encoder's log-mels from "
                          f"audio, so evaluate on the flac or pcm16 corpus of the same clips")
-    keys, audio, labels, targets, folds, splits = [], [], [], [], [], []
+    keys, audio, labels, folds, splits, shard_of, ids_of = [], [], [], [], [], [], []
     vocab, skipped = list(manifest.vocabulary), 0
     codec = ClipCodec.of(manifest)
     for sid in range(len(manifest.shards)):  # a local folder or a URL, streamed (dataio.remote)
         for sample in raw_samples(manifest, [sid], []):
             try:
-                data, meta = bytes(sample[codec.ext]), json.loads(sample["json"])  # KEY.flac|pcm + KEY.json
-                codec.open(data)  # reads the header: catches truncated, odd-sized and foreign members
+                data, meta = _read_member(sample, codec)
             except Exception as err:
                 skipped += 1
                 log.warning("leaving out %s: %r", sample.get("__key__"), err)
                 continue
             ids = [i for i in (manifest.label_id(n) for n in meta.get("labels") or []) if i >= 0]
-            target = np.zeros(len(vocab), dtype=np.float32)
-            target[ids] = 1.0
             keys.append(sample["__key__"])
-            audio.append(data)
+            if keep_audio:
+                audio.append(data)
+            ids_of.append(ids)
             labels.append(ids[0] if ids else -1)
-            targets.append(target)
             folds.append(int(meta.get("fold") or 0))
             splits.append(str(meta.get("split") or ""))
+            shard_of.append(sid)
     if skipped:
         log.warning("%d clip(s) could not be read and were left out", skipped)
     if not keys:
         raise ValueError(f"no readable clip in {manifest.where}")
     if not vocab:
         raise ValueError(f"the shards in {manifest.where} carry no label vocabulary: evaluation needs labels")
-    return ClipSet(keys, audio, np.asarray(labels), np.stack(targets), np.asarray(folds),
-                   np.asarray(splits), vocab, manifest.multi_label, manifest.sample_rate, manifest.clip_format)
+    targets = np.zeros((len(keys), len(vocab)), dtype=np.float32)
+    for row, ids in enumerate(ids_of):
+        targets[row, ids] = 1.0
+    return ClipSet(keys, np.asarray(labels), targets, np.asarray(folds), np.asarray(splits), vocab,
+                   manifest.multi_label, manifest.sample_rate, manifest.clip_format,
+                   audio if keep_audio else None, manifest, np.asarray(shard_of, dtype=np.int32))

@@ -1,5 +1,6 @@
 """The frozen-encoder learners of one round: kNN and the linear probe, both on patch
-embeddings computed once (:class:`~trainer.evaluate.embed.ClipEmbeddings`)."""
+embeddings computed once (:class:`~trainer.evaluate.embed.ClipEmbeddings`) and read from
+them a block or a minibatch at a time: no round copies them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import KnnConfig, LinearConfig
-from trainer.evaluate.embed import ClipEmbeddings
+from trainer.evaluate.embed import BLOCK, ClipEmbeddings, Rows
 from trainer.evaluate.knn import knn_scores
 from trainer.evaluate.protocol import Round
 from trainer.objectives.supcon import classification_loss
@@ -47,14 +48,14 @@ class KnnLearner:
         return math.nan  # nothing to train: no loss to report
 
     def clip_scores(self, rows: np.ndarray) -> np.ndarray:
-        c, train = self.clips.num_classes, self.rnd.train
+        c, train, cfg = self.clips.num_classes, self.rnd.train, self.cfg
         if self.means is not None:
-            return knn_scores(self.means[train], _targets(self.clips, train), self.means[rows], c,
-                              k=self.cfg.k, temperature=self.cfg.temperature)
-        unit, owner = self.emb.unit_patches(), self.emb.owner
-        bank, queries = np.isin(owner, train), np.isin(owner, rows)
-        patch_scores = knn_scores(unit[bank], _targets(self.clips, owner[bank]), unit[queries], c,
-                                  k=self.cfg.k, temperature=self.cfg.temperature)
+            return knn_scores(Rows(self.means, train), _targets(self.clips, train), Rows(self.means, rows), c,
+                              k=cfg.k, temperature=cfg.temperature)
+        owner = self.emb.owner
+        bank, queries = np.flatnonzero(np.isin(owner, train)), np.flatnonzero(np.isin(owner, rows))
+        patch_scores = knn_scores(self.emb.unit_rows(bank), _targets(self.clips, owner[bank]),
+                                  self.emb.unit_rows(queries), c, k=cfg.k, temperature=cfg.temperature)
         return clip_average(owner[queries], patch_scores, rows)
 
     def state_dict(self) -> dict:
@@ -64,6 +65,23 @@ class KnnLearner:
         pass
 
 
+def _standardisation(patches: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [D], std [D]) float32 of ``patches[rows]`` (float64 sums, a block at a time;
+    unbiased std). A constant feature (std 0, or next to nothing against the largest) keeps
+    std 1: the threshold is relative, as a random-init encoder in eval mode can give every
+    feature a scale near 1e-13 (EfficientNet-B0), and those features are not constant."""
+    dim = patches.shape[1]
+    total, squares = np.zeros(dim), np.zeros(dim)
+    for lo in range(0, len(rows), BLOCK):
+        total += patches[rows[lo:lo + BLOCK]].sum(0, dtype=np.float64)
+    mean = total / max(len(rows), 1)
+    for lo in range(0, len(rows), BLOCK):
+        squares += ((patches[rows[lo:lo + BLOCK]] - mean) ** 2).sum(0)
+    std = np.sqrt(squares / max(len(rows) - 1, 1))
+    std = np.where(std > 1e-6 * std.max(), std, 1.0)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
 class LinearProbe:
     """A linear classifier on standardised patch embeddings (statistics of the round's
     training patches), trained with AdamW + cosine schedule; a clip's scores are the
@@ -71,17 +89,10 @@ class LinearProbe:
 
     def __init__(self, clips: ClipSet, emb: ClipEmbeddings, rnd: Round, cfg: LinearConfig, seed: int):
         self.clips, self.emb, self.cfg, self.seed = clips, emb, cfg, seed
-        feats = torch.from_numpy(emb.patches).float()
         self.train_patches = np.flatnonzero(np.isin(emb.owner, rnd.train))
-        mean = feats[self.train_patches].mean(0)
-        std = feats[self.train_patches].std(0)
-        # constant features (std 0, or next to nothing against the largest) stay as they are;
-        # the threshold is relative: a random-init encoder in eval mode can give every
-        # feature a scale near 1e-13 (EfficientNet-B0), and those features are not constant
-        std = torch.where(std > 1e-6 * std.max(), std, torch.ones_like(std))
-        self.feats = (feats - mean) / std
+        self.mean, self.std = _standardisation(emb.patches, self.train_patches)
         torch.manual_seed(seed)
-        self.head = torch.nn.Linear(feats.shape[1], clips.num_classes)
+        self.head = torch.nn.Linear(emb.patches.shape[1], clips.num_classes)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = math.ceil(len(self.train_patches) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -92,7 +103,7 @@ class LinearProbe:
         targets = torch.from_numpy(_targets(self.clips, self.emb.owner[order]))
         total = 0.0
         for lo in range(0, len(order), self.cfg.batch_size):
-            logits = self.head(self.feats[order[lo:lo + self.cfg.batch_size]])
+            logits = self.head(self._features(order[lo:lo + self.cfg.batch_size]))
             loss = classification_loss(logits, targets[lo:lo + self.cfg.batch_size])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,12 +112,18 @@ class LinearProbe:
             total += loss.item() * len(logits)
         return total / len(order)
 
+    def _features(self, patches: np.ndarray) -> torch.Tensor:
+        """[n, D] standardised embeddings of ``patches`` (indices), gathered per minibatch."""
+        return (torch.from_numpy(self.emb.patches[patches]) - self.mean) / self.std
+
     @torch.no_grad()
     def clip_scores(self, rows: np.ndarray) -> np.ndarray:
         patches = np.flatnonzero(np.isin(self.emb.owner, rows))
-        logits = self.head(self.feats[patches])
-        probs = torch.sigmoid(logits) if self.clips.multilabel else F.softmax(logits, dim=1)
-        return clip_average(self.emb.owner[patches], probs.numpy(), rows)
+        probs = np.zeros((len(patches), self.clips.num_classes), dtype=np.float32)
+        for lo in range(0, len(patches), BLOCK):
+            logits = self.head(self._features(patches[lo:lo + BLOCK]))
+            probs[lo:lo + BLOCK] = (torch.sigmoid(logits) if self.clips.multilabel else F.softmax(logits, dim=1))
+        return clip_average(self.emb.owner[patches], probs, rows)
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -51,7 +51,7 @@ def load_online_clips(folder: str, frontend: FrontendConfig) -> ClipSet:
     if not manifest.vocabulary:
         raise ConfigError(f"{where}: the shards carry no label vocabulary; the online probe needs labels")
     try:
-        clips = load_clipset(manifest)
+        clips = load_clipset(manifest, keep_audio=True)  # held: the folder may go away while the run trains
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     rows = np.flatnonzero(labelled(clips))

@@ -23,12 +23,15 @@ from dataio.manifest import load_manifest
 from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
+from trainer.evaluate.cache import cache_key, cached_embeddings
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
-from trainer.evaluate.embed import ClipEmbeddings, embed_clips
+from trainer.evaluate.embed import ClipEmbeddings
 from trainer.evaluate.finetune import FineTuner
 from trainer.evaluate.learners import KnnLearner, LinearProbe
 from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
+from trainer.evaluate.ranks import embed_over_ranks
+from trainer.parallel import distributed
 from trainer.parallel.device import pick_device
 
 log = logging.getLogger("audioclr.eval")
@@ -49,13 +52,51 @@ def patching(cfg: EvalConfig, meta: dict) -> tuple[float, float]:
     return patch_s, cfg.hop_seconds or patch_s / 2
 
 
+def eval_folder(run_dir: str | Path, data: str | Path) -> Path:
+    """``RUN_DIR/eval/<DATA SET>``: the results, pictures and kept embeddings of one encoder
+    on one shard folder (named by the folder's last part, a URL's included)."""
+    return Path(run_dir) / "eval" / Path(str(data)).resolve().name
+
+
+def check_finite(emb: ClipEmbeddings, encoder_name: str) -> None:
+    if not np.isfinite(emb.patches).all():
+        raise ValueError(f"the encoder of {encoder_name} gives non-finite embeddings "
+                         f"(NaN or inf weights?): nothing to evaluate")
+
+
+def embeddings_of(encoder, frontend, meta: dict, clips: ClipSet, cfg: EvalConfig, device: torch.device,
+                  cache_in: tuple[Path, Path] | None = None, name: str = "") -> tuple[ClipEmbeddings, bool]:
+    """(the frozen ``encoder``'s embeddings of ``clips`` under ``cfg``, whether they were
+    computed here); ``cache_in`` (run dir, eval folder) reads and keeps them in that eval
+    folder (:mod:`trainer.evaluate.cache`) for the encoder exported in that run dir.
+    Non-finite embeddings raise (naming the encoder ``name``) before they are kept. Under
+    ``audioclr launch`` each rank embeds a share and every rank gets the whole; rank 0
+    keeps it."""
+    patch_s, hop_s = patching(cfg, meta)
+    info = distributed.env_info() if distributed.is_initialized() else distributed.DistInfo()
+
+    def compute() -> ClipEmbeddings:
+        emb = embed_over_ranks(encoder, frontend, clips, info, patch_seconds=patch_s, hop_seconds=hop_s,
+                               batch_size=cfg.embed_batch, device=device)
+        check_finite(emb, name or str(cache_in[0] if cache_in else "this run"))
+        return emb
+
+    if cache_in is None:
+        return compute(), True
+    key = cache_key(cache_in[0], clips, frontend, patch=int(patch_s * clips.sample_rate),
+                    hop=max(1, int(hop_s * clips.sample_rate)))
+    emb, reused = cached_embeddings(cache_in[1], key, compute, keep=info.is_main)
+    return emb, not reused
+
+
 def frozen_embeddings(run_dir: str | Path, clips: ClipSet, cfg: EvalConfig) -> ClipEmbeddings:
     """The embeddings of ``clips`` by the encoder exported in ``run_dir``, as an
-    :class:`Evaluation` of a frozen protocol computes them (a sweep computes them once)."""
+    :class:`Evaluation` of a frozen protocol computes them (a sweep computes them once),
+    read from and kept in the run's eval folder of the clips' shard folder."""
     encoder, frontend, meta = load_encoder(run_dir)  # a sweep's preflight checked the rate
-    patch_s, hop_s = patching(cfg, meta)
-    return embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
-                       batch_size=cfg.embed_batch, device=pick_device(cfg.device, key="eval.device"))
+    cache_in = None if clips.manifest is None else (Path(run_dir), eval_folder(run_dir, clips.manifest.root))
+    return embeddings_of(encoder, frontend, meta, clips, cfg, pick_device(cfg.device, key="eval.device"),
+                         cache_in)[0]
 
 
 class Evaluation:
@@ -65,12 +106,13 @@ class Evaluation:
 
     def __init__(self, protocol: str, run_dir: str | Path, data: str | Path, cfg: EvalConfig,
                  random_init: bool = False, clips: ClipSet | None = None, frozen: ClipEmbeddings | None = None,
-                 loaded: tuple | None = None):
+                 loaded: tuple | None = None, cache_dir: str | Path | None = None):
         """``clips`` (the shards' clips, loaded) and ``frozen`` (this encoder's embeddings
         of them under ``cfg``, :func:`frozen_embeddings`) are passed in by a sweep, which
         computes them once for all its trials; otherwise they are computed here
         (``embedded_here`` says which). ``loaded`` (encoder, frontend, meta) is a model in
-        memory (the online probe's) instead of the export in ``run_dir``."""
+        memory (the online probe's) instead of the export in ``run_dir``. ``cache_dir``: the
+        eval folder where the export's frozen embeddings are read from and kept."""
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
         self.protocol, self.cfg, self.data = protocol, cfg, str(data)
@@ -82,7 +124,7 @@ class Evaluation:
         if clips is None:  # a sweep passes them in, its preflight having checked the rate
             manifest = load_manifest(data)
             check_rate(manifest, frontend.sample_rate, run_dir)
-            clips = load_clipset(manifest)
+            clips = load_clipset(manifest, keep_audio=protocol == "finetune")  # its crops: random access
         self.clips = clips
         self.device = pick_device(cfg.device, key="eval.device")
         patch_s, hop_s = patching(cfg, meta)
@@ -97,12 +139,10 @@ class Evaluation:
         self.embedded_here = False
         if protocol != "finetune":
             if frozen is None:
-                frozen = embed_clips(encoder, frontend, clips, patch_seconds=patch_s, hop_seconds=hop_s,
-                                     batch_size=cfg.embed_batch, device=self.device)
-                self.embedded_here = True
-            if not np.isfinite(frozen.patches).all():
-                raise ValueError(f"the encoder of {self.encoder_name} gives non-finite embeddings "
-                                 f"(NaN or inf weights?): nothing to evaluate")
+                keep = None if cache_dir is None or random_init or loaded else (Path(run_dir), Path(cache_dir))
+                frozen, self.embedded_here = embeddings_of(encoder, frontend, meta, clips, cfg, self.device, keep,
+                                                           self.encoder_name)
+            check_finite(frozen, self.encoder_name)
             if frozen.num_clips != len(clips):
                 raise ValueError(f"embeddings of {frozen.num_clips} clips given for {len(clips)} clips")
             self.frozen = frozen
@@ -220,9 +260,11 @@ def run_eval(run_dir: str | Path, data: str | Path, cfg: EvalConfig, protocol: s
     """Evaluate the exported encoder of ``run_dir`` (or its architecture at random init)
     and write ``run_dir/eval/<data set>/<protocol>[_random_init].json`` with its pictures,
     the data set being the shard folder's name (``result["file"]`` says where)."""
-    evaluation = Evaluation(protocol, run_dir, data, cfg, random_init)
+    eval_dir = eval_folder(run_dir, data)
+    evaluation = Evaluation(protocol, run_dir, data, cfg, random_init, cache_dir=eval_dir)
+    if not distributed.env_info().is_main:  # under audioclr launch: the embedding was the shared part
+        return {}
     result = evaluation.run()
-    eval_dir = Path(run_dir) / "eval" / Path(data).resolve().name
     stem = result_stem(eval_dir, protocol + ("_random_init" if random_init else ""), overwrite)
     result["file"] = str(write_outputs(evaluation, result, eval_dir, stem))
     return result
@@ -253,7 +295,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
-        result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
+        if distributed.env_info().world_size > 1 and args.protocol == "finetune":
+            raise ConfigError("audioclr launch ... eval splits the embedding pass of knn and linear over ranks; "
+                              "run --protocol finetune as one process (audioclr eval)")
+        info = distributed.init(pick_device(cfg.device, key="eval.device").type)  # a group only under launch
+        try:
+            result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
+        finally:
+            distributed.close()
+        if not info.is_main:
+            return 0
         print(headline(result))
         if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
             log.warning("the metric is not finite (a class without test clips?)")
@@ -263,3 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded("audioclr eval", work, input_errors=(*INPUT_ERRORS, CheckpointError),
                        run_errors=(FloatingPointError,),
                        on_interrupt="stopped; nothing was written for this evaluation (results are written at its end)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -26,7 +26,7 @@ def _clips(folds, splits=None, labels=None, multilabel=False, classes=2):
     labels = np.arange(n) % classes if labels is None else np.asarray(labels)
     targets = np.zeros((n, classes), dtype=np.float32)
     targets[np.arange(n)[labels >= 0], labels[labels >= 0]] = 1
-    return ClipSet([f"k{i}" for i in range(n)], [b""] * n, labels, targets, np.asarray(folds),
+    return ClipSet([f"k{i}" for i in range(n)], labels, targets, np.asarray(folds),
                    np.asarray(splits or [""] * n), [f"c{i}" for i in range(classes)], multilabel, 16000)
 
 
@@ -131,7 +131,7 @@ def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch
     """A sweep loads the clips and embeds them once (frozen_embeddings), then hands them to
     each trial's Evaluation, which must score as if it had computed them itself."""
     from dataio.manifest import load_manifest
-    from trainer.evaluate import run as run_module
+    from trainer.evaluate import ranks as ranks_module
     from trainer.evaluate.clips import load_clipset
     from trainer.evaluate.run import frozen_embeddings
 
@@ -145,7 +145,7 @@ def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("embedded again")
 
-    monkeypatch.setattr(run_module, "embed_clips", refuse)
+    monkeypatch.setattr(ranks_module, "embed_clips", refuse)
     given = Evaluation("linear", tones, tones / "shards", cfg, clips=clips, frozen=frozen)
     assert not given.embedded_here
     assert given.run()["metrics"] == alone.run()["metrics"]
