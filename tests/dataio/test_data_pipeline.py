@@ -307,3 +307,23 @@ def test_a_seek_to_any_point_reads_what_reading_there_reads(tmp_path, counts, wo
                                            np.random.default_rng(0)), 1990)
     assert len(list(itertools.islice(iter(sought), 10))) == 10
     assert len(read) <= 3, f"a seek reads the shards it lands in, not the {len(read)} it passed"
+
+
+def test_a_seek_into_a_shard_shorter_than_its_manifest_says_is_named(tmp_path):
+    """The seek trusts the manifest's counts to place itself; a shard that ends before a
+    member the counts promise stops the resume naming the shard, never a silent misplacement."""
+    import itertools
+    import json
+
+    import dataio.streams as streams
+    from dataio.errors import ShardMismatch
+
+    manifest = make_shards(tmp_path, [6, 6], seconds=0.05)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["shards"][1]["count"], raw["shards"][0]["count"] = 9, 3  # shard 1 holds 6; the total still agrees
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    manifest = load_manifest(tmp_path)
+    split = split_for_reader([0, 1], 0, 1, 0, 1)
+    refs = streams.Shuffled(streams.worker_refs(manifest, split, (0,)), 4, np.random.default_rng(0))
+    with pytest.raises(ShardMismatch, match=r"shard-00001\.tar .* ended before member [678]"):
+        list(itertools.islice(iter(streams.seek(manifest, split, (0,), streams.Retry(), refs, 10)), 2))
