@@ -206,6 +206,8 @@ class Pretrainer:
         self.open_run()
         self.source = self._open_source()
         with self.stop, self._failure_policy(), ProgressBar(self.total_steps, self.step, self._shows_progress()) as bar:
+            if self.step >= self.total_steps:
+                self._already_finished(bar)
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 for batch in self._timed(self.source.epoch(epoch, start)):
@@ -224,6 +226,14 @@ class Pretrainer:
             self.export()
             self.engine.close()  # every rank is here: the engine lets go of the group's work
         return "finished"
+
+    def _already_finished(self, bar) -> None:
+        """A resumed run that had finished: say so, and let a newly asked online probe score
+        the encoder once, instead of ending silently having done nothing."""
+        log.info("the run in %s had already finished (step %d of %d): nothing to train%s", self.run_dir, self.step,
+                 self.total_steps, "; the online probe scores its encoder once" if self.probe.enabled else
+                 "; raise train.epochs or train.max_steps to train on, or choose another run_dir")
+        self.probe.after_step(self.step, self.engine, self.metrics, bar)
 
     def _open_source(self):
         place = Placement(rank=self.info.rank, world_size=self.info.world_size, seed=self.cfg.seed,

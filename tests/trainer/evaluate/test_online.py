@@ -55,6 +55,22 @@ def test_online_scores_equal_audioclr_eval_of_the_export(tiny_shards, noisy_prob
     assert "online probe:" in caplog.text and "% of the" in caplog.text
 
 
+def test_a_finished_run_resumed_with_a_probe_scores_once_and_says_so(tiny_shards, noisy_probe, tmp_path, caplog):
+    """Issue 36, row 3: the docs' online-probe command after the demo resumed the finished
+    demo, trained 0 steps, scored nothing and said "pretraining finished". Now it says the
+    run had finished and the probe scores the encoder once; without a probe, how to go on."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(PretrainConfig, None, [*tiny_overrides(tiny_shards, run_dir), "train.max_steps=3"])
+    assert pretrain_run(cfg) == "finished" and not _online(run_dir)
+    caplog.set_level(logging.INFO, logger="audioclr.pretrain")
+    assert pretrain_run(cfg) == "finished"
+    assert "had already finished (step 3 of 3): nothing to train; raise train.epochs" in caplog.text
+    cfg = load_config(PretrainConfig, None, [*tiny_overrides(tiny_shards, run_dir), "train.max_steps=3",
+                                             f"eval.online={noisy_probe}", "eval.every=1"])
+    assert pretrain_run(cfg) == "finished"
+    assert [r["step"] for r in _online(run_dir)] == [3] and "the online probe scores its encoder once" in caplog.text
+
+
 def test_the_probe_is_off_by_default_and_leaves_the_metrics_alone(tiny_shards, tmp_path):
     cfg = load_config(PretrainConfig, None, [*tiny_overrides(tiny_shards, tmp_path), "train.max_steps=3"])
     assert pretrain_run(cfg) == "finished" and not _online(tmp_path)
