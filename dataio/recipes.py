@@ -62,7 +62,8 @@ def _is_file(path: Path) -> bool:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not _is_file(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config {path} is a folder, not a YAML file" if path.is_dir() else
+                          f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -87,7 +88,8 @@ def read_recipe(path: str | Path, below: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base: expected the file name of a recipe, got {name!r}")
     parent, chain = path.parent / name, (*below, path)
     if not _is_file(parent):
-        raise ConfigError(f"{path}: base file not found: {parent}")
+        raise ConfigError(f"{path}: base {parent} is a folder, not a YAML file" if parent.is_dir() else
+                          f"{path}: base file not found: {parent}")
     if parent.resolve() in {p.resolve() for p in chain}:
         raise ConfigError(f"{path}: base {name} leads back to itself: {' -> '.join(map(str, (*chain, parent)))}")
     return overlay(read_recipe(parent, chain), tree)

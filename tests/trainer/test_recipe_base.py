@@ -67,6 +67,7 @@ def test_a_null_replaces_the_base_value_and_is_judged_by_the_schema(tmp_path):
 
 @pytest.mark.parametrize("files, message", [
     ({"a.yaml": {"base": "gone.yaml"}}, "a.yaml: base file not found: .*gone.yaml"),
+    ({"a.yaml": {"base": "."}}, r"a.yaml: base .* is a folder, not a YAML file"),  # issue 36, row 11
     ({"a.yaml": {"base": "b.yaml"}, "b.yaml": {"base": "a.yaml"}}, "b.yaml: base a.yaml leads back to itself: "
      ".*a.yaml -> .*b.yaml -> .*a.yaml"),
     ({"a.yaml": {"base": "a.yaml"}}, "a.yaml: base a.yaml leads back to itself"),
