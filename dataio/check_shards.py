@@ -11,7 +11,6 @@ import argparse
 import itertools
 import json
 import sys
-from concurrent import futures
 from pathlib import Path
 
 from dataio.errors import RemoteError
@@ -19,6 +18,7 @@ from dataio.formats import ClipCodec
 from dataio.manifest import load_manifest
 from dataio.remote import Retry, is_url, join, read_bytes, tar_samples
 from dataio.schema import cli_number
+from dataio.workers import worker_pool
 
 
 def member_problem(sample: dict, codec: ClipCodec, num_clips: int, vocabulary: set[str]) -> str | None:
@@ -112,7 +112,7 @@ def check_all(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.shards)
     paths = [str(x) for x in manifest.shard_paths()]
     bad = 0
-    with futures.ProcessPoolExecutor(args.workers or None) as pool:
+    with worker_pool(args.workers or None) as pool:
         checks = pool.map(check_shard, paths, itertools.repeat(ClipCodec.of(manifest)),
                           itertools.repeat(manifest.num_clips), itertools.repeat(tuple(manifest.vocabulary)),
                           [shard.count for shard in manifest.shards])

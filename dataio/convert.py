@@ -13,7 +13,6 @@ corpus cannot be converted back: it holds no audio.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import multiprocessing
 import os
 import shutil
@@ -40,6 +39,7 @@ from dataio.shard_writer import (
     remove_our_files,
 )
 from dataio.tar_writer import ShardSink
+from dataio.workers import worker_pool
 
 
 def check_conversion(manifest: Manifest, encoding: Encoding) -> None:
@@ -151,7 +151,7 @@ def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, worke
         if workers <= 1:  # in this process, on one torch thread as a pool worker would be
             results = (_in_one_thread(convert_shard, job) for job in jobs)
         else:  # spawn: the parent may hold OpenMP threads a forked child would wait on
-            pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = worker_pool(workers)
             results = pool.map(convert_shard, *zip(*jobs))
         try:
             for number, info in enumerate(results):

@@ -22,7 +22,6 @@ The main process's work is per chunk and per shard, plus the order and the keys
 from __future__ import annotations
 
 import concurrent.futures as futures
-import multiprocessing
 import os
 import shutil
 import time
@@ -60,6 +59,7 @@ from dataio.shard_writer import (
 )
 from dataio.sources.listing import SourceListing
 from dataio.tar_writer import ShardSink
+from dataio.workers import worker_pool
 
 CHUNK_CLIPS = 128  # clips per encoding task: small enough to balance workers, big enough to amortise a task
 ListingPart = Callable[[], "SourceListing | list[ClipItem]"]
@@ -159,7 +159,7 @@ def _executor(workers: int) -> futures.Executor:
     if workers == 1:
         return _InlineExecutor()
     # spawn, not fork: a parent that already ran torch ops may hold OpenMP threads
-    return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return worker_pool(workers)
 
 
 def _list_parts(pool: futures.Executor, parts: Sequence, work: Path) -> list[PartListing]:

@@ -33,7 +33,6 @@ import json
 import os
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from dataio.shard_pipeline import write_shards
 from dataio.shard_writer import Encoding
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
+from dataio.workers import worker_pool
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
 
@@ -75,7 +75,7 @@ def decode_limit(manifest, cores: int) -> float:
     paths = [str(p) for p in manifest.shard_paths()]
     parts = [paths[i::cores] for i in range(cores)]
     codec = ClipCodec.of(manifest)
-    with futures.ProcessPoolExecutor(cores) as pool:
+    with worker_pool(cores) as pool:
         list(pool.map(_decode_shards, [[p] for p in paths[:cores]], [codec] * cores))  # warm the cache and pool
         start = time.perf_counter()
         clips = sum(pool.map(_decode_shards, parts, [codec] * len(parts)))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.schema import describe
-from trainer.safe_files import CheckpointError, describe_error
+from trainer.errors import CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
 STOPPED = "stopped by {signal}; nothing half-written is kept under a final name (rerun the command)"
@@ -110,7 +110,17 @@ def _redeliver(owner: int, signum: int) -> None:
         time.sleep(REDELIVER_S)
         if _pending["signum"] != signum:
             return
-        os.kill(owner, signum)
+        if not _stop_under_way():
+            os.kill(owner, signum)
+
+
+def _stop_under_way() -> bool:
+    """Whether the main thread is handling the stop right now (cleaning up in an ``except``
+    on its way to the catcher): it is not lost, and raising it again there would cut the
+    clean-up short (a shard writer's working files left behind)."""
+    current = sys._current_exceptions().get(threading.main_thread().ident)
+    exc = current[1] if isinstance(current, tuple) else current  # a tuple before Python 3.12
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def stop_handled() -> None:

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file cannot be written or trusted; the message names it."""
+from trainer.errors import CheckpointError, describe_error  # noqa: F401 -- their home before errors.py
 
 
 def load_tensors(path: str | Path, mmap: bool = False) -> dict:
@@ -86,11 +84,3 @@ def save_tensors(path: Path, obj) -> None:
         if err.filename is None:
             err.filename = str(path)
         raise
-
-
-def describe_error(err: BaseException) -> str:
-    """One line for an I/O failure: the OS's words and the file, or the first line."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,36 @@
+"""Worker process pools that leave a stop to their parent.
+
+A Ctrl-C in a terminal reaches every process of the foreground group: the workers of a
+pool too, which then print a ``KeyboardInterrupt`` traceback each (from wherever they were,
+often importing torch) before the parent's one line. Workers started here ignore SIGINT
+from birth: the parent's stop handling shuts the pool down and says what was kept. They
+are spawned, not forked (a parent that ran torch ops may hold OpenMP threads a forked
+child would wait on); an ignored signal is the one disposition that survives the exec.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing.context
+import signal
+import threading
+
+
+class _QuietProcess(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+            return super().start()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through the exec
+        try:
+            super().start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _QuietContext(multiprocessing.context.SpawnContext):
+    Process = _QuietProcess
+
+
+def worker_pool(workers: int | None) -> futures.ProcessPoolExecutor:
+    """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT."""
+    return futures.ProcessPoolExecutor(workers, mp_context=_QuietContext())
