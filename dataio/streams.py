@@ -2,12 +2,12 @@
 order, the seeded shuffle buffer, and the seek a mid-epoch resume starts from.
 
 A worker's stream is a pure function of (seed, epoch, rank, worker, pass) and the shards'
-member counts: :func:`worker_refs` walks it by counting, reading nothing, so a resume at
-step ``s`` finds the shuffle buffer's state after the skipped samples without reading
-them (:func:`seek`). What the resumed stream then reads is one shard from the position
-reached, and the samples the buffer still held (at most ``shuffle_buffer``, in the one
-or two shards they came from): a resume late in an epoch of millions of clips costs what
-a resume at its start costs, locally and from a URL.
+member counts, and its shuffle buffer draws from a counter-based hash: a resume at step
+``s`` plays the buffer with item numbers to find its state after the skipped samples,
+reading none of them (:func:`seek`). What the resumed stream then reads is one shard
+from the position reached, and the samples the buffer still held (at most
+``shuffle_buffer``, in the one or two shards they came from): a resume late in an epoch
+of millions of clips costs about what a resume at its start costs, locally and from a URL.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dataio.augment.keyed import M32, combine
 from dataio.errors import NoReadableClips, ShardMismatch
 from dataio.manifest import MEMBER_EXT, Manifest
 from dataio.remote import Retry, shown, tar_samples
@@ -68,19 +69,6 @@ def pass_shards(split, rank_seed: tuple, pass_no: int) -> list[int]:
     """The shard ids one reader reads in pass ``pass_no``, in order."""
     order = np.random.default_rng((*rank_seed, pass_no)).permutation(len(split.shards))
     return [split.shards[i] for i in order]
-
-
-def worker_refs(manifest: Manifest, split, rank_seed: tuple) -> Iterator[tuple]:
-    """Endless (pass number, :class:`Ref`) of every sample :func:`worker_stream` yields, from
-    the manifest's member counts alone (every member group assumed to hold its clip)."""
-    for pass_no in itertools.count():
-        k = 0
-        for slot, sid in enumerate(pass_shards(split, rank_seed, pass_no)):
-            count = manifest.shards[sid].count
-            first = (split.sample_offset - k) % split.sample_stride
-            for position in range(first, count, split.sample_stride):
-                yield pass_no, Ref(sid, slot, position)
-            k += count
 
 
 def worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = Retry(),
@@ -146,16 +134,18 @@ def mixed(streams: list[Iterator[tuple]], weights: np.ndarray, rng: np.random.Ge
 class Shuffled:
     """A seeded shuffle buffer over (pass, sample) pairs that never mixes two passes (one
     pass over a worker's clips is yielded whole before the next begins), unless
-    ``mix_passes`` (the draws of a resampled stream). Its whole state lives in attributes
-    between two items (the buffer, the item pulled but not yet placed, the pass, the
-    generator), so a seek can rebuild it mid-stream."""
+    ``mix_passes`` (the draws of a resampled stream). The t-th pop takes the item at
+    ``hash(key, t) mod len(buffer)``: a counter-based draw, so a seek computes the draws of
+    a whole skip at once. Its whole state lives in attributes between two items (the
+    buffer, the item pulled but not yet placed, the pass, the pops so far), so a seek can
+    rebuild it mid-stream."""
 
-    def __init__(self, stream: Iterator[tuple], size: int, rng: np.random.Generator, mix_passes: bool = False):
-        self.stream, self.size, self.rng, self.mix_passes = stream, size, rng, mix_passes
+    def __init__(self, stream: Iterator[tuple], size: int, key: int, mix_passes: bool = False):
+        self.stream, self.size, self.key, self.mix_passes = stream, size, key, mix_passes
         self.buffer: list = []
         self.pending: tuple | None = None  # pulled from the stream, waiting for a pass to drain
         self.current = None  # the pass being buffered
-        self.last: tuple | None = None  # the last item pulled from the stream
+        self.pops = 0
 
     def __iter__(self) -> Iterator[tuple]:
         while True:
@@ -163,7 +153,6 @@ class Shuffled:
                 self.pending = next(self.stream, None)
                 if self.pending is None:
                     break
-                self.last = self.pending
             item = self.pending
             if not self.mix_passes and self.buffer and item[0] != self.current:
                 yield self._pop()  # the pass before drains first, one item at a time
@@ -176,27 +165,77 @@ class Shuffled:
             yield self._pop()
 
     def _pop(self) -> tuple:
-        return self.buffer.pop(int(self.rng.integers(len(self.buffer))))
+        draw = combine(self.key, self.pops & M32)
+        self.pops += 1
+        return self.buffer.pop(draw % len(self.buffer))
 
 
-def seek(manifest: Manifest, split, rank_seed: tuple, retry: Retry, shuffle: Shuffled, skip: int) -> Shuffled:
-    """``shuffle`` (over :func:`worker_refs`) after its first ``skip`` items, as a shuffle
-    over the real samples in the same state: the buffered refs read (grouped by shard), the
-    stream going on from the position the refs reached. Equal, item for item, to reading
-    the stream and dropping ``skip`` items, when the shards hold what the manifest lists."""
-    for _ in itertools.islice(iter(shuffle), skip):
-        pass
-    held = [item for item in (*shuffle.buffer, shuffle.pending) if item is not None]
-    read = _read_refs(manifest, [ref for _, ref in held], retry)
-    go_on = _after(manifest, split, *shuffle.last) if shuffle.last else (0, 0, 0)
-    resumed = Shuffled(worker_stream(manifest, split, rank_seed, retry, go_on), shuffle.size, shuffle.rng,
-                       shuffle.mix_passes)
-    resumed.buffer = [(p, read[int(ref.sid), ref.position]) for p, ref in shuffle.buffer]
-    if shuffle.pending is not None:
-        p, ref = shuffle.pending
-        resumed.pending = (p, read[int(ref.sid), ref.position])
-    resumed.current = shuffle.current
+def seek(manifest: Manifest, split, rank_seed: tuple, retry: Retry, size: int, key: int, skip: int) -> Shuffled:
+    """The :class:`Shuffled` stream of one reader (``worker_stream`` through a buffer of
+    ``size``, keyed ``key``) after its first ``skip`` items, found without reading them: the
+    buffer is played with item numbers (the j-th item of the stream, its pass j // per pass)
+    and the draws of every pop computed at once; then the items the buffer holds are read
+    (grouped by shard) and the stream goes on from the position reached. Equal, item for
+    item, to reading the stream and dropping ``skip`` items, when the shards hold what the
+    manifest lists."""
+    per_pass = _per_pass(manifest, split)
+    buffer, pending, current, pops, pulled = _play(per_pass, size, key, skip)
+    held = buffer + ([pending] if pending is not None else [])
+    refs = {j: _ref_of(manifest, split, rank_seed, per_pass, j) for j in held}
+    read = _read_refs(manifest, [ref for _, ref in refs.values()], retry)
+    go_on = _after(manifest, split, *_ref_of(manifest, split, rank_seed, per_pass, pulled - 1)) if pulled else (0, 0, 0)
+    resumed = Shuffled(worker_stream(manifest, split, rank_seed, retry, go_on), size, key)
+    resumed.buffer = [(refs[j][0], read[int(refs[j][1].sid), refs[j][1].position]) for j in buffer]
+    if pending is not None:
+        resumed.pending = (refs[pending][0], read[int(refs[pending][1].sid), refs[pending][1].position])
+    resumed.current, resumed.pops = current, pops
     return resumed
+
+
+def _play(per_pass: int, size: int, key: int, skip: int) -> tuple:
+    """:class:`Shuffled`'s loop over item numbers until ``skip`` items were yielded: (the
+    buffer, the pending item, the current pass, the pops so far, the items pulled)."""
+    draws = combine(np.int64(key), np.arange(skip, dtype=np.int64) & M32).tolist()  # the pops' hashes, at once
+    buffer: list[int] = []
+    pending, current, pulled, pops = None, None, 0, 0
+    while pops < skip:
+        if pending is None:
+            pending, pulled = pulled, pulled + 1
+        if buffer and pending // per_pass != current:
+            buffer.pop(draws[pops] % len(buffer))
+            pops += 1
+            continue
+        current = pending // per_pass
+        buffer.append(pending)
+        pending = None
+        if len(buffer) >= size:
+            buffer.pop(draws[pops] % len(buffer))
+            pops += 1
+    return buffer, pending, current, pops, pulled
+
+
+def _per_pass(manifest: Manifest, split) -> int:
+    """How many items one reader's stream holds per pass (every pass reads the same shards)."""
+    total, k = 0, 0
+    for sid in split.shards:
+        count = manifest.shards[sid].count
+        total += len(range((split.sample_offset - k) % split.sample_stride, count, split.sample_stride))
+        k += count
+    return total
+
+
+def _ref_of(manifest: Manifest, split, rank_seed: tuple, per_pass: int, j: int) -> tuple[int, Ref]:
+    """(pass, :class:`Ref`) of the ``j``-th item of a reader's stream (the j-th sample
+    :func:`worker_stream` yields, counting each member group as holding its clip)."""
+    pass_no, i = divmod(j, per_pass)
+    k = 0
+    for slot, sid in enumerate(pass_shards(split, rank_seed, pass_no)):
+        count = manifest.shards[sid].count
+        mine = range((split.sample_offset - k) % split.sample_stride, count, split.sample_stride)
+        if i < len(mine):
+            return pass_no, Ref(sid, slot, mine[i])
+        i, k = i - len(mine), k + count
+    raise AssertionError("an item number past its pass")  # per_pass counts these very ranges
 
 
 def _after(manifest: Manifest, split, pass_no: int, ref: Ref) -> tuple[int, int, int]:

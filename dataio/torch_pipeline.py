@@ -35,12 +35,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
+from dataio.augment.keyed import scalar_key
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.batcher import BatchMaker, stage
 from dataio.errors import DataError
 from dataio.manifest import Manifest, split_for_reader
 from dataio.remote import Retry
-from dataio.streams import Shuffled, mixed, resampled_stream, seek, worker_refs, worker_stream
+from dataio.streams import Shuffled, mixed, resampled_stream, seek, worker_stream
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,25 @@ class WaveBatches(IterableDataset):
 
     def _epoch_batches(self, epoch: int, start_step: int, logical: int, workers: int) -> Iterator[dict]:
         """This logical worker's batches of ``epoch`` from ``start_step`` on."""
-        seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
         steps = self.place.steps
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
         errors: list = []
-        rng = np.random.default_rng((seed, epoch, rank, logical, 7))
-        retry = Retry.of(self.cfg)
         done = len(range(mine.start, min(start_step, steps), workers))  # this reader's batches before start_step
-        seeking = done > 0 and not self.cfg.resampled and not self.manifest.sources
+        samples = iter(self._samples(epoch, logical, workers, done * (self.cfg.batch_size // self.cfg.pairs_per_clip)))
+        self.maker.epoch, self.maker.bad_since = epoch, None
+        for step in mine[done:]:
+            out = self.maker.batch(samples, errors, step)
+            if self.in_workers:
+                payload = out.pop("waves" if "waves" in out else "mels")
+                out["views"] = stage(self.augmenter, payload, batch_ids(out, self.place.rank))
+            yield out
+
+    def _samples(self, epoch: int, logical: int, workers: int, skip: int) -> Shuffled:
+        """This logical worker's shuffled (pass, sample) stream of ``epoch`` after its first
+        ``skip`` items: found by counting (:func:`dataio.streams.seek`) for one corpus read
+        once per epoch, by reading past them otherwise."""
+        seed, rank, world = self.place.seed, self.place.rank, self.place.world_size
+        key, retry = scalar_key(seed, epoch, rank, logical, 7), Retry.of(self.cfg)
         streams = []
         for source, ids in enumerate(self._source_shards()):
             tag = (source,) if source else ()  # one corpus: the numbering of a run without sources
@@ -99,28 +111,18 @@ class WaveBatches(IterableDataset):
             order = [ids[int(i)] for i in np.random.default_rng((seed, epoch, *tag)).permutation(len(ids))]
             split = split_for_reader(order, rank, world, logical, workers)
             rank_seed = (seed, epoch, *tag, *split.order_key)
-            streams.append(worker_refs(self.manifest, split, rank_seed) if seeking else
-                           worker_stream(self.manifest, split, rank_seed, retry))
+            if skip and not self.manifest.sources:  # counted to the resume step, not read
+                return seek(self.manifest, split, rank_seed, retry, self.cfg.shuffle_buffer, key, skip)
+            streams.append(worker_stream(self.manifest, split, rank_seed, retry))
         if len(streams) == 1:
             stream = streams[0]
         else:
             weights = np.array([s.weight for s in self.manifest.sources])
             stream = mixed(streams, weights / weights.sum(), np.random.default_rng((seed, epoch, rank, logical, 13)))
-        samples = Shuffled(stream, self.cfg.shuffle_buffer, rng, mix_passes=self._by_shard)
-        clips = self.cfg.batch_size // self.cfg.pairs_per_clip  # clips decoded per batch
-        self.maker.epoch, self.maker.bad_since = epoch, None
-        if seeking:  # counted to the resume step, not read (dataio.streams)
-            samples = seek(self.manifest, split, rank_seed, retry, samples, clips * done)
-        else:
-            for _ in itertools.islice(iter(samples), clips * done):
-                pass
-        samples = iter(samples)
-        for step in mine[done:]:
-            out = self.maker.batch(samples, errors, step)
-            if self.in_workers:
-                payload = out.pop("waves" if "waves" in out else "mels")
-                out["views"] = stage(self.augmenter, payload, batch_ids(out, self.place.rank))
-            yield out
+        samples = Shuffled(stream, self.cfg.shuffle_buffer, key, mix_passes=self._by_shard)
+        for _ in itertools.islice(iter(samples), skip):
+            pass
+        return samples
 
     def _source_shards(self) -> list[list[int]]:
         """The shard ids of each corpus (one list without data.sources)."""

@@ -270,9 +270,9 @@ def test_resampled_shards_that_hold_nothing_readable_are_named(tmp_path):
                                                          ([12, 12], 1, 3, 5), ([4, 6, 5], 2, 1, 64)])
 def test_a_seek_to_any_point_reads_what_reading_there_reads(tmp_path, counts, world, workers, buffer, monkeypatch):
     """Issue 35, item 5: a resume read every sample it skipped (50 us a clip locally, every
-    byte again from a URL). The seek counts its way to the point from the manifest's counts
-    and reads only the buffer's samples and the shard it lands in: the samples that follow
-    are the same, item for item, at every skip, across pass boundaries, for every reader."""
+    byte again from a URL). The seek plays the shuffle buffer with item numbers and reads
+    only the buffer's samples and the shard it lands in: the samples that follow are the
+    same, item for item, at every skip, across pass boundaries, for every reader."""
     import itertools
 
     import dataio.streams as streams
@@ -285,26 +285,21 @@ def test_a_seek_to_any_point_reads_what_reading_there_reads(tmp_path, counts, wo
     total = sum(counts)
     for rank, worker in itertools.product(range(world), range(workers)):
         split = split_for_reader(order, rank, world, worker, workers)
-        rank_seed = (3, 1, *split.order_key)
-
-        def fresh(stream):
-            return streams.Shuffled(stream, buffer, np.random.default_rng((3, rank, worker)))
-        plain = list(itertools.islice(iter(fresh(streams.worker_stream(manifest, split, rank_seed))), 3 * total))
-        for skip in sorted({0, 1, buffer - 1, buffer, total // 3, total - 1, total, total + 2, 2 * total + 1}):
-            if skip < 0 or skip >= len(plain):
+        rank_seed, key = (3, 1, *split.order_key), 1000 + 10 * rank + worker
+        reading = streams.Shuffled(streams.worker_stream(manifest, split, rank_seed), buffer, key)
+        plain = list(itertools.islice(iter(reading), 3 * total))
+        for skip in sorted({1, buffer - 1, buffer, total // 3, total - 1, total, total + 2, 2 * total + 1}):
+            if skip < 1 or skip >= len(plain):
                 continue
             read.clear()
-            sought = streams.seek(manifest, split, rank_seed, streams.Retry(),
-                                  fresh(streams.worker_refs(manifest, split, rank_seed)), skip)
+            sought = streams.seek(manifest, split, rank_seed, streams.Retry(), buffer, key, skip)
             got = list(itertools.islice(iter(sought), len(plain) - skip))
             assert [(p, s["__key__"]) for p, s in got] == [(p, s["__key__"]) for p, s in plain[skip:]], skip
             assert all(bytes(a[1]["flac"]) == bytes(b[1]["flac"]) for a, b in zip(got[:5], plain[skip:]))
     big = make_shards(tmp_path / "big", [50] * 40, seconds=0.01)  # 2,000 clips, a seek to the last of them
     split = split_for_reader(list(range(40)), 0, 1, 0, 1)
     read.clear()
-    sought = streams.seek(big, split, (3, 0, 0, 0), streams.Retry(),
-                          streams.Shuffled(streams.worker_refs(big, split, (3, 0, 0, 0)), 16,
-                                           np.random.default_rng(0)), 1990)
+    sought = streams.seek(big, split, (3, 0, 0, 0), streams.Retry(), 16, 5, 1990)
     assert len(list(itertools.islice(iter(sought), 10))) == 10
     assert len(read) <= 3, f"a seek reads the shards it lands in, not the {len(read)} it passed"
 
@@ -324,6 +319,5 @@ def test_a_seek_into_a_shard_shorter_than_its_manifest_says_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     manifest = load_manifest(tmp_path)
     split = split_for_reader([0, 1], 0, 1, 0, 1)
-    refs = streams.Shuffled(streams.worker_refs(manifest, split, (0,)), 4, np.random.default_rng(0))
     with pytest.raises(ShardMismatch, match=r"shard-00001\.tar .* ended before member [678]"):
-        list(itertools.islice(iter(streams.seek(manifest, split, (0,), streams.Retry(), refs, 10)), 2))
+        list(itertools.islice(iter(streams.seek(manifest, split, (0,), streams.Retry(), 4, 0, 10)), 2))
