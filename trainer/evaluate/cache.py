@@ -24,17 +24,10 @@ import numpy as np
 from trainer.checkpoint import ENCODER_WEIGHTS
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.embed import ClipEmbeddings
+from trainer.safe_files import sha256
 
 log = logging.getLogger("audioclr.eval")
 CACHE_FILE = "embeddings.npz"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_json(obj) -> str:
@@ -48,7 +41,7 @@ def cache_key(run_dir: str | Path, clips: ClipSet, frontend, *, patch: int, hop:
     corpus = {"manifest": None if m is None else {
         "dataset": m.dataset, "sample_rate": m.sample_rate, "clip_format": m.clip_format,
         "shards": [dataclasses.asdict(s) for s in m.shards]}, "keys": clips.keys}
-    return {"encoder_sha256": _sha256_file(Path(run_dir) / ENCODER_WEIGHTS), "corpus_sha256": _sha256_json(corpus),
+    return {"encoder_sha256": sha256(Path(run_dir) / ENCODER_WEIGHTS), "corpus_sha256": _sha256_json(corpus),
             "num_clips": len(clips), "patch": patch, "hop": hop, "sample_rate": clips.sample_rate,
             "frontend_sha256": _sha256_json(dataclasses.asdict(frontend))}
 

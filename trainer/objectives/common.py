@@ -100,3 +100,17 @@ def rows_from_slices(records: Iterable[dict], lo: int, hi: int, dim: int, what: 
         raise ValueError(f"the saved {what} slices do not cover rows {lo}..{hi - 1} (row {gap} is in none of "
                          f"them): a rank's file of the checkpoint is missing or from another run")
     return torch.empty(0, dim) if out is None else out
+
+
+def restore_rows(state: dict, whole_key: str, count_key: str, rows: int, slices: Iterable[dict], lo: int, hi: int,
+                 dim: int, what: str) -> torch.Tensor:
+    """Rows ``lo .. hi-1`` of a ``rows``-row state from the slices saved at any world size,
+    or from the whole tensor a checkpoint of an older version kept in ``state[whole_key]``;
+    ValueError naming ``what`` when the saved state has another number of rows."""
+    whole = state.get(whole_key)
+    if isinstance(whole, torch.Tensor):
+        slices = [slice_record(0, whole.shape[0], whole)]
+    saved = whole.shape[0] if isinstance(whole, torch.Tensor) else int(state.get(count_key, rows))
+    if saved != rows:
+        raise ValueError(f"saved {what} has {saved} rows, expected {rows}")
+    return rows_from_slices(slices, lo, hi, dim, what)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from trainer.objectives.common import rows_from_slices, seeded_unit_rows, slice_record, wide
+from trainer.objectives.common import restore_rows, seeded_unit_rows, slice_record, wide
 from trainer.parallel import distributed
 
 
@@ -74,14 +74,8 @@ class ShardedQueue:
         """Take this rank's block from ``slices`` saved at any world size (a checkpoint of an
         older version keeps the whole queue in ``state["queue"]``). The ring order and the
         pointer are global, so nothing needs remapping."""
-        whole = state.get("queue")
-        if isinstance(whole, torch.Tensor):
-            slices = [slice_record(0, whole.shape[0], whole)]
-        size = whole.shape[0] if isinstance(whole, torch.Tensor) else int(state.get("size", self.size))
-        if size != self.size:
-            raise ValueError(f"saved queue has {size} slots, expected {self.size}")
-        self.shard = rows_from_slices(slices, self.lo, self.hi, self.dim, "MoCo queue").to(
-            device=self.shard.device, dtype=self.shard.dtype)
+        rows = restore_rows(state, "queue", "size", self.size, slices, self.lo, self.hi, self.dim, "MoCo queue")
+        self.shard = rows.to(device=self.shard.device, dtype=self.shard.dtype)
         self.ptr = int(state["ptr"]) % self.size
 
 

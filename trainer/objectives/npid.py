@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.common import rows_from_slices, rows_logsumexp, seeded_unit_rows, slice_record, wide
+from trainer.objectives.common import restore_rows, rows_logsumexp, seeded_unit_rows, slice_record, wide
 from trainer.parallel import distributed
 
 
@@ -80,14 +80,9 @@ class ShardedMemoryBank:
     def load_state_dict(self, state: dict, slices: Iterable[dict] = ()) -> None:
         """Take this rank's rows from ``slices`` saved at any world size (a checkpoint of
         an older version keeps the whole bank in ``state["bank"]``)."""
-        whole = state.get("bank")
-        if isinstance(whole, torch.Tensor):
-            slices = [slice_record(0, whole.shape[0], whole)]
-        rows = whole.shape[0] if isinstance(whole, torch.Tensor) else int(state.get("num_rows", self.num_rows))
-        if rows != self.num_rows:
-            raise ValueError(f"saved bank has {rows} rows (clips), expected {self.num_rows}")
-        self.shard = rows_from_slices(slices, self.lo, self.hi, self.dim, "memory bank").to(
-            device=self.shard.device, dtype=self.shard.dtype)
+        rows = restore_rows(state, "bank", "num_rows", self.num_rows, slices, self.lo, self.hi, self.dim,
+                            "memory bank")
+        self.shard = rows.to(device=self.shard.device, dtype=self.shard.dtype)
         self.nce_z = None if state.get("nce_z") is None else float(state["nce_z"])
 
 

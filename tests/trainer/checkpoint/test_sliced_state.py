@@ -97,7 +97,7 @@ def test_a_missing_or_misshapen_slice_is_refused_by_name():
         bank.load_state_dict({"num_rows": N}, [slice_record(0, 3, torch.zeros(3, D))])
     with pytest.raises(ValueError, match=r"memory bank slice of rows 0\.\.5 holds \(5, 4\), not \(6, 4\)"):
         bank.load_state_dict({"num_rows": N}, [slice_record(0, 6, torch.zeros(5, D))])
-    with pytest.raises(ValueError, match="saved bank has 12 rows"):
+    with pytest.raises(ValueError, match="saved memory bank has 12 rows, expected 11"):
         bank.load_state_dict({"num_rows": 12}, [])
     with pytest.raises(ValueError, match=r"MoCo queue slices do not cover rows 0\.\.3"):
         queue.load_state_dict({"size": K, "ptr": 0}, [])
