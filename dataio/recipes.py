@@ -41,14 +41,31 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def merge_trees(base: dict, extra: dict) -> dict:
     """``extra`` over ``base``, section by section: nested mappings merge key by key; any
-    other value, an empty mapping or null included, replaces (``augment: {}``: no chain)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
-            out[key] = merge_trees(out[key], value)
-        else:
-            out[key] = value
+    other value, an empty mapping or null included, replaces (``augment: {}``: no chain).
+    The keys come in ``extra``'s order where it names several, the base's keys it does not
+    name keep their places (:func:`merged_order`): a recipe can put a new op before the
+    base's ops, or reorder them, as it lists them."""
+    out = {}
+    for key in merged_order(list(base), list(extra)):
+        value = extra.get(key, base.get(key))
+        if key in extra and isinstance(value, dict) and value and isinstance(base.get(key), dict):
+            value = merge_trees(base[key], value)
+        out[key] = value
     return out
+
+
+def merged_order(base: list, extra: list) -> list:
+    """The keys of ``base`` and ``extra`` in one order that keeps ``extra``'s order and,
+    for the keys only ``base`` has, the base's: each base key ``extra`` names brings the
+    keys ``extra`` lists before it. ``[gain, rrc, pitch]`` + ``[speed, gain]`` -> ``[speed,
+    gain, rrc, pitch]``; + ``[pitch]`` -> unchanged; + ``[rrc, gain]`` -> ``[rrc, gain, pitch]``."""
+    out, seen = [], set()
+    for key in base:
+        for k in extra[:extra.index(key) + 1] if key in extra else [key]:
+            if k not in seen:
+                out.append(k)
+                seen.add(k)
+    return out + [k for k in extra if k not in seen]
 
 
 def _is_file(path: Path) -> bool:

@@ -48,8 +48,10 @@ def parse_chain(section: dict | None) -> list[OpConfig]:
         op = build_section(OPS[name], {**settings, "op": name}, key + ".")
         op.label = label
         if ops and ops[-1].domain == "mel" and op.domain == "wave":
-            raise ConfigError(f"{key}: waveform op '{name}' comes after log-mel op '{ops[-1].label}'; "
-                              f"list the waveform ops first (they run before the log-mel)")
+            raise ConfigError(f"{key}: waveform op '{name}' comes after log-mel op '{ops[-1].label}' in the chain "
+                              f"({', '.join(str(k) for k in section)}); list the waveform ops first (they run "
+                              f"before the log-mel). Over a base: recipe an op the recipe adds goes after the "
+                              f"base's ops unless the recipe also names an op it comes before")
         ops.append(op)
     return ops
 

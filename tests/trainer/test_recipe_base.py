@@ -40,7 +40,7 @@ def test_recipe_resolves_as_recorded(name):
 def write(folder, name: str, tree: dict):
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tree))
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))  # the chain is in key order
     return path
 
 
@@ -63,6 +63,22 @@ def test_a_null_replaces_the_base_value_and_is_judged_by_the_schema(tmp_path):
     write(tmp_path, "c.yaml", {"base": "a.yaml", "augment": None})
     with pytest.raises(ConfigError, match="augment: expected a mapping"):
         load_config(PretrainConfig, tmp_path / "c.yaml")
+
+
+def test_a_recipe_over_a_base_orders_the_chain_as_it_lists_it(tmp_path):
+    """Issue 36, row 5: the base's key order won, so a recipe could not put a waveform op
+    before the base's log-mel ops, and the error told it to do what it did."""
+    write(tmp_path, "a.yaml", {"data": {"shards": "/a"}, "augment": {"gain": {}, "rrc": {}, "pitch_shift": {}}})
+    write(tmp_path, "b.yaml", {"base": "a.yaml", "augment": {"speed": {}, "gain": {"db": [-3.0, 3.0]}}})
+    assert list(load_config(PretrainConfig, tmp_path / "b.yaml").augment) == ["speed", "gain", "rrc", "pitch_shift"]
+    write(tmp_path, "c.yaml", {"base": "a.yaml", "augment": {"pitch_shift": {"p": 0.0}}})  # a tweak moves nothing
+    assert list(load_config(PretrainConfig, tmp_path / "c.yaml").augment) == ["gain", "rrc", "pitch_shift"]
+    write(tmp_path, "d.yaml", {"base": "a.yaml", "augment": {"pitch_shift": {}, "rrc": {}}})
+    assert list(load_config(PretrainConfig, tmp_path / "d.yaml").augment) == ["gain", "pitch_shift", "rrc"]
+    write(tmp_path, "e.yaml", {"base": "a.yaml", "augment": {"speed": {}}})  # nothing says where: after the base's
+    with pytest.raises(ConfigError, match=r"comes after log-mel op 'pitch_shift' in the chain \(gain, rrc, "
+                                          r"pitch_shift, speed\).*unless the recipe also names an op"):
+        load_config(PretrainConfig, tmp_path / "e.yaml")
 
 
 @pytest.mark.parametrize("files, message", [
