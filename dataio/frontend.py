@@ -34,8 +34,10 @@ class FrontendConfig:
     channels: int = option(1, "input channels of the encoder (log-mel replicated to each)")
 
     def __post_init__(self) -> None:
-        check(self.sample_rate > 0, "sample_rate", "must be positive")
+        check(0 < self.sample_rate <= 384_000, "sample_rate", "must be in (0, 384000] Hz")
+        check(0 < self.win_ms <= 1000, "win_ms", "must be in (0, 1000] (a window of at most a second)")
         check(0 < self.hop_ms <= self.win_ms, "hop_ms", "must be in (0, win_ms]")
+        check(self.win_length >= 2, "win_ms", "gives a window of fewer than 2 samples at this sample_rate")
         check(self.n_mels > 0, "n_mels", "must be positive")
         check(self.f_max == 0 or self.f_min < self.f_max <= self.sample_rate / 2, "f_max",
               "must be 0 or in (f_min, sample_rate / 2]")

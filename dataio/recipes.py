@@ -76,10 +76,18 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False for a name the file system refuses (too long)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not _is_file(path):
-        raise ConfigError(f"config {path} is a folder, not a YAML file" if path.is_dir() else
+        raise ConfigError(f"config {path} is a folder, not a YAML file" if _is_dir(path) else
                           f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -105,7 +113,7 @@ def read_recipe(path: str | Path, below: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base: expected the file name of a recipe, got {name!r}")
     parent, chain = path.parent / name, (*below, path)
     if not _is_file(parent):
-        raise ConfigError(f"{path}: base {parent} is a folder, not a YAML file" if parent.is_dir() else
+        raise ConfigError(f"{path}: base {parent} is a folder, not a YAML file" if _is_dir(parent) else
                           f"{path}: base file not found: {parent}")
     if parent.resolve() in {p.resolve() for p in chain}:
         raise ConfigError(f"{path}: base {name} leads back to itself: {' -> '.join(map(str, (*chain, parent)))}")

@@ -203,6 +203,42 @@ def test_a_refused_value_is_exit_2_and_one_line_through_each_command(tmp_path, c
     assert not failures, f"{len(failures)} of {len(sample)}:\n" + "\n".join(failures[:40])
 
 
+@pytest.mark.e2e
+def test_an_accepted_value_trains_or_is_refused_by_name():
+    """The accepted-values runner (issue 36): a seeded sample of the pretraining values the
+    schema accepts (all of them with AUDIOCLR_FUZZ=long) each runs a 2-step tiny pretraining
+    (tests/trainer/accepted_runner.py, one process): it trains (0), or stops with one line
+    (2 a refusal, 1 a run that cannot go on such as a non-finite loss), never a traceback
+    or a hang."""
+    import json
+    import subprocess
+    import sys
+
+    from trainer.config import load_config
+    schemas = commands()
+    accepted = []
+    for command, key, override in config_cases():
+        if command != "pretrain":
+            continue
+        try:
+            load_config(schemas[command][0], None, [*BASE[command], override])
+        except Exception:  # noqa: BLE001 -- the refused ones are the tests above
+            continue
+        accepted.append(override)
+    sample = accepted if LONG else random.Random(SEED).sample(accepted, 10)
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "trainer" / "accepted_runner.py")],
+                         input="\n".join(sample) + "\n", capture_output=True, text=True, timeout=300 * len(sample),
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(sample), f"a case hung or killed the runner:\n{out.stderr[-3000:]}"
+    failures = []
+    for r in results:
+        said = [line for line in r["err"].splitlines() if line.startswith("audioclr")]
+        if r["code"] not in (0, 1, 2) or "Traceback" in r["err"] or (r["code"] != 0 and len(said) != 1):
+            failures.append(f"{r['override'][:80]!r}: exit {r['code']}: {r['err'][-300:]!r}")
+    assert not failures, f"{len(failures)} of {len(sample)}:\n" + "\n".join(failures)
+
+
 BASE_FILES = {"list.yaml": "[1, 2]\n", "broken.yaml": "a: [\n", "loop.yaml": "base: recipe.yaml\n",
               "unknown.yaml": "nokey: 1\n"}
 
