@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataio.clip_encoding import encode_clip
 from dataio.errors import ShardWriteError
 from dataio.formats import ClipCodec
 from dataio.frontend import FrontendConfig, one_torch_thread
@@ -74,7 +75,7 @@ def convert_shard(location: str, number: int, expected: int, codec: ClipCodec, e
         except Exception as err:  # noqa: BLE001 -- named, and the conversion stops
             raise ShardWriteError(f"{shown(location)}: member {key}.{codec.ext} does not read ({err}); list the "
                                   f"broken members with `audioclr check-shards`") from None
-        members = [(encoding.ext, encoding.encode(pcm, codec.sample_rate)) if ext == codec.ext else
+        members = [(encoding.ext, encode_clip(encoding, pcm, codec.sample_rate)) if ext == codec.ext else
                    (ext, bytes(data)) for ext, data in sample.items() if not ext.startswith("__")]
         sink.add(key, members)
         count += 1

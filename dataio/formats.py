@@ -26,24 +26,18 @@ import torch
 
 from dataio.errors import ConfigError
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import CLIP_FORMATS, MEMBER_EXT, STORED_FRONTEND
+from dataio.manifest import CLIP_FORMATS, MEMBER_EXT, STORED_FRONTEND, frontend_record
 from dataio.views import cut
 
 __all__ = ["CLIP_FORMATS", "MEMBER_EXT", "STORED_FRONTEND", "ClipCodec", "check_recipe_frontend", "encode_member",
            "frontend_differences", "non_finite_rows",
-           "frontend_record", "logmel_frames", "pcm_to_float", "stored_frontend", "to_pcm16"]
+           "logmel_frames", "pcm_to_float", "stored_frontend", "to_pcm16"]
 
 WAVE_FORMATS = ("flac", "pcm16")
 PCM_SCALE = 1.0 / 32768.0  # int16 -> float, as libsndfile decodes 16-bit audio
 
 
-def frontend_record(frontend: FrontendConfig) -> dict:
-    """The front end a log-mel is computed with, as the manifest records it (FFT size and
-    top band edge resolved, so equal features compare equal)."""
-    record = {key: getattr(frontend, key) for key in STORED_FRONTEND}
-    record["n_fft"] = frontend.fft_size
-    record["f_max"] = float(frontend.f_max or frontend.sample_rate / 2)
-    return record
+
 
 
 def frontend_differences(frontend: FrontendConfig, record: dict) -> list[str]:

@@ -45,6 +45,15 @@ STORED_FRONTEND = ("sample_rate", "win_ms", "hop_ms", "n_fft", "window", "n_mels
                    "log_floor")
 
 
+def frontend_record(frontend) -> dict:
+    """The front end (a ``FrontendConfig``) a log-mel is computed with, as the manifest records it (FFT size and
+    top band edge resolved, so equal features compare equal)."""
+    record = {key: getattr(frontend, key) for key in STORED_FRONTEND}
+    record["n_fft"] = frontend.fft_size
+    record["f_max"] = float(frontend.f_max or frontend.sample_rate / 2)
+    return record
+
+
 @dataclass
 class ShardInfo:
     url: str

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dataio.convert import convert_corpus, frontend_from_recipe
 from dataio.errors import RemoteError, ShardWriteError
 from dataio.manifest import CLIP_FORMATS, load_manifest
 from dataio.publish import Publisher
@@ -75,6 +74,7 @@ def _encoding(args: argparse.Namespace, sample_rate: int | None) -> Encoding:
         raise ShardWriteError(f"--config gives the front end of a logmel corpus; --format {args.format} has none")
     if args.format != "logmel" or not (args.config or sample_rate):
         return Encoding(args.format)
+    from dataio.convert import frontend_from_recipe  # deferred: the front end brings torch, only for logmel
     return Encoding(args.format, frontend_from_recipe(args.config, sample_rate))
 
 
@@ -97,6 +97,7 @@ def run_convert(args: argparse.Namespace) -> int:
     """Run ``audioclr shard convert`` (bad input raises: SHARD_INPUT_ERRORS; nothing
     half-written is left with a manifest)."""
     encoding = _encoding(args, None)
+    from dataio.convert import convert_corpus  # deferred: `audioclr shard` plans without importing torch
     manifest = convert_corpus(args.src, args.out, encoding, overwrite=args.overwrite, workers=args.workers)
     where = shown(args.out) if is_url(args.out) else args.out
     print(f"converted {manifest.num_clips} clips in {len(manifest.shards)} shard(s) to {encoding.clip_format}: "

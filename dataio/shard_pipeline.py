@@ -52,7 +52,6 @@ from dataio.shard_writer import (
     check_vocabulary,
     clip_json_rest,
     prepare_out_dir,
-    process_clip,
     remove_our_files,
     soundfile_loader,
     unique_keys,
@@ -113,6 +112,7 @@ def encode_chunk(work: Path, counts: list[int], chunk: int, positions: np.ndarra
                  renamed: dict[int, str], settings: WriteSettings) -> ChunkResult:
     """Encode the clips at listing ``positions`` (in that order) and spill the accepted
     ones; ``renamed`` gives the keys made unique by a suffix, by listing index."""
+    from dataio.clip_encoding import process_clip  # deferred: workers encode (torch); the main process plans
     items = ItemStore(work, counts).items(positions)
     records, sizes, rejected, labels, multi = [], [], [], set(), False
     for position, item in zip(positions.tolist(), items):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import pickle
 import re
@@ -24,22 +23,22 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 from dataio.errors import ShardWriteError
-from dataio.formats import MEMBER_EXT, encode_member, frontend_record, to_pcm16
-from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import MANIFEST_NAME
+from dataio.manifest import MANIFEST_NAME, MEMBER_EXT, frontend_record
 from dataio.remote import is_url, shown
 
 REJECTED_NAME = "rejected.tsv"
 DEFAULT_SHARD_SIZE = 1000
 MAX_KEY_CHARS = 80  # "KEY.flac" stays inside the 100-character ustar name field
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+if TYPE_CHECKING:  # the workers compute log-mels; this module stays free of torch
+    from dataio.frontend import FrontendConfig
+
 log = logging.getLogger(__name__)
 
 WORK_DIR_NAME = "shard-work.tmp"  # the writer's working files (dataio.shard_store)
@@ -150,7 +149,8 @@ class ClipResult:
 @dataclass(frozen=True)
 class Encoding:
     """How clips are written: ``clip_format`` (flac, pcm16, logmel) and, for logmel, the
-    front end its features are computed with."""
+    front end its features are computed with (the encoding itself is the workers':
+    :func:`dataio.clip_encoding.encode_clip`)."""
 
     clip_format: str = "flac"
     frontend: FrontendConfig | None = None
@@ -159,42 +159,9 @@ class Encoding:
     def ext(self) -> str:
         return MEMBER_EXT[self.clip_format]
 
-    def encode(self, pcm: np.ndarray, rate: int) -> bytes:
-        return encode_member(pcm, rate, self.clip_format, _logmel(self.frontend) if self.frontend else None)
-
     def manifest_fields(self) -> dict:
         return {"clip_format": self.clip_format,
                 "frontend": frontend_record(self.frontend) if self.clip_format == "logmel" else {}}
-
-
-_LOGMELS: dict = {}
-
-
-def _logmel(frontend: FrontendConfig) -> LogMel:
-    """One LogMel per front end per process (its filter bank is built once)."""
-    key = repr(frontend)
-    if key not in _LOGMELS:
-        if multiprocessing.parent_process() is not None:
-            torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
-        _LOGMELS[key] = LogMel(frontend)
-    return _LOGMELS[key]
-
-
-def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """``mono`` [frames] at ``rate`` Hz resampled to ``target`` Hz."""
-    if multiprocessing.parent_process() is not None and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)  # in a pool process: the pool is the parallelism
-    return AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target).numpy()
-
-
-def _to_mono(samples: np.ndarray) -> np.ndarray:
-    """``[frames]`` or ``[frames, channels]`` -> float32 ``[frames]`` (mean of the channels)."""
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim == 1:
-        return samples
-    if samples.ndim != 2:
-        raise ValueError(f"loader gave samples of shape {samples.shape}, not [frames, channels]")
-    return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -202,35 +169,6 @@ def _one_line(text: object, limit: int = 200) -> str:
     ``\\xNN`` (such names reach Python as lone surrogates, which no UTF-8 file can hold)."""
     text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return " ".join(text.split())[:limit]
-
-
-def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
-                 min_seconds: float, encoding: Encoding = Encoding()) -> ClipResult:
-    """Load, mix down, validate, resample to ``sample_rate`` Hz and encode one clip.
-
-    Never raises for bad input: a clip that cannot be used comes back with a reason.
-    """
-    try:
-        samples, rate = loader(item)
-        mono, rate = _to_mono(samples), int(rate)
-    except FileNotFoundError:
-        return ClipResult(reason="missing file")
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a rejection, not a crash
-        return ClipResult(reason=f"unreadable: {_one_line(err)}")
-    if mono.size == 0:
-        return ClipResult(reason="empty (0 frames)")
-    if not np.isfinite(mono).all():
-        return ClipResult(reason="non-finite samples (NaN or Inf)")
-    if rate <= 0:
-        return ClipResult(reason=f"bad sample rate {rate}")
-    if mono.size / rate < min_seconds:
-        return ClipResult(reason=f"too short: {mono.size / rate:.3f} s < {min_seconds:g} s")
-    try:
-        if rate != sample_rate:
-            mono = _resample(mono, rate, sample_rate)
-        return ClipResult(data=encoding.encode(to_pcm16(mono), sample_rate), frames=int(mono.size))
-    except Exception as err:  # noqa: BLE001
-        return ClipResult(reason=f"encode failed: {_one_line(err)}")
 
 
 def check_encoding(encoding: Encoding, sample_rate: int) -> None:

@@ -40,9 +40,8 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.convert import convert_corpus
 from dataio.errors import ConfigError, DataError, ManifestError
-from dataio.formats import frontend_record
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import MANIFEST_NAME, load_manifest
+from dataio.manifest import MANIFEST_NAME, frontend_record, load_manifest
 from dataio.schema import cli_number
 from dataio.shard_pipeline import write_shards
 from dataio.shard_writer import Encoding
