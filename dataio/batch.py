@@ -64,8 +64,8 @@ class DataConfig:
         check(self.cache_gb > 0, "cache_gb", "must be positive")
         check(self.worker_threads >= 1, "worker_threads", "must be >= 1")
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
-        check(self.view_seconds > 0, "view_seconds", "must be positive")
-        check(self.view_gap >= 0, "view_gap", "must be >= 0")
+        check(0 < self.view_seconds <= 600, "view_seconds", "must be in (0, 600] seconds")
+        check(0 <= self.view_gap <= 600, "view_gap", "must be in [0, 600] seconds")
         check(not (self.backend == "dali" and self.view_gap and self.num_views != 2), "view_gap",
               "with backend dali, a gap between views needs num_views 2")
         check(self.pairs_per_clip >= 1 and self.batch_size % self.pairs_per_clip == 0, "pairs_per_clip",

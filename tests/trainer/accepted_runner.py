@@ -34,7 +34,8 @@ def run(override: str) -> dict:
             except BaseException as raised:  # noqa: BLE001 -- what the runner reports
                 code = f"raised {type(raised).__name__}: {raised}"
         faulthandler.cancel_dump_traceback_later()
-    return {"override": override, "code": code, "err": err.getvalue()[-1500:]}
+    lines = err.getvalue().splitlines()[-12:]  # each line cut: a 5,000-character value is not the point
+    return {"override": override, "code": code, "err": "\n".join(line[:300] for line in lines)}
 
 
 if __name__ == "__main__":
