@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         epochs = max(1, int(args.minutes * 60 // per_epoch))
         timing["calibrated_seconds_per_epoch"] = per_epoch
         log.info("%.1f s per epoch here: %d epochs fit in %.1f min", per_epoch, epochs, args.minutes)
-    per_seed, pretrain_seconds, curves = {}, {}, {}
+    per_seed, pretrain_seconds, curves, trained = {}, {}, {}, {}
     by_fold = shards_without_each_fold(Path(args.csv), out, base.frontend.sample_rate) if per_fold else {}
     probe = [f"eval.online={shards}", f"eval.every={args.online_every}",
              f"eval.patch_seconds={args.patch_seconds}"] if args.online_every else []
@@ -262,10 +262,12 @@ def run(args: argparse.Namespace) -> dict:
         if per_fold:
             pretrain_seconds[seed], per_seed[seed] = pretrain_per_fold(args, by_fold, shards, seed, epochs,
                                                                        base.frontend)
+            trained[str(seed)] = trained_on(next(out.glob(f"seed{seed}/without-fold*")))
             continue
         pretrain_seconds[seed] = pretrain(args.config, train_on, run_dir, seed, epochs, [*args.overrides, *probe])
         per_seed[seed] = evaluate(run_dir, shards, seed, args.patch_seconds)
         curves[str(seed)] = online_curve(run_dir)
+        trained[str(seed)] = trained_on(run_dir)
     hand = handcrafted_baseline(shards)
     timing.update(pretrain_seconds=pretrain_seconds, total_seconds=time.perf_counter() - started)
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
@@ -274,9 +276,29 @@ def run(args: argparse.Namespace) -> dict:
               "epochs": epochs, "seeds": args.seeds, "pretrained_per_fold": per_fold, "patch_seconds": args.patch_seconds,
               "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
-              "handcrafted": hand, "timing": timing, "online_curves": curves}
+              "handcrafted": hand, "timing": timing, "online_curves": curves, "trained_on": trained}
     write_text_atomically(out / "quality.json", json.dumps(result, indent=1))
     return result
+
+
+def trained_on(run_dir: Path) -> dict:
+    """Where a run's encoder was trained (device, CPU threads, ranks, autocast): on a CPU the
+    thread count and precision decide the last bits of every step, so the score too."""
+    return json.loads((run_dir / "encoder.json").read_text()).get("trained_on", {})
+
+
+def describe_trained_on(trained: dict) -> str:
+    """One line for the seeds' ``trained_on`` records."""
+    kinds = {json.dumps(v, sort_keys=True) for v in trained.values()}
+    if not trained:
+        return "trained on: (reused runs, not recorded)"
+    parts = []
+    for kind in sorted(kinds):
+        v = json.loads(kind)
+        seeds = ",".join(s for s, t in trained.items() if json.dumps(t, sort_keys=True) == kind)
+        parts.append(f"{v.get('device', '?')}, {v.get('cpu_threads', '?')} thread(s), {v.get('world_size', '?')} "
+                     f"rank(s), {v.get('autocast', 'precision not recorded')} (seed {seeds})")
+    return "trained on " + "; ".join(parts)
 
 
 def print_table(result: dict) -> None:
@@ -299,6 +321,7 @@ def print_table(result: dict) -> None:
     spent = f"{np.mean(minutes):.1f} min per seed" if minutes else "reused"
     print(f"  pretrained - random init (linear): {gain:+.3f}; pretraining {spent}; "
           f"total {result['timing']['total_seconds'] / 60:.1f} min")
+    print(f"  {describe_trained_on(result.get('trained_on', {}))}")
     for seed, curve in result.get("online_curves", {}).items():
         if curve:
             print(f"  online kNN, seed {seed}: " + "  ".join(f"ep {e:g} {v:.3f}" for e, v in curve))

@@ -342,8 +342,10 @@ class Pretrainer:
                                     encoder.embedding_dim, self.step, self.cfg.data.view_seconds)
                 # on a CPU the sums' order, so the last bits of every step, follow the thread
                 # count; over a run they grow into different weights (the demo's kNN by ~0.05)
+                dtype = autocast_dtype(self.cfg.train.precision, self.device)
                 meta["trained_on"] = {"device": self.device.type, "cpu_threads": self.threads,
-                                      "world_size": self.info.world_size}
+                                      "world_size": self.info.world_size,
+                                      "autocast": str(dtype).replace("torch.", "") if dtype else "fp32"}
                 try:
                     log.info("encoder exported to %s", export_encoder(encoder, meta, self.run_dir))
                 except CheckpointError as err:

@@ -102,6 +102,8 @@ def test_bench_quality_scores_pretrained_random_and_handcrafted(tmp_path):
     assert len(result["handcrafted"]["folds"]) == 3
     assert result["handcrafted"]["class_averaged_accuracy"] > 0.6, "three tones apart are easy for features"
     assert "random init" in out.stdout and "hand-crafted" in out.stdout
+    assert "trained on cpu, " in out.stdout and " thread(s), 1 rank(s), " in out.stdout  # issue 34
+    assert set(result["trained_on"]) == {"0", "1"}
     for seed in ("0", "1"):  # the online probe's curve: one kNN score per epoch, the last = the final kNN
         curve = result["online_curves"][seed]
         assert [e for e, _ in curve] == list(range(1, result["epochs"] + 1))

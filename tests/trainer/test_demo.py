@@ -27,8 +27,11 @@ def test_short_demo_beats_chance(tmp_path):
     assert written["knn_accuracy"] == summary["knn_accuracy"]
     assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written) and written["objective_read_labels"] is False
     import torch
-    assert written["trained_on"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "world_size": 1}, \
-        "the result records the thread count its numbers depend on"
+    from trainer.parallel.device import autocast_dtype
+    dtype = autocast_dtype("fast", torch.device("cpu"))  # the demo recipe's precision, as this CPU resolves it
+    assert written["trained_on"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "world_size": 1,
+                                     "autocast": str(dtype).replace("torch.", "") if dtype else "fp32"}, \
+        "the result records the thread count and precision its numbers depend on"
     chance = 1 / summary["num_classes"]
     assert summary["num_classes"] == 10 and summary["num_clips"] == 120
     assert summary["knn_accuracy"] > chance + 0.1
