@@ -309,8 +309,12 @@ def _plan_and_write(pool, work: Path, out_dir: Path, listed: list[PartListing], 
 
 
 def _close(pool: futures.Executor, work: Path) -> None:
-    pool.shutdown(wait=True, cancel_futures=True)  # no worker still writing when the work dir goes
-    shutil.rmtree(work, ignore_errors=True)
+    """Shut the pool down and remove the working folder, the latter even when a stop cuts
+    into the former (idempotent: the failure path may call it again)."""
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)  # no worker still writing when the work dir goes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_parts(parts: Sequence[ListingPart | list[ClipItem]], out_dir: str | Path, settings: WriteSettings, *,
@@ -341,14 +345,14 @@ def write_parts(parts: Sequence[ListingPart | list[ClipItem]], out_dir: str | Pa
             raise ShardWriteError(no_clips)
         check_vocabulary(set().union(*(part.labels for part in listed)), vocabulary)
         tally = _plan_and_write(pool, work, out_dir, listed, settings, limits, seed, workers, progress, on_shard)
-    except BaseException:
         _close(pool, work)
-        remove_our_files(out_dir, unfinished_only=True)  # a stop or a full disk leaves no .tmp behind
+        num_rejected = _finish(out_dir, settings, tally, num_items, vocabulary)
+    except BaseException:  # a stop or a failure anywhere, the closing included: no .tmp is left behind
+        _close(pool, work)
+        remove_our_files(out_dir, unfinished_only=True)
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
-    _close(pool, work)
-    num_rejected = _finish(out_dir, settings, tally, num_items, vocabulary)
     report = WriteReport(tally.num_clips, [(p, r) for _, p, r in sorted(tally.rejected)], len(tally.shards),
                          out_dir, time.perf_counter() - start)
     assert len(report.rejected) == num_rejected
