@@ -181,9 +181,11 @@ def seek(manifest: Manifest, split, rank_seed: tuple, retry: Retry, size: int, k
     per_pass = _per_pass(manifest, split)
     buffer, pending, current, pops, pulled = _play(per_pass, size, key, skip)
     held = buffer + ([pending] if pending is not None else [])
-    refs = {j: _ref_of(manifest, split, rank_seed, per_pass, j) for j in held}
+    passes: dict = {}
+    refs = {j: _ref_of(manifest, split, rank_seed, per_pass, j, passes) for j in held}
     read = _read_refs(manifest, [ref for _, ref in refs.values()], retry)
-    go_on = _after(manifest, split, *_ref_of(manifest, split, rank_seed, per_pass, pulled - 1)) if pulled else (0, 0, 0)
+    last = _ref_of(manifest, split, rank_seed, per_pass, pulled - 1, passes) if pulled else None
+    go_on = _after(manifest, split, *last) if last else (0, 0, 0)
     resumed = Shuffled(worker_stream(manifest, split, rank_seed, retry, go_on), size, key)
     resumed.buffer = [(refs[j][0], read[int(refs[j][1].sid), refs[j][1].position]) for j in buffer]
     if pending is not None:
@@ -214,28 +216,40 @@ def _play(per_pass: int, size: int, key: int, skip: int) -> tuple:
     return buffer, pending, current, pops, pulled
 
 
-def _per_pass(manifest: Manifest, split) -> int:
-    """How many items one reader's stream holds per pass (every pass reads the same shards)."""
-    total, k = 0, 0
-    for sid in split.shards:
-        count = manifest.shards[sid].count
-        total += len(range((split.sample_offset - k) % split.sample_stride, count, split.sample_stride))
-        k += count
-    return total
+def _mine(split, k: int, count: int) -> range:
+    """The positions a reader keeps of a shard of ``count`` members whose first member is the
+    ``k``-th of its pass (every ``sample_stride``-th of the pass, from ``sample_offset``)."""
+    return range((split.sample_offset - k) % split.sample_stride, count, split.sample_stride)
 
 
-def _ref_of(manifest: Manifest, split, rank_seed: tuple, per_pass: int, j: int) -> tuple[int, Ref]:
-    """(pass, :class:`Ref`) of the ``j``-th item of a reader's stream (the j-th sample
-    :func:`worker_stream` yields, counting each member group as holding its clip)."""
-    pass_no, i = divmod(j, per_pass)
-    k = 0
+def _pass_items(manifest: Manifest, split, rank_seed: tuple, pass_no: int) -> list[tuple[int, int, range]]:
+    """(slot, shard id, kept positions) of each shard of a reader's pass, in pass order."""
+    items, k = [], 0
     for slot, sid in enumerate(pass_shards(split, rank_seed, pass_no)):
         count = manifest.shards[sid].count
-        mine = range((split.sample_offset - k) % split.sample_stride, count, split.sample_stride)
-        if i < len(mine):
-            return pass_no, Ref(sid, slot, mine[i])
-        i, k = i - len(mine), k + count
-    raise AssertionError("an item number past its pass")  # per_pass counts these very ranges
+        items.append((slot, sid, _mine(split, k, count)))
+        k += count
+    return items
+
+
+def _per_pass(manifest: Manifest, split) -> int:
+    """How many items one reader's stream holds per pass (the same in every pass: the count
+    of pass positions congruent to the offset does not depend on the shards' order)."""
+    return sum(len(kept) for _, _, kept in _pass_items(manifest, split, (0,), 0))
+
+
+def _ref_of(manifest: Manifest, split, rank_seed: tuple, per_pass: int, j: int, passes: dict) -> tuple[int, Ref]:
+    """(pass, :class:`Ref`) of the ``j``-th item of a reader's stream (the j-th sample
+    :func:`worker_stream` yields, counting each member group as holding its clip); ``passes``
+    keeps each pass's shard table, built once."""
+    pass_no, i = divmod(j, per_pass)
+    if pass_no not in passes:
+        items = _pass_items(manifest, split, rank_seed, pass_no)
+        passes[pass_no] = (items, np.cumsum([len(kept) for _, _, kept in items]))
+    items, ends = passes[pass_no]
+    n = int(np.searchsorted(ends, i, side="right"))
+    slot, sid, kept = items[n]
+    return pass_no, Ref(sid, slot, kept[i - (int(ends[n - 1]) if n else 0)])
 
 
 def _after(manifest: Manifest, split, pass_no: int, ref: Ref) -> tuple[int, int, int]:
