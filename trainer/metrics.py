@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import types
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def _without_tensorflow() -> None:
+    """Make TensorBoard write events with its own stub of TensorFlow even where TensorFlow
+    is installed (HEAR's validator pulls it in): importing it would take seconds and fill
+    the log with its CUDA warnings, and a scalar event needs nothing from it. TensorBoard
+    takes the stub when the module ``tensorboard.compat.notf`` can be imported."""
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 class MetricWriter:
@@ -18,6 +28,7 @@ class MetricWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
+            _without_tensorflow()
             from torch.utils.tensorboard import SummaryWriter  # deferred: TensorBoard is slow to import
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 

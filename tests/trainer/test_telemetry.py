@@ -2,9 +2,11 @@
 
 import json
 import logging
+import os
+import subprocess
 import time
 
-from tests.conftest import tiny_overrides
+from tests.conftest import PYTHON, cli_env, tiny_overrides
 from trainer.config import PretrainConfig, load_config
 from trainer.pretrain import Pretrainer
 
@@ -79,3 +81,22 @@ def test_threads_auto_leaves_a_busy_core_alone(monkeypatch):
         assert threads.set_threads(1, torch.device("cpu")) == 1, "a number is taken as given"
     finally:
         torch.set_num_threads(before)
+
+
+def test_tensorboard_events_are_written_without_importing_an_installed_tensorflow(tmp_path):
+    """Issue 36, row 10: with TensorFlow installed (HEAR's validator pulls it in), TensorBoard
+    imported it to write events, and every training command printed its CUDA warnings. A
+    stand-in ``tensorflow`` that says so when imported must stay unimported."""
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import sys\nsys.stderr.write('TENSORFLOW IMPORTED\\n')\n")
+    script = ("import sys; from trainer.metrics import MetricWriter\n"
+              f"w = MetricWriter({str(tmp_path / 'run')!r}, True, True); w.write(1, {{'loss': 0.5}}); w.tb.close()\n"
+              "print('tensorflow' in sys.modules)\n")
+    (tmp_path / "run").mkdir()
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env["PYTHONPATH"]])
+    done = subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TENSORFLOW IMPORTED" not in done.stderr and done.stdout.strip() == "False", done.stderr[-2000:]
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
