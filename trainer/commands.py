@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.schema import describe
-from trainer.errors import CheckpointError, describe_error
+from trainer.errors import INPUT_ERRNOS, CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
 STOPPED = "stopped by {signal}; nothing half-written is kept under a final name (rerun the command)"
@@ -210,7 +210,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
     """The one way every command runs: logging set up (:func:`setup_logging`), then
     ``work()``'s status, or the status and message of what it raised: ``input_errors``
     exit 2, ``run_errors`` 1 (printed once), ``own_errors`` 1 (printed by every rank that
-    meets them: a rank's own data or disk), an OSError 1, CommandFailed its status, Ctrl-C
+    meets them: a rank's own data or disk), an OSError 1 (2 for a path too long), CommandFailed its status, Ctrl-C
     130 and SIGTERM 143 (``on_interrupt`` printed)."""
     setup_logging(rank, world_size, log_level)
     report = Reporter(prog, quiet)
@@ -224,7 +224,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return err.status
     except own_errors as err:
         report(describe_error(err) if isinstance(err, OSError) else err, everywhere=True)
-        return 1
+        return 2 if getattr(err, "errno", None) in INPUT_ERRNOS else 1
     except run_errors as err:
         report(err)
         return 1
@@ -233,7 +233,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return 2
     except OSError as err:  # a full disk or a vanished folder while writing results or logs
         report(describe_error(err), everywhere=True)
-        return 1
+        return 2 if err.errno in INPUT_ERRNOS else 1
 
 
 __all__ = ["CheckpointError", "CommandFailed", "ConfigError", "GracefulStop", "INPUT_ERRORS", "STOPPED", "Stopped", "config_parser", "print_help_config",

@@ -211,3 +211,17 @@ def test_every_command_ends_on_a_stop_signal_with_128_plus_n_and_a_line(tmp_path
     assert proc.returncode == 128 + number, err[-2000:]
     assert f"audioclr demo-corpus: stopped by {sig}" in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [["check-shards", "{long}"], ["demo-corpus", "--out", "{long}"],
+                                     ["eval", "--run", "{long}", "--data", "{long}", "--protocol", "knn"]])
+def test_a_path_too_long_for_the_os_is_bad_input_said_in_one_short_line(command, tmp_path):
+    """A 5,000-character path is a typing accident: exit 2 like any bad input (it was 1),
+    and the line names the path without printing all of it."""
+    long = str(tmp_path / ("a" * 5000))
+    done = subprocess.run([PYTHON, "-m", "trainer.cli", *[a.format(long=long) for a in command]], env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-1000:]
+    lines = done.stderr.strip().splitlines()
+    assert "File name too long" in lines[-1] and len(lines[-1]) < 400 and "Traceback" not in done.stderr, lines[-1]
