@@ -23,6 +23,7 @@ from dataio.batch import DataConfig
 from dataio.errors import NoReadableClips, ShardMismatch
 from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
 from dataio.manifest import Manifest
+from dataio.stop_signal import raise_if_stopping
 from dataio.views import crop_keys, keyed_crop_starts
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class BatchMaker:
         return True
 
     def _broken(self, sample: dict, err: Exception, errors: list, pass_no: int) -> None:
+        raise_if_stopping()  # the read failed because a stop arrived inside the decoder
         errors.append(f"{sample.get('__key__')}: {err!r}")
         log.warning("skipping clip %s: %r", sample.get("__key__"), err)
         self._no_clip(pass_no, sample, errors)

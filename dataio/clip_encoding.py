@@ -13,6 +13,7 @@ import torchaudio.functional as AF
 from dataio.formats import encode_member, to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.shard_writer import ClipItem, ClipResult, Encoding, Loader, _one_line
+from dataio.stop_signal import raise_if_stopping
 
 
 def encode_clip(encoding: Encoding, pcm: np.ndarray, rate: int) -> bytes:
@@ -62,6 +63,7 @@ def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
     except FileNotFoundError:
         return ClipResult(reason="missing file")
     except Exception as err:  # noqa: BLE001 - any decoder failure is a rejection, not a crash
+        raise_if_stopping()  # unless a stop arrived inside the decoder: the file is not to blame
         return ClipResult(reason=f"unreadable: {_one_line(err)}")
     if mono.size == 0:
         return ClipResult(reason="empty (0 frames)")
@@ -76,4 +78,5 @@ def process_clip(item: ClipItem, loader: Loader, sample_rate: int,
             mono = _resample(mono, rate, sample_rate)
         return ClipResult(data=encode_clip(encoding, to_pcm16(mono), sample_rate), frames=int(mono.size))
     except Exception as err:  # noqa: BLE001
+        raise_if_stopping()
         return ClipResult(reason=f"encode failed: {_one_line(err)}")

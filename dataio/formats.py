@@ -27,6 +27,7 @@ import torch
 from dataio.errors import ConfigError
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import CLIP_FORMATS, MEMBER_EXT, STORED_FRONTEND, frontend_record
+from dataio.stop_signal import raise_if_stopping
 from dataio.views import cut
 
 __all__ = ["CLIP_FORMATS", "MEMBER_EXT", "STORED_FRONTEND", "ClipCodec", "check_recipe_frontend", "encode_member",
@@ -200,10 +201,12 @@ class ClipCodec:
         try:
             whole = self.open(data).whole()
         except sf.LibsndfileError as err:
+            raise_if_stopping()  # a stop inside the decoder is not a finding about the member
             return f"audio does not decode: {err.error_string}"
         except ValueError as err:  # what open() found wrong: it says so itself
             return str(err)
         except Exception as err:  # noqa: BLE001 -- every way a member fails to read is a finding
+            raise_if_stopping()
             return f"{self.clip_format} member does not read: {type(err).__name__}: {err}"
         if not self.is_wave and not np.isfinite(whole).all():
             return "non-finite log-mel values"

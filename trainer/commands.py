@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.schema import describe
+from dataio.stop_signal import Stopped, note_stop, stop_pending
 from trainer.errors import INPUT_ERRNOS, CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
@@ -75,18 +76,10 @@ class CommandFailed(RuntimeError):
         self.status = status
 
 
-class Stopped(KeyboardInterrupt):
-    """A stop signal, raised where the command has no graceful stop of its own."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 # The stop being delivered: a KeyboardInterrupt raised inside a C callback or a finaliser
 # (soundfile's cffi I/O callbacks, a __del__) is printed as "Exception ignored" and lost, and
-# the command ran on; until a catcher calls stop_handled() it is raised again every 2 s.
-_pending = {"signum": 0}
+# the command ran on; until a catcher calls stop_handled() it is raised again every 2 s
+# (dataio.stop_signal holds it, so a read that failed under it raises it, not blames the clip).
 REDELIVER_S = 2.0
 
 
@@ -98,8 +91,8 @@ def _stopper(owner: int):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if not _pending["signum"]:
-            _pending["signum"] = signum
+        if not stop_pending():
+            note_stop(signum)
             threading.Thread(target=_redeliver, args=(owner, signum), daemon=True).start()
         raise Stopped(signum)
     return raise_stopped
@@ -108,7 +101,7 @@ def _stopper(owner: int):
 def _redeliver(owner: int, signum: int) -> None:
     for _ in range(10):
         time.sleep(REDELIVER_S)
-        if _pending["signum"] != signum:
+        if stop_pending() != signum:
             return
         if not _stop_under_way():
             os.kill(owner, signum)
@@ -125,13 +118,13 @@ def _stop_under_way() -> bool:
 
 def stop_handled() -> None:
     """The stop reached its catcher: no more redelivery."""
-    _pending["signum"] = 0
+    note_stop(0)
 
 
 @contextlib.contextmanager
 def sigterm_stops():
     """Ctrl-C and SIGTERM (a scheduler's pre-emption, ``docker stop``) end the command alike,
-    not silently, and surely (see ``_pending``): a command with its own graceful stop
+    not silently, and surely (see ``_redeliver``): a command with its own graceful stop
     installs its handlers inside this."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -46,3 +46,34 @@ def test_dali_backend_stops_with_a_message(broken, tmp_path):
                          env=cli_env(), capture_output=True, text=True, check=False)
     assert out.returncode == 1
     assert "audioclr check-shards" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_stop_arriving_inside_the_decoder_is_the_stop_not_a_broken_member(monkeypatch):
+    """Issue 36, row 7: soundfile decodes through cffi callbacks, and a SIGTERM handled inside
+    one is lost there, so the decoder fails on a good clip, which was then reported broken
+    (skipped, rejected, a check-shards finding). The stop must come out instead."""
+    import io
+    import os
+    import signal
+
+    import numpy as np
+
+    import dataio.formats as formats
+    from trainer.commands import sigterm_stops, stop_handled
+
+    data = formats.encode_member(formats.to_pcm16(np.sin(np.arange(8000) / 9.0).astype(np.float32) * 0.3), 16000,
+                                 "flac")
+    codec = formats.ClipCodec("flac", 16000)
+    assert codec.problem(data) is None
+
+    class StoppedWhileRead(io.BytesIO):
+        def readinto(self, buffer):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside the callback
+            return super().readinto(buffer)
+
+    monkeypatch.setattr(formats.io, "BytesIO", StoppedWhileRead)
+    try:
+        with sigterm_stops(), pytest.raises(KeyboardInterrupt):
+            codec.problem(data)
+    finally:
+        stop_handled()

@@ -23,6 +23,7 @@ import numpy as np
 
 from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.manifest import Manifest
+from dataio.stop_signal import raise_if_stopping
 from dataio.streams import raw_samples
 from dataio.views import crop_starts
 
@@ -130,6 +131,7 @@ def load_clipset(manifest: Manifest, keep_audio: bool = False) -> ClipSet:
             try:
                 data, meta = _read_member(sample, codec)
             except Exception as err:
+                raise_if_stopping()  # a stop inside the decoder is not a broken clip
                 skipped += 1
                 log.warning("leaving out %s: %r", sample.get("__key__"), err)
                 continue

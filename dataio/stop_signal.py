@@ -1,0 +1,36 @@
+"""A stop (Ctrl-C, SIGTERM) that arrived inside a C callback.
+
+soundfile decodes through cffi callbacks into Python; a stop raised inside one is printed
+as "Exception ignored" and lost, and the decoder then fails on a good clip. Code that
+treats a failed read as a bad clip (skipped, rejected, reported) asks
+:func:`raise_if_stopping` first, so the clip is not blamed and the stop ends the command.
+The command layer (:mod:`trainer.commands`) records the stop here when its handler runs."""
+
+from __future__ import annotations
+
+# signum of a stop delivered and not yet caught by the command (0: none)
+_pending = {"signum": 0}
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised where the command has no graceful stop of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def note_stop(signum: int) -> None:
+    """Record a stop delivered (0: it reached its catcher)."""
+    _pending["signum"] = signum
+
+
+def stop_pending() -> int:
+    """The signal number of a stop on its way, or 0."""
+    return _pending["signum"]
+
+
+def raise_if_stopping() -> None:
+    """Raise the stop on its way, if one is: a read that failed under it failed because of it."""
+    if _pending["signum"]:
+        raise Stopped(_pending["signum"])
