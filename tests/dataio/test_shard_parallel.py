@@ -4,6 +4,8 @@ input, which has rejections (a loader error, clips too short) and colliding keys
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,21 @@ def test_an_empty_listing_leaves_no_folder(tmp_path):
         pipeline.write_parts([[]], tmp_path / "out", pipeline.WriteSettings("x"), workers=1,
                              no_clips="nothing here")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_working_files_are_plain_records_that_read_back_exactly(tmp_path):
+    """The listing and the spill are data (JSON objects; length-prefixed bytes), never
+    pickles: reading a working folder left by another run executes nothing."""
+    from dataio.shard_store import ItemStore, read_spill, spill_path, write_items, write_spill
+    from dataio.shard_writer import ClipItem
+
+    items = [ClipItem(f"a/{i}.wav", ["dog", "bark"], "train", i % 3 or None, None, {"seed": i, "class": "x"},
+                      "balanced" if i % 2 else None) for i in range(5)]
+    assert write_items(tmp_path, 0, items[:2]) == 2 and write_items(tmp_path, 1, items[2:]) == 3
+    assert ItemStore(tmp_path, [2, 3]).items([4, 0, 2]) == [items[4], items[0], items[2]]
+    assert json.loads((tmp_path / "items-00000.bin").read_bytes()[:int(np.load(tmp_path / "items-00000.npy")[1])])
+    records = [("k0", bytes(range(256)) * 3, b'{"labels": []}'), ("clé", b"", b"{}")]
+    write_spill(tmp_path, 7, records)
+    assert read_spill(tmp_path, 7) == records and spill_path(tmp_path, 7).suffix == ".bin"
+    with pytest.raises(ValueError, match="JSON"):
+        write_items(tmp_path, 2, [ClipItem("b.wav", ["x"], extra={"f": object()})])
