@@ -8,7 +8,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROW_BLOCK = 4096  # rows drawn from one generator: the fixed grain that makes a slice the same at any world size
 
@@ -68,8 +67,12 @@ def seeded_unit_rows(lo: int, hi: int, dim: int, seed: int, dtype: torch.dtype =
         start = block * ROW_BLOCK
         a, b = max(lo, start), min(hi, start + ROW_BLOCK)
         g = torch.Generator().manual_seed(block_seed(seed, block))
-        rows = torch.randn(ROW_BLOCK, dim, generator=g, dtype=dtype)[a - start:b - start]
-        out[a - lo:b - lo] = F.normalize(rows, dim=1)
+        rows = out[a - lo:b - lo]
+        if b - a == ROW_BLOCK:  # a whole block is drawn in place (a third of the time at 1M rows)
+            torch.randn(ROW_BLOCK, dim, generator=g, dtype=dtype, out=rows)
+        else:
+            rows.copy_(torch.randn(ROW_BLOCK, dim, generator=g, dtype=dtype)[a - start:b - start])
+        rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))  # as F.normalize, in place
     return out
 
 
