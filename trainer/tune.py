@@ -172,10 +172,11 @@ def preflight(cfg: SweepConfig) -> tuple[str, ClipSet]:
     for enc in cfg.encoders:
         if not (Path(enc) / "encoder.json").is_file():
             raise FileNotFoundError(f"encoders: {enc} holds no exported encoder (encoder.json)")
-    manifest = load_manifest(cfg.data)
+    # the whole path: the trials read the shards again, from their own working folder
+    manifest = load_manifest(cfg.data if "://" in cfg.data else Path(cfg.data).resolve())
     for enc in cfg.encoders:
         check_rate(manifest, read_encoder_meta(enc)["frontend"]["sample_rate"], enc)
-    clips = load_clipset(manifest, keep_audio=cfg.protocol == "finetune")  # frozen: embedded from the shards
+    clips = load_clipset(manifest)  # no audio: a trial reads the shards (at the same path on every node)
     e = cfg.eval
     rounds = make_rounds(clips, e.split, test_fraction=e.test_fraction, val_fraction=e.val_fraction,
                          seed=e.seed, max_rounds=e.max_rounds)

@@ -340,7 +340,7 @@ def test_evaluation_reads_pcm16_and_names_a_logmel_corpus(corpora, tmp_path):
     for row in range(len(flac)):
         assert np.array_equal(flac.wave(row), pcm.wave(row))
         rng_a, rng_b = np.random.default_rng(row), np.random.default_rng(row)
-        assert np.array_equal(flac.crop(row, 8000, rng_a), pcm.crop(row, 8000, rng_b))
+        assert np.array_equal(flac.crop(flac.audio[row], 8000, rng_a), pcm.crop(pcm.audio[row], 8000, rng_b))
     with pytest.raises(ValueError, match="evaluate on the flac or pcm16 corpus"):
         load_clipset(load_manifest(corpora / "logmel"))
 

@@ -1,12 +1,14 @@
 """The labelled clips of a shard folder for the evaluation protocols.
 
 A :class:`ClipSet` keeps what the protocols need of every clip (key, labels, fold, split,
-the shard it is in) and, by default, not its audio: the frozen protocols decode each clip
-as it is embedded, reading the shards again (:meth:`ClipSet.waves`), so memory grows with
-the embeddings, not with the corpus (the audio of 100k 1-s FLAC clips is about 2 GB).
-Fine-tuning reads a random crop of random clips every step, and the online probe must
-outlive its folder, so those load with ``keep_audio=True``: the clips stay encoded as the
-shards hold them (FLAC: about half of 16-bit PCM; pcm16: the 16-bit samples).
+the shard it is in) and, by default, not its audio: every protocol reads the shards again
+as it needs the clips, so memory grows with the embeddings, not with the corpus (the audio
+of 100k 1-s FLAC clips is about 2 GB). The frozen protocols and the scoring of a
+fine-tuned encoder decode each clip as it is embedded (:meth:`ClipSet.waves`); fine-tuning
+reads its training clips shard by shard, in a seeded order, each epoch
+(:meth:`ClipSet.encoded`). Only the online probe, which must outlive its folder, loads
+with ``keep_audio=True``: the clips stay encoded as the shards hold them (FLAC: about half
+of 16-bit PCM; pcm16: the 16-bit samples).
 
 Evaluation computes the encoder's own log-mels, so it needs audio: a logmel corpus is
 refused, naming the way on.
@@ -72,11 +74,11 @@ class ClipSet:
         """The whole held clip, mono float32 [S]."""
         return self._decode(self._held()[row])
 
-    def crop(self, row: int, size: int, rng: np.random.Generator) -> np.ndarray:
-        """A random ``size``-sample crop of the held clip (zero-padded when it is shorter),
-        float32 [size]; only the crop is decoded."""
-        clip = self.codec.open(self._held()[row])
-        return clip.cut(crop_starts(clip.length, size, 1, rng), size)[0] * np.float32(PCM_SCALE)
+    def crop(self, data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A random ``size``-sample crop of the encoded clip ``data`` (zero-padded when it is
+        shorter), int16 [size] (times ``PCM_SCALE``: the wave); only the crop is decoded."""
+        clip = self.codec.open(data)
+        return clip.cut(crop_starts(clip.length, size, 1, rng), size)[0]
 
     def _held(self) -> list[bytes]:
         if self.audio is None:
@@ -86,16 +88,20 @@ class ClipSet:
     def waves(self, rows) -> Iterator[tuple[int, np.ndarray]]:
         """(row, mono float32 wave [S]) of each of ``rows``, in increasing row order, each
         clip decoded when it is reached: only the shards holding ``rows`` are read."""
+        for row, data in self.encoded(rows):
+            yield row, self._decode(data)
+
+    def encoded(self, rows, shards=None) -> Iterator[tuple[int, bytes]]:
+        """(row, encoded clip) of each of ``rows``, shard by shard: the shards holding them
+        in increasing order (rows in increasing order), or in the order ``shards`` lists
+        them; a shard's clips in the order it holds them. Read from the shards unless the
+        audio is held, reading only the shards named."""
         rows = np.unique(np.asarray(rows, dtype=np.int64))
-        if self.audio is not None:
-            for row in rows:
-                yield int(row), self.wave(int(row))
-            return
         found = 0
-        for sid in np.unique(self.shard_of[rows]):
+        for sid in np.unique(self.shard_of[rows]) if shards is None else shards:
             for row, data in self._shard_members(int(sid), rows):
                 found += 1
-                yield row, self._decode(data)
+                yield row, data
         if found < len(rows):
             raise ValueError(f"the shards in {self.manifest.where} changed since they were read: "
                              f"{len(rows) - found} clip(s) are no longer there")
@@ -103,7 +109,12 @@ class ClipSet:
     def _shard_members(self, sid: int, rows: np.ndarray) -> Iterator[tuple[int, bytes]]:
         """(row, encoded clip) of the wanted ``rows`` in shard ``sid``, found by key (a
         member left out at load, or not wanted, is passed over)."""
-        row_of = {self.keys[r]: int(r) for r in rows[self.shard_of[rows] == sid]}
+        wanted = rows[self.shard_of[rows] == sid]
+        if self.audio is not None:
+            for row in wanted:
+                yield int(row), self.audio[row]
+            return
+        row_of = {self.keys[r]: int(r) for r in wanted}
         for sample in raw_samples(self.manifest, [sid], []):
             row = row_of.pop(sample.get("__key__"), None)
             if row is not None:

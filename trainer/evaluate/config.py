@@ -48,6 +48,8 @@ class FinetuneConfig:
     temperature: float = option(0.1, "hybrid: temperature of the supervised contrastive term")
     proj_dim: int = option(64, "hybrid: size of the linear projection SupCon works on")
     gain_db: float = option(0.0, "random gain of each training crop, +- dB")
+    shuffle_buffer: int = option(512, "training crops held in the shuffle buffer between the shards, read "
+                                 "in a seeded order, and the batches (int16: 16 MB of 1-s crops at 16 kHz)")
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "epochs", "must be positive")
@@ -58,6 +60,7 @@ class FinetuneConfig:
         check(self.proj_dim > 0, "proj_dim", "must be positive")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.gain_db >= 0, "gain_db", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
 
 
 @dataclass

@@ -2,18 +2,30 @@
 papers' "scratch" baseline) with a new linear head, trained on one random crop of each
 training clip per epoch, with cross-entropy or SoundCLR's hybrid loss
 ``alpha * SupCon + (1 - alpha) * CE``. A clip's scores are the mean of its patches'
-softmax (sigmoid for multi-label) outputs."""
+softmax (sigmoid for multi-label) outputs.
+
+No audio is held: each epoch reads the training clips' shards again, in a seeded order,
+through a bounded shuffle buffer of crops (:func:`epoch_crops`), and scoring decodes each
+clip as it is embedded, so memory grows with the embeddings, not with the corpus. An
+epoch is a pure function of (seed, epoch): a rerun, and a run resumed at an epoch's end,
+train on the same crops in the same batches."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import closing
+from itertools import islice
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataio.augment.keyed import scalar_key
+from dataio.formats import PCM_SCALE
 from dataio.frontend import FrontendConfig, LogMel
+from dataio.streams import Shuffled
 from dataio.views import random_gains
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import FinetuneConfig
@@ -23,6 +35,23 @@ from trainer.evaluate.protocol import Round
 from trainer.models.heads import LinearProjection
 from trainer.objectives.supcon import classification_loss, hybrid_loss, supcon_loss
 from trainer.optim import build_optimizer, warmup_cosine
+
+
+def epoch_crops(clips: ClipSet, rows: np.ndarray, size: int, gain_db: float, buffer: int, *, seed: int,
+                epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(row, float32 crop [size] samples) of each of ``rows`` once, in epoch ``epoch``'s
+    order: the shards holding them read in an order drawn from (seed, epoch), each clip's
+    random crop and gain (+-``gain_db`` dB) drawn from (seed, epoch, row) as it is read,
+    then a shuffle buffer of ``buffer`` int16 crops keyed by (seed, epoch)."""
+    shards = np.random.default_rng([seed, epoch]).permutation(np.unique(clips.shard_of[rows]))
+
+    def read() -> Iterator[tuple]:
+        for row, data in clips.encoded(rows, shards):
+            rng = np.random.default_rng([seed, epoch, row])
+            yield epoch, (row, clips.crop(data, size, rng), random_gains(1, gain_db, rng)[0, 0])
+
+    for _, (row, crop, gain) in Shuffled(read(), buffer, scalar_key(seed, epoch)):
+        yield row, (crop * (PCM_SCALE * gain)).astype(np.float32)
 
 
 class FineTuner:
@@ -49,13 +78,6 @@ class FineTuner:
         t = self.clips.targets[rows] if self.clips.multilabel else self.clips.labels[rows]
         return torch.from_numpy(t).to(self.device)
 
-    def _crops(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        crops = []
-        for row in rows:
-            crop = self.clips.crop(row, self.patch, rng) * random_gains(1, self.cfg.gain_db, rng)[0]
-            crops.append(crop.astype(np.float32))
-        return self.logmel(torch.from_numpy(np.stack(crops)).to(self.device))
-
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h = self.model["encoder"](feats)
         ce = classification_loss(self.model["head"](h), targets)
@@ -66,24 +88,32 @@ class FineTuner:
         return hybrid_loss(sc, ce, self.cfg.alpha)
 
     def train_epoch(self, epoch: int) -> float:
-        """One pass over the training clips in a seeded order; full batches only (batch
-        norm needs more than one clip); returns the mean loss."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.rnd.train)
+        """One pass over the training clips (:func:`epoch_crops`), full batches only (batch
+        norm needs more than one clip; fewer clips than a batch are one batch); returns the
+        mean loss."""
+        size = min(self.cfg.batch_size, len(self.rnd.train))
         self.model.train()
         total, seen = 0.0, 0
-        for lo in range(0, max(1, len(order) // self.cfg.batch_size) * self.cfg.batch_size, self.cfg.batch_size):
-            rows = order[lo:lo + self.cfg.batch_size]
-            loss = self.loss(self._crops(rows, rng), self._targets(rows))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {float(loss)} at epoch {epoch + 1}: "
-                                         f"lower eval.finetune.lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            total, seen = total + loss.item() * len(rows), seen + len(rows)
+        crops = epoch_crops(self.clips, self.rnd.train, self.patch, self.cfg.gain_db, self.cfg.shuffle_buffer,
+                            seed=self.seed, epoch=epoch)
+        with closing(crops):  # the last partial batch is dropped: the stream is left unfinished
+            for _ in range(len(self.rnd.train) // max(size, 1)):
+                rows, waves = zip(*islice(crops, size))
+                loss = self._step(np.asarray(rows), np.stack(waves), epoch)
+                total, seen = total + loss * len(rows), seen + len(rows)
         return total / max(seen, 1)
+
+    def _step(self, rows: np.ndarray, waves: np.ndarray, epoch: int) -> float:
+        """One optimizer step on the crops ``waves`` [B, patch] of clips ``rows`` [B]."""
+        loss = self.loss(self.logmel(torch.from_numpy(waves).to(self.device)), self._targets(rows))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning loss is {float(loss)} at epoch {epoch + 1}: "
+                                     f"lower eval.finetune.lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
 
     def _patch_outputs(self, rows: np.ndarray):
         self.model.eval()

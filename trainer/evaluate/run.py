@@ -124,7 +124,7 @@ class Evaluation:
         if clips is None:  # a sweep passes them in, its preflight having checked the rate
             manifest = load_manifest(data)
             check_rate(manifest, frontend.sample_rate, run_dir)
-            clips = load_clipset(manifest, keep_audio=protocol == "finetune")  # its crops: random access
+            clips = load_clipset(manifest)  # no audio held: every protocol reads the shards again
         self.clips = clips
         self.device = pick_device(cfg.device, key="eval.device")
         patch_s, hop_s = patching(cfg, meta)

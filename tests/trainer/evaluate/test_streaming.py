@@ -1,5 +1,6 @@
 """Evaluation that streams: clips decoded as they are embedded (no audio held), the patch
-embeddings held once, kNN scored in blocks, the linear probe in minibatches."""
+embeddings held once, kNN scored in blocks, the linear probe in minibatches, fine-tuning's
+crops read from the shards each epoch."""
 
 import tracemalloc
 
@@ -158,6 +159,57 @@ def test_embeddings_are_kept_in_the_eval_folder_and_reused(corpus, tmp_path, mon
     kept.write_bytes(b"not an npz")
     run_eval(run, corpus / "shards", cfg, "knn")
     assert len(calls) == 3 and np.load(kept)["patches"].shape[1] == 64
+
+
+def test_epoch_crops_read_each_training_clip_once_shard_by_shard_in_a_seeded_order(corpus, monkeypatch):
+    """An epoch reads the shards holding the rows in an order drawn from (seed, epoch), each
+    once; a crop is a window of its clip; a buffer of 1 passes the reading order through,
+    a larger one shuffles it; held audio gives the same crops as the shards."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from trainer.evaluate import clips as clips_module
+    from trainer.evaluate.finetune import epoch_crops
+
+    manifest = load_manifest(corpus / "shards")
+    streamed, held = load_clipset(manifest), load_clipset(manifest, keep_audio=True)
+    rows = np.arange(2, 27)  # in shards 0, 1 and 2
+    read, real = [], clips_module.raw_samples
+    monkeypatch.setattr(clips_module, "raw_samples", lambda m, ids, errs: (read.extend(ids), real(m, ids, errs))[1])
+    first = list(epoch_crops(streamed, rows, 8000, 0.0, 1, seed=3, epoch=1))
+    shards = np.random.default_rng([3, 1]).permutation(3).tolist()
+    assert read == shards and [r for r, _ in first] == sorted(rows.tolist(), key=lambda r: (shards.index(r // 10), r))
+    for row, crop in first[:3]:
+        assert crop.dtype == np.float32 and (sliding_window_view(held.wave(row), 8000) == crop).all(axis=1).any()
+    shuffled = list(epoch_crops(streamed, rows, 8000, 6.0, 8, seed=3, epoch=1))
+    assert sorted(r for r, _ in shuffled) == rows.tolist() and [r for r, _ in shuffled] != [r for r, _ in first]
+    for (r, a), (s, b) in zip(shuffled, epoch_crops(held, rows, 8000, 6.0, 8, seed=3, epoch=1)):
+        assert r == s and np.array_equal(a, b)
+    later = list(epoch_crops(streamed, rows, 8000, 6.0, 8, seed=3, epoch=2))
+    assert [r for r, _ in later] != [r for r, _ in shuffled]
+
+
+def test_finetuning_holds_no_audio_and_a_rerun_scores_the_same(corpus, monkeypatch):
+    """Fine-tuning trains on crops read from the shards and scores from them: the clip set
+    holds no audio, nothing asks for held audio, and two runs give identical histories."""
+    from trainer.evaluate.clips import ClipSet
+    from trainer.evaluate.config import FinetuneConfig
+    from trainer.evaluate.run import Evaluation
+
+    def refuse(self):
+        raise AssertionError("fine-tuning asked for held audio")
+
+    monkeypatch.setattr(ClipSet, "_held", refuse)
+    cfg = EvalConfig(pictures=False, val_fraction=0.25, max_rounds=1,
+                     finetune=FinetuneConfig(epochs=2, batch_size=4, gain_db=3.0, shuffle_buffer=5))
+    runs = []
+    for _ in range(2):
+        evaluation = Evaluation("finetune", corpus, corpus / "shards", cfg)
+        assert not evaluation.clips.held
+        runs.append(evaluation.run())
+    assert runs[0]["history"] == runs[1]["history"] and runs[0]["metrics"] == runs[1]["metrics"]
+    for history in runs[0]["history"].values():
+        assert len(history) == 2 and all(np.isfinite(h["train_loss"]) and np.isfinite(h["test_wAP"]) for h in history)
+    assert len(evaluation.tsne_embeddings()) == 30
 
 
 def _embed_on_rank(rank: int, world: int, root) -> tuple:
