@@ -11,7 +11,8 @@ peak RSS (its largest process, workers included) is read from the kernel:
 - ``check-shards`` (2 workers), ``shard convert --format pcm16`` (2 workers): per clip;
 - ``bench data --backends torch`` (a bounded sample: its wall should not grow with N);
 - the loader's first batch when resuming at the first and at the last step of an epoch
-  (a seek should cost the same wherever it lands);
+  (a seek should cost the same wherever it lands), and with ``--resume-run N`` the
+  whole resumed run, launch to exit (one step and its checkpoint), at both places;
 - ``shard`` from a folder of N WAV files (2 workers), for N up to ``--shard-max``;
 - NPID's start-up (building the trainer: the bank slices) and peak per rank on 2 gloo
   ranks, at N and at ``--npid-clips`` simulated clips (the synthetic back end).
@@ -157,6 +158,37 @@ def npid(clips: int, work: Path) -> dict:
             "peak_mib_per_process": run["peak_mib"], "saved_bytes": saved}
 
 
+def resume_run(n: int, work: Path, repeats: int = 3) -> dict:
+    """A whole resumed ``pretrain`` (launch, start-up, the seek, one step, its checkpoint,
+    exit) at the first and at the last step of an epoch of ``n`` clips; the checkpoints to
+    resume from are trained first (not timed), each timed resume starts from a copy of its
+    run. Medians over ``repeats``, the two places alternating."""
+    from dataio.batch import DataConfig, steps_per_epoch
+    from dataio.manifest import load_manifest
+
+    root = work / f"resume{n}"
+    shutil.rmtree(root, ignore_errors=True)
+    corpus = make_corpus(root / "flac", n)
+    steps = steps_per_epoch(DataConfig(shards=str(corpus), batch_size=64), load_manifest(str(corpus)), 1)
+    recipe = ["--config", str(REPO / "configs/demo.yaml"), f"data.shards={corpus}", "model.width=8",
+              "train.progress=false", "train.tensorboard=false", "train.ckpt_every=100000", "train.keep_last=1"]
+    walls: dict[str, list[float]] = {"first": [], "last": []}
+    places = {"first": 1, "last": steps - 1}
+    for name, at in places.items():
+        measured([*CLI, "pretrain", *recipe, f"run_dir={root}/{name}", f"train.max_steps={at}"], timeout=7200)
+    for k in range(repeats):
+        for name, at in places.items():
+            copy = root / f"{name}{k}"
+            shutil.copytree(root / name, copy)
+            walls[name].append(measured([*CLI, "pretrain", *recipe, f"run_dir={copy}",
+                                         f"train.max_steps={at + 1}"])["wall"])
+            shutil.rmtree(copy)
+    shutil.rmtree(root, ignore_errors=True)
+    median = {name: sorted(v)[len(v) // 2] for name, v in walls.items()}
+    return {"clips": n, "steps_per_epoch": steps, "walls_s": walls, "first_s": median["first"],
+            "last_s": median["last"], "ratio": median["last"] / median["first"]}
+
+
 def one_size(n: int, work: Path, shard_max: int) -> dict:
     root = work / f"n{n}"
     shutil.rmtree(root, ignore_errors=True)
@@ -185,7 +217,7 @@ def one_size(n: int, work: Path, shard_max: int) -> dict:
     return row
 
 
-def print_rows(rows: list[dict], npids: list[dict]) -> None:
+def print_rows(rows: list[dict], npids: list[dict], resumes: list[dict] = ()) -> None:
     print(f"{'clips':>8} {'check us/clip':>14} {'convert us/clip':>16} {'shard us/clip':>14} "
           f"{'bench data s':>13} {'resume first s':>15} {'resume last s':>14} {'peak MiB (max)':>15}")
     for r in rows:
@@ -199,6 +231,10 @@ def print_rows(rows: list[dict], npids: list[dict]) -> None:
         per_rank = max(n["saved_bytes"].values()) / 2**20 if n["saved_bytes"] else 0
         print(f"NPID, {n['clips']} clips, 2 ranks: start-up {n['startup_s']:.1f} s, peak {n['peak_mib_per_process']:.0f}"
               f" MiB per process, {per_rank:.0f} MiB saved per rank")
+    for r in resumes:
+        print(f"a whole resumed run, {r['clips']} clips ({r['steps_per_epoch']} steps per epoch): at the first step "
+              f"{r['first_s']:.1f} s, at the last {r['last_s']:.1f} s, x{r['ratio']:.2f} (median of "
+              f"{len(r['walls_s']['first'])})")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"growth {a['clips']} -> {b['clips']} clips: check-shards per clip x"
@@ -213,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1000,10000,100000", help="corpus sizes, clips")
     p.add_argument("--shard-max", type=int, default=10000, help="time `shard` from WAV files up to this many clips")
     p.add_argument("--npid-clips", default="10000,2000000", help="NPID bank sizes to measure ('' = none)")
+    p.add_argument("--resume-run", default="", help="corpus sizes at which to time a whole resumed run ('' = none)")
     p.add_argument("--work", default="/tmp/audioclr-scale", help="scratch folder (emptied per size)")
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -220,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = [one_size(int(n), work, args.shard_max) for n in args.sizes.split(",") if n]
     npids = [npid(int(n), work) for n in args.npid_clips.split(",") if n]
-    print_rows(rows, npids)
+    resumes = [resume_run(int(n), work) for n in args.resume_run.split(",") if n]
+    print_rows(rows, npids, resumes)
     if args.out:
-        Path(args.out).write_text(json.dumps({"sizes": rows, "npid": npids, "cpu_cores": os.cpu_count(),
+        Path(args.out).write_text(json.dumps({"sizes": rows, "npid": npids, "resume_run": resumes, "cpu_cores": os.cpu_count(),
                                               "resource_limit": resource.getrlimit(resource.RLIMIT_AS)}, indent=1))
     return 0
 
