@@ -73,8 +73,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def verify(folder: Path) -> str | None:
-    """None when every file of the checkpoint matches its sha256, else what is wrong."""
+def verify(folder: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when every file of the checkpoint matches its sha256, else what is wrong. With
+    ``share=(rank, ranks)`` only every ``ranks``-th file from ``rank`` on is summed (the
+    ranks of a resume split the reading: none reads the whole sharded state)."""
     try:
         meta = json.loads((folder / META).read_text())
         sums = meta["sha256"]
@@ -86,7 +88,8 @@ def verify(folder: Path) -> str | None:
         return f"{META} lists no {STATE}"
     if not isinstance(sums, dict):
         return f"{META}: sha256 is not a mapping"
-    for name, expected in sums.items():
+    rank, ranks = share
+    for name, expected in sorted(sums.items())[rank::ranks]:
         try:
             if sha256(folder / name) != expected:
                 return f"{name} does not match its sha256 (changed or truncated after it was written)"
@@ -106,6 +109,7 @@ class Checkpointer:
         self.info = info
         self.device = device or torch.device("cpu")
         self.every, self.last = every, last
+        self._verified: Path | None = None  # the folder resume_point() verified, not summed again by load()
 
     def due(self, step: int) -> bool:
         """Whether a periodic checkpoint is due after ``step`` (every ``every`` steps; the
@@ -123,21 +127,28 @@ class Checkpointer:
         return found[-1] if found else None
 
     def resume_point(self) -> Path | None:
-        """The newest checkpoint that verifies. Rank 0 checks them newest first, renames
-        each damaged one ``*.damaged`` with a warning naming it, and tells the others."""
-        chosen = None
-        if self.info.is_main:
-            for folder in reversed(self.complete()):
-                problem = verify(folder)
-                if problem is None:
-                    chosen = folder
-                    break
+        """The newest checkpoint that verifies (every rank calls it). The ranks check them
+        newest first, together (:meth:`verify`); rank 0 renames each damaged one
+        ``*.damaged`` with a warning naming it."""
+        found = distributed.broadcast_object([str(p) for p in self.complete()] if self.info.is_main else None)
+        for folder in map(Path, reversed(found)):
+            problem = self.verify(folder)
+            if problem is None:
+                self._verified = folder
+                return folder
+            if self.info.is_main:
                 aside = _free_name(folder.with_name(folder.name + ".damaged"))
                 folder.rename(aside)
                 log.warning("checkpoint %s is damaged: %s; set aside as %s, trying the one before",
                             folder, problem, aside.name)
-        chosen = distributed.broadcast_object(None if chosen is None else str(chosen))
-        return None if chosen is None else Path(chosen)
+        return None
+
+    def verify(self, folder: Path) -> str | None:
+        """:func:`verify` with the files split over the ranks (each sums its share, so no
+        rank reads every rank's slice of a sharded bank); the first problem found, in rank
+        order, on every rank (every rank calls it)."""
+        share = (self.info.rank, self.info.world_size) if distributed.is_initialized() else (0, 1)
+        return next((p for p in distributed.gather_objects(verify(folder, share)) if p), None)
 
     def save(self, step: int, shared: dict, per_rank: dict, engine) -> Path:
         """Write the checkpoint of ``step`` (every rank calls it; ``engine.save`` writes its
@@ -206,12 +217,13 @@ class Checkpointer:
 
     def load(self, folder: str | Path) -> tuple[dict, dict | None, dict]:
         """(shared state, this rank's state or None when the run had fewer ranks, the
-        meta.json record: world size, engine); the engine's files are in ``folder/engine``."""
+        meta.json record: world size, engine); the engine's files are in ``folder/engine``.
+        Every rank calls it (a folder not found by :meth:`resume_point` is verified here)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a checkpoint folder" +
                                   (" (it is a file)" if folder.exists() else " (it does not exist)"))
-        problem = verify(folder)
+        problem = None if folder == self._verified else self.verify(folder)
         if problem is not None:
             raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
         meta = json.loads((folder / META).read_text())

@@ -104,3 +104,38 @@ def test_a_missing_or_misshapen_slice_is_refused_by_name():
     whole = torch.nn.functional.normalize(torch.randn(N, D), dim=1)  # a checkpoint of an older version
     bank.load_state_dict({"bank": whole, "nce_z": 2.0})
     assert torch.equal(bank.shard, whole[:6]) and bank.nce_z == 2.0
+
+
+def _resume_reading(rank: int, world: int, run_dir: str) -> dict:
+    """resume_point() then load() on this rank: the checkpoint chosen and the files it summed."""
+    from pathlib import Path
+
+    import trainer.checkpoint as checkpoint
+    from trainer.parallel import distributed
+
+    summed, real = [], checkpoint.sha256
+    checkpoint.sha256 = lambda path: (summed.append(Path(path).name), real(path))[1]
+    ckpt = checkpoint.Checkpointer(run_dir, 2, distributed.env_info())
+    folder = ckpt.resume_point()
+    if folder is not None:
+        ckpt.load(folder)
+    return {"folder": None if folder is None else folder.name, "summed": summed}
+
+
+@pytest.mark.e2e
+def test_the_ranks_of_a_resume_verify_the_checkpoint_together_each_reading_a_share(tmp_path):
+    """No rank reads every rank's slice at a resume (rank 0 summed all of them, and every
+    rank summed them all again at load): the files are split over the ranks, each summed
+    once, and damage in a file only another rank reads still sets the checkpoint aside."""
+    run_workers(_save_then_load, 2, str(tmp_path / "run"), None)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    files = sorted(p.name for p in folder.glob("*.pt"))
+    assert files == ["rank_00000.pt", "rank_00001.pt", "state.pt"]
+    got = run_workers(_resume_reading, 2, str(tmp_path / "run"))
+    assert [r["folder"] for r in got] == ["step_00000001"] * 2
+    assert sorted(got[0]["summed"] + got[1]["summed"]) == files and not set(got[0]["summed"]) & set(got[1]["summed"])
+    damaged = folder / got[1]["summed"][0]  # a file rank 0 does not read
+    damaged.write_bytes(damaged.read_bytes()[:-1] + bytes([damaged.read_bytes()[-1] ^ 1]))
+    got = run_workers(_resume_reading, 2, str(tmp_path / "run"))
+    assert [r["folder"] for r in got] == [None, None]
+    assert not folder.exists() and folder.with_name("step_00000001.damaged").is_dir()
