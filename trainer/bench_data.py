@@ -1,10 +1,10 @@
 """Data benchmark: clips per second of each back end next to the decode limit, and of
 each clip format.
 
-The limit is measured in the same run on the same shards: plain in-process reading of
-every clip member (soundfile decoding for FLAC, the bytes as samples or frames for the
-decode-free formats), on the same number of cores (one process per core, each reading
-its share of the shards). Each back end is timed producing log-mel batches on the
+The limit is measured in the same run on the same shards: plain in-process decoding of
+what a loader decodes of every clip member, its views' crops (FLAC: soundfile seeks and
+decodes those samples; the decode-free formats: the bytes as samples or frames), on the
+same number of cores (one process per core, each reading its share of the shards). Each back end is timed producing log-mel batches on the
 training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
 mel stage alone is timed too (torchaudio and DALI), on 1 s waves already on the device.
 
@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -52,6 +53,7 @@ from dataio.shard_pipeline import write_shards
 from dataio.shard_writer import Encoding
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from dataio.torch_pipeline import WaveBatches
+from dataio.views import crop_starts
 from dataio.workers import worker_pool
 from trainer.commands import run_guarded
 from trainer.config import PretrainConfig, load_config
@@ -60,26 +62,47 @@ SYNTH_CLIPS = 256  # the corpus synthesized without --shards
 SAMPLE_CLIPS = 2000  # with --shards: what is read of the corpus (whole shards), whatever its size
 
 
-def _decode_shards(paths: list[str], codec: ClipCodec) -> int:
-    clips = 0
+def _decode_shards(paths: list[str], codec: ClipCodec, read: int, views: int) -> int:
+    clips, rng = 0, np.random.default_rng(0)
     for path in paths:
         for sample in tar_samples(path, wds.reraise_exception):  # a path or a URL (streamed)
-            codec.open(sample[codec.ext]).whole()
+            clip = codec.open(sample[codec.ext])
+            clip.cut(crop_starts(clip.length, read, views, rng), read)
             clips += 1
     return clips
 
 
-def decode_limit(manifest, cores: int) -> float:
-    """Clips per second of reading every clip whole (FLAC: soundfile decoding), one
-    process per core."""
+def decode_limit(manifest, cores: int, read: int, views: int) -> float:
+    """Clips per second of decoding what a loader decodes of each clip, ``views`` crops of
+    ``read`` samples (frames for logmel; FLAC seeks and decodes only those), one process
+    per core: no back end reads clips faster. (Decoding each clip whole was no limit: a
+    loader reading 1-s views of longer FLAC clips beat it.)"""
     paths = [str(p) for p in manifest.shard_paths()]
     parts = [paths[i::cores] for i in range(cores)]
     codec = ClipCodec.of(manifest)
     with worker_pool(cores) as pool:
-        list(pool.map(_decode_shards, [[p] for p in paths[:cores]], [codec] * cores))  # warm the cache and pool
+        list(pool.map(_decode_shards, [[p] for p in paths[:cores]], [codec] * cores, [read] * cores,
+                      [views] * cores))  # warm the cache and pool
         start = time.perf_counter()
-        clips = sum(pool.map(_decode_shards, parts, [codec] * len(parts)))
+        clips = sum(pool.map(_decode_shards, parts, [codec] * len(parts), [read] * len(parts), [views] * len(parts)))
     return clips / (time.perf_counter() - start)
+
+
+def _frontend(manifest, recipe: dict) -> FrontendConfig:
+    return recipe.get("frontend") or (stored_frontend(manifest.frontend) if manifest.clip_format == "logmel"
+                                      else FrontendConfig(sample_rate=manifest.sample_rate))
+
+
+def views_read(manifest, pairs: int, recipe: dict | None = None) -> tuple[int, int]:
+    """(samples, or frames, read per view; views per clip) of the back ends' rows without
+    the chain: what a loader decodes of each clip."""
+    recipe = recipe or {}
+    view_seconds = recipe.get("view_seconds", 1.0)
+    cfg = DataConfig(shards=str(manifest.root), pairs_per_clip=pairs, view_seconds=view_seconds)
+    augmenter = build_augmenter({}, _frontend(manifest, recipe), view_seconds, num_views=cfg.num_views,
+                                pairs_per_clip=pairs, seed=0, clip_format=manifest.clip_format)
+    read = augmenter.input_samples if ClipCodec.of(manifest).is_wave else augmenter.mel_frames_in
+    return read, cfg.num_views * pairs
 
 
 def loader_rate(manifest, seconds: float, batch_size: int, pairs: int, view_seconds: float,
@@ -135,8 +158,7 @@ def backend_rate(manifest, backend: str, cores: int, batch_size: int, pairs: int
     """Clips per second of one back end's log-mel batches on ``device`` (after warm-up);
     ``recipe`` = {"augment", "frontend", "view_seconds"} of a recipe (None: no augmentation)."""
     recipe = recipe or {}
-    frontend = recipe.get("frontend") or (stored_frontend(manifest.frontend) if manifest.clip_format == "logmel"
-                                          else FrontendConfig(sample_rate=manifest.sample_rate))
+    frontend = _frontend(manifest, recipe)
     check_recipe_frontend(frontend, manifest)
     view_seconds = recipe.get("view_seconds", 1.0)
     # one endless epoch: steady-state throughput, not loader start-up (real epochs are long)
@@ -223,9 +245,9 @@ def run(args: argparse.Namespace) -> dict:
     corpus = load_manifest(shards)
     manifest = corpus.first_shards(args.clips or SAMPLE_CLIPS) if args.shards else corpus
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    limit = decode_limit(manifest, cores)
-    rows = {"decode_limit": limit}
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
+    limit = decode_limit(manifest, cores, *views_read(manifest, args.pairs, dict(recipe, augment={}) if recipe else None))
+    rows = {"decode_limit": limit}
     skipped: dict = {}
     formats = None
     if getattr(args, "formats", ""):
