@@ -62,30 +62,32 @@ SYNTH_CLIPS = 256  # the corpus synthesized without --shards
 SAMPLE_CLIPS = 2000  # with --shards: what is read of the corpus (whole shards), whatever its size
 
 
-def _decode_shards(paths: list[str], codec: ClipCodec, read: int, views: int) -> int:
-    clips, rng = 0, np.random.default_rng(0)
+def _decode_shards(paths: list[str], codec: ClipCodec, read: int, views: int) -> tuple[int, float]:
+    """(clips, seconds) of decoding the views of every clip in ``paths``."""
+    clips, rng, start = 0, np.random.default_rng(0), time.perf_counter()
     for path in paths:
         for sample in tar_samples(path, wds.reraise_exception):  # a path or a URL (streamed)
             clip = codec.open(sample[codec.ext])
             clip.cut(crop_starts(clip.length, read, views, rng), read)
             clips += 1
-    return clips
+    return clips, time.perf_counter() - start
 
 
 def decode_limit(manifest, cores: int, read: int, views: int) -> float:
     """Clips per second of decoding what a loader decodes of each clip, ``views`` crops of
     ``read`` samples (frames for logmel; FLAC seeks and decodes only those), one process
     per core: no back end reads clips faster. (Decoding each clip whole was no limit: a
-    loader reading 1-s views of longer FLAC clips beat it.)"""
+    loader reading 1-s views of longer FLAC clips beat it.) Each process times its own
+    share, and the limit is the sum of their rates: a pool worker still starting (importing,
+    on a busy machine) is not counted as decoding time."""
     paths = [str(p) for p in manifest.shard_paths()]
     parts = [paths[i::cores] for i in range(cores)]
     codec = ClipCodec.of(manifest)
     with worker_pool(cores) as pool:
         list(pool.map(_decode_shards, [[p] for p in paths[:cores]], [codec] * cores, [read] * cores,
                       [views] * cores))  # warm the cache and pool
-        start = time.perf_counter()
-        clips = sum(pool.map(_decode_shards, parts, [codec] * len(parts), [read] * len(parts), [views] * len(parts)))
-    return clips / (time.perf_counter() - start)
+        timed = list(pool.map(_decode_shards, parts, [codec] * len(parts), [read] * len(parts), [views] * len(parts)))
+    return sum(clips / seconds for clips, seconds in timed if clips)
 
 
 def _frontend(manifest, recipe: dict) -> FrontendConfig:

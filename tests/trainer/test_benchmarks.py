@@ -63,7 +63,8 @@ def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clip
     real_cut = formats.FlacClip.cut
     monkeypatch.setattr(formats.FlacClip, "cut", lambda self, starts, size, out=None:
                         cuts.append((len(starts), size)) or real_cut(self, starts, size, out))
-    clips = bench._decode_shards([str(p) for p in manifest.shard_paths()], formats.ClipCodec.of(manifest), read, views)
+    clips, _ = bench._decode_shards([str(p) for p in manifest.shard_paths()], formats.ClipCodec.of(manifest), read,
+                                    views)
     assert clips == manifest.num_clips and cuts == [(4, manifest.sample_rate)] * clips
 
 
