@@ -14,7 +14,8 @@ peak RSS (its largest process, workers included) is read from the kernel:
   (a seek should cost the same wherever it lands), and with ``--resume-run N`` the
   whole resumed run, launch to exit (one step and its checkpoint), at both places;
 - ``shard`` from a folder of N WAV files (2 workers), for N up to ``--shard-max``;
-- NPID's start-up (building the trainer: the bank slices) and peak per rank on 2 gloo
+- NPID's start-up (building the trainer: the bank slices; and from the rank's launch, its
+  interpreter and imports included) and peak per rank on 2 gloo
   ranks, at N and at ``--npid-clips`` simulated clips (the synthetic back end).
 
 Costs per clip are CPU seconds (user + system, all processes) over N; walls are quoted
@@ -123,7 +124,7 @@ print(json.dumps({name: sorted(v)[len(v) // 2] for name, v in times.items()}))
 """
 
 STARTUP = """
-import json, time, torch
+import json, time, psutil, torch
 t = time.perf_counter()
 from trainer.config import PretrainConfig, load_config
 from trainer.pretrain import Pretrainer
@@ -131,9 +132,11 @@ import sys
 cfg = load_config(PretrainConfig, sys.argv[1], sys.argv[2:])
 trainer = Pretrainer(cfg)
 built = time.perf_counter() - t
+since_launch = time.time() - psutil.Process().create_time()  # the rank's interpreter and torch import too
 import resource
 if trainer.info.rank == 0:
-    print(json.dumps({"startup": built, "rank0_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"startup": built, "since_launch": since_launch,
+                      "rank0_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 trainer.close()
 """
 
@@ -154,7 +157,8 @@ def npid(clips: int, work: Path) -> dict:
     saved = {p.name: p.stat().st_size for p in sorted(folder.glob("*.pt"))}
     shutil.rmtree(work / f"npid{clips}", ignore_errors=True)
     shutil.rmtree(work / f"npid_s{clips}", ignore_errors=True)
-    return {"clips": clips, "startup_s": json.loads(start["out"].strip().splitlines()[-1])["startup"],
+    started = json.loads(start["out"].strip().splitlines()[-1])
+    return {"clips": clips, "startup_s": started["startup"], "since_launch_s": started["since_launch"],
             "peak_mib_per_process": run["peak_mib"], "saved_bytes": saved}
 
 
@@ -229,7 +233,8 @@ def print_rows(rows: list[dict], npids: list[dict], resumes: list[dict] = ()) ->
               f"{r['resume_first_batch_s']['last']:>14.3f} {max(peaks):>15.0f}")
     for n in npids:
         per_rank = max(n["saved_bytes"].values()) / 2**20 if n["saved_bytes"] else 0
-        print(f"NPID, {n['clips']} clips, 2 ranks: start-up {n['startup_s']:.1f} s, peak {n['peak_mib_per_process']:.0f}"
+        print(f"NPID, {n['clips']} clips, 2 ranks: start-up {n['startup_s']:.1f} s (trainer built; "
+              f"{n['since_launch_s']:.1f} s from the rank's launch), peak {n['peak_mib_per_process']:.0f}"
               f" MiB per process, {per_rank:.0f} MiB saved per rank")
     for r in resumes:
         print(f"a whole resumed run, {r['clips']} clips ({r['steps_per_epoch']} steps per epoch): at the first step "

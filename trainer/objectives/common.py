@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -61,9 +62,11 @@ def seeded_unit_rows(lo: int, hi: int, dim: int, seed: int, dtype: torch.dtype =
     """Rows ``lo .. hi-1`` [hi-lo, dim] of one fixed matrix of L2-normalised Gaussian rows
     (CPU): row i is a function of (seed, i, dtype) alone, drawn in blocks of ROW_BLOCK rows
     keyed by (seed, block). So a rank draws only the slice it keeps, in the dtype it keeps,
-    and the slices of any world size make up the same whole."""
+    and the slices of any world size make up the same whole. The blocks are drawn on the
+    process's torch threads at once (a rank of a GPU node has several)."""
     out = torch.empty(max(hi - lo, 0), dim, dtype=dtype)
-    for block in range(lo // ROW_BLOCK, -(-hi // ROW_BLOCK)):
+
+    def draw(block: int) -> None:
         start = block * ROW_BLOCK
         a, b = max(lo, start), min(hi, start + ROW_BLOCK)
         g = torch.Generator().manual_seed(block_seed(seed, block))
@@ -73,6 +76,15 @@ def seeded_unit_rows(lo: int, hi: int, dim: int, seed: int, dtype: torch.dtype =
         else:
             rows.copy_(torch.randn(ROW_BLOCK, dim, generator=g, dtype=dtype)[a - start:b - start])
         rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(1e-12))  # as F.normalize, in place
+
+    blocks = range(lo // ROW_BLOCK, -(-hi // ROW_BLOCK))
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads > 1:  # torch releases the GIL while it draws
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(draw, blocks))
+    else:
+        for block in blocks:
+            draw(block)
     return out
 
 
