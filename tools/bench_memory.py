@@ -96,7 +96,7 @@ def build(spec: dict, rank: int, world: int, device):
         ds = DeepSpeedConfig(zero_stage=int(spec["stage"]), config=spec["ds_config"],
                              **(buckets if spec["bucket"] else {}))
     engine = build_engine("ddp" if ds is None else "deepspeed", model, optimizer, scheduler, device, None, 0.0,
-                          deepspeed=ds, batch_size=spec["batch"])
+                          settings=ds, batch_size=spec["batch"])
     return objective, engine
 
 

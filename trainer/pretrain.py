@@ -131,7 +131,7 @@ class Pretrainer:
                                     steps_per_epoch=self.steps_per_epoch, milestones=o.milestones, decay=o.decay)
         dtype = autocast_dtype(cfg.train.precision, self.device)
         engine = build_engine(cfg.train.engine, model, optimizer, scheduler, self.device, dtype, cfg.optim.grad_clip,
-                              deepspeed=cfg.deepspeed, batch_size=cfg.data.batch_size)
+                              settings=self.engine_class.settings(cfg), batch_size=cfg.data.batch_size)
         log.info("engine: %s (train.precision=%s)", engine.describe(), cfg.train.precision)
         return engine
 

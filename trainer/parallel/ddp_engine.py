@@ -32,8 +32,9 @@ class DDPEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float = 0.0):
-        super().__init__(device, autocast_dtype)
+                 autocast_dtype: torch.dtype | None, *, grad_clip: float = 0.0, batch_size: int = 1,
+                 settings=None):
+        super().__init__(model, optimizer, scheduler, device, autocast_dtype)
         self.module = model.to(device)
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.model: nn.Module = model

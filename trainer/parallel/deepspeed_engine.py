@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from dataio.errors import ConfigError
-from trainer.models.encoders import build_encoder
 from trainer.parallel import distributed
 from trainer.parallel.device import cpu_computes_bf16
 from trainer.parallel.engine import Engine, save_weights
@@ -128,15 +127,13 @@ def build_config(section, batch_size: int, grad_clip: float, device: torch.devic
     return config
 
 
-def check_offload_memory(cfg, ds) -> None:
+def check_offload_memory(ds, params: int, optimizer: torch.optim.Optimizer) -> None:
     """Offload needs host memory for the fp32 master weights, their gradients and the
-    optimizer state of this node's share: refuse when it is plainly not there."""
+    optimizer state (``optimizer``'s slots per parameter) of this node's share of
+    ``params`` parameters: refuse when it is plainly not there."""
     import psutil  # deferred: only an offload run needs it
 
-
-    params = sum(p.numel() for p in build_encoder(cfg.model.encoder, in_channels=cfg.frontend.channels,
-                                                  width=cfg.model.width).parameters())
-    slots = {"sgd": 1, "lars": 1, "adamw": 2}[cfg.optim.name]
+    slots = 2 if isinstance(optimizer, torch.optim.AdamW) else 1
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     world = max(1, distributed.env_info().world_size)
     need = params * 4 * (2 + slots) * per_node // world
@@ -145,7 +142,7 @@ def check_offload_memory(cfg, ds) -> None:
     free = psutil.virtual_memory().available
     if need > free:
         raise ConfigError(f"deepspeed.offload_optimizer: offloading needs about {need / 2**30:.1f} GiB of host "
-                          f"memory on this node ({params / 1e6:.1f} M parameters, {cfg.optim.name}), and "
+                          f"memory on this node ({params / 1e6:.1f} M parameters, {type(optimizer).__name__}), and "
                           f"{free / 2**30:.1f} GiB is free; raise the world size or offload less")
 
 
@@ -180,10 +177,12 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("optim.name: lars scales each layer by its own trust ratio, but ZeRO >= 1 hands "
                               "the optimizer flat slices of many layers; use deepspeed.zero_stage=0 or "
                               "optim.name=sgd/adamw")
-        if ds.offload_optimizer or ds.offload_params:
-            check_offload_memory(cfg, ds)
         build_config(ds, cfg.data.batch_size, cfg.optim.grad_clip, device)
         return left_off
+
+    @classmethod
+    def settings(cls, cfg):
+        return cfg.deepspeed
 
     @classmethod
     def memory_format(cls, cfg) -> torch.memory_format:
@@ -207,14 +206,19 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float, section, batch_size: int):
-        super().__init__(device, autocast_dtype)
+                 autocast_dtype: torch.dtype | None, *, grad_clip: float = 0.0, batch_size: int = 1,
+                 settings=None):
+        super().__init__(model, optimizer, scheduler, device, autocast_dtype)
+        section = settings
+        params = sum(p.numel() for p in model.parameters())
+        if section.offload_optimizer or section.offload_params:
+            check_offload_memory(section, params, optimizer)
         deepspeed = import_deepspeed(device)
         self.section, self.stage = section, section.zero_stage
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(section.precision)
         if section.precision != "fp32":
             self.autocast_dtype = None
-        config = build_config(section, batch_size, grad_clip, device, sum(p.numel() for p in model.parameters()))
+        config = build_config(section, batch_size, grad_clip, device, params)
         if not distributed.is_initialized():
             raise RuntimeError("the deepspeed engine needs a process group (trainer.parallel.distributed.init)")
         info = distributed.env_info()  # DeepSpeed reads them even for one process

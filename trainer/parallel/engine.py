@@ -12,8 +12,10 @@ an engine only replicates, reduces gradients, steps and saves.
 
 Before it is built, an engine class answers for itself what the loop must not guess:
 which config it refuses and why (``check``, raising ConfigError; it returns what it leaves
-off, one line each), the weights' memory format, whether ``train.compile`` may act, whether
-it needs a process group on one process, and how a checkpoint it wrote is resumed.
+off, one line each), its own config section (``settings``), the weights' memory format,
+whether ``train.compile`` may act, whether it needs a process group on one process, and
+how a checkpoint it wrote is resumed. Every engine is built from the same arguments
+(:meth:`Engine.__init__`).
 ``trainer.parallel.engines`` holds the registry; ``ddp_engine`` and ``deepspeed_engine``
 the two engines.
 """
@@ -41,8 +43,20 @@ class Engine:
     needs_process_group = False  # even on one process
     module: nn.Module  # the unwrapped model (under ZeRO-3: placeholders outside forward / gathered)
 
-    def __init__(self, device: torch.device, autocast_dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
+                 autocast_dtype: torch.dtype | None, *, grad_clip: float = 0.0, batch_size: int = 1,
+                 settings=None):
+        """``model`` (parameters counted from it, not rebuilt), its ``optimizer`` and LR
+        ``scheduler``, the ``device``, the autocast dtype (None: none), gradient clipping
+        (0: off), the global batch in clips, and the engine's own config section
+        (:meth:`settings`)."""
         self.device, self.autocast_dtype = device, autocast_dtype
+
+    @classmethod
+    def settings(cls, cfg):
+        """This engine's own section of the pretraining config (None: it has none)."""
+        return None
 
     @classmethod
     def check(cls, cfg, device: torch.device) -> list[str]:
@@ -74,6 +88,39 @@ class Engine:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, *args, **kwargs):
+        """The model's outputs for a batch, under the engine's autocast."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` (reduced across ranks by the step's last backward)."""
+        raise NotImplementedError
+
+    def accumulating(self):
+        """A context: backwards inside add their gradients; the reduction and the update
+        wait for a backward outside."""
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Clip, update, step the schedule, clear the gradients; the gradient norm before
+        clipping (0 when clipping is off)."""
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        """Write the engine's state (model, optimizer, schedule) into ``folder``; every rank
+        calls it."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        """Read back what :meth:`save` wrote (CheckpointError naming the file when it does
+        not fit)."""
+        raise NotImplementedError
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

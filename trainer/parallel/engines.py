@@ -21,12 +21,12 @@ def engine_class(name: str) -> type[Engine]:
 
 def build_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device,
-                 autocast_dtype: torch.dtype | None, grad_clip: float, *, deepspeed=None,
+                 autocast_dtype: torch.dtype | None, grad_clip: float, *, settings=None,
                  batch_size: int = 1) -> Engine:
-    """``train.engine`` -> an engine around ``model``; ``deepspeed``: its config section."""
-    if name == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, scheduler, device, autocast_dtype, grad_clip, deepspeed, batch_size)
-    return ENGINES[name](model, optimizer, scheduler, device, autocast_dtype, grad_clip)
+    """``train.engine`` -> an engine around ``model``; ``settings``: the engine's own config
+    section (``engine_class(name).settings(cfg)``)."""
+    return ENGINES[name](model, optimizer, scheduler, device, autocast_dtype, grad_clip=grad_clip,
+                         batch_size=batch_size, settings=settings)
 
 
 def how_to_resume(saved: dict, folder: Path) -> str:

@@ -56,7 +56,7 @@ def _train(rank: int, world: int, name: str, engine_name: str, stage: int, chunk
     opt = build_optimizer("sgd", model, 0.1, 0.9, 1e-4, 0.001)
     sched = build_scheduler(opt, 1, STEPS)
     engine = build_engine(engine_name, model, opt, sched, torch.device("cpu"), None, 1.0,
-                          deepspeed=DeepSpeedConfig(zero_stage=stage), batch_size=2 * B // world)
+                          settings=DeepSpeedConfig(zero_stage=stage), batch_size=2 * B // world)
     for step, batch in enumerate(_batches(rank, world)):
         engine.train()
         views = obj.model_views(batch.views)
@@ -289,6 +289,7 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
     import trainer.parallel.deepspeed_engine
     from dataio.errors import ConfigError
     from trainer.config import PretrainConfig, load_config
+    from trainer.models.encoders import build_encoder
 
     check_section = trainer.parallel.deepspeed_engine.DeepSpeedEngine.check
     cpu = torch.device("cpu")
@@ -299,8 +300,10 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
     cfg = load_config(PretrainConfig, None, ["data.shards=x", "model.encoder=resnet50", "deepspeed.zero_stage=3",
                                              "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"])
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 20))
+    model = build_encoder("resnet50", in_channels=1, width=64)  # counted from the model the engine is given
     with pytest.raises(ConfigError, match=r"deepspeed.offload_optimizer: offloading needs about 0\.\d GiB"):
-        check_section(cfg, cpu)
+        trainer.parallel.deepspeed_engine.check_offload_memory(
+            cfg.deepspeed, sum(p.numel() for p in model.parameters()), torch.optim.SGD(model.parameters(), 0.1))
 
 
 @pytest.mark.e2e
