@@ -36,6 +36,7 @@ from trainer.config import load_config, to_dict
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
+from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.safe_files import CheckpointError
 from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
@@ -203,7 +204,7 @@ def share_inputs(cfg: SweepConfig, clips: ClipSet) -> dict:
 
     t0 = time.perf_counter()
     shared = {"clips": ray.put(clips), "frozen": {}}
-    if cfg.protocol == "finetune":
+    if not protocol_named(cfg.protocol).frozen:
         return shared
     varied = sorted(set(cfg.space) & set(PER_TRIAL_EMBEDDINGS))
     if varied:
@@ -262,7 +263,7 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, rest
         except Exception as err:
             raise ConfigError(f"the sweep state in {exp_dir} cannot be read ({err!r}); give this sweep "
                               f"another name= or delete that folder") from None
-    epochs = {"knn": 1, "linear": cfg.eval.linear.epochs, "finetune": cfg.eval.finetune.epochs}[cfg.protocol]
+    epochs = protocol_named(cfg.protocol).epochs(cfg.eval)
     scheduler = FIFOScheduler() if cfg.scheduler == "fifo" else ASHAScheduler(
         time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.grace_period, epochs),
         reduction_factor=cfg.reduction_factor)

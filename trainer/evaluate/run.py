@@ -27,9 +27,9 @@ from trainer.evaluate.cache import cache_key, cached_embeddings
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
 from trainer.evaluate.embed import ClipEmbeddings
-from trainer.evaluate.finetune import FineTuner
-from trainer.evaluate.learners import KnnLearner, LinearProbe
 from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
+from trainer.evaluate.protocols import FROZEN, REGISTRY
+from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.ranks import embed_over_ranks
 from trainer.parallel import distributed
 from trainer.parallel.device import pick_device
@@ -113,8 +113,8 @@ class Evaluation:
         (``embedded_here`` says which). ``loaded`` (encoder, frontend, meta) is a model in
         memory (the online probe's) instead of the export in ``run_dir``. ``cache_dir``: the
         eval folder where the export's frozen embeddings are read from and kept."""
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(PROTOCOLS)}")
+        if protocol not in REGISTRY:
+            raise ConfigError(f"unknown protocol '{protocol}': choose one of {', '.join(REGISTRY)}")
         self.protocol, self.cfg, self.data = protocol, cfg, str(data)
         self.encoder_name = "random_init" if random_init else str(run_dir)
         encoder, frontend, meta = loaded or load_encoder(run_dir)
@@ -137,7 +137,9 @@ class Evaluation:
             log.info("%s: %d train, %d val, %d test clips", r.name, len(r.train), len(r.val), len(r.test))
         self.frozen: ClipEmbeddings | None = None
         self.embedded_here = False
-        if protocol != "finetune":
+        self.encoder, self.frontend = encoder, frontend
+        spec = protocol_named(protocol)
+        if spec.frozen:
             if frozen is None:
                 keep = None if cache_dir is None or random_init or loaded else (Path(run_dir), Path(cache_dir))
                 frozen, self.embedded_here = embeddings_of(encoder, frontend, meta, clips, cfg, self.device, keep,
@@ -146,18 +148,7 @@ class Evaluation:
             if frozen.num_clips != len(clips):
                 raise ValueError(f"embeddings of {frozen.num_clips} clips given for {len(clips)} clips")
             self.frozen = frozen
-        epochs = {"knn": 1, "linear": cfg.linear.epochs, "finetune": cfg.finetune.epochs}[protocol]
-        self.runner = RoundRunner(self.clips, self.rounds, self._learner_factory(encoder, frontend), epochs)
-
-    def _learner_factory(self, encoder, frontend):
-        cfg = self.cfg
-        if self.protocol == "knn":
-            return lambda i, r: KnnLearner(self.clips, self.frozen, r, cfg.knn)
-        if self.protocol == "linear":
-            return lambda i, r: LinearProbe(self.clips, self.frozen, r, cfg.linear, seed=cfg.seed + i)
-        return lambda i, r: FineTuner(self.clips, encoder, frontend, r, cfg.finetune, patch=self.patch,
-                                      hop=self.hop, embed_batch=cfg.embed_batch, seed=cfg.seed + i,
-                                      device=self.device)
+        self.runner = RoundRunner(self.clips, self.rounds, lambda i, r: spec.learner(self, i, r), spec.epochs(cfg))
 
     @property
     def done(self) -> bool:
@@ -295,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg = load_config(EvalRoot, args.config, args.overrides).eval
-        if distributed.env_info().world_size > 1 and args.protocol == "finetune":
-            raise ConfigError("audioclr launch ... eval splits the embedding pass of knn and linear over ranks; "
-                              "run --protocol finetune as one process (audioclr eval)")
+        if distributed.env_info().world_size > 1 and not protocol_named(args.protocol).frozen:
+            raise ConfigError(f"audioclr launch ... eval splits the embedding pass of {' and '.join(FROZEN)} over "
+                              f"ranks; run --protocol {args.protocol} as one process (audioclr eval)")
         info = distributed.init(pick_device(cfg.device, key="eval.device").type)  # a group only under launch
         try:
             result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)

@@ -127,6 +127,23 @@ def test_knn_and_linear_probe_separate_tones(tones):
         assert set(result["metrics"]) == {"class_averaged_accuracy", "macro_f1", "wAP"}
 
 
+def test_a_new_protocol_is_one_registry_entry(tones, monkeypatch):
+    """Issue 37, item 4: whether a protocol is frozen, its epochs and its learner come from
+    the registry; Evaluation (and the sweeps) hold no per-protocol table of their own."""
+    from dataclasses import replace
+
+    from trainer.evaluate import protocols
+    from trainer.evaluate.learners import KnnLearner
+
+    nearest = protocols.Protocol("nearest", frozen=True, epochs=lambda cfg: 1,
+                                 learner=lambda ev, i, r: KnnLearner(ev.clips, ev.frozen, r, replace(ev.cfg.knn, k=1)))
+    monkeypatch.setitem(protocols.REGISTRY, "nearest", nearest)
+    result = Evaluation("nearest", tones, tones / "shards", EvalConfig(pictures=False)).run()
+    assert result["protocol"] == "nearest" and _accuracy(result) > 0.9
+    assert sorted(result["tested"]) == [f"clip{i:05d}" for i in range(24)]
+    assert [p.frozen for p in protocols.REGISTRY.values()][:3] == [True, True, False]
+
+
 def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch):
     """A sweep loads the clips and embeds them once (frozen_embeddings), then hands them to
     each trial's Evaluation, which must score as if it had computed them itself."""
