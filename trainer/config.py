@@ -11,6 +11,7 @@ over (:func:`read_recipe`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from dataio.atomic import write_text_atomically
 from dataio.augment import parse_chain
 from dataio.batch import DataConfig
 from dataio.frontend import FrontendConfig
-from dataio.recipes import overlay, parse_overrides, read_recipe
+from dataio.recipes import overlay, parse_overrides, read_recipe, read_yaml
 from dataio.schema import build_section, check, option
 from trainer.evaluate.config import OnlineConfig
 from trainer.models.encoders import ENCODERS
@@ -31,6 +32,8 @@ from trainer.optim import OPTIMIZERS, SCHEDULES
 from trainer.parallel.device import PRECISIONS
 from trainer.parallel.engines import ENGINES
 from trainer.speed import COMPILE_MODES
+
+log = logging.getLogger(__name__)
 
 # The choices of a key are the names of the registry that holds its implementations.
 
@@ -48,12 +51,48 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     layers = ([read_recipe(path)] if path is not None else []) + [parse_overrides(overrides or [])]
     for layer in layers:
         tree = overlay(tree, layer)
-    return build_section(cls, tree, "")
+    cfg = build_section(cls, tree, "")
+    if cls is PretrainConfig:
+        recipe, own = (layers[0], read_yaml(path)) if path is not None else ({}, {})
+        check_objective_keys(cfg.objective.name, [_section(base, "objective") | _section(recipe, "objective"),
+                                                  _section(own, "objective"), _section(layers[-1], "objective")])
+    return cfg
+
+
+def _section(tree: dict | None, name: str) -> dict:
+    part = (tree or {}).get(name)
+    return part if isinstance(part, dict) else {}
+
+
+def check_objective_keys(name: str, layers: list[dict]) -> None:
+    """An ``objective.*`` key the chosen objective does not read (see each objective's
+    ``reads``) is refused by name where it was set with or after the choice of objective
+    (the same recipe file, or the command line), and a warning where it came from before
+    it (a ``base:`` recipe for another objective, or a recipe whose objective the command
+    line replaced): it would change nothing. ``layers``: the objective sections set by the
+    bases (merged), by the recipe file itself and by the overrides, in that order."""
+    reads = set(OBJECTIVES[name].reads) | {"name"}
+    chose = max((i for i, layer in enumerate(layers) if "name" in layer), default=-1)
+    for key in dict.fromkeys(k for layer in layers for k in layer):
+        if key in reads:
+            continue
+        latest = max(i for i, layer in enumerate(layers) if key in layer)
+        why = (f"objective {name} does not read it (it reads "
+               f"{', '.join(OBJECTIVES[name].reads) or 'no objective.* key but name'})")
+        if latest >= chose:
+            check(False, f"objective.{key}", f"{why}: remove it")
+        log.warning("objective.%s is set by %s, but %s; it changes nothing", key,
+                    "a base recipe" if latest == 0 else "the recipe", why)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically); a pretraining config's objective
+    section holds the keys its objective reads, so the file loads back as it is."""
+    tree = to_dict(cfg)
+    if isinstance(cfg, PretrainConfig):
+        reads = {"name", *OBJECTIVES[cfg.objective.name].reads}
+        tree["objective"] = {k: v for k, v in tree["objective"].items() if k in reads}
+    write_text_atomically(path, yaml.safe_dump(tree, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- schema
@@ -75,22 +114,32 @@ class ModelConfig:
         check(self.proj_dim > 0, "proj_dim", "must be positive")
 
 
+def _read_by(key: str, doc: str) -> str:
+    """An objective key's doc, with the objectives that read it (their ``reads``)."""
+    return f"{doc} (read by {', '.join(n for n, o in OBJECTIVES.items() if key in o.reads)})"
+
+
 @dataclass
 class ObjectiveConfig:
     name: str = option("simclr", "training objective", tuple(OBJECTIVES))
-    temperature: float = option(0.2, "softmax temperature of the contrastive loss")
-    alpha: float = option(0.5, "hybrid: weight of SupCon in alpha*SupCon + (1-alpha)*CE")
-    overlap_weighting: bool = option(False, "supcon/hybrid, multi-label: weight positives by label overlap")
-    supcon_dim: int = option(64, "supcon/hybrid: size of the linear projection")
-    queue_size: int = option(65536, "moco: negatives in the queue (all ranks together)")
-    momentum: float = option(0.999, "moco: momentum of the key encoder's EMA")
-    momentum_schedule: str = option("constant", "moco: EMA momentum schedule", tuple(MOMENTUM_SCHEDULES))
-    nce_noise: int = option(4096, "npid: noise rows per positive for NCE; 0 = exact softmax over the bank")
-    bank_momentum: float = option(0.5, "npid: momentum of the memory-bank row updates")
-    cola_dim: int = option(512, "cola: size of the Linear+LayerNorm+tanh head")
-    global_negatives: bool = option(True, "cola: candidates from all ranks (False: this rank's batch)")
-    looc_invariant: str = option("all", "looc: positives of the invariant space: all views of a clip, or "
-                                 "views 0 and 1 only (the pair that shares no augmentation)", ("all", "pair"))
+    temperature: float = option(0.2, _read_by("temperature", "softmax temperature of the contrastive loss"))
+    alpha: float = option(0.5, _read_by("alpha", "weight of SupCon in alpha*SupCon + (1-alpha)*CE"))
+    overlap_weighting: bool = option(False, _read_by("overlap_weighting", "multi-label: weight positives by "
+                                                     "label overlap"))
+    supcon_dim: int = option(64, _read_by("supcon_dim", "size of the linear projection"))
+    queue_size: int = option(65536, _read_by("queue_size", "negatives in the queue (all ranks together)"))
+    momentum: float = option(0.999, _read_by("momentum", "momentum of the key encoder's EMA"))
+    momentum_schedule: str = option("constant", _read_by("momentum_schedule", "EMA momentum schedule"),
+                                    tuple(MOMENTUM_SCHEDULES))
+    nce_noise: int = option(4096, _read_by("nce_noise", "noise rows per positive for NCE; 0 = exact softmax "
+                                           "over the bank"))
+    bank_momentum: float = option(0.5, _read_by("bank_momentum", "momentum of the memory-bank row updates"))
+    cola_dim: int = option(512, _read_by("cola_dim", "size of the Linear+LayerNorm+tanh head"))
+    global_negatives: bool = option(True, _read_by("global_negatives", "candidates from all ranks (False: "
+                                                   "this rank's batch)"))
+    looc_invariant: str = option("all", _read_by("looc_invariant", "positives of the invariant space: all views "
+                                                 "of a clip, or views 0 and 1 only (the pair that shares no "
+                                                 "augmentation)"), ("all", "pair"))
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", "must be positive")
@@ -216,12 +265,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(bool(self.data.shards or self.data.sources) or self.data.backend == "synthetic", "data.shards",
               "is required (a folder with manifest.json), or data.sources")
-        check(self.data.batch_size >= 2 or not OBJECTIVES[self.objective.name].batch_negatives, "data.batch_size",
-              f"objective {self.objective.name} takes its negatives from the other clips of the batch: "
-              "a batch of 1 has none (the loss would be 0); use 2 or more")
-        check(self.objective.name != "looc" or self.data.num_views >= 3, "data.num_views",
-              f"objective looc needs 3 or more views (the invariant pair, then one view per left-out "
-              f"augmentation), got {self.data.num_views}")
+        OBJECTIVES[self.objective.name].check(self)
         for op in parse_chain(self.augment):
             check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",
                   f"{op.views} names a view that does not exist (data.num_views = {self.data.num_views})")

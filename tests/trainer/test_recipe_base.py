@@ -146,3 +146,34 @@ def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
 
 if __name__ == "__main__":
     FIXTURE.write_text(json.dumps({n: resolve(n) for n in RECIPES}, indent=1, sort_keys=True) + "\n")
+
+
+def test_an_objective_key_the_objective_does_not_read_is_refused_or_reported(tmp_path, caplog):
+    """Issue 37, item 5: each objective declares the objective.* keys it reads. One it does
+    not read, set with the choice of objective (the same file or the command line), is
+    refused by name; one inherited from before that choice (a base recipe for another
+    objective) is reported, and changes nothing."""
+    import logging
+
+    from trainer.objectives import OBJECTIVES
+
+    assert OBJECTIVES["cola"].reads == ("cola_dim", "global_negatives") and "alpha" in OBJECTIVES["hybrid"].reads
+    with pytest.raises(ConfigError, match=r"objective\.temperature: objective cola does not read it"):
+        load_config(PretrainConfig, CONFIGS / "demo_cola.yaml", ["data.shards=x", "objective.temperature=0.5"])
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"objective": {"name": "moco", "alpha": 0.3}, "data": {"shards": "x"}}))
+    with pytest.raises(ConfigError, match=r"objective\.alpha: objective moco does not read it \(it reads temperature"):
+        load_config(PretrainConfig, own)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"objective": {"name": "simclr", "temperature": 0.3}, "data": {"shards": "x"}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "base.yaml", "objective": {"name": "cola"}}))
+    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+        assert load_config(PretrainConfig, child).objective.name == "cola"
+        assert load_config(PretrainConfig, base, ["objective.name=cola"]).objective.name == "cola"
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "objective.temperature is set by a base recipe", "objective.temperature is set by the recipe"]
+    caplog.clear()
+    for recipe in sorted(CONFIGS.glob("*.yaml")):  # the shipped recipes read every key they set
+        load_config(PretrainConfig, recipe, ["data.shards=x"])
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

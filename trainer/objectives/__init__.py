@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dataio.schema import check
 from trainer.models.heads import ContrastiveModel, LinearProjection, ObjectiveParts, ProjectionHead, ProjectionHeads
 from trainer.objectives.cola import ColaHead, ColaParts, cola_projected_loss
 from trainer.objectives.moco import MOMENTUM_SCHEDULES, ShardedQueue, moco_logits_loss, momentum_update
@@ -51,6 +52,15 @@ class _Base:
     reads_model = False  # after_step reads the trained weights (an engine gathers them first)
     batch_negatives = True  # the negatives are the batch's other clips (not a queue or a bank)
     uses_labels = False  # the loss reads the clips' labels (a score on them needs encoders that never saw them)
+    reads: tuple[str, ...] = ()  # the objective.* keys it reads (another one set is refused by name)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Refuse (ConfigError naming the key) what this objective cannot train with the
+        pretraining config ``cfg``."""
+        check(cfg.data.batch_size >= 2 or not cls.batch_negatives, "data.batch_size",
+              f"objective {cfg.objective.name} takes its negatives from the other clips of the batch: "
+              "a batch of 1 has none (the loss would be 0); use 2 or more")
 
     def __init__(self, cfg, model_cfg, ctx: ObjectiveContext):
         self.cfg, self.model_cfg, self.ctx = cfg, model_cfg, ctx
@@ -101,6 +111,8 @@ class _Base:
 class SimCLR(_Base):
     """NT-Xent over the embeddings of all ranks (gathered with gradient)."""
 
+    reads = ("temperature",)
+
     def loss(self, out: dict, batch) -> torch.Tensor:
         z = out["z"]
         return nt_xent(z, distributed.gather_with_grad(z), self.ctx.rank, temperature=self.cfg.temperature)
@@ -127,6 +139,15 @@ class LooC(_Base):
     frequency crop, say), so head k need not be invariant to it, and the encoder, which
     feeds every head, keeps that information instead of discarding it."""
 
+    reads = ("temperature", "looc_invariant")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        check(cfg.data.num_views >= 3, "data.num_views",
+              f"objective looc needs 3 or more views (the invariant pair, then one view per left-out "
+              f"augmentation), got {cfg.data.num_views}")
+
     def make_head(self, embedding_dim: int) -> nn.Module:
         return ProjectionHeads(self.spaces, embedding_dim, self.model_cfg.proj_hidden, self.model_cfg.proj_dim)
 
@@ -149,6 +170,8 @@ class LooC(_Base):
 class Cola(_Base):
     """COLA: bilinear similarity of two segments, cross-entropy over the batch's candidates."""
 
+    reads = ("cola_dim", "global_negatives")  # no temperature: the bilinear score is its own scale
+
     def make_parts(self, embedding_dim: int) -> ObjectiveParts:
         return ColaParts(self.cfg.cola_dim)
 
@@ -166,6 +189,7 @@ class SupCon(_Base):
     """Supervised contrastive loss over all ranks (positives: shared labels)."""
 
     uses_labels = True
+    reads = ("temperature", "overlap_weighting", "supcon_dim")
 
     def make_head(self, embedding_dim: int) -> nn.Module:
         return LinearProjection(embedding_dim, self.cfg.supcon_dim)
@@ -183,6 +207,8 @@ class SupCon(_Base):
 class Hybrid(SupCon):
     """SoundCLR: alpha * SupCon + (1 - alpha) * cross-entropy of a linear classifier on
     the L2-normalised encoder embedding of every view."""
+
+    reads = (*SupCon.reads, "alpha")
 
     def make_parts(self, embedding_dim: int) -> ObjectiveParts:
         if self.ctx.num_classes < 2:
@@ -203,6 +229,7 @@ class MoCo(_Base):
 
     reads_model = True
     batch_negatives = False
+    reads = ("temperature", "queue_size", "momentum", "momentum_schedule")
 
     def __init__(self, cfg, model_cfg, ctx):
         super().__init__(cfg, model_cfg, ctx)
@@ -252,6 +279,7 @@ class NPID(_Base):
     ranks; NCE with m noise rows, or the exact softmax (objective.nce_noise=0)."""
 
     batch_negatives = False
+    reads = ("temperature", "nce_noise", "bank_momentum")
 
     def __init__(self, cfg, model_cfg, ctx):
         super().__init__(cfg, model_cfg, ctx)
