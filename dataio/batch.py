@@ -66,24 +66,17 @@ class DataConfig:
         check(self.num_views >= 2, "num_views", "contrastive views need at least 2")
         check(0 < self.view_seconds <= 600, "view_seconds", "must be in (0, 600] seconds")
         check(0 <= self.view_gap <= 600, "view_gap", "must be in [0, 600] seconds")
-        check(not (self.backend == "dali" and self.view_gap and self.num_views != 2), "view_gap",
-              "with backend dali, a gap between views needs num_views 2")
         check(self.pairs_per_clip >= 1 and self.batch_size % self.pairs_per_clip == 0, "pairs_per_clip",
               f"must be >= 1 and divide batch_size ({self.batch_size})")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
         check(self.synthetic_clips > 0, "synthetic_clips", "must be positive")
-        check(not (self.backend == "dali" and self.resampled), "resampled",
-              "needs backend torch (DALI's reader splits the shards itself)")
-        check(not (self.backend == "dali" and self.short_clips == "skip"), "short_clips",
-              "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
 
 
     def _check_sources(self) -> None:
         if not self.sources:
             return
         check(not self.shards, "sources", "give data.shards or data.sources, not both")
-        check(self.backend == "torch", "sources", "mixing corpora needs backend torch")
         seen: set = set()
         for i, source in enumerate(self.sources):
             key = f"sources[{i}]"

@@ -39,6 +39,10 @@ from dataio.errors import DataError, ManifestError, ShardMismatch
 from dataio.formats import PCM_SCALE, ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window, one_torch_thread
 from dataio.manifest import Manifest
+from dataio.remote import Retry
+from dataio.schema import check
+from dataio.shard_cache import localize
+from dataio.source import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +260,28 @@ class DaliBatches:
                      indices=indices, keys=[key for key in keys for _ in range(k)], short=short * k)
 
 
-class DaliSource:
-    """The DALI back end: one endless pipeline; its position is DALI's pipeline checkpoint."""
+class DaliSource(DataSource):
+    """The DALI back end: one endless pipeline; its position is DALI's pipeline checkpoint
+    (its readers' split of the shards, so it does not hold at another world size)."""
+
+    name = "dali"
+    position_holds_at_any_world_size = False
+
+    @classmethod
+    def check(cls, cfg: DataConfig) -> None:
+        check(not (cfg.view_gap and cfg.num_views != 2), "data.view_gap",
+              "with backend dali, a gap between views needs num_views 2")
+        check(not cfg.resampled, "data.resampled", "needs backend torch (DALI's reader splits the shards itself)")
+        check(cfg.short_clips != "skip", "data.short_clips",
+              "'skip' needs backend torch (a DALI batch cannot drop samples); use 'pad'")
+        check(not cfg.sources, "data.sources", "mixing corpora needs backend torch")
+
+    @classmethod
+    def open(cls, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+             place: Placement, state=None) -> DaliSource:
+        if manifest.remote:  # DALI's readers open local files: a node-local copy
+            manifest = localize(manifest, cfg.cache_dir, cfg.cache_gb, Retry.of(cfg))
+        return cls(cfg, manifest, frontend, augmenter, place, state=state)
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
                  place: Placement, state: str | None = None):

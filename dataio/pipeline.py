@@ -1,33 +1,33 @@
-"""The back-end switch: ``data.backend`` -> the source a run trains from.
-
-The sources yield :class:`dataio.batch.Batch` es through ``epoch(epoch, start_step)``
-and report their position with ``state()`` (``None`` when the step alone positions
-them). The real ones hand their batches to the same :class:`dataio.augment.Augmenter`.
+"""The registry of data back ends: ``data.backend`` -> the :class:`dataio.source.DataSource`
+a run trains from, and the run's corpus. The real back ends hand their batches to the same
+:class:`dataio.augment.Augmenter`.
 """
 
 from __future__ import annotations
 
 from dataio.augment import Augmenter
+from dataio.batch import BACKENDS as BACKEND_NAMES
 from dataio.batch import DataConfig, Placement
 from dataio.dali_pipeline import DaliSource
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, load_manifest, load_sources
 from dataio.remote import Retry, is_url
-from dataio.shard_cache import localize
+from dataio.source import DataSource
 from dataio.synthetic import SyntheticSource, synthetic_manifest
 from dataio.torch_pipeline import TorchSource
 
+BACKENDS: dict[str, type[DataSource]] = {"torch": TorchSource, "dali": DaliSource, "synthetic": SyntheticSource}
+assert tuple(BACKENDS) == BACKEND_NAMES, "dataio.batch.BACKENDS (data.backend's choices) names the registry's back ends"
+
+
+def backend_class(name: str) -> type[DataSource]:
+    return BACKENDS[name]
+
 
 def open_source(cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
-                place: Placement, state=None):
+                place: Placement, state=None) -> DataSource:
     """The configured back end; ``state`` is what its ``state()`` returned at a checkpoint."""
-    if cfg.backend == "synthetic":
-        return SyntheticSource(cfg, manifest, frontend, augmenter, place)
-    if cfg.backend == "dali":
-        if manifest.remote:  # DALI's readers open local files: a node-local copy
-            manifest = localize(manifest, cfg.cache_dir, cfg.cache_gb, Retry.of(cfg))
-        return DaliSource(cfg, manifest, frontend, augmenter, place, state=state)
-    return TorchSource(cfg, manifest, augmenter, place)
+    return BACKENDS[cfg.backend].open(cfg, manifest, frontend, augmenter, place, state=state)
 
 
 def load_corpus(cfg: DataConfig, frontend: FrontendConfig, retry: Retry, *, share=None,

@@ -18,6 +18,7 @@ from dataio.augment import Augmenter
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest
+from dataio.source import DataSource
 
 CLASSES = 10
 
@@ -28,9 +29,17 @@ def synthetic_manifest(cfg: DataConfig, frontend: FrontendConfig) -> Manifest:
                     shards=[], vocabulary=[f"class{i}" for i in range(CLASSES)], root=Path("(synthetic data)"))
 
 
-class SyntheticSource:
+class SyntheticSource(DataSource):
     """The same ``[B, V, C, F, T]`` batch on the device every step (labels and indices
     too); ``epoch`` and ``state`` as the real sources have them."""
+
+    name = "synthetic"
+    reads_shards = False
+
+    @classmethod
+    def open(cls, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+             place: Placement, state=None) -> SyntheticSource:
+        return cls(cfg, manifest, frontend, augmenter, place)
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
                  place: Placement):
@@ -54,6 +63,3 @@ class SyntheticSource:
 
     def state(self) -> None:
         return None
-
-    def close(self) -> None:
-        pass

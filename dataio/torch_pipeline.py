@@ -39,8 +39,10 @@ from dataio.augment.keyed import scalar_key
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.batcher import BatchMaker, stage
 from dataio.errors import DataError
+from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, split_for_reader
 from dataio.remote import Retry
+from dataio.source import DataSource
 from dataio.streams import Shuffled, mixed, resampled_stream, seek, worker_stream
 
 log = logging.getLogger(__name__)
@@ -227,12 +229,19 @@ class DeviceFeeder:
                      short=int(wave_batch["short"]), sources=wave_batch["sources"].tolist())
 
 
-class TorchSource:
+class TorchSource(DataSource):
     """The webdataset back end, positioned from the step alone. With
     ``data.persistent_workers`` one loader serves the whole run (its workers start once
     and prepare the next epoch's first batches while this one ends); otherwise a fresh
     loader per epoch. On a CPU training device the loader workers run the augmentation
     stage, in parallel with the training step, instead of the (busy) main process."""
+
+    name = "torch"
+
+    @classmethod
+    def open(cls, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
+             place: Placement, state=None) -> TorchSource:
+        return cls(cfg, manifest, augmenter, place)
 
     def __init__(self, cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
@@ -278,4 +287,4 @@ class TorchSource:
             batches._shutdown_workers()
 
     def state(self) -> None:
-        return None
+        return None  # the step alone positions it

@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> dict:
     manifest = corpus.first_shards(args.clips or SAMPLE_CLIPS) if args.shards else corpus
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
-    limit = decode_limit(manifest, cores, *views_read(manifest, args.pairs, dict(recipe, augment={}) if recipe else None))
+    plain = dict(recipe, augment={}) if recipe else None
+    limit = decode_limit(manifest, cores, *views_read(manifest, args.pairs, plain))
     rows = {"decode_limit": limit}
     skipped: dict = {}
     formats = None

@@ -32,7 +32,7 @@ from dataio.batch import Placement
 from dataio.convert import convert_corpus
 from dataio.frontend import FrontendConfig
 from dataio.manifest import load_manifest
-from dataio.pipeline import open_source
+from dataio.pipeline import backend_class, open_source
 from dataio.schema import cli_number
 from dataio.shard_writer import Encoding
 from trainer.commands import run_guarded
@@ -104,7 +104,7 @@ def trainer_step(args, backend: str, shards: str, run_dir: Path):
     """(b) and (c): audioclr's own step, fed by ``backend``; (the step, the trainer)."""
     overrides = [f"run_dir={run_dir}", f"data.backend={backend}", *_overrides(args), f"data.shards={shards}",
                  *args.set]
-    if backend == "synthetic" or not args.config:
+    if not backend_class(backend).reads_shards or not args.config:  # no chain on a fixed synthetic batch
         overrides.append("augment={}")
     cfg = load_config(PretrainConfig, args.config, overrides)
     trainer = Pretrainer(cfg)

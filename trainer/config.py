@@ -22,6 +22,7 @@ from dataio.atomic import write_text_atomically
 from dataio.augment import parse_chain
 from dataio.batch import DataConfig
 from dataio.frontend import FrontendConfig
+from dataio.pipeline import backend_class
 from dataio.recipes import overlay, parse_overrides, read_recipe, read_yaml
 from dataio.schema import build_section, check, option
 from trainer.evaluate.config import OnlineConfig
@@ -263,8 +264,10 @@ class PretrainConfig:
     eval: OnlineConfig = option(OnlineConfig(), "the online probe: kNN (and the linear probe) during training")
 
     def __post_init__(self) -> None:
-        check(bool(self.data.shards or self.data.sources) or self.data.backend == "synthetic", "data.shards",
+        backend = backend_class(self.data.backend)
+        check(bool(self.data.shards or self.data.sources) or not backend.reads_shards, "data.shards",
               "is required (a folder with manifest.json), or data.sources")
+        backend.check(self.data)
         OBJECTIVES[self.objective.name].check(self)
         for op in parse_chain(self.augment):
             check(all(v < self.data.num_views for v in op.views), f"augment.{op.label}.views",

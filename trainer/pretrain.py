@@ -19,7 +19,7 @@ from dataio.augment import build_augmenter, describe_ops
 from dataio.batch import Batch, Placement, steps_per_epoch
 from dataio.errors import ConfigError, DataError, ManifestError
 from dataio.formats import check_recipe_frontend
-from dataio.pipeline import load_corpus, open_source
+from dataio.pipeline import backend_class, load_corpus, open_source
 from dataio.remote import Retry
 from dataio.schema import cli_number
 from trainer.checkpoint import (
@@ -185,9 +185,10 @@ class Pretrainer:
         if mine is not None:
             set_rng_state(mine["rng"])
             self._data_state = mine.get("data")
-        if shared.get("world_size") != self.info.world_size and self.cfg.data.backend == "dali":
-            log.warning("resume: %s ranks, was %s: the DALI readers restart their epoch",
-                        self.info.world_size, shared.get("world_size"))
+        if (shared.get("world_size") != self.info.world_size
+                and not backend_class(self.cfg.data.backend).position_holds_at_any_world_size):
+            log.warning("resume: %s ranks, was %s: the %s back end's readers restart their epoch",
+                        self.info.world_size, shared.get("world_size"), self.cfg.data.backend)
             self._data_state = None
         log.info("resumed from %s at step %d", folder, self.step)
 
@@ -354,7 +355,7 @@ class Pretrainer:
             raise error
 
     def close(self) -> None:
-        if self.source is not None and hasattr(self.source, "close"):
+        if self.source is not None:
             self.source.close()  # loader workers stop now, not at interpreter exit
         if self.metrics is not None:
             self.metrics.close()
