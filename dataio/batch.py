@@ -6,6 +6,7 @@ No back end imports the dispatcher (:mod:`dataio.pipeline`); both import this.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,43 @@ class Batch:
     skipped: int = 0
     short: int = 0
     sources: list[int] | None = None  # with data.sources: clips of each corpus in this batch
+
+
+@dataclass
+class LoaderBatch:
+    """One batch as a loader worker hands it to the training process, on the CPU.
+
+    payload: the clips' crops, int16 samples [B, V, S] or float16 dB frames [B, V, T, F],
+    or, when ``staged``, the augmentation stage's views [B, V, C, F, T] (computed in the
+    worker); labels, indices, keys, skipped, short as :class:`Batch` has them; draws: [B]
+    each view set's draw number (the keyed augmentation reads it with ``epoch``, ``step``);
+    sources: [S] int64 clips of each corpus (empty with one corpus)."""
+
+    payload: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    draws: torch.Tensor
+    keys: list[str]
+    epoch: int
+    step: int
+    skipped: int
+    short: int
+    sources: torch.Tensor
+    staged: bool = False
+
+    def pin_memory(self) -> LoaderBatch:
+        """The same batch in pinned memory (the DataLoader's ``pin_memory`` calls this)."""
+        return dataclasses.replace(self, **{f: getattr(self, f).pin_memory() for f in
+                                            ("payload", "labels", "indices", "draws", "sources")})
+
+
+@dataclass
+class LoaderFailure:
+    """What a loader worker hands over instead of a batch when its data cannot go on (a
+    DataLoader would wrap a raised error in a worker traceback): the message, raised as
+    :class:`dataio.errors.DataError` in the training process."""
+
+    message: str
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dataio.augment import Augmenter, BatchIds
-from dataio.batch import DataConfig
+from dataio.batch import DataConfig, LoaderBatch
 from dataio.errors import NoReadableClips, ShardMismatch
 from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
 from dataio.manifest import Manifest
@@ -47,7 +47,7 @@ class BatchMaker:
             self.units, self.view_len, self.read_len = "frames", augmenter.frames, augmenter.mel_frames_in
             self.gap = int(round(cfg.view_gap * rate / augmenter.frontend.hop_length))
 
-    def batch(self, samples: Iterator[tuple], errors: list, step: int) -> dict:
+    def batch(self, samples: Iterator[tuple], errors: list, step: int) -> LoaderBatch:
         """The next batch: ``batch_size // pairs_per_clip`` usable clips from ``samples``,
         their crops drawn at once and cut straight into the batch, K view sets each."""
         k, v = self.cfg.pairs_per_clip, self.cfg.num_views
@@ -69,15 +69,14 @@ class BatchMaker:
             if not self.codec.is_wave:
                 clips = self._finite(payload, clips, first, errors)
         payload = payload.reshape(len(clips) * k, v, *payload.shape[2:])
-        out = {"waves" if self.codec.is_wave else "mels": torch.from_numpy(payload),
-               "labels": torch.from_numpy(np.repeat(np.asarray([c.label for c in clips]), k, axis=0)),
-               "indices": torch.tensor([c.index for c in clips]).repeat_interleave(k),
-               "draws": torch.tensor([c.pass_no * k + i for c in clips for i in range(k)]),
-               "keys": [c.key for c in clips for _ in range(k)], "epoch": self.epoch, "step": step,
-               "skipped": len(errors) - skipped_before,
-               "short": k * sum(c.clip.length < self.view_len for c in clips),
-               "sources": torch.tensor(self._per_source(clips), dtype=torch.int64)}
-        return out
+        return LoaderBatch(payload=torch.from_numpy(payload),
+                           labels=torch.from_numpy(np.repeat(np.asarray([c.label for c in clips]), k, axis=0)),
+                           indices=torch.tensor([c.index for c in clips]).repeat_interleave(k),
+                           draws=torch.tensor([c.pass_no * k + i for c in clips for i in range(k)]),
+                           keys=[c.key for c in clips for _ in range(k)], epoch=self.epoch, step=step,
+                           skipped=len(errors) - skipped_before,
+                           short=k * sum(c.clip.length < self.view_len for c in clips),
+                           sources=torch.tensor(self._per_source(clips), dtype=torch.int64))
 
     def _finite(self, payload: np.ndarray, clips: list[_Opened], first: int, errors: list) -> list[_Opened]:
         """``clips`` without those from ``first`` on whose frames are not finite (counted);

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataio.augment import Augmenter, BatchIds
 from dataio.augment.keyed import scalar_key
-from dataio.batch import Batch, DataConfig, Placement
+from dataio.batch import Batch, DataConfig, LoaderBatch, LoaderFailure, Placement
 from dataio.batcher import BatchMaker, stage
 from dataio.errors import DataError
 from dataio.frontend import FrontendConfig
@@ -69,7 +69,7 @@ class WaveBatches(IterableDataset):
         self.epoch, self.start_step, self.in_workers, self.run_long = epoch, start_step, in_workers, run_long
         self.maker = BatchMaker(cfg, manifest, augmenter, place.seed, by_shard=self._by_shard)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[LoaderBatch | LoaderFailure]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
         logical = ((info.id if info else 0) + self.epoch * self.place.steps + self.start_step) % workers
@@ -81,9 +81,9 @@ class WaveBatches(IterableDataset):
                     return
                 epoch, first = epoch + 1, 0
         except DataError as err:  # handed over as data: a DataLoader would wrap it in a worker traceback
-            yield {"data_error": str(err)}
+            yield LoaderFailure(str(err))
 
-    def _epoch_batches(self, epoch: int, start_step: int, logical: int, workers: int) -> Iterator[dict]:
+    def _epoch_batches(self, epoch: int, start_step: int, logical: int, workers: int) -> Iterator[LoaderBatch]:
         """This logical worker's batches of ``epoch`` from ``start_step`` on."""
         steps = self.place.steps
         mine = range((logical - epoch * steps) % workers, steps, workers)  # lazily: an epoch may be very long
@@ -94,8 +94,7 @@ class WaveBatches(IterableDataset):
         for step in mine[done:]:
             out = self.maker.batch(samples, errors, step)
             if self.in_workers:
-                payload = out.pop("waves" if "waves" in out else "mels")
-                out["views"] = stage(self.augmenter, payload, batch_ids(out, self.place.rank))
+                out.payload, out.staged = stage(self.augmenter, out.payload, batch_ids(out, self.place.rank)), True
             yield out
 
     def _samples(self, epoch: int, logical: int, workers: int, skip: int) -> Shuffled:
@@ -142,9 +141,8 @@ class WaveBatches(IterableDataset):
         return self.cfg.resampled or len(self.manifest.sources) > 1
 
 
-def batch_ids(wave_batch: dict, rank: int) -> BatchIds:
-    return BatchIds(indices=wave_batch["indices"], draws=wave_batch["draws"], epoch=wave_batch["epoch"],
-                    step=wave_batch["step"], rank=rank)
+def batch_ids(batch: LoaderBatch, rank: int) -> BatchIds:
+    return BatchIds(indices=batch.indices, draws=batch.draws, epoch=batch.epoch, step=batch.step, rank=rank)
 
 
 def _libc():
@@ -216,17 +214,13 @@ class DeviceFeeder:
         self.augmenter, self.place = augmenter, place
         self.augmenter.logmel.to(place.device)
 
-    def __call__(self, wave_batch: dict) -> Batch:
+    def __call__(self, loaded: LoaderBatch) -> Batch:
         device = self.place.device
-        if "views" in wave_batch:
-            views = wave_batch["views"].to(device, non_blocking=True)
-        else:
-            payload = wave_batch["waves" if "waves" in wave_batch else "mels"].to(device, non_blocking=True)
-            views = stage(self.augmenter, payload, batch_ids(wave_batch, self.place.rank))
-        return Batch(views=views, labels=wave_batch["labels"].to(device, non_blocking=True),
-                     indices=wave_batch["indices"].to(device, non_blocking=True),
-                     keys=list(wave_batch["keys"]), skipped=int(wave_batch["skipped"]),
-                     short=int(wave_batch["short"]), sources=wave_batch["sources"].tolist())
+        payload = loaded.payload.to(device, non_blocking=True)
+        views = payload if loaded.staged else stage(self.augmenter, payload, batch_ids(loaded, self.place.rank))
+        return Batch(views=views, labels=loaded.labels.to(device, non_blocking=True),
+                     indices=loaded.indices.to(device, non_blocking=True), keys=list(loaded.keys),
+                     skipped=loaded.skipped, short=loaded.short, sources=loaded.sources.tolist())
 
 
 class TorchSource(DataSource):
@@ -264,16 +258,16 @@ class TorchSource(DataSource):
             self._next = (epoch, start_step)
         try:
             for step in range(start_step, self.place.steps):
-                wave_batch = next(self._batches, None)
-                if wave_batch is not None and "data_error" in wave_batch:
-                    raise DataError(f"rank {self.place.rank}: {wave_batch['data_error']}")
-                at = None if wave_batch is None else (wave_batch["epoch"], wave_batch["step"])
+                loaded = next(self._batches, None)
+                if isinstance(loaded, LoaderFailure):
+                    raise DataError(f"rank {self.place.rank}: {loaded.message}")
+                at = None if loaded is None else (loaded.epoch, loaded.step)
                 if at != (epoch, step):
                     got = "its end" if at is None else f"step {at[1]} of epoch {at[0]}"
                     raise DataError(f"rank {self.place.rank}: the loader gave {got} where step {step} of "
                                     f"epoch {epoch} was due")
                 self._next = (epoch, step + 1)
-                yield self.feed(wave_batch)
+                yield self.feed(loaded)
             self._next = (epoch + 1, 0)
         finally:
             if not run_long or self._next != (epoch + 1, 0):

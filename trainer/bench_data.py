@@ -4,9 +4,10 @@ each clip format.
 The limit is measured in the same run on the same shards: plain in-process decoding of
 what a loader decodes of every clip member, its views' crops (FLAC: soundfile seeks and
 decodes those samples; the decode-free formats: the bytes as samples or frames), on the
-same number of cores (one process per core, each reading its share of the shards). Each back end is timed producing log-mel batches on the
-training device (the CPU here, the GPU where there is one). On a GPU machine the GPU
-mel stage alone is timed too (torchaudio and DALI), on 1 s waves already on the device.
+same number of cores (one process per core, each reading its share of the shards). Each
+back end is timed producing log-mel batches on the training device (the CPU here, the
+GPU where there is one). On a GPU machine the GPU mel stage alone is timed too
+(torchaudio and DALI), on 1 s waves already on the device.
 
 With ``--config RECIPE.yaml`` each back end is timed twice: with the recipe's
 augmentation chain (and its front end and view length) and without it, so the chain's
@@ -120,7 +121,7 @@ def loader_rate(manifest, seconds: float, batch_size: int, pairs: int, view_seco
     next(batches)  # the shuffle buffer fills
     clips, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        clips += len(next(batches)["keys"]) // pairs
+        clips += len(next(batches).keys) // pairs
     return clips / (time.perf_counter() - start)
 
 

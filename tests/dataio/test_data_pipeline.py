@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
 from dataio.errors import ConfigError, ManifestError
 from dataio.frontend import FrontendConfig
 from dataio.manifest import load_manifest, split_for_reader, split_for_worker
@@ -25,7 +25,7 @@ def _epoch(manifest, cfg, epoch, rank, world, start_step=0):
 
 
 def _indices(batches):
-    return [int(i) for b in batches for i in b["indices"]]
+    return [int(i) for b in batches for i in b.indices]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_uneven_shards_give_every_rank_the_same_number_of_steps(tmp_path):
 def test_batches_hold_two_views_of_the_right_length(even):
     cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=0, view_seconds=0.5)
     batch = _epoch(even, cfg, 0, 0, 1)[0]
-    assert batch["waves"].shape == (5, 2, 8000)
-    assert not torch.equal(batch["waves"][:, 0], batch["waves"][:, 1])
-    assert batch["labels"].tolist() == [i % 3 for i in batch["indices"].tolist()]
+    assert batch.payload.shape == (5, 2, 8000)
+    assert not torch.equal(batch.payload[:, 0], batch.payload[:, 1])
+    assert batch.labels.tolist() == [i % 3 for i in batch.indices.tolist()]
 
 
 def test_starting_mid_epoch_gives_the_same_batches(even):
@@ -73,8 +73,8 @@ def test_starting_mid_epoch_gives_the_same_batches(even):
     tail = _epoch(even, cfg, 1, 1, 2, start_step=3)
     assert len(tail) == len(full) - 3
     for a, b in zip(full[3:], tail):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["waves"], b["waves"])
+        assert a.keys == b.keys
+        assert torch.equal(a.payload, b.payload)
 
 
 def test_truncated_shard_is_logged_and_left_behind_not_counted_as_clips(tmp_path, caplog):
@@ -84,7 +84,7 @@ def test_truncated_shard_is_logged_and_left_behind_not_counted_as_clips(tmp_path
     cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0)
     batches = _epoch(manifest, cfg, 0, 0, 1)
     assert len(batches) == 5
-    assert sum(b["skipped"] for b in batches) == 0  # "skipped" counts clips that failed, not tar errors
+    assert sum(b.skipped for b in batches) == 0  # "skipped" counts clips that failed, not tar errors
     assert "skipping unreadable shard data" in caplog.text and "shard-00001.tar" in caplog.text
 
 
@@ -114,8 +114,8 @@ def test_multi_label_shards_give_multi_hot_labels(tmp_path):
     assert manifest.label_target(["c2", "c0", "nope"]).tolist() == [1.0, 0.0, 1.0]
     cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=0)
     batch = _epoch(manifest, cfg, 0, 0, 1)[0]
-    assert batch["labels"].shape == (4, 3) and batch["labels"].dtype == torch.float32
-    for row, index in zip(batch["labels"].tolist(), batch["indices"].tolist()):
+    assert batch.labels.shape == (4, 3) and batch.labels.dtype == torch.float32
+    for row, index in zip(batch.labels.tolist(), batch.indices.tolist()):
         assert row.index(1.0) == index % 3 and sum(row) == 1.0
 
 
@@ -123,10 +123,10 @@ def test_pairs_per_clip_draw_several_view_sets_from_one_decode(even):
     cfg = DataConfig(shards=str(even.root), batch_size=6, num_workers=0, pairs_per_clip=3, view_seconds=0.3)
     assert steps_per_epoch(cfg, even, 1) == 80 // 2
     batch = _epoch(even, cfg, 0, 0, 1)[0]
-    idx = batch["indices"].tolist()
-    assert batch["waves"].shape == (6, 2, 4800)
+    idx = batch.indices.tolist()
+    assert batch.payload.shape == (6, 2, 4800)
     assert idx[0] == idx[1] == idx[2] != idx[3] == idx[4] == idx[5]
-    assert not torch.equal(batch["waves"][0], batch["waves"][1])
+    assert not torch.equal(batch.payload[0], batch.payload[1])
 
 
 @pytest.mark.parametrize("augment", [None, {"gain": {}, "rrc": {}, "time_mask": {}}], ids=["plain", "chain"])
@@ -138,7 +138,7 @@ def test_workers_run_the_augmentation_stage_for_a_cpu_device(even, augment):
     place = Placement(seed=3, steps=2)
     waves = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)))
     mels = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=True)))
-    assert "views" in mels and "waves" not in mels
+    assert mels.staged and not waves.staged and mels.payload.dim() == 5  # views [B, V, C, F, T], not waves
     feed = DeviceFeeder(aug, place)
     assert torch.allclose(feed(waves).views, feed(mels).views, atol=1e-4)
 
@@ -208,9 +208,9 @@ def test_a_run_long_loader_gives_every_epoch_what_fresh_loaders_give(even):
     endless = iter(wave_loader(cfg, even, _augmenter(cfg), place, epoch=1, start_step=2, in_workers=False,
                                run_long=True))
     long = [next(endless) for _ in fresh]
-    assert [(b["epoch"], b["step"]) for b in long] == [(b["epoch"], b["step"]) for b in fresh]
+    assert [(b.epoch, b.step) for b in long] == [(b.epoch, b.step) for b in fresh]
     for a, b in zip(fresh, long):
-        assert a["keys"] == b["keys"] and torch.equal(a["waves"], b["waves"])
+        assert a.keys == b.keys and torch.equal(a.payload, b.payload)
 
 
 @pytest.mark.parametrize("persistent", [True, False])
@@ -250,8 +250,8 @@ def test_resampled_shards_feed_any_number_of_readers_and_resume_exactly(tmp_path
     assert all(0 <= i < 12 for r in ranks for i in _indices(r))
     assert _indices(ranks[0]) != _indices(ranks[1]), "the ranks draw their own streams"
     tail = _epoch(manifest, cfg, 1, 1, 2, start_step=2)
-    assert [b["keys"] for b in tail] == [b["keys"] for b in ranks[1][2:]]
-    assert all(torch.equal(a["waves"], b["waves"]) for a, b in zip(tail, ranks[1][2:]))
+    assert [b.keys for b in tail] == [b.keys for b in ranks[1][2:]]
+    assert all(torch.equal(a.payload, b.payload) for a, b in zip(tail, ranks[1][2:]))
     assert _indices(_epoch(manifest, cfg, 2, 0, 2)) != _indices(ranks[0]), "each epoch draws anew"
 
 
@@ -261,7 +261,7 @@ def test_resampled_shards_that_hold_nothing_readable_are_named(tmp_path):
         (tmp_path / name).write_bytes(b"not a tar file at all" * 100)
     cfg = DataConfig(shards=str(tmp_path), batch_size=2, num_workers=0, resampled=True)
     batches = _epoch(manifest, cfg, 0, 0, 1)
-    assert "data_error" in batches[0] and "no readable clip in any shard" in batches[0]["data_error"]
+    assert isinstance(batches[0], LoaderFailure) and "no readable clip in any shard" in batches[0].message
     from dataio.pipeline import backend_class
 
     with pytest.raises(ConfigError, match="data.resampled: needs backend torch"):  # the DALI back end's own check

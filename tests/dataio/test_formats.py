@@ -120,12 +120,12 @@ def test_torch_back_end_reads_every_format_with_no_decoder_for_pcm16_and_logmel(
     mel, mel_views = _batches(load_manifest(corpora / "logmel"), chain)
     assert len(flac) == len(pcm) == len(mel) == 6
     for a, b, c, va, vb, vc in zip(flac, pcm, mel, flac_views, pcm_views, mel_views):
-        assert a["waves"].dtype == torch.int16 and torch.equal(a["waves"], b["waves"])  # the same samples
+        assert a.payload.dtype == torch.int16 and torch.equal(a.payload, b.payload)  # the same samples
         assert torch.equal(va.views, vb.views)
-        assert a["keys"] == c["keys"] and torch.equal(a["indices"], c["indices"]) and a["short"] == c["short"]
-        assert c["mels"].dtype == torch.float16 and c["mels"].shape == (4, 2, 51, 32)  # 0.5 s: 51 frames
+        assert a.keys == c.keys and torch.equal(a.indices, c.indices) and a.short == c.short
+        assert c.payload.dtype == torch.float16 and c.payload.shape == (4, 2, 51, 32)  # 0.5 s: 51 frames
         assert vc.views.shape == va.views.shape == (4, 2, 1, 32, 51)
-    assert sum(b["short"] for b in flac) > 0, "some clips are shorter than a view"
+    assert sum(b.short for b in flac) > 0, "some clips are shorter than a view"
 
 
 def test_a_view_cut_from_a_logmel_corpus_is_a_crop_of_the_stored_frames(corpora):
@@ -133,7 +133,7 @@ def test_a_view_cut_from_a_logmel_corpus_is_a_crop_of_the_stored_frames(corpora)
     stored = {k: ClipCodec.of(manifest).open(v).whole() for k, v in _members(corpora / "logmel", "mel").items()}
     floor = np.float16(FRONTEND.floor_db)
     for batch in _batches(manifest)[0]:
-        for key, views in zip(batch["keys"], batch["mels"].numpy()):
+        for key, views in zip(batch.keys, batch.payload.numpy()):
             clip = np.concatenate([np.full((51, 32), floor), stored[key], np.full((51, 32), floor)])
             for view in views:  # somewhere in the clip padded with silence on both sides
                 assert any(np.array_equal(clip[i:i + 51], view) for i in range(len(clip) - 50)), key
@@ -144,13 +144,13 @@ def test_pairs_resampling_and_mixing_work_on_the_new_formats(corpora, tmp_path):
 
     for fmt in ("pcm16", "logmel"):
         batches, views = _batches(load_manifest(corpora / fmt), pairs_per_clip=2, resampled=True)
-        idx = batches[0]["indices"].tolist()
+        idx = batches[0].indices.tolist()
         assert idx[0] == idx[1] and idx[2] == idx[3] and views[0].views.shape == (4, 2, 1, 32, 51)
     shutil.copytree(corpora / "pcm16", tmp_path / "other")
     mixed = load_sources([{"shards": str(corpora / "pcm16"), "weight": 2}, {"shards": str(tmp_path / "other")}])
     assert mixed.clip_format == "pcm16" and mixed.num_clips == 48
     batches, _ = _batches(mixed)
-    assert len(batches) == 12 and max(i for b in batches for i in b["indices"].tolist()) >= 24
+    assert len(batches) == 12 and max(i for b in batches for i in b.indices.tolist()) >= 24
     with pytest.raises(ManifestError, match="different clip formats"):
         load_sources([{"shards": str(corpora / "flac")}, {"shards": str(corpora / "logmel")}])
 
@@ -251,7 +251,7 @@ def test_a_member_that_does_not_fit_its_format_is_named_skipped_and_counted(corp
                          env=cli_env(), capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1 and f"\t{key}\t" in out.stdout and why in out.stdout, out.stdout
     batches, _ = _batches(load_manifest(folder))
-    assert sum(b["skipped"] for b in batches) >= 1 and key not in [k for b in batches for k in b["keys"]]
+    assert sum(b.skipped for b in batches) >= 1 and key not in [k for b in batches for k in b.keys]
     if importlib.util.find_spec("nvidia.dali") is not None:  # a DALI batch cannot drop it: a clear stop
         out = _train(folder, tmp_path / "dali", "data.backend=dali")
         assert out.returncode == 1 and "audioclr check-shards" in out.stderr and "Traceback" not in out.stderr
@@ -271,8 +271,8 @@ def test_non_finite_stored_frames_are_skipped_and_counted(corpora, tmp_path):
         return payload
     rewrite_members(folder, change)
     batches, _ = _batches(load_manifest(folder))
-    assert sum(b["skipped"] for b in batches) >= 1 and hit[0] not in [k for b in batches for k in b["keys"]]
-    assert all(torch.isfinite(b["mels"]).all() for b in batches)
+    assert sum(b.skipped for b in batches) >= 1 and hit[0] not in [k for b in batches for k in b.keys]
+    assert all(torch.isfinite(b.payload).all() for b in batches)
 
 
 @pytest.mark.e2e

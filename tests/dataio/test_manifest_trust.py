@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
 from dataio.errors import ShardMismatch
 from dataio.frontend import FrontendConfig
 from dataio.manifest import load_manifest
@@ -42,7 +42,7 @@ def _one_epoch(folder) -> list[dict]:
     aug = build_augmenter({}, FrontendConfig(n_mels=32), 0.5, num_views=2, pairs_per_clip=1, seed=3)
     place = Placement(seed=3, steps=steps_per_epoch(cfg, manifest, 1))
     batches = list(wave_loader(cfg, manifest, aug, place, epoch=0, start_step=0, in_workers=False))
-    failed = [b["data_error"] for b in batches if "data_error" in b]  # how a loader worker hands errors over
+    failed = [b.message for b in batches if isinstance(b, LoaderFailure)]  # how a loader worker hands errors over
     if failed:
         raise ShardMismatch(failed[0])
     return batches

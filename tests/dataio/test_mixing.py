@@ -43,15 +43,15 @@ def test_corpora_are_mixed_by_weight_numbered_apart_and_exact_from_any_step(corp
     assert manifest.num_clips == 100 and [s.name for s in manifest.sources] == ["big", "small"]
     batches = _epoch(cfg, manifest, 0, 1)
     assert len(batches) == 20, "an epoch counts the clips of all corpora"
-    per_source = torch.stack([b["sources"] for b in batches]).sum(0).tolist()
+    per_source = torch.stack([b.sources for b in batches]).sum(0).tolist()
     assert sum(per_source) == 100 and 60 <= per_source[0] <= 90, per_source  # 75 expected at 3:1
-    indices = [int(i) for batch in batches for i in batch["indices"]]
+    indices = [int(i) for batch in batches for i in batch.indices]
     small = [i for i in indices if i >= 80]
     assert small and all(i < 100 for i in indices), "the second corpus is numbered after the first"
     assert len(small) == per_source[1]
     tail = _epoch(cfg, manifest, 0, 1, start_step=7)
-    assert [t["keys"] for t in tail] == [b["keys"] for b in batches[7:]]
-    assert all(torch.equal(t["waves"], b["waves"]) for t, b in zip(tail, batches[7:]))
+    assert [t.keys for t in tail] == [b.keys for b in batches[7:]]
+    assert all(torch.equal(t.payload, b.payload) for t, b in zip(tail, batches[7:]))
     ranks = [_epoch(cfg, manifest, r, 2) for r in range(2)]
     assert [len(r) for r in ranks] == [10, 10]
 

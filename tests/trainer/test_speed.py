@@ -156,7 +156,7 @@ cfg = DataConfig(shards=sys.argv[1], batch_size=4, num_workers=1, worker_threads
 aug = build_augmenter(demo_chain(), FrontendConfig(n_mels=32), 0.5, num_views=2, pairs_per_clip=1, seed=0)
 place = Placement(rank=0, world_size=1, seed=0, steps=steps_per_epoch(cfg, manifest, 1))
 batch = next(iter(wave_loader(cfg, manifest, aug, place, epoch=0, start_step=0, in_workers=True)))
-print("views", tuple(batch["views"].shape))
+print("views", tuple(batch.payload.shape))
 """
 
 
