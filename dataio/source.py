@@ -11,6 +11,7 @@ with ``close()``. ``dataio.pipeline`` holds the registry; ``torch_pipeline``,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from dataio.augment import Augmenter
@@ -19,7 +20,7 @@ from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest
 
 
-class DataSource:
+class DataSource(ABC):
     """The interface; each back end fills it in."""
 
     name = ""
@@ -29,16 +30,17 @@ class DataSource:
     @classmethod
     def check(cls, cfg: DataConfig) -> None:
         """Refuse (ConfigError naming the ``data.*`` key) what this back end cannot read."""
+        return None  # a back end that reads every setting
 
     @classmethod
+    @abstractmethod
     def open(cls, cfg: DataConfig, manifest: Manifest, frontend: FrontendConfig, augmenter: Augmenter,
              place: Placement, state=None) -> DataSource:
         """The source of a run; ``state``: what its ``state()`` returned at a checkpoint."""
-        raise NotImplementedError
 
+    @abstractmethod
     def epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
         """The batches of steps ``start_step ..`` of ``epoch``."""
-        raise NotImplementedError
 
     def state(self):
         """The position to save at a checkpoint (None: the step alone positions it)."""
@@ -46,3 +48,4 @@ class DataSource:
 
     def close(self) -> None:
         """Stop what the source runs (loader workers, pipelines) now."""
+        return None  # a source that runs nothing of its own

@@ -16,7 +16,7 @@ from tests.conftest import REPO
 def test_every_back_end_is_a_data_source_that_opens_and_closes():
     for name, cls in BACKENDS.items():
         assert issubclass(cls, DataSource) and cls.name == name
-        assert cls.open is not DataSource.open and cls.epoch is not DataSource.epoch, name
+        assert not cls.__abstractmethods__, name  # open and epoch filled in
     assert not backend_class("synthetic").reads_shards and not backend_class("dali").position_holds_at_any_world_size
 
 

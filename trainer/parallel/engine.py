@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from trainer.safe_files import CheckpointError, durable_write
 WEIGHTS = "weights.safetensors"  # the whole model, written by every engine (rank 0)
 
 
-class Engine:
+class Engine(ABC):
     """The interface; subclasses fill it in."""
 
     name = ""
@@ -89,38 +90,38 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @abstractmethod
     def forward(self, *args, **kwargs):
         """The model's outputs for a batch, under the engine's autocast."""
-        raise NotImplementedError
 
+    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss`` (reduced across ranks by the step's last backward)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def accumulating(self):
         """A context: backwards inside add their gradients; the reduction and the update
         wait for a backward outside."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self) -> float:
         """Clip, update, step the schedule, clear the gradients; the gradient norm before
         clipping (0 when clipping is off)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def lr(self) -> float:
         """The learning rate of the next step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(self, folder: Path) -> None:
         """Write the engine's state (model, optimizer, schedule) into ``folder``; every rank
         calls it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, folder: Path) -> None:
         """Read back what :meth:`save` wrote (CheckpointError naming the file when it does
         not fit)."""
-        raise NotImplementedError
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
