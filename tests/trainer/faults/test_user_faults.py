@@ -211,3 +211,37 @@ def test_every_command_ends_on_a_stop_signal_with_128_plus_n_and_a_line(tmp_path
     assert proc.returncode == 128 + number, err[-2000:]
     assert f"audioclr demo-corpus: stopped by {sig}" in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_a_stop_inside_an_import_or_a_held_block_is_taken_once_it_ends(tmp_path, monkeypatch):
+    """Issue 36 (the signal fuzzer): a stop raised inside an import can become the module's
+    ImportError (a C extension's initialisation) and leave the module broken for good
+    (optree, under torch.optim's lazy import of torch._dynamo: pretrain exited 1 with a
+    traceback). Such a stop, and one inside ``stops_held()`` (``ray.init``), is taken as
+    soon as the import or the block ends."""
+    import signal
+    import sys
+    import time
+
+    from trainer.commands import sigterm_stops, stop_handled, stops_held
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    taken = []
+    for block in ("import", "held"):
+        with sigterm_stops():
+            try:
+                if block == "import":
+                    import slow_to_import  # noqa: F401
+                else:
+                    with stops_held():
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.3)
+                taken.append(block)  # the block ended whole, the stop not yet taken
+                time.sleep(5)
+            except KeyboardInterrupt:
+                stop_handled()
+                taken.append("stopped")
+    sys.modules.pop("slow_to_import", None)
+    assert taken == ["import", "stopped", "held", "stopped"]
