@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dataio.atomic import write_text_atomically
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_manifest, frontend_from_recipe
@@ -238,13 +239,17 @@ def make_bench_shards(folder: Path, clips: int, clip_seconds: float) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    cores = args.cores or len(os.sched_getaffinity(0))
-    tmp = None
+    """The benchmark's result, on ``args.shards`` or on a corpus synthesized for it (removed
+    at the end, or at a stop)."""
     if args.shards:
-        shards = args.shards if is_url(args.shards) else Path(args.shards)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="audioclr-bench-")
-        shards = make_bench_shards(Path(tmp.name), args.clips or SYNTH_CLIPS, args.clip_seconds)
+        return measure(args, args.shards if is_url(args.shards) else Path(args.shards))
+    with tempfile.TemporaryDirectory(prefix="audioclr-bench-") as tmp:
+        return measure(args, make_bench_shards(Path(tmp), args.clips or SYNTH_CLIPS, args.clip_seconds))
+
+
+def measure(args: argparse.Namespace, shards: str | Path) -> dict:
+    """The decode limit and each back end's clips per second on ``shards`` (a sample of them)."""
+    cores = args.cores or len(os.sched_getaffinity(0))
     corpus = load_manifest(shards)
     manifest = corpus.first_shards(args.clips or SAMPLE_CLIPS) if args.shards else corpus
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -272,8 +277,6 @@ def run(args: argparse.Namespace) -> dict:
               "clip_format": manifest.clip_format, "formats": formats}
     if device.type == "cuda":
         result["gpu_mel_clips_per_second"] = gpu_mel_rates()
-    if tmp is not None:
-        tmp.cleanup()
     return result
 
 
@@ -336,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(CLIP_FORMATS)}")
         result = run(args)
         print_table(result)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+        if args.out:  # whole or not at all: a stop never leaves an earlier result cut short
+            write_text_atomically(args.out, json.dumps(result, indent=1))
         return 0
     # a bad shard folder, recipe or format (ConfigError, ManifestError ... are ValueErrors): exit 2
     return run_guarded("audioclr bench data", work, input_errors=(ValueError, OSError))

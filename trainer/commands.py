@@ -80,7 +80,14 @@ class CommandFailed(RuntimeError):
 # (soundfile's cffi I/O callbacks, a __del__) is printed as "Exception ignored" and lost, and
 # the command ran on; until a catcher calls stop_handled() it is raised again every 2 s
 # (dataio.stop_signal holds it, so a read that failed under it raises it, not blames the clip).
+# One that comes while a module is being imported waits for the import's end ("deferred"):
+# raised inside a C extension's initialisation it becomes that module's ImportError
+# ("initialization failed"), which the importer may take for a missing module, and the next
+# import of the module fails for good (optree's, under torch.optim's lazy import of
+# torch._dynamo). So does one inside ``stops_held()``.
+_pending = {"deferred": False, "held": 0}
 REDELIVER_S = 2.0
+POLL_S = 0.05
 
 
 def _stopper(owner: int):
@@ -91,20 +98,58 @@ def _stopper(owner: int):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if not stop_pending():
-            note_stop(signum)
-            threading.Thread(target=_redeliver, args=(owner, signum), daemon=True).start()
-        raise Stopped(signum)
+        take_stop(signum, frame)
     return raise_stopped
 
 
+def take_stop(signum: int, frame) -> None:
+    """Leave now: raise Stopped where the main thread is (``frame``), or, inside an import,
+    as soon as it is done; delivered again until a catcher takes it (see ``_redeliver``)."""
+    if not stop_pending():
+        note_stop(signum)
+        threading.Thread(target=_redeliver, args=(os.getpid(), signum), daemon=True).start()
+    if _pending["held"] or _importing(frame):
+        _pending["deferred"] = True
+        return
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stops_held():
+    """A stop that comes inside is taken at the block's end: for a library's start-up that,
+    cut short, leaves the processes it started running (``ray.init``)."""
+    _pending["held"] += 1
+    try:
+        yield
+    finally:
+        _pending["held"] -= 1
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` or a caller of it runs a module's import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _redeliver(owner: int, signum: int) -> None:
-    for _ in range(10):
-        time.sleep(REDELIVER_S)
+    tries, due = 0, time.monotonic() + REDELIVER_S
+    while tries < 10:
+        time.sleep(POLL_S)
         if stop_pending() != signum:
             return
-        if not _stop_under_way():
-            os.kill(owner, signum)
+        if _pending["deferred"]:  # the main thread was importing or held it: again once it is not
+            if not _pending["held"] and not _importing(sys._current_frames().get(threading.main_thread().ident)):
+                _pending["deferred"] = False
+                if not _stop_under_way():
+                    os.kill(owner, signum)
+                due = time.monotonic() + REDELIVER_S
+        elif time.monotonic() >= due:
+            tries, due = tries + 1, time.monotonic() + REDELIVER_S
+            if not _stop_under_way():
+                os.kill(owner, signum)
 
 
 def _stop_under_way() -> bool:
@@ -117,8 +162,9 @@ def _stop_under_way() -> bool:
 
 
 def stop_handled() -> None:
-    """The stop reached its catcher: no more redelivery."""
+    """The stop reached its catcher (or a graceful stop took it): no more redelivery."""
     note_stop(0)
+    _pending["deferred"] = False
 
 
 @contextlib.contextmanager
@@ -170,10 +216,12 @@ class GracefulStop:
     def _on_signal(self, signum, frame) -> None:
         if self.signal:  # a second stop leaves now; the same one arriving twice is ignored
             if time.monotonic() - self._at > 2.0:
-                raise Stopped(signum)
+                take_stop(signum, frame)
             return
         if not self.ready():
-            raise Stopped(signum)
+            take_stop(signum, frame)
+            return
+        stop_handled()  # a stop deferred past an import, delivered again once a safe point is ready
         self.signal, self._at = signum, time.monotonic()
         self.log.warning(self.announce.format(signal=signal.Signals(signum).name))
         if self.forward is not None:
@@ -229,5 +277,6 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
         return 2 if err.errno in INPUT_ERRNOS else 1
 
 
-__all__ = ["CheckpointError", "CommandFailed", "ConfigError", "GracefulStop", "INPUT_ERRORS", "STOPPED", "Stopped", "config_parser", "print_help_config",
-           "report_stop", "run_guarded", "setup_logging", "sigterm_stops", "stop_handled"]
+__all__ = ["CheckpointError", "CommandFailed", "ConfigError", "GracefulStop", "INPUT_ERRORS", "STOPPED", "Stopped",
+           "config_parser", "print_help_config", "report_stop", "run_guarded", "setup_logging", "sigterm_stops",
+           "stop_handled", "stops_held", "take_stop"]

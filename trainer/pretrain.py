@@ -395,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         stop_with_launcher()
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         status, stopped_by = run_trainer(cfg)
-        log.info("pretraining %s: %s", status, cfg.run_dir)
-        return 128 + stopped_by if stopped_by else 0
+        if status == "interrupted":  # _interrupted() said so, in the one line that tells how to go on
+            return 128 + stopped_by
+        # a stop that came after the last step found the work done: it ends as done
+        late = f" ({signal.Signals(stopped_by).name} came after the last step)" if stopped_by else ""
+        log.info("pretraining finished: %s%s", cfg.run_dir, late)
+        return 0
 
     # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
     # one rank's data or disk: that rank says so

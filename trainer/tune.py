@@ -39,7 +39,7 @@ from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS,
 from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.safe_files import CheckpointError
-from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
+from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray, stop_ray
 from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
 
 log = logging.getLogger("audioclr.tune")
@@ -353,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg = load_config(SweepConfig, args.config, args.overrides)
-        with sweep_stop() as stop:
-            rows, exp_dir = tune_sweep(cfg, stop)
+        try:
+            with sweep_stop() as stop:
+                rows, exp_dir = tune_sweep(cfg, stop)
+        finally:
+            stop_ray()
         print((exp_dir / "results.md").read_text())
         if stop.signal:
             log.warning("stopped by %s; the table above holds the trials so far. Rerun the same command to resume "

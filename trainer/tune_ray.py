@@ -3,13 +3,16 @@ experiment state Ray leaves behind when a sweep is stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickletools
 import socket
+import sys
 from pathlib import Path
 
 from dataio.schema import ConfigError
+from trainer.commands import stops_held
 
 log = logging.getLogger("audioclr.tune")
 
@@ -51,15 +54,57 @@ def start_ray(cfg, wait_s: float = 10.0) -> None:
                 raise ConfigError(f"ray.address: no Ray cluster answers at {cfg.address} ({err.strerror or err}); "
                                   f"start one (ray start --head) or leave ray.address empty to run Ray here") from None
         try:
-            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+            _init(ray, False, address=cfg.address, include_dashboard=False, log_to_driver=True)
         except (ConnectionError, RuntimeError) as err:
             raise ConfigError(f"ray.address: cannot join the Ray cluster at {cfg.address}: "
                               f"{str(err).splitlines()[0]}") from None
         log.info("joined the Ray cluster at %s: %d node(s), %s CPUs, %s GPUs", cfg.address, len(ray.nodes()),
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
         return
-    ray.init(num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
-             include_dashboard=False)
+    _init(ray, True, num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
+          include_dashboard=False)
+
+
+def _init(ray, starts_ray: bool, **kwargs) -> None:
+    """``ray.init``, with the command's own stop handling kept. Ray's is turned off in this
+    process: the SIGTERM handler ``ray.init`` installs (``sys.exit(15)``: an exit status 15
+    without a word) and the C++ failure signal handler of the driver's core worker (it took
+    SIGTERM as a crash: a stack dump, then SIGABRT a few seconds later, the table never
+    printed). Starting Ray here (``starts_ray``), a stop that comes while it starts Ray's
+    processes is taken once it returns: an init cut short registers no shutdown, and its
+    node's agents outlived the command by a minute."""
+    from ray._private import ray_constants, utils  # deferred: Ray is optional and slow to import
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(utils, "set_sigterm_handler", lambda handler: None))
+        stack.enter_context(_patched(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", True))
+        if starts_ray:
+            stack.enter_context(stops_held())
+        ray.init(**kwargs)
+
+
+def stop_ray() -> None:
+    """Ray's processes end here, whole (a stop that comes meanwhile is taken after), not at
+    interpreter exit: there a Ctrl-C cut Ray's shutdown short, with a traceback, the node's
+    agents left running, or a crash (exit -11) in place of the command's exit status."""
+    ray = sys.modules.get("ray")  # never imported: never started
+    if ray is not None and ray.is_initialized():
+        with stops_held():
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    """``module.name`` is ``value`` inside (left alone where this Ray has no such name)."""
+    if not hasattr(module, name):
+        yield
+        return
+    kept = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
 
 
 def set_aside_damaged_state(exp_dir: Path) -> list[Path]:

@@ -64,8 +64,10 @@ def _write(path: Path, key: dict, emb: ClipEmbeddings) -> None:
             np.savez(f, patches=emb.patches, owner=emb.owner, key=np.asarray(json.dumps(key, sort_keys=True)))
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
         log.info("embeddings kept in %s for the next evaluation of this encoder and data set", path)
-    except OSError as err:
+    except BaseException as err:  # a stop too: no .tmp left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         log.warning("could not keep the embeddings in %s: %s", path, err)
 
 

@@ -45,9 +45,12 @@ def _save(fig, path: str | Path) -> Path:
     tmp = path.with_suffix(".tmp.png")
     try:
         fig.savefig(tmp, dpi=PNG_DPI, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop: no half picture left behind
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -195,6 +195,13 @@ class Evaluation:
         self.runner.load_state_dict(state)
 
 
+PICTURES = ("curves", "confusion", "tsne")  # a result's pictures: <stem>_<picture>.png
+
+
+def picture_name(stem: str, picture: str) -> str:
+    return f"{stem}_{picture}.png"
+
+
 def draw_pictures(evaluation: Evaluation, result: dict, eval_dir: Path, stem: str) -> dict[str, str]:
     """Learning curves (trained protocols), confusion matrix (single-label) and t-SNE PNGs
     in ``eval_dir``; returns {picture: file name}."""
@@ -206,28 +213,36 @@ def draw_pictures(evaluation: Evaluation, result: dict, eval_dir: Path, stem: st
         keep = ("epoch", "train_loss", f"val_{evaluation.metric}", f"test_{evaluation.metric}")
         history = {name: [{k: v for k, v in row.items() if k in keep} for row in rows]
                    for name, rows in result["history"].items()}
-        plots.plot_learning_curves(history, eval_dir / f"{stem}_curves.png", title)
-        pictures["learning_curves"] = f"{stem}_curves.png"
+        pictures["learning_curves"] = picture_name(stem, "curves")
+        plots.plot_learning_curves(history, eval_dir / pictures["learning_curves"], title)
     if "predictions" in result:
         row_of = {k: i for i, k in enumerate(clips.keys)}
         rows = np.array([row_of[k] for k in result["predictions"]])
         predicted = np.array([clips.class_names.index(c) for c in result["predictions"].values()])
         counts = plots.confusion_matrix(clips.labels[rows], predicted, clips.num_classes)
-        plots.plot_confusion(counts, clips.class_names, eval_dir / f"{stem}_confusion.png", title)
-        pictures["confusion"] = f"{stem}_confusion.png"
+        pictures["confusion"] = picture_name(stem, "confusion")
+        plots.plot_confusion(counts, clips.class_names, eval_dir / pictures["confusion"], title)
     if plots.plot_tsne(evaluation.tsne_embeddings(), clips.labels, clips.class_names,
-                       eval_dir / f"{stem}_tsne.png", title, seed=evaluation.cfg.seed):
-        pictures["tsne"] = f"{stem}_tsne.png"
+                       eval_dir / picture_name(stem, "tsne"), title, seed=evaluation.cfg.seed):
+        pictures["tsne"] = picture_name(stem, "tsne")
     return pictures
 
 
 def write_outputs(evaluation: Evaluation, result: dict, eval_dir: str | Path, stem: str) -> Path:
-    """``eval_dir/<stem>.json``; with ``eval.pictures`` its PNGs and ``summary.md``."""
+    """``eval_dir/<stem>.json``; with ``eval.pictures`` its PNGs before it and ``summary.md``
+    after it. A stop or an error before the JSON removes the pictures of a new result."""
     eval_dir = Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    result["pictures"] = draw_pictures(evaluation, result, eval_dir, stem) if evaluation.cfg.pictures else {}
     path = eval_dir / f"{stem}.json"
-    write_text_atomically(path, json.dumps(result, indent=1, default=float))
+    new = not path.exists()
+    try:
+        result["pictures"] = draw_pictures(evaluation, result, eval_dir, stem) if evaluation.cfg.pictures else {}
+        write_text_atomically(path, json.dumps(result, indent=1, default=float))
+    except BaseException:
+        if new and not path.exists():
+            for picture in PICTURES:
+                (eval_dir / picture_name(stem, picture)).unlink(missing_ok=True)
+        raise
     if evaluation.cfg.pictures:
         from trainer.evaluate.plots import write_summary  # deferred: as above (matplotlib)
 

@@ -225,3 +225,37 @@ def test_a_path_too_long_for_the_os_is_bad_input_said_in_one_short_line(command,
     assert done.returncode == 2, done.stderr[-1000:]
     lines = done.stderr.strip().splitlines()
     assert "File name too long" in lines[-1] and len(lines[-1]) < 400 and "Traceback" not in done.stderr, lines[-1]
+
+
+def test_a_stop_inside_an_import_or_a_held_block_is_taken_once_it_ends(tmp_path, monkeypatch):
+    """Issue 36 (the signal fuzzer): a stop raised inside an import can become the module's
+    ImportError (a C extension's initialisation) and leave the module broken for good
+    (optree, under torch.optim's lazy import of torch._dynamo: pretrain exited 1 with a
+    traceback). Such a stop, and one inside ``stops_held()`` (``ray.init``), is taken as
+    soon as the import or the block ends."""
+    import signal
+    import sys
+    import time
+
+    from trainer.commands import sigterm_stops, stop_handled, stops_held
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    taken = []
+    for block in ("import", "held"):
+        with sigterm_stops():
+            try:
+                if block == "import":
+                    import slow_to_import  # noqa: F401
+                else:
+                    with stops_held():
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.3)
+                taken.append(block)  # the block ended whole, the stop not yet taken
+                time.sleep(5)
+            except KeyboardInterrupt:
+                stop_handled()
+                taken.append("stopped")
+    sys.modules.pop("slow_to_import", None)
+    assert taken == ["import", "stopped", "held", "stopped"]
