@@ -3,9 +3,10 @@ format, their crops drawn at once from keyed hashes, the views cut straight into
 batch, broken clips named, skipped and counted.
 
 What a loader worker of the torch back end does for each batch (:mod:`dataio.torch_pipeline`
-decides which samples, in which order): int16 samples (flac, pcm16) or float16 dB frames
-(logmel) come out, and only the views' samples or frames; :func:`stage` runs the
-augmentation chain on either, wherever the batch is.
+decides which samples, in which order): the payload of the clip format (int16 samples of
+flac and pcm16, float16 dB frames of logmel: :mod:`dataio.formats`) comes out, only the
+views' samples or frames; :func:`stage` runs the augmentation chain on it, wherever the
+batch is.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import DataConfig, LoaderBatch
 from dataio.errors import NoReadableClips, ShardMismatch
-from dataio.formats import ClipCodec, non_finite_rows, pcm_to_float
+from dataio.formats.codec import ClipCodec, non_finite_rows
 from dataio.manifest import Manifest
 from dataio.stop_signal import raise_if_stopping
 from dataio.views import crop_keys, keyed_crop_starts
@@ -66,7 +67,7 @@ class BatchMaker:
             for clip, where in zip(opened, starts):
                 if self._cut(clip, where, payload[len(clips)], errors):
                     clips.append(clip)
-            if not self.codec.is_wave:
+            if payload.dtype == np.float16:  # float16 members (log-mels) may hold a NaN or an infinity
                 clips = self._finite(payload, clips, first, errors)
         payload = payload.reshape(len(clips) * k, v, *payload.shape[2:])
         return LoaderBatch(payload=torch.from_numpy(payload),
@@ -87,7 +88,8 @@ class BatchMaker:
         kept = clips[:first]
         for row, clip in enumerate(clips[first:], start=first):
             if bad[row - first]:
-                self._broken(clip.sample, ValueError("non-finite log-mel values"), errors, clip.pass_no)
+                what = "samples" if self.codec.is_wave else "log-mel values"
+                self._broken(clip.sample, ValueError(f"non-finite {what}"), errors, clip.pass_no)
                 continue
             payload[len(kept)] = payload[row]
             kept.append(clip)
@@ -175,9 +177,8 @@ class _Opened:
     sample: dict
 
 
-def stage(augmenter: Augmenter, payload: torch.Tensor, ids: BatchIds) -> torch.Tensor:
-    """The augmentation stage on a batch's payload: int16 samples [B, V, S] or float16 dB
-    frames [B, V, T, F] -> views [B, V, C, F, T]."""
-    if payload.dtype == torch.int16:
-        return augmenter.from_waves(pcm_to_float(payload), ids)
-    return augmenter.from_db_frames(payload, ids)
+def stage(augmenter: Augmenter, codec: ClipCodec, payload: torch.Tensor, ids: BatchIds) -> torch.Tensor:
+    """The augmentation stage on a batch's payload as ``codec``'s format stores it
+    (samples [B, V, S], or dB frames [B, V, T, F]) -> views [B, V, C, F, T]."""
+    fmt = codec.format
+    return augmenter.augment(fmt.to_stage(payload), ids, fmt.arrives_as)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dataio.errors import RemoteError
-from dataio.formats import ClipCodec
+from dataio.formats.codec import ClipCodec
 from dataio.manifest import load_manifest
 from dataio.remote import Retry, is_url, join, read_bytes, tar_samples
 from dataio.schema import cli_number

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from dataio.formats import encode_member, to_pcm16
+from dataio.formats.clip import to_pcm16
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.shard_writer import ClipItem, ClipResult, Encoding, Loader, _one_line
 from dataio.stop_signal import raise_if_stopping
@@ -18,7 +18,7 @@ from dataio.stop_signal import raise_if_stopping
 
 def encode_clip(encoding: Encoding, pcm: np.ndarray, rate: int) -> bytes:
     """``pcm`` (int16 samples at ``rate`` Hz) as the member ``encoding`` says."""
-    return encode_member(pcm, rate, encoding.clip_format, _logmel(encoding.frontend) if encoding.frontend else None)
+    return encoding.format.encode(pcm, rate, _logmel(encoding.frontend) if encoding.frontend else None)
 
 
 _LOGMELS: dict = {}

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dataio.clip_encoding import encode_clip
 from dataio.errors import ShardWriteError
-from dataio.formats import ClipCodec
+from dataio.formats.codec import ClipCodec
 from dataio.frontend import FrontendConfig, one_torch_thread
 from dataio.manifest import Manifest, ShardInfo, load_manifest
 from dataio.publish import Publisher
@@ -45,9 +45,9 @@ from dataio.workers import worker_pool
 
 def check_conversion(manifest: Manifest, encoding: Encoding) -> None:
     """ShardWriteError unless ``manifest``'s corpus can be written as ``encoding`` asks."""
-    if manifest.clip_format == "logmel":
-        raise ShardWriteError(f"{manifest.where} is a logmel corpus: it holds log-mels, not audio, so it cannot "
-                              f"be converted (shard the original audio again instead)")
+    if not manifest.format.is_wave:
+        raise ShardWriteError(f"{manifest.where} is a {manifest.clip_format} corpus: it holds log-mels, not audio, "
+                              f"so it cannot be converted (shard the original audio again instead)")
     if manifest.clip_format == encoding.clip_format:
         raise ShardWriteError(f"{manifest.where} is already a {encoding.clip_format} corpus")
     check_encoding(encoding, manifest.sample_rate)
@@ -71,7 +71,7 @@ def convert_shard(location: str, number: int, expected: int, codec: ClipCodec, e
         if codec.ext not in sample or "json" not in sample:
             raise ShardWriteError(f"{shown(location)}: sample {key} has no .{codec.ext} or .json member")
         try:
-            pcm = codec.open(sample[codec.ext]).whole()
+            pcm = codec.format.pcm(sample[codec.ext], codec)
         except Exception as err:  # noqa: BLE001 -- named, and the conversion stops
             raise ShardWriteError(f"{shown(location)}: member {key}.{codec.ext} does not read ({err}); list the "
                                   f"broken members with `audioclr check-shards`") from None
@@ -101,8 +101,8 @@ def convert_manifest(manifest: Manifest, out: str, encoding: Encoding, *, overwr
     of one: ``bench data`` converts a bounded sample)."""
     src = manifest.root
     refuse_output_over_input(src, out)
-    if encoding.clip_format == "logmel" and encoding.frontend is None:  # the default front end at the corpus's rate
-        encoding = Encoding("logmel", FrontendConfig(sample_rate=manifest.sample_rate))
+    if encoding.format.stores_frontend and encoding.frontend is None:  # the default front end at the corpus's rate
+        encoding = Encoding(encoding.clip_format, FrontendConfig(sample_rate=manifest.sample_rate))
     check_conversion(manifest, encoding)
     publisher = Publisher(out, overwrite) if is_url(out) else None
     staging = Path(tempfile.mkdtemp(prefix="audioclr-convert-")) if publisher else Path(out)

@@ -36,7 +36,8 @@ import torch
 from dataio.augment import Augmenter, BatchIds
 from dataio.batch import Batch, DataConfig, Placement
 from dataio.errors import DataError, ManifestError, ShardMismatch
-from dataio.formats import PCM_SCALE, ClipCodec
+from dataio.formats.base import MELS, WAVES
+from dataio.formats.codec import ClipCodec
 from dataio.frontend import FrontendConfig, analysis_window, one_torch_thread
 from dataio.manifest import Manifest
 from dataio.remote import Retry
@@ -130,7 +131,8 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
     views_per_clip = data.num_views * data.pairs_per_clip
     rank, seed = place.rank, place.seed
     codec = ClipCodec.of(manifest)
-    member_type = {"flac": types.UINT8, "pcm16": types.INT16, "logmel": types.FLOAT16}[codec.clip_format]
+    fmt = codec.format
+    member_type = getattr(types, fmt.dali_type)
 
     @pipeline_def(enable_checkpointing=True)
     def graph():
@@ -142,11 +144,8 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
         views = _views(member, codec, data, augmenter, views_per_clip)
         if device_id is not None:
             views = [v.gpu() for v in views]
-        if codec.clip_format == "pcm16":
-            views = [fn.cast(v, dtype=types.FLOAT) * PCM_SCALE for v in views]
-        if codec.clip_format == "logmel":
-            views = [fn.transpose(frontend.normalise(fn.cast(v, dtype=types.FLOAT)), perm=[1, 0]) for v in views]
-        elif not augmenter.has_wave_ops:
+        views = [fmt.dali_float(v, frontend) for v in views]
+        if arrival(codec, augmenter) == MELS and fmt.is_wave:  # the log-mel computed in the graph
             views = logmel_nodes(views, frontend)
         return fn.stack(*views), fn.pad(meta, fill_value=0), info
 
@@ -155,21 +154,21 @@ def build_pipeline(data: DataConfig, manifest: Manifest, frontend: FrontendConfi
                  checkpoint=checkpoint)
 
 
-def _views(member, codec: ClipCodec, data: DataConfig, augmenter: Augmenter, count: int) -> list:
-    """The view nodes cut from one member node: decoded FLAC samples (float), int16
-    samples, or float16 ``[T, F]`` frames (padded with the log floor)."""
-    from nvidia.dali import fn, types  # deferred: DALI is heavy and optional
+def arrival(codec: ClipCodec, augmenter: Augmenter) -> str:
+    """How this graph's views enter the chain: as waves when the chain has waveform ops
+    (only a wave format can have them), as log-mels otherwise (computed in the graph, or
+    stored)."""
+    return WAVES if codec.is_wave and augmenter.has_wave_ops else MELS
 
-    rate = codec.sample_rate
-    if codec.clip_format == "flac":
-        audio, _ = fn.decoders.audio(member, dtype=types.FLOAT, downmix=True, sample_rate=rate)
-        return cut_views(audio, count, augmenter.input_samples, group=data.num_views,
+
+def _views(member, codec: ClipCodec, data: DataConfig, augmenter: Augmenter, count: int) -> list:
+    """The view nodes cut from one member node, as its format reads it: samples (padded
+    with silence), or ``[T, F]`` frames (padded with the log floor)."""
+    rate, clip = codec.sample_rate, codec.format.dali_clip(member, codec)
+    if codec.is_wave:
+        return cut_views(clip, count, augmenter.input_samples, group=data.num_views,
                          gap=int(round(data.view_gap * rate)))
-    if codec.clip_format == "pcm16":
-        return cut_views(member, count, augmenter.input_samples, group=data.num_views,
-                         gap=int(round(data.view_gap * rate)))
-    frames = fn.reshape(member, shape=[-1, codec.n_mels])
-    return cut_views(frames, count, augmenter.mel_frames_in, group=data.num_views, fill=codec.floor_db,
+    return cut_views(clip, count, augmenter.mel_frames_in, group=data.num_views, fill=codec.floor_db,
                      gap=int(round(data.view_gap * rate / augmenter.frontend.hop_length)))
 
 
@@ -203,7 +202,7 @@ class DaliBatches:
         self.data, self.manifest, self.augmenter, self.place = data, manifest, augmenter, place
         device = place.device
         device_id = device.index or 0 if device.type == "cuda" else None
-        augmenter.logmel.to(device)
+        self.arrives = arrival(ClipCodec.of(manifest), augmenter.to(device))
         pipe = build_pipeline(data, manifest, frontend, augmenter, place, device_id=device_id, checkpoint=checkpoint)
         try:  # the iterator decodes its first batch right away
             self.iterator = DALIGenericIterator([pipe], ["views", "meta", "info"])
@@ -248,11 +247,11 @@ class DaliBatches:
         indices = torch.tensor([m["index"] for m in metas], device=device).repeat_interleave(k)
         ids = BatchIds(indices=indices, draws=torch.arange(k, device=device).repeat(len(metas)), epoch=epoch,
                        step=step, rank=self.place.rank)
-        if self.augmenter.has_wave_ops:  # never on a logmel corpus (the chain turned gain into a mel op)
-            views = self.augmenter.from_waves(raw, ids)
+        if self.arrives == WAVES:
+            views = self.augmenter.augment(raw, ids, WAVES)
         else:
             with one_thread_beside_dali(device):
-                views = self.augmenter.from_mels(raw, ids)
+                views = self.augmenter.augment(raw, ids, self.arrives)
         labels = np.asarray([self.manifest.label_target(m.get("labels") or []) for m in metas])
         keys = [s.rsplit(":", 1)[-1].rsplit(".", 1)[0] for s in _strings(out["info"])]
         short = sum(float(m.get("duration", 0.0)) < self.data.view_seconds for m in metas)

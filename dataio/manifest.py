@@ -34,24 +34,11 @@ import numpy as np
 
 from dataio.atomic import write_text_atomically
 from dataio.errors import ManifestError, RemoteError
+from dataio.formats import FORMATS, ClipFormat, clip_format
 from dataio.remote import Retry, join, read_bytes, shown, sizes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-MEMBER_EXT = {"flac": "flac", "pcm16": "pcm", "logmel": "mel"}  # clip format -> member extension
-CLIP_FORMATS = tuple(MEMBER_EXT)
-# the front-end keys a stored log-mel depends on (normalisation and channels are applied later)
-STORED_FRONTEND = ("sample_rate", "win_ms", "hop_ms", "n_fft", "window", "n_mels", "f_min", "f_max", "mel_scale",
-                   "log_floor")
-
-
-def frontend_record(frontend) -> dict:
-    """The front end (a ``FrontendConfig``) a log-mel is computed with, as the manifest records it (FFT size and
-    top band edge resolved, so equal features compare equal)."""
-    record = {key: getattr(frontend, key) for key in STORED_FRONTEND}
-    record["n_fft"] = frontend.fft_size
-    record["f_max"] = float(frontend.f_max or frontend.sample_rate / 2)
-    return record
 
 
 @dataclass
@@ -96,6 +83,11 @@ class Manifest:
     @property
     def remote(self) -> bool:
         return isinstance(self.root, str) and "://" in self.root
+
+    @property
+    def format(self) -> ClipFormat:
+        """What its members hold (:mod:`dataio.formats`)."""
+        return clip_format(self.clip_format)
 
     @property
     def where(self) -> str:
@@ -243,15 +235,14 @@ def parse_manifest(text: str, root: Path | str, name: str) -> Manifest:
 
 
 def _check_format(manifest: Manifest, path: str) -> None:
-    """A clip format this version reads, and for logmel a complete front-end record."""
-    if manifest.clip_format not in CLIP_FORMATS:
+    """A clip format this version reads, with what its format needs recorded (a mel
+    format: its front end)."""
+    if manifest.clip_format not in FORMATS:
         raise ManifestError(f"manifest {path}: clip_format {manifest.clip_format!r} is not one of "
-                            f"{', '.join(CLIP_FORMATS)} (written by a newer audioclr, or edited?)")
-    if manifest.clip_format == "logmel":
-        missing = [k for k in STORED_FRONTEND if k not in manifest.frontend]
-        if missing:
-            raise ManifestError(f"manifest {path}: a logmel corpus must record its front end; "
-                                f"'frontend' lacks {', '.join(missing)}")
+                            f"{', '.join(FORMATS)} (written by a newer audioclr, or edited?)")
+    problem = manifest.format.manifest_problem(manifest.frontend)
+    if problem:
+        raise ManifestError(f"manifest {path}: {problem}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from dataio.errors import RemoteError, ShardWriteError
-from dataio.manifest import CLIP_FORMATS, load_manifest
+from dataio.formats import FORMATS, clip_format
+from dataio.manifest import load_manifest
 from dataio.publish import Publisher
 from dataio.remote import is_url, shown
 from dataio.schema import cli_number
@@ -18,10 +19,7 @@ from dataio.shard_pipeline import WriteSettings, write_parts
 from dataio.shard_writer import REJECTED_NAME, Encoding, refuse_output_over_input
 from dataio.sources import layout_options, listing_parts, write_missing
 
-FORMAT_HELP = ("clip format of the members: flac (16-bit FLAC, smallest for tonal audio, decoded at train time), "
-               "pcm16 (the same samples raw: twice FLAC's size on tonal audio, read with no decoder), logmel "
-               "(float16 log-mel frames of --config's front end: no decoder and no log-mel at train time, but no "
-               "waveform augmentation either)")
+FORMAT_HELP = "clip format of the members: " + ", ".join(f"{f.name} ({f.summary})" for f in FORMATS.values())
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # layout-specific options: converter keyword -> command-line flag (None on the command line: not given)
@@ -61,7 +59,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_format_arguments(parser: argparse.ArgumentParser, default: str | None = "flac") -> None:
-    parser.add_argument("--format", default=default, required=default is None, choices=CLIP_FORMATS,
+    parser.add_argument("--format", default=default, required=default is None, choices=tuple(FORMATS),
                         help=FORMAT_HELP)
     parser.add_argument("--config", default=None, help="--format logmel: the recipe whose frontend: section "
                         "computes the log-mels (default: the default front end at the shards' rate)")
@@ -70,9 +68,10 @@ def _add_format_arguments(parser: argparse.ArgumentParser, default: str | None =
 def _encoding(args: argparse.Namespace, sample_rate: int | None) -> Encoding:
     """The --format (and, for logmel, --config's front end, or the default one at
     ``sample_rate``; None: at the corpus's rate, decided later) as an Encoding."""
-    if args.config and args.format != "logmel":
+    features = clip_format(args.format).stores_frontend
+    if args.config and not features:
         raise ShardWriteError(f"--config gives the front end of a logmel corpus; --format {args.format} has none")
-    if args.format != "logmel" or not (args.config or sample_rate):
+    if not features or not (args.config or sample_rate):
         return Encoding(args.format)
     from dataio.convert import frontend_from_recipe  # deferred: the front end brings torch, only for logmel
     return Encoding(args.format, frontend_from_recipe(args.config, sample_rate))

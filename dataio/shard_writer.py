@@ -29,7 +29,9 @@ import numpy as np
 import soundfile as sf
 
 from dataio.errors import ShardWriteError
-from dataio.manifest import MANIFEST_NAME, MEMBER_EXT, frontend_record
+from dataio.formats import FORMATS, ClipFormat, clip_format
+from dataio.formats.logmel import frontend_record
+from dataio.manifest import MANIFEST_NAME
 from dataio.remote import is_url, shown
 
 REJECTED_NAME = "rejected.tsv"
@@ -148,8 +150,8 @@ class ClipResult:
 
 @dataclass(frozen=True)
 class Encoding:
-    """How clips are written: ``clip_format`` (flac, pcm16, logmel) and, for logmel, the
-    front end its features are computed with (the encoding itself is the workers':
+    """How clips are written: ``clip_format`` (flac, pcm16, logmel: :mod:`dataio.formats`)
+    and, for a mel format, the front end its features are computed with (the encoding itself is the workers':
     :func:`dataio.clip_encoding.encode_clip`)."""
 
     clip_format: str = "flac"
@@ -157,11 +159,24 @@ class Encoding:
 
     @property
     def ext(self) -> str:
-        return MEMBER_EXT[self.clip_format]
+        return self.format.ext
+
+    @property
+    def format(self) -> ClipFormat:
+        try:
+            return clip_format(self.clip_format)
+        except ValueError as err:
+            raise ShardWriteError(str(err)) from None
+
+    @classmethod
+    def named(cls, clip_format: str, frontend: FrontendConfig | None = None) -> Encoding:
+        """Writing ``clip_format``, with ``frontend`` where the format stores features."""
+        encoding = cls(clip_format)
+        return cls(clip_format, frontend) if encoding.format.stores_frontend else encoding
 
     def manifest_fields(self) -> dict:
         return {"clip_format": self.clip_format,
-                "frontend": frontend_record(self.frontend) if self.clip_format == "logmel" else {}}
+                "frontend": frontend_record(self.frontend) if self.format.stores_frontend else {}}
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -172,12 +187,12 @@ def _one_line(text: object, limit: int = 200) -> str:
 
 
 def check_encoding(encoding: Encoding, sample_rate: int) -> None:
-    """A known clip format; a logmel front end at the shards' rate."""
-    if encoding.clip_format not in MEMBER_EXT:
-        raise ShardWriteError(f"unknown clip format {encoding.clip_format!r}: choose one of {', '.join(MEMBER_EXT)}")
-    if encoding.clip_format == "logmel":
+    """A known clip format; a mel format's front end at the shards' rate."""
+    if encoding.clip_format not in FORMATS:
+        raise ShardWriteError(f"unknown clip format {encoding.clip_format!r}: choose one of {', '.join(FORMATS)}")
+    if encoding.format.stores_frontend:
         if encoding.frontend is None:
-            raise ShardWriteError("a logmel corpus needs the front end to compute its log-mels with")
+            raise ShardWriteError(f"a {encoding.clip_format} corpus needs the front end to compute its log-mels with")
         if encoding.frontend.sample_rate != sample_rate:
             raise ShardWriteError(f"the front end's sample_rate {encoding.frontend.sample_rate} Hz differs from "
                                   f"the shards' {sample_rate} Hz")

@@ -8,8 +8,9 @@ The command layer (:mod:`trainer.commands`) records the stop here when its handl
 
 from __future__ import annotations
 
-# signum of a stop delivered and not yet caught by the command (0: none)
-_pending = {"signum": 0}
+# signum of a stop delivered and not yet caught by the command (0: none); ``taken``: the
+# last stop this process received, kept after its catcher took it
+_pending = {"signum": 0, "taken": 0}
 
 
 class Stopped(KeyboardInterrupt):
@@ -23,6 +24,13 @@ class Stopped(KeyboardInterrupt):
 def note_stop(signum: int) -> None:
     """Record a stop delivered (0: it reached its catcher)."""
     _pending["signum"] = signum
+    _pending["taken"] = signum or _pending["taken"]
+
+
+def stop_taken() -> int:
+    """The signal number of a stop this process received, caught or not (0: none yet):
+    what failed after it may have failed because of it."""
+    return _pending["taken"]
 
 
 def stop_pending() -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from dataio.augment.keyed import M32, combine
 from dataio.errors import NoReadableClips, ShardMismatch
-from dataio.manifest import MEMBER_EXT, Manifest
+from dataio.manifest import Manifest
 from dataio.remote import Retry, shown, tar_samples
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def worker_stream(manifest: Manifest, split, rank_seed: tuple, retry: Retry = Re
     ``start`` = (pass, slot, position): begin there (a seek; the samples before it in that
     shard are read past, the shards before it not at all)."""
     tar_errors: list = []
-    ext = MEMBER_EXT[manifest.clip_format]
+    ext = manifest.format.ext
     first_pass, first_slot, first_position = start
     for pass_no in itertools.count(first_pass):
         shard_ids = pass_shards(split, rank_seed, pass_no)
@@ -106,7 +106,7 @@ def resampled_stream(manifest: Manifest, rng_key: tuple, retry: Retry = Retry(),
     ids = list(range(len(manifest.shards))) if ids is None else ids
     tar_errors: list = []
     empty: set[int] = set()
-    ext = MEMBER_EXT[manifest.clip_format]
+    ext = manifest.format.ext
     for draw in itertools.count():
         sid = ids[int(rng.integers(len(ids)))]
         found = False

@@ -39,6 +39,7 @@ from dataio.augment.keyed import scalar_key
 from dataio.batch import Batch, DataConfig, LoaderBatch, LoaderFailure, Placement
 from dataio.batcher import BatchMaker, stage
 from dataio.errors import DataError
+from dataio.formats.codec import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import Manifest, split_for_reader
 from dataio.remote import Retry
@@ -94,7 +95,8 @@ class WaveBatches(IterableDataset):
         for step in mine[done:]:
             out = self.maker.batch(samples, errors, step)
             if self.in_workers:
-                out.payload, out.staged = stage(self.augmenter, out.payload, batch_ids(out, self.place.rank)), True
+                out.payload, out.staged = stage(self.augmenter, self.maker.codec, out.payload,
+                                                  batch_ids(out, self.place.rank)), True
             yield out
 
     def _samples(self, epoch: int, logical: int, workers: int, skip: int) -> Shuffled:
@@ -210,14 +212,14 @@ class DeviceFeeder:
     """Moves loader batches to the device as :class:`Batch` es, running the augmentation
     stage there unless the loader workers already did."""
 
-    def __init__(self, augmenter: Augmenter, place: Placement):
-        self.augmenter, self.place = augmenter, place
-        self.augmenter.logmel.to(place.device)
+    def __init__(self, augmenter: Augmenter, codec: ClipCodec, place: Placement):
+        self.augmenter, self.codec, self.place = augmenter.to(place.device), codec, place
 
     def __call__(self, loaded: LoaderBatch) -> Batch:
         device = self.place.device
         payload = loaded.payload.to(device, non_blocking=True)
-        views = payload if loaded.staged else stage(self.augmenter, payload, batch_ids(loaded, self.place.rank))
+        views = payload if loaded.staged else stage(self.augmenter, self.codec, payload,
+                                                    batch_ids(loaded, self.place.rank))
         return Batch(views=views, labels=loaded.labels.to(device, non_blocking=True),
                      indices=loaded.indices.to(device, non_blocking=True), keys=list(loaded.keys),
                      skipped=loaded.skipped, short=loaded.short, sources=loaded.sources.tolist())
@@ -240,7 +242,7 @@ class TorchSource(DataSource):
     def __init__(self, cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place: Placement):
         self.cfg, self.manifest, self.augmenter, self.place = cfg, manifest, augmenter, place
         self.in_workers = place.device.type == "cpu" and cfg.num_workers > 0
-        self.feed = DeviceFeeder(augmenter, place)
+        self.feed = DeviceFeeder(augmenter, ClipCodec.of(manifest), place)
         self._batches = None
         self._next = None  # (epoch, step) the open loader yields next
         if len(manifest.shards) < place.world_size and place.rank == 0 and not cfg.resampled:

@@ -73,24 +73,6 @@ def crop_starts(num_samples: int, length: int, count: int, rng: np.random.Genera
     return [int(s) for s in place_crops(np.array([num_samples]), length, u, order, gap=gap)[0]]
 
 
-def cut(clip: np.ndarray, starts, size: int, fill=0, out: np.ndarray | None = None) -> np.ndarray:
-    """Crops ``[len(starts), size, *clip.shape[1:]]`` of ``clip`` (time on axis 0) at
-    ``starts``, written into ``out`` when given; a start < 0 or a crop past the end is
-    padded with ``fill``."""
-    if out is None:
-        out = np.empty((len(starts), size, *clip.shape[1:]), dtype=clip.dtype)
-    for i, start in enumerate(starts):
-        start = int(start)
-        if 0 <= start <= len(clip) - size:  # the usual case: the crop inside the clip
-            out[i] = clip[start:start + size]
-            continue
-        lo = max(start, 0)
-        part = clip[lo:start + size]
-        out[i].fill(fill)
-        out[i, lo - start:lo - start + len(part)] = part
-    return out
-
-
 def random_gains(count: int, gain_db: float, rng: np.random.Generator) -> np.ndarray:
     """Linear gains uniform in +-``gain_db`` dB, [count, 1] (ones when gain_db is 0)."""
     if gain_db <= 0:

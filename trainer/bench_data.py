@@ -45,9 +45,11 @@ from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_manifest, frontend_from_recipe
 from dataio.dali_pipeline import logmel_nodes
-from dataio.formats import ClipCodec, check_recipe_frontend, stored_frontend
+from dataio.formats import FORMATS
+from dataio.formats.codec import ClipCodec, check_recipe_frontend
+from dataio.formats.logmel import stored_frontend
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import CLIP_FORMATS, load_manifest
+from dataio.manifest import load_manifest
 from dataio.pipeline import open_source
 from dataio.remote import is_url, tar_samples
 from dataio.schema import cli_number
@@ -93,7 +95,7 @@ def decode_limit(manifest, cores: int, read: int, views: int) -> float:
 
 
 def _frontend(manifest, recipe: dict) -> FrontendConfig:
-    return recipe.get("frontend") or (stored_frontend(manifest.frontend) if manifest.clip_format == "logmel"
+    return recipe.get("frontend") or (stored_frontend(manifest.frontend) if manifest.format.stores_frontend
                                       else FrontendConfig(sample_rate=manifest.sample_rate))
 
 
@@ -140,7 +142,7 @@ def format_rows(manifest, formats: list[str], args, frontend: FrontendConfig, tm
     for name in formats:
         corpus = manifest
         if name != manifest.clip_format:
-            encoding = Encoding(name, frontend if name == "logmel" else None)
+            encoding = Encoding.named(name, frontend)
             convert_manifest(manifest, str(tmp / name), encoding, overwrite=True, progress=False)
             corpus = load_manifest(tmp / name)
         rate = loader_rate(corpus, args.seconds, args.batch_size, args.pairs, frontend_view(args), frontend)
@@ -333,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def work() -> int:
-        unknown = [f for f in args.formats.split(",") if f and f not in CLIP_FORMATS]
+        unknown = [f for f in args.formats.split(",") if f and f not in FORMATS]
         if unknown:
             raise ValueError(f"--formats: {', '.join(unknown)} is not a clip format; choose from "
-                             f"{', '.join(CLIP_FORMATS)}")
+                             f"{', '.join(FORMATS)}")
         result = run(args)
         print_table(result)
         if args.out:  # whole or not at all: a stop never leaves an earlier result cut short

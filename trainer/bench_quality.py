@@ -40,8 +40,10 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.convert import convert_corpus
 from dataio.errors import ConfigError, DataError, ManifestError
+from dataio.formats import FORMATS
+from dataio.formats.logmel import frontend_record
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import MANIFEST_NAME, frontend_record, load_manifest
+from dataio.manifest import MANIFEST_NAME, load_manifest
 from dataio.schema import cli_number
 from dataio.shard_pipeline import write_shards
 from dataio.shard_writer import Encoding
@@ -95,12 +97,13 @@ def training_shards(shards: Path, clip_format: str, frontend, out: Path) -> Path
     in ``out`` (converted again only when the shards or the front end change)."""
     if clip_format == load_manifest(shards).clip_format:
         return shards
-    record = frontend_record(frontend) if clip_format == "logmel" else {}
+    encoding = Encoding.named(clip_format, frontend)
+    record = frontend_record(frontend) if encoding.frontend else {}
     stamp = hashlib.sha256((shards / MANIFEST_NAME).read_bytes() + json.dumps(record).encode()).hexdigest()[:16]
     marker = out / "source.txt"
     if (out / MANIFEST_NAME).is_file() and marker.is_file() and marker.read_text() == stamp:
         return out
-    convert_corpus(shards, str(out), Encoding(clip_format, frontend if record else None), overwrite=True,
+    convert_corpus(shards, str(out), encoding, overwrite=True,
                    progress=False)
     marker.write_text(stamp)
     return out
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pretraining time budget per seed: epochs are set from a short timed run")
     p.add_argument("--seeds", default="0", help="comma-separated pretraining seeds, e.g. 0,1")
     p.add_argument("--patch-seconds", type=cli_number(float, 0, above=True), default=1.0, help="evaluation patch length, s")
-    p.add_argument("--format", default="", choices=("", "flac", "pcm16", "logmel"),
+    p.add_argument("--format", default="", choices=("", *FORMATS),
                    help="pretrain from the shards converted to this clip format (evaluation reads the audio)")
     p.add_argument("--online-every", type=cli_number(int, 0), default=0,
                    help="score kNN on the set every N epochs while pretraining (the online probe) and show the curve")

@@ -147,7 +147,7 @@ def data_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
         folder = args.data
         if name != source.clip_format:
             folder = str(tmp / f"corpus-{name}")
-            convert_corpus(args.data, folder, Encoding(name, frontend if name == "logmel" else None), progress=False)
+            convert_corpus(args.data, folder, Encoding.named(name, frontend), progress=False)
         rows += [(f"{backend} {name}", backend, folder) for backend in backends]
     return rows
 

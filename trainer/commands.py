@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.schema import describe
-from dataio.stop_signal import Stopped, note_stop, stop_pending
+from dataio.stop_signal import Stopped, note_stop, stop_pending, stop_taken
 from trainer.errors import INPUT_ERRNOS, CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
@@ -177,16 +177,25 @@ def sigterm_stops():
         return
     handler = _stopper(os.getpid())
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous_hook = sys.unraisablehook
+    previous_hook, previous_thread_hook = sys.unraisablehook, threading.excepthook
 
     def quiet_lost_stop(unraisable) -> None:  # the stop is delivered again: no traceback for it
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):
             previous_hook(unraisable)
-    sys.unraisablehook = quiet_lost_stop
+
+    def quiet_broken_pipes(args) -> None:
+        # after a stop, a helper thread (multiprocessing's resource sharer, a loader's pin
+        # thread) whose peer, a stopped worker, hung up fails on the connection: that is
+        # the stop, not news; the command's one line says so
+        if not (stop_taken() and issubclass(args.exc_type, (OSError, EOFError))):
+            previous_thread_hook(args)
+    sys.unraisablehook, threading.excepthook = quiet_lost_stop, quiet_broken_pipes
     try:
         yield
     finally:
         sys.unraisablehook = previous_hook
+        if not stop_taken():  # a stopped worker's hang-up may still reach a thread on the way out
+            threading.excepthook = previous_thread_hook
         for s, old in previous.items():
             signal.signal(s, old)
 

@@ -18,7 +18,7 @@ import torch
 from dataio.augment import build_augmenter, describe_ops
 from dataio.batch import Batch, Placement, steps_per_epoch
 from dataio.errors import ConfigError, DataError, ManifestError
-from dataio.formats import check_recipe_frontend
+from dataio.formats.codec import check_recipe_frontend
 from dataio.pipeline import backend_class, load_corpus, open_source
 from dataio.remote import Retry
 from dataio.schema import cli_number

@@ -23,6 +23,7 @@ from dataio.augment.chain import Augmenter, BatchIds
 from dataio.augment.mel import MEL_OPS
 from dataio.augment.wave import WAVE_OPS
 from dataio.errors import ConfigError
+from dataio.formats import clip_format as format_named
 from dataio.schema import build_section, describe
 
 OPS: dict[str, type[OpConfig]] = {**WAVE_OPS, **MEL_OPS}
@@ -78,10 +79,10 @@ def on_logmel(ops: list[OpConfig]) -> list[OpConfig]:
 def build_augmenter(section: dict | None, frontend, view_seconds: float, *, num_views: int,
                     pairs_per_clip: int, seed: int, clip_format: str = "flac") -> Augmenter:
     """The run's :class:`Augmenter` (an empty chain when ``section`` is empty); on a
-    ``logmel`` corpus the chain runs on the stored log-mels (:func:`on_logmel`)."""
+    corpus of log-mels (a mel clip format) the chain runs on them (:func:`on_logmel`)."""
     view_samples = int(round(view_seconds * frontend.sample_rate))
     ops = parse_chain(section)
-    if clip_format == "logmel":
+    if not format_named(clip_format).is_wave:
         ops = on_logmel(ops)
     return Augmenter(ops, frontend, view_samples, num_views=num_views, pairs_per_clip=pairs_per_clip, seed=seed)
 

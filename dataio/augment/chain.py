@@ -22,6 +22,7 @@ import torch
 
 from dataio.augment.base import BuildContext, OpConfig, Rows
 from dataio.augment.keyed import generator, label_salt, row_keys, scalar_key, uniforms
+from dataio.formats.base import ARRIVALS, DB_FRAMES, MELS, WAVES
 from dataio.frontend import FrontendConfig, LogMel
 
 
@@ -78,7 +79,25 @@ class Augmenter:
               [f"{op.label}({op.op})" for op in self.mel_ops]
         return " -> ".join(ops) + f"; {self.input_samples} samples in per view, {self.frames} frames out"
 
+    def to(self, device: torch.device) -> Augmenter:
+        """The chain's own tensors (its log-mel's filter bank and window) on ``device``."""
+        self.logmel.to(device)
+        return self
+
     # ---------------------------------------------------------------- the stage
+    def augment(self, x: torch.Tensor, ids: BatchIds, arrives: str) -> torch.Tensor:
+        """The one way in, for every back end and clip format: a batch of views as it
+        ``arrives`` (:data:`dataio.formats.base.ARRIVALS`: float ``waves`` [B, V, S], stored
+        ``db_frames`` [B, V, T, F], or normalised ``mels`` [B, V, F, T]) -> log-mel views
+        [B, V, C, F, T]."""
+        if arrives == WAVES:
+            return self.from_waves(x, ids)
+        if arrives == DB_FRAMES:
+            return self.from_db_frames(x, ids)
+        if arrives == MELS:
+            return self.from_mels(x, ids)
+        raise ValueError(f"a batch arrives as one of {', '.join(ARRIVALS)}, not {arrives!r}")
+
     @torch.no_grad()
     def from_waves(self, waves: torch.Tensor, ids: BatchIds) -> torch.Tensor:
         """Waves [B, V, input_samples] -> normalised log-mel views [B, V, C, F, T]."""

@@ -58,12 +58,13 @@ def test_a_stop_arriving_inside_the_decoder_is_the_stop_not_a_broken_member(monk
 
     import numpy as np
 
-    import dataio.formats as formats
+    import dataio.formats.flac as flac
+    from dataio.formats.clip import to_pcm16
+    from dataio.formats.codec import ClipCodec
     from trainer.commands import sigterm_stops, stop_handled
 
-    data = formats.encode_member(formats.to_pcm16(np.sin(np.arange(8000) / 9.0).astype(np.float32) * 0.3), 16000,
-                                 "flac")
-    codec = formats.ClipCodec("flac", 16000)
+    data = flac.Flac().encode(to_pcm16(np.sin(np.arange(8000) / 9.0).astype(np.float32) * 0.3), 16000)
+    codec = ClipCodec("flac", 16000)
     assert codec.problem(data) is None
 
     class StoppedWhileRead(io.BytesIO):
@@ -71,7 +72,7 @@ def test_a_stop_arriving_inside_the_decoder_is_the_stop_not_a_broken_member(monk
             os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside the callback
             return super().readinto(buffer)
 
-    monkeypatch.setattr(formats.io, "BytesIO", StoppedWhileRead)
+    monkeypatch.setattr(flac.io, "BytesIO", StoppedWhileRead)
     try:
         with sigterm_stops(), pytest.raises(KeyboardInterrupt):
             codec.problem(data)

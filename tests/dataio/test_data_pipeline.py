@@ -7,6 +7,7 @@ import torch
 from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
 from dataio.errors import ConfigError, ManifestError
+from dataio.formats.codec import ClipCodec
 from dataio.frontend import FrontendConfig
 from dataio.manifest import load_manifest, split_for_reader, split_for_worker
 from dataio.torch_pipeline import wave_loader
@@ -139,7 +140,7 @@ def test_workers_run_the_augmentation_stage_for_a_cpu_device(even, augment):
     waves = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)))
     mels = next(iter(wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=True)))
     assert mels.staged and not waves.staged and mels.payload.dim() == 5  # views [B, V, C, F, T], not waves
-    feed = DeviceFeeder(aug, place)
+    feed = DeviceFeeder(aug, ClipCodec.of(even), place)
     assert torch.allclose(feed(waves).views, feed(mels).views, atol=1e-4)
 
 
@@ -153,7 +154,7 @@ def test_one_process_and_two_ranks_see_the_same_augmented_views(even):
 
     def views(rank, world):
         place = Placement(rank=rank, world_size=world, seed=3, steps=steps_per_epoch(cfg, even, world))
-        feed = DeviceFeeder(aug, place)
+        feed = DeviceFeeder(aug, ClipCodec.of(even), place)
         batches = wave_loader(cfg, even, aug, place, epoch=1, start_step=0, in_workers=False)
         return {i: v for b in map(feed, batches) for i, v in zip(b.indices.tolist(), b.views)}
 

@@ -21,7 +21,9 @@ from dataio.augment import build_augmenter
 from dataio.batch import DataConfig, Placement, steps_per_epoch
 from dataio.convert import convert_corpus
 from dataio.errors import ManifestError, ShardWriteError
-from dataio.formats import PCM_SCALE, ClipCodec, logmel_frames
+from dataio.formats.base import PCM_SCALE
+from dataio.formats.codec import ClipCodec
+from dataio.formats.logmel import logmel_frames
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.manifest import load_manifest
 from dataio.remote import tar_samples
@@ -108,7 +110,7 @@ def _batches(manifest, fmt_chain=None, **cfg):
     aug = build_augmenter(fmt_chain, FRONTEND, 0.5, num_views=2, pairs_per_clip=cfg.pairs_per_clip, seed=3,
                           clip_format=manifest.clip_format)
     place = Placement(seed=3, steps=steps_per_epoch(cfg, manifest, 1))
-    feed = DeviceFeeder(aug, place)
+    feed = DeviceFeeder(aug, ClipCodec.of(manifest), place)
     batches = list(wave_loader(cfg, manifest, aug, place, epoch=1, start_step=0, in_workers=False))
     return batches, [feed(b) for b in batches]
 

@@ -51,8 +51,9 @@ def test_bench_data_on_a_large_corpus_reads_a_bounded_sample_and_copies_no_corpu
 def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clips(tiny_shards, monkeypatch):
     """Issue 36, row 8: the limit decoded every clip whole, so a loader cutting 1-s views of
     longer FLAC clips read faster than its "limit" (590 against 377 clips/s per core)."""
-    import dataio.formats as formats
+    import dataio.formats.flac as formats
     import trainer.bench_data as bench
+    from dataio.formats.codec import ClipCodec
     from dataio.manifest import load_manifest
 
     manifest = load_manifest(tiny_shards)
@@ -63,7 +64,7 @@ def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clip
     real_cut = formats.FlacClip.cut
     monkeypatch.setattr(formats.FlacClip, "cut", lambda self, starts, size, out=None:
                         cuts.append((len(starts), size)) or real_cut(self, starts, size, out))
-    clips, _ = bench._decode_shards([str(p) for p in manifest.shard_paths()], formats.ClipCodec.of(manifest), read,
+    clips, _ = bench._decode_shards([str(p) for p in manifest.shard_paths()], ClipCodec.of(manifest), read,
                                     views)
     assert clips == manifest.num_clips and cuts == [(4, manifest.sample_rate)] * clips
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataio.formats import PCM_SCALE, ClipCodec
+from dataio.formats.codec import ClipCodec
 from dataio.manifest import Manifest
 from dataio.stop_signal import raise_if_stopping
 from dataio.streams import raw_samples
@@ -68,7 +68,7 @@ class ClipSet:
         return self.audio is not None
 
     def _decode(self, data: bytes) -> np.ndarray:
-        return self.codec.open(data).whole() * np.float32(PCM_SCALE)
+        return self.codec.format.floats(self.codec.open(data).whole())
 
     def wave(self, row: int) -> np.ndarray:
         """The whole held clip, mono float32 [S]."""
@@ -76,7 +76,8 @@ class ClipSet:
 
     def crop(self, data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
         """A random ``size``-sample crop of the encoded clip ``data`` (zero-padded when it is
-        shorter), int16 [size] (times ``PCM_SCALE``: the wave); only the crop is decoded."""
+        shorter), as the format stores samples (times ``codec.format.scale``: the wave); only
+        the crop is decoded."""
         clip = self.codec.open(data)
         return clip.cut(crop_starts(clip.length, size, 1, rng), size)[0]
 
@@ -131,9 +132,9 @@ def load_clipset(manifest: Manifest, keep_audio: bool = False) -> ClipSet:
     """Every clip of ``manifest`` whose audio decodes, its audio held only with
     ``keep_audio``; a broken clip is logged and left out (one bad file must not end an
     evaluation). Labels outside the vocabulary are ignored."""
-    if manifest.clip_format == "logmel":
-        raise ValueError(f"{manifest.where} is a logmel corpus: evaluation computes the encoder's log-mels from "
-                         f"audio, so evaluate on the flac or pcm16 corpus of the same clips")
+    if not manifest.format.is_wave:
+        raise ValueError(f"{manifest.where} is a {manifest.clip_format} corpus: evaluation computes the encoder's "
+                         f"log-mels from audio, so evaluate on the flac or pcm16 corpus of the same clips")
     keys, audio, labels, folds, splits, shard_of, ids_of = [], [], [], [], [], [], []
     vocab, skipped = list(manifest.vocabulary), 0
     codec = ClipCodec.of(manifest)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataio.augment.keyed import scalar_key
-from dataio.formats import PCM_SCALE
 from dataio.frontend import FrontendConfig, LogMel
 from dataio.streams import Shuffled
 from dataio.views import random_gains
@@ -50,8 +49,9 @@ def epoch_crops(clips: ClipSet, rows: np.ndarray, size: int, gain_db: float, buf
             rng = np.random.default_rng([seed, epoch, row])
             yield epoch, (row, clips.crop(data, size, rng), random_gains(1, gain_db, rng)[0, 0])
 
+    scale = clips.codec.format.scale
     for _, (row, crop, gain) in Shuffled(read(), buffer, scalar_key(seed, epoch)):
-        yield row, (crop * (PCM_SCALE * gain)).astype(np.float32)
+        yield row, (crop * (scale * gain)).astype(np.float32)
 
 
 class FineTuner:
