@@ -62,12 +62,12 @@ def _bench(argv: list[str]) -> int:
         print("usage: audioclr bench data|train|quality [--help]", file=sys.stderr)
         return 2
     if argv[0] == "quality":
-        from trainer.bench_quality import main
+        from trainer.bench.quality import main
         return main(argv[1:])
     if argv[0] == "train":
-        from trainer.bench_train import main
+        from trainer.bench.train import main
         return main(argv[1:])
-    from trainer.bench_data import main
+    from trainer.bench.data import main
     return main(argv[1:])
 
 

@@ -10,7 +10,7 @@ from tests.conftest import PYTHON, REPO, cli_env
 
 
 def test_bench_data_reports_each_backend_against_the_limit(tiny_shards, capsys):
-    from trainer.bench_data import print_table, run
+    from trainer.bench.data import print_table, run
 
     backends = "torch,dali" if importlib.util.find_spec("nvidia.dali") else "torch"
     args = argparse.Namespace(shards=str(tiny_shards), clips=0, clip_seconds=0, cores=1, backends=backends,
@@ -27,7 +27,7 @@ def test_bench_data_on_a_large_corpus_reads_a_bounded_sample_and_copies_no_corpu
     """Issue 35, item 3: the limit decoded every clip and --formats converted the whole
     corpus (O(corpus): ~900 GB of copies for AudioSet). Now both, and the back ends, read
     the first whole shards holding --clips clips, and the output says so."""
-    import trainer.bench_data as bench
+    import trainer.bench.data as bench
 
     read, converted = [], []
     limit, convert = bench.decode_limit, bench.convert_manifest
@@ -52,7 +52,7 @@ def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clip
     """Issue 36, row 8: the limit decoded every clip whole, so a loader cutting 1-s views of
     longer FLAC clips read faster than its "limit" (590 against 377 clips/s per core)."""
     import dataio.formats.flac as formats
-    import trainer.bench_data as bench
+    import trainer.bench.data as bench
     from dataio.formats.codec import ClipCodec
     from dataio.manifest import load_manifest
 
