@@ -58,8 +58,8 @@ def export_random_encoder(run_dir: Path, width: int = 8, seed: int = 0, view_sec
     import torch
 
     from dataio.frontend import FrontendConfig
-    from trainer.checkpoint import encoder_meta, export_encoder
     from trainer.models.encoders import build_encoder
+    from trainer.models.export import encoder_meta, export_encoder
 
     torch.manual_seed(seed)
     encoder = build_encoder("resnet18", width=width).eval()

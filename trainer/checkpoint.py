@@ -1,4 +1,4 @@
-"""Verified checkpoints, resume, and the exported encoder.
+"""Verified checkpoints and resume (the exported encoder: :mod:`trainer.models.export`).
 
 A checkpoint is a folder ``run_dir/checkpoints/step_XXXXXXXX/`` holding ``engine/`` (what
 the engine saves from every rank: the whole model as ``weights.safetensors``, and DDP's
@@ -27,20 +27,23 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
-from dataio.frontend import FrontendConfig
-from trainer.models.encoders import build_encoder
 from trainer.parallel import distributed
-from trainer.safe_files import CheckpointError, describe_error, durable_write, fsync_folder, load_tensors, save_tensors, sha256
+from trainer.safe_files import (
+    CheckpointError,
+    describe_error,
+    durable_write,
+    fsync_folder,
+    load_tensors,
+    save_tensors,
+    sha256,
+)
 
-__all__ = ["CheckpointError", "Checkpointer", "load_tensors", "export_encoder", "load_encoder", "slice_reader"]
+__all__ = ["CheckpointError", "Checkpointer", "load_tensors", "slice_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,6 @@ STATE = "state.pt"
 META = "meta.json"
 ENGINE = "engine"  # the engine's own files: save(folder) / load(folder)
 FORMAT = 2  # 1: the model and optimizer inside state.pt (before engines saved themselves)
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_META = "encoder.json"
 _STEP_FOLDER = re.compile(r"step_\d{8}")
 
 
@@ -273,66 +274,3 @@ def _free_name(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
-
-
-def export_encoder(encoder: torch.nn.Module, meta: dict, run_dir: str | Path) -> Path:
-    """Write ``encoder.safetensors`` + ``encoder.json`` (all that rebuilds the encoder and
-    its front end) into ``run_dir``, each fsynced and renamed into place."""
-    run_dir = Path(run_dir)
-    weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    try:
-        # through open(), so the file's mode follows the umask (safetensors' own writer
-        # creates it 0600, unreadable to another user, a Ray node or docker --user)
-        durable_write(run_dir / ENCODER_WEIGHTS, lambda f: f.write(save(weights)))
-        durable_write(run_dir / ENCODER_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    except (OSError, RuntimeError, SafetensorError) as err:
-        raise CheckpointError(f"could not export the encoder to {run_dir}: {describe_error(err)}") from None
-    return run_dir / ENCODER_WEIGHTS
-
-
-def encoder_meta(name: str, width: int, frontend: FrontendConfig, embedding_dim: int,
-                 step: int, view_seconds: float) -> dict:
-    return {"format": 1, "encoder": name, "width": width, "in_channels": frontend.channels,
-            "embedding_dim": embedding_dim, "frontend": asdict(frontend),
-            "view_seconds": view_seconds, "step": step}
-
-
-def build_from_meta(meta: dict) -> tuple[torch.nn.Module, FrontendConfig]:
-    """A freshly initialised encoder of the exported architecture, and its front end."""
-    encoder = build_encoder(meta["encoder"], in_channels=meta["in_channels"], width=meta["width"])
-    return encoder, FrontendConfig(**meta["frontend"])
-
-
-def read_encoder_meta(run_dir: str | Path) -> dict:
-    """``run_dir``'s encoder.json (what was exported: architecture, front end, view length)."""
-    run_dir = Path(run_dir)
-    meta_path, weights_path = run_dir / ENCODER_META, run_dir / ENCODER_WEIGHTS
-    if not meta_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no exported encoder ({ENCODER_META} + "
-                                f"{ENCODER_WEIGHTS}); has its pretraining finished?")
-    try:
-        meta = json.loads(meta_path.read_text())
-        FrontendConfig(**meta["frontend"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_path}: not a valid encoder description ({describe_error(err)})") from None
-    return meta
-
-
-def load_encoder(run_dir: str | Path) -> tuple[torch.nn.Module, FrontendConfig, dict]:
-    """The exported encoder of ``run_dir`` (eval mode), its front end and its metadata."""
-    meta = read_encoder_meta(run_dir)
-    meta_path, weights_path = Path(run_dir) / ENCODER_META, Path(run_dir) / ENCODER_WEIGHTS
-    try:
-        encoder, frontend = build_from_meta(meta)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_path}: not a valid encoder description ({describe_error(err)})") from None
-    try:
-        weights = load_file(str(weights_path))
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_path}: unreadable ({describe_error(err)})") from None
-    try:
-        encoder.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights_path} does not fit the encoder {meta_path} describes "
-                              f"({describe_error(err)})") from None
-    return encoder.eval(), frontend, meta

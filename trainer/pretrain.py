@@ -26,8 +26,6 @@ from trainer.checkpoint import (
     ENGINE,
     Checkpointer,
     CheckpointError,
-    encoder_meta,
-    export_encoder,
     rng_state,
     set_rng_state,
     slice_reader,
@@ -38,6 +36,7 @@ from trainer.evaluate.online import OnlineProbe
 from trainer.launch import stop_with_launcher
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
+from trainer.models.export import encoder_meta, export_encoder
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel import distributed

@@ -30,7 +30,6 @@ from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
 from dataio.recipes import merge_trees, set_dotted
 from dataio.schema import check, option
-from trainer.checkpoint import load_tensors, read_encoder_meta
 from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
 from trainer.config import load_config, to_dict
 from trainer.evaluate.clips import ClipSet, load_clipset
@@ -38,7 +37,8 @@ from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
 from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
-from trainer.safe_files import CheckpointError
+from trainer.models.export import read_encoder_meta
+from trainer.safe_files import CheckpointError, load_tensors
 from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray, stop_ray
 from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
 

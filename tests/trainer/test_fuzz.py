@@ -411,7 +411,7 @@ def test_damaged_checkpoint_files_fall_back_to_the_one_before_by_name(checkpoint
 
 
 def test_damaged_exported_encoders_are_refused_by_name(tmp_path):
-    from trainer.checkpoint import load_encoder
+    from trainer.models.export import load_encoder
     from trainer.safe_files import CheckpointError
     source = tmp_path / "source"
     source.mkdir()

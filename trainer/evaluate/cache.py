@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.checkpoint import ENCODER_WEIGHTS
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.embed import ClipEmbeddings
+from trainer.models.export import ENCODER_WEIGHTS
 from trainer.safe_files import sha256
 
 log = logging.getLogger("audioclr.eval")

@@ -20,7 +20,6 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
-from trainer.checkpoint import CheckpointError, build_from_meta, load_encoder
 from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
 from trainer.config import load_config
 from trainer.evaluate.cache import cache_key, cached_embeddings
@@ -31,6 +30,7 @@ from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
 from trainer.evaluate.protocols import FROZEN, REGISTRY
 from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.ranks import embed_over_ranks
+from trainer.models.export import CheckpointError, build_from_meta, load_encoder
 from trainer.parallel import distributed
 from trainer.parallel.device import pick_device
 

@@ -12,13 +12,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dataio.frontend import FrontendConfig
 from tests.conftest import PYTHON, cli_env, labelled_run
-from trainer.checkpoint import encoder_meta, export_encoder
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import EvalConfig, FinetuneConfig, KnnConfig, LinearConfig
 from trainer.evaluate.knn import knn_scores
 from trainer.evaluate.protocol import make_rounds, score
 from trainer.evaluate.run import Evaluation, run_eval
 from trainer.models.encoders import build_encoder
+from trainer.models.export import encoder_meta, export_encoder
 
 
 def _clips(folds, splits=None, labels=None, multilabel=False, classes=2):

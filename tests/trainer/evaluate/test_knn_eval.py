@@ -6,12 +6,12 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from dataio.frontend import FrontendConfig
-from trainer.checkpoint import encoder_meta, export_encoder, load_encoder
 from trainer.evaluate.config import EvalConfig, KnnConfig
 from trainer.evaluate.knn import knn_scores
 from trainer.evaluate.metrics import class_averaged_accuracy
 from trainer.evaluate.run import Evaluation
 from trainer.models.encoders import build_encoder
+from trainer.models.export import encoder_meta, export_encoder, load_encoder
 
 
 def _unit(x):

@@ -11,13 +11,13 @@ import torch
 from dataio.manifest import load_manifest
 from tests.conftest import export_random_encoder
 from tests.shard_utils import make_shards
-from trainer.checkpoint import load_encoder
 from trainer.evaluate import embed as embed_module
 from trainer.evaluate.clips import load_clipset
+from trainer.evaluate.config import EvalConfig
 from trainer.evaluate.embed import ClipEmbeddings, Rows, embed_clips
 from trainer.evaluate.knn import knn_scores
-from trainer.evaluate.config import EvalConfig
 from trainer.evaluate.run import frozen_embeddings
+from trainer.models.export import load_encoder
 
 
 def _unit(x):

@@ -1,6 +1,6 @@
 """The HEAR 2021 API over an audioclr encoder (hear-eval-kit calls these three functions).
 
-    import trainer.hear as hear
+    import trainer.models.hear as hear
     model = hear.load_model("runs/demo/run")                  # a run folder (its exported encoder)
     scene = hear.get_scene_embeddings(audio, model)           # audio: [n_sounds, n_samples] at model.sample_rate
     emb, ms = hear.get_timestamp_embeddings(audio, model)     # [n_sounds, T, D], [n_sounds, T] in milliseconds
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dataio.frontend import LogMel
-from trainer.checkpoint import load_encoder
+from trainer.models.export import load_encoder
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings",
            "TIMESTAMP_HOP_MS", "SCENE_HOP_MS"]
