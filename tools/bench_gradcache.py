@@ -21,10 +21,10 @@ import time
 import torch
 
 from dataio.frontend import FrontendConfig, LogMel
-from trainer.config import ModelConfig, ObjectiveConfig
 from trainer.models.encoders import build_encoder
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.parallel.gradcache import GradCache
+from trainer.train.config import ModelConfig, ObjectiveConfig
 
 
 def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:

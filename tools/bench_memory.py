@@ -7,7 +7,7 @@ DDP and DeepSpeed ZeRO-1/2/3, measured.
 
 Each (encoder, engine) runs in ``--world`` fresh processes (gloo on CPU; NCCL where every
 rank has a GPU), each with a timeout; a configuration that fails or hangs becomes a row
-saying why. A rank builds the model as ``trainer.pretrain`` does (SimCLR head, global BN,
+saying why. A rank builds the model as ``trainer.train.loop`` does (SimCLR head, global BN,
 SGD with momentum, warm-up/cosine schedule, ``build_engine``), takes one step (momentum
 and buckets come into being), then a second, counting every distinct tensor storage alive
 in the process (each tensor ``gc`` sees and each held by the optimizers, deduplicated by
@@ -64,20 +64,21 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_census import CATEGORIES, snapshot  # noqa: E402  (beside this file)
-from trainer.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
+
 from trainer.models.encoders import build_encoder  # noqa: E402
 from trainer.objectives import ObjectiveContext, build_objective  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 from trainer.parallel.deepspeed_engine import import_deepspeed  # noqa: E402
 from trainer.parallel.engines import build_engine  # noqa: E402
 from trainer.parallel.sync_bn import convert_global_bn  # noqa: E402
+from trainer.train.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
 
 MIB = 2 ** 20
 
 
 # ---------------------------------------------------------------- one rank
 def build(spec: dict, rank: int, world: int, device):
-    """The objective and the engine, built as ``trainer.pretrain.Pretrainer`` builds them."""
+    """The objective and the engine, built as ``trainer.train.loop.Pretrainer`` builds them."""
     torch.manual_seed(0)
     model_cfg = ModelConfig(encoder=spec["encoder"], width=spec["width"], proj_hidden=spec["proj_hidden"],
                             proj_dim=spec["proj_dim"])

@@ -126,8 +126,8 @@ print(json.dumps({name: sorted(v)[len(v) // 2] for name, v in times.items()}))
 STARTUP = """
 import json, time, psutil, torch
 t = time.perf_counter()
-from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import Pretrainer
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import Pretrainer
 import sys
 cfg = load_config(PretrainConfig, sys.argv[1], sys.argv[2:])
 trainer = Pretrainer(cfg)
@@ -151,7 +151,7 @@ def npid(clips: int, work: Path) -> dict:
     script = work / "startup.py"
     script.write_text(STARTUP)
     start = measured([*launch, "--master-port=29611", str(script), recipe, *overrides, f"run_dir={work}/npid_s{clips}"])
-    run = measured([*launch, "--master-port=29612", "-m", "trainer.pretrain", "--config", recipe, *overrides,
+    run = measured([*launch, "--master-port=29612", "-m", "trainer.cli.pretrain", "--config", recipe, *overrides,
                     f"run_dir={work}/npid{clips}"])
     folder = work / f"npid{clips}" / "checkpoints" / "step_00000003"
     saved = {p.name: p.stat().st_size for p in sorted(folder.glob("*.pt"))}

@@ -118,7 +118,7 @@ def plan(out: Path, quick: bool, f: dict) -> list[tuple]:
           "--view-seconds", "0.95", "--out", str(out / "bench_r18_compiled.json")],
          180, out / "bench_r18_compiled.json"),
         ("torchrun_nccl_2gpu", None if f["gpus"] >= 2 else f"{f['gpus']} GPU(s): needs 2",
-         [PY, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "trainer.pretrain",
+         [PY, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "trainer.cli.pretrain",
           f"data.shards={shards}", f"run_dir={work / 'nccl'}", "train.max_steps=2", "data.batch_size=16",
           "train.progress=false", "model.width=16"], 120, None),
     ]

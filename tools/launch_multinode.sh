@@ -16,5 +16,5 @@ if (( ${MAX_RESTARTS:-0} > 0 )); then
               --rdzv-id="${RDZV_ID:-audioclr}")
 fi
 # torchrun's agent with audioclr's exit codes (2 bad config, 1 error, 130/143 stopped and saved)
-exec python3 -m trainer.launch --nnodes="$NNODES" --nproc-per-node="$GPUS" "${rendezvous[@]}" \
+exec python3 -m trainer.cli.launch --nnodes="$NNODES" --nproc-per-node="$GPUS" "${rendezvous[@]}" \
   pretrain --config "$config" "$@"

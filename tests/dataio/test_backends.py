@@ -31,7 +31,7 @@ def test_the_dali_back_end_refuses_what_it_cannot_read_by_key(setting, key):
 
 
 def test_pretraining_configs_are_checked_by_their_back_end():
-    from trainer.config import PretrainConfig, load_config
+    from trainer.train.config import PretrainConfig, load_config
 
     with pytest.raises(ConfigError, match=r"data\.short_clips: 'skip' needs backend torch"):
         load_config(PretrainConfig, None, ["data.shards=x", "data.backend=dali", "data.short_clips=skip"])

@@ -31,7 +31,7 @@ def test_check_shards_names_the_broken_member(broken):
 def test_torch_backend_skips_and_counts(broken, tmp_path):
     folder, _ = broken
     run = tmp_path / "run"
-    out = subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(folder, run), "train.max_steps=12"],
+    out = subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(folder, run), "train.max_steps=12"],
                          env=cli_env(), capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "clip(s) skipped" in out.stderr
@@ -41,7 +41,7 @@ def test_torch_backend_skips_and_counts(broken, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")
 def test_dali_backend_stops_with_a_message(broken, tmp_path):
     folder, _ = broken
-    out = subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(folder, tmp_path / "run"),
+    out = subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(folder, tmp_path / "run"),
                           "data.backend=dali", "train.max_steps=12"],
                          env=cli_env(), capture_output=True, text=True, check=False)
     assert out.returncode == 1

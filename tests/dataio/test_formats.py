@@ -179,7 +179,7 @@ def test_gain_on_a_logmel_corpus_is_a_db_offset():
 
 
 def _train(shards: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run), "train.max_steps=6",
+    return subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(shards, run), "train.max_steps=6",
                            "train.ckpt_every=6", *extra], env=cli_env(), capture_output=True, text=True,
                           timeout=300, check=False)
 

@@ -64,7 +64,7 @@ def test_corpora_are_mixed_by_weight_numbered_apart_and_exact_from_any_step(corp
     (["A"], "data.sources[0]: expected a mapping, got 'A'"),
 ])
 def test_bad_source_lists_are_named(tmp_path, sources, words):
-    from trainer.config import PretrainConfig, load_config
+    from trainer.train.config import PretrainConfig, load_config
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, None, [f"run_dir={tmp_path}", f"data.sources={json.dumps(sources)}"])
     assert words in str(err.value)
@@ -88,7 +88,7 @@ def test_two_ranks_on_a_mix_resume_mid_epoch_exactly_and_count_each_corpus(corpo
     launch = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
 
     def run(run_dir):
-        cmd = [*launch, f"--master-port={free_port()}", "-m", "trainer.pretrain",
+        cmd = [*launch, f"--master-port={free_port()}", "-m", "trainer.cli.pretrain",
                *[x if not x.startswith("run_dir=") else f"run_dir={run_dir}" for x in args],
                f"data.sources={sources}", "train.max_steps=16", "train.ckpt_every=7"]
         out = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)

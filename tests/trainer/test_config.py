@@ -5,9 +5,9 @@ import subprocess
 import pytest
 
 from dataio.errors import ConfigError
-from tests.conftest import PYTHON, REPO, cli_env
 from dataio.recipes import parse_overrides
-from trainer.config import PretrainConfig, load_config, save_config
+from tests.conftest import PYTHON, REPO, cli_env
+from trainer.train.config import PretrainConfig, load_config, save_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -73,7 +73,7 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "audioclr" in first
     if path.parent.name == "sweeps":  # Ray Tune sweeps over saved encoders
-        from trainer.tune import SweepConfig
+        from trainer.tune.sweep import SweepConfig
 
         assert "audioclr tune" in first
         load_config(SweepConfig, path)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.demo import DEMO_CONFIG, demo, report
+from trainer.cli.demo import DEMO_CONFIG, demo, report
 
 
 def test_a_label_reading_objective_is_reported_as_a_supervised_reference(tmp_path, capsys):
@@ -27,6 +27,7 @@ def test_short_demo_beats_chance(tmp_path):
     assert written["knn_accuracy"] == summary["knn_accuracy"]
     assert {"knn_accuracy", "knn_accuracy_random_init"} <= set(written) and written["objective_read_labels"] is False
     import torch
+
     from trainer.parallel.device import autocast_dtype
     dtype = autocast_dtype("fast", torch.device("cpu"))  # the demo recipe's precision, as this CPU resolves it
     assert written["trained_on"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "world_size": 1,

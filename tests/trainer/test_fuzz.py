@@ -65,9 +65,9 @@ BASE = {"pretrain": ["data.backend=synthetic"], "eval": [],
 
 
 def commands() -> dict:
-    from trainer.config import PretrainConfig
     from trainer.evaluate.config import EvalRoot
-    from trainer.tune import SweepConfig
+    from trainer.train.config import PretrainConfig
+    from trainer.tune.sweep import SweepConfig
     return {"pretrain": (PretrainConfig, schema_keys(PretrainConfig) + augment_keys()),
             "eval": (EvalRoot, schema_keys(EvalRoot)),
             "tune": (SweepConfig, schema_keys(SweepConfig))}
@@ -114,7 +114,7 @@ def _names_key(message: str, key: str) -> bool:
 def test_every_key_of_every_command_is_accepted_or_refused_by_name():
     """All cases, in-process through the schema (about 6,000 in a few seconds)."""
     from dataio.errors import ConfigError
-    from trainer.config import load_config
+    from trainer.train.config import load_config
     schemas = commands()
     tried, failures = 0, []
     for command, key, override in config_cases():
@@ -172,7 +172,7 @@ def test_a_refused_value_is_exit_2_and_one_line_through_each_command(tmp_path, c
     them with AUDIOCLR_FUZZ=long)."""
     from dataio.errors import ConfigError
     from trainer.cli import main
-    from trainer.config import load_config
+    from trainer.train.config import load_config
     schemas = commands()
     refused = []
     for command, key, override in config_cases():
@@ -214,7 +214,7 @@ def test_an_accepted_value_trains_or_is_refused_by_name():
     import subprocess
     import sys
 
-    from trainer.config import load_config
+    from trainer.train.config import load_config
     schemas = commands()
     accepted = []
     for command, key, override in config_cases():
@@ -362,8 +362,8 @@ def test_damaged_shards_and_manifests_are_named_or_skipped_and_counted(corpus, t
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory) -> Path:
     """A run folder with two checkpoints (steps 1 and 2), written by the real loop."""
-    from trainer.config import PretrainConfig, load_config
-    from trainer.pretrain import Pretrainer
+    from trainer.train.config import PretrainConfig, load_config
+    from trainer.train.loop import Pretrainer
     root = tmp_path_factory.mktemp("fuzz_run")
     make_shards(root / "shards", [4, 4], seconds=0.6)
     from tests.conftest import tiny_overrides
@@ -378,9 +378,9 @@ def checkpointed(tmp_path_factory) -> Path:
 
 
 def test_damaged_checkpoint_files_fall_back_to_the_one_before_by_name(checkpointed, tmp_path):
-    from trainer.checkpoint import Checkpointer
     from trainer.parallel import distributed
     from trainer.safe_files import CheckpointError
+    from trainer.train.checkpoint import Checkpointer
     rng = random.Random(SEED + 1)
     newest = checkpointed / "checkpoints" / "step_00000002"
     kinds = sorted(p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file())
@@ -441,7 +441,7 @@ def test_damaged_exported_encoders_are_refused_by_name(tmp_path):
 def test_damaged_sweep_states_are_set_aside_by_name(tmp_path, caplog):
     import pickle
 
-    from trainer.tune_ray import set_aside_damaged_state
+    from trainer.tune.ray_cluster import set_aside_damaged_state
     state = json.dumps({"trial_data": [["{}", "{}"]], "runner_data": {}, "stats": {}}).encode()
     searcher = pickle.dumps({"a": list(range(100))})
     rng = random.Random(SEED + 3)
@@ -470,7 +470,7 @@ def test_damaged_sweep_states_are_set_aside_by_name(tmp_path, caplog):
 
 def _readable(name: str, content: bytes) -> bool:
     """What the sweep's own check reads (JSON state, or one whole pickle, walked not run)."""
-    from trainer.tune_ray import _walk_pickle
+    from trainer.tune.ray_cluster import _walk_pickle
     try:
         json.loads(content) if name.startswith("experiment_state") else _walk_pickle(content)
     except Exception:  # noqa: BLE001
@@ -480,7 +480,7 @@ def _readable(name: str, content: bytes) -> bool:
 
 def test_the_fuzzer_itself_covers_every_command_and_a_new_key(monkeypatch):
     """A key added to a schema is fuzzed without editing this file."""
-    from trainer.config import TrainConfig
+    from trainer.train.config import TrainConfig
     keys = {k for k, _ in commands()["pretrain"][1]}
     assert {"data.batch_size", "optim.lr", "train.threads", "augment.rrc.p"} <= keys
     assert any(k.startswith("eval.") for k, _ in commands()["eval"][1])

@@ -68,7 +68,7 @@ def test_the_fused_update_steps_as_the_plain_one():
 
 def test_fused_for_another_optimizer_is_refused_naming_the_key():
     from dataio.errors import ConfigError
-    from trainer.config import PretrainConfig, load_config
+    from trainer.train.config import PretrainConfig, load_config
 
     for name in ("lars", "adamw"):
         with pytest.raises(ConfigError, match=f"optim.kernel: fused is for sgd only, not {name}"):

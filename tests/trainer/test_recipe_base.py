@@ -11,9 +11,9 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import REPO
 from dataio.errors import ConfigError
-from trainer.config import PretrainConfig, load_config, to_dict
+from tests.conftest import REPO
+from trainer.train.config import PretrainConfig, load_config, to_dict
 
 CONFIGS = REPO / "configs"
 FIXTURE = REPO / "tests" / "data" / "resolved_recipes.json"
@@ -22,7 +22,7 @@ RECIPES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yam
 
 def resolve(name: str) -> dict:
     """The recipe ``configs/name`` as written into a run (pretraining) or a sweep."""
-    from trainer.tune import SweepConfig
+    from trainer.tune.sweep import SweepConfig
 
     schema = SweepConfig if name.startswith("sweeps/") else PretrainConfig
     return json.loads(json.dumps(to_dict(load_config(schema, CONFIGS / name))))
@@ -128,7 +128,7 @@ def test_help_config_names_the_base_key(capsys):
 def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
     from dataio.shard_pipeline import write_shards
     from dataio.sources.demo import RATE, demo_items, synth_loader
-    from trainer.demo import demo
+    from trainer.cli.demo import demo
 
     write_shards(demo_items(16, seed=0, max_seconds=2.0), tmp_path / "corpus", dataset="demo", sample_rate=RATE,
                  shard_size=4, loader=synth_loader, workers=0, progress=False)
@@ -168,7 +168,7 @@ def test_an_objective_key_the_objective_does_not_read_is_refused_or_reported(tmp
     base.write_text(yaml.safe_dump({"objective": {"name": "simclr", "temperature": 0.3}, "data": {"shards": "x"}}))
     child = tmp_path / "child.yaml"
     child.write_text(yaml.safe_dump({"base": "base.yaml", "objective": {"name": "cola"}}))
-    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+    with caplog.at_level(logging.WARNING, logger="trainer.train.config"):
         assert load_config(PretrainConfig, child).objective.name == "cola"
         assert load_config(PretrainConfig, base, ["objective.name=cola"]).objective.name == "cola"
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import Pretrainer
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import Pretrainer
 
 RECIPES = ["uclser_fsdnoisy18k", "cola_audioset", "augcola_audioset", "moco_fsd50k", "npid_fsd50k",
            "soundclr_esc50"]

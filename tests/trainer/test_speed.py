@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 from dataio.errors import ConfigError
 from tests.conftest import PYTHON, cli_env, tiny_overrides
-from trainer.config import PretrainConfig, load_config
 from trainer.models.encoders import build_encoder
 from trainer.models.heads import ContrastiveModel, ProjectionHead
 from trainer.speed import compile_encoder, wants_compile
+from trainer.train.config import PretrainConfig, load_config
 
 CPU = torch.device("cpu")
 
@@ -92,7 +92,7 @@ def test_compile_auto_is_for_gpus_and_off_is_off():
 @pytest.mark.e2e
 def test_compile_on_under_zero_3_is_refused_before_any_work(tiny_shards, tmp_path):
     pytest.importorskip("deepspeed")
-    out = subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, tmp_path / "run"),
+    out = subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, tmp_path / "run"),
                           "train.max_steps=1", "train.engine=deepspeed", "deepspeed.zero_stage=3",
                           "train.compile=on"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]

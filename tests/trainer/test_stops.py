@@ -49,7 +49,7 @@ STEPS, EVERY = 150, 40
 
 @pytest.mark.parametrize("moment", moments("pretrain", 1.0, 8.0, 1, 12), ids=str)
 def test_a_stopped_pretraining_keeps_its_checkpoints_and_resumes(tiny_shards, tmp_path, moment):
-    from trainer.checkpoint import verify
+    from trainer.train.checkpoint import verify
 
     run_dir, env = tmp_path / "run", _env(tmp_path)
     cmd = [*CLI, "pretrain", *tiny_overrides(tiny_shards, run_dir), f"train.max_steps={STEPS}",

@@ -7,8 +7,8 @@ import subprocess
 import time
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
-from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import Pretrainer
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import Pretrainer
 
 KEYS = {"data_wait_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "allreduce_seconds",
         "rank_skew", "step_seconds_slowest_rank", "clips_per_second_per_rank", "data_wait_fraction",
@@ -49,9 +49,9 @@ def test_synthetic_data_trains_without_shards_and_records_where_time_goes(tmp_pa
 
 
 def test_an_input_bound_run_is_warned_about(tiny_shards, tmp_path, caplog, monkeypatch):
-    import trainer.telemetry
+    import trainer.train.telemetry
 
-    monkeypatch.setattr(trainer.telemetry, "WARN_WINDOW", 2)  # judged over 2 steps, not 50
+    monkeypatch.setattr(trainer.train.telemetry, "WARN_WINDOW", 2)  # judged over 2 steps, not 50
     with caplog.at_level(logging.WARNING, logger="audioclr.telemetry"):
         records = _run([*tiny_overrides(tiny_shards, tmp_path), "train.max_steps=4", "train.log_every=2"],
                        slow_data=0.5)

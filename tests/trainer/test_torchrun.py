@@ -30,7 +30,7 @@ def uneven_shards(tmp_path_factory):
 
 
 def _train_args(shards, run_dir):
-    return ["-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), f"train.max_steps={STEPS}"]
+    return ["-m", "trainer.cli.pretrain", *tiny_overrides(shards, run_dir), f"train.max_steps={STEPS}"]
 
 
 def _check_run(run_dir):
@@ -73,7 +73,7 @@ def test_ranks_save_and_stop_when_their_launcher_is_killed(uneven_shards, tmp_pa
     then exit."""
     run_dir = tmp_path / "run"
     cmd = [*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "trainer.pretrain", *tiny_overrides(uneven_shards, run_dir), "train.max_steps=100000",
+           "-m", "trainer.cli.pretrain", *tiny_overrides(uneven_shards, run_dir), "train.max_steps=100000",
            "train.ckpt_every=100000"]
     launcher = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -116,7 +116,7 @@ ELASTIC_STEPS, ELASTIC_EVERY = 12, 3
 
 
 def _elastic_cmd(shards, run_dir, *flags, launcher=None):
-    launch = launcher or [*_torchrun(), "--nnodes=1", "--nproc-per-node=2", *flags, "-m", "trainer.pretrain"]
+    launch = launcher or [*_torchrun(), "--nnodes=1", "--nproc-per-node=2", *flags, "-m", "trainer.cli.pretrain"]
     return [*launch, *tiny_overrides(shards, run_dir), f"train.max_steps={ELASTIC_STEPS}",
             f"train.ckpt_every={ELASTIC_EVERY}"]
 
@@ -144,7 +144,7 @@ def test_elastic_restart_after_a_lost_worker_ends_with_the_weights_of_an_unbroke
     else:
         flags = ["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t"]
     # audioclr launch (what the shipped scripts run) gives each attempt a new store instead
-    launcher = ([PYTHON, "-m", "trainer.launch", "--nnodes=1", "--nproc-per-node=2", *flags, "pretrain"]
+    launcher = ([PYTHON, "-m", "trainer.cli.launch", "--nnodes=1", "--nproc-per-node=2", *flags, "pretrain"]
                 if rendezvous == "audioclr-launch" else None)
     broken = tmp_path / "broken"
     agent = subprocess.Popen(_elastic_cmd(uneven_shards, broken, *flags, launcher=launcher), env=cli_env(),

@@ -15,9 +15,9 @@ import yaml
 
 from dataio.errors import ConfigError
 from tests.conftest import PYTHON, cli_env
-from trainer.config import load_config
 from trainer.evaluate.config import EvalRoot
-from trainer.tune import SweepConfig, nest, trial_eval_config
+from trainer.train.config import load_config
+from trainer.tune.sweep import SweepConfig, nest, trial_eval_config
 
 
 def _sweep_yaml(path, run, storage, name, epochs, space):
@@ -126,7 +126,7 @@ def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
 def test_trials_whose_last_checkpoint_is_gone_are_restarted():
     from types import SimpleNamespace
 
-    from trainer.tune_ray import lost_checkpoints
+    from trainer.tune.ray_cluster import lost_checkpoints
 
     gone = ValueError("Could not recover from checkpoint as it does not exist on storage anymore. Got ...")
     fine = SimpleNamespace(error=None, metrics={"trial_id": "a"}, path="p")
@@ -170,7 +170,7 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
 
 
 def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
-    from trainer.tune import sweep_stop
+    from trainer.tune.sweep import sweep_stop
 
     before = signal.getsignal(signal.SIGINT)  # a shell's background job starts with SIGINT ignored
     with pytest.raises(KeyboardInterrupt):  # main() turns it into exit 130 with a message
@@ -181,7 +181,7 @@ def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
 
 
 def test_a_best_trial_that_validates_far_above_its_test_is_noted():
-    from trainer.tune_results import check_val_against_test
+    from trainer.tune.results import check_val_against_test
     metric = "class_averaged_accuracy"
     far = [{f"val_{metric}": 0.51, f"test_{metric}": 0.29}, {f"val_{metric}": 0.4, f"test_{metric}": 0.38}]
     assert "validates at 0.510 but tests at 0.290" in check_val_against_test(far, metric)

@@ -60,7 +60,7 @@ from dataio.torch_pipeline import WaveBatches
 from dataio.views import crop_starts
 from dataio.workers import worker_pool
 from trainer.commands import run_guarded
-from trainer.config import PretrainConfig, load_config
+from trainer.train.config import PretrainConfig, load_config
 
 SYNTH_CLIPS = 256  # the corpus synthesized without --shards
 SAMPLE_CLIPS = 2000  # with --shards: what is read of the corpus (whole shards), whatever its size

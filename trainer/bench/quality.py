@@ -49,15 +49,15 @@ from dataio.shard_pipeline import write_shards
 from dataio.shard_writer import Encoding
 from dataio.sources import load_layout
 from trainer.commands import run_guarded
-from trainer.config import PretrainConfig, load_config, to_dict
 from trainer.evaluate.clips import load_clipset
 from trainer.evaluate.config import EvalRoot
 from trainer.evaluate.metrics import class_averaged_accuracy
 from trainer.evaluate.protocol import make_rounds
 from trainer.evaluate.run import run_eval
 from trainer.objectives import OBJECTIVES
-from trainer.pretrain import TrainingError
-from trainer.pretrain import run as pretrain_run
+from trainer.train.config import PretrainConfig, load_config, to_dict
+from trainer.train.loop import TrainingError
+from trainer.train.loop import run as pretrain_run
 
 log = logging.getLogger("audioclr.bench.quality")
 PROTOCOLS = ("linear", "knn")

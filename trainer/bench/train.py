@@ -36,13 +36,13 @@ from dataio.pipeline import backend_class, open_source
 from dataio.schema import cli_number
 from dataio.shard_writer import Encoding
 from trainer.commands import run_guarded
-from trainer.config import PretrainConfig, load_config
 from trainer.models.encoders import build_encoder
 from trainer.models.heads import ContrastiveModel, ProjectionHead
 from trainer.objectives.ntxent import nt_xent
 from trainer.parallel.device import PRECISIONS, autocast_dtype, pick_device
 from trainer.parallel.engines import ENGINES
-from trainer.pretrain import Pretrainer
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import Pretrainer
 
 log = logging.getLogger("audioclr.bench_train")
 

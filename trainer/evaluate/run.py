@@ -1,16 +1,11 @@
-"""``audioclr eval --run RUN_DIR --data SHARDS --protocol knn|linear|finetune [eval.a.b=v ...]``.
-
-Writes ``RUN_DIR/eval/<DATA SET>/<protocol>[_random_init].json`` (the data set is the shard
-folder's name; an earlier result gets a ``-2``, ``-3`` ... sibling unless ``--overwrite``), the
-pictures (learning curves, confusion matrix, t-SNE) next to it and ``summary.md`` over every
-result of that data set.
-"""
+"""One evaluation of an exported encoder: :class:`Evaluation` over the rounds of a protocol,
+:func:`run_eval` writing ``RUN_DIR/eval/<DATA SET>/<protocol>.json``, its pictures and
+``summary.md`` (the command: :mod:`trainer.cli.eval`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,17 +15,15 @@ import torch
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
-from trainer.commands import INPUT_ERRORS, config_parser, print_help_config, run_guarded
-from trainer.config import load_config
 from trainer.evaluate.cache import cache_key, cached_embeddings
 from trainer.evaluate.clips import ClipSet, load_clipset
-from trainer.evaluate.config import PROTOCOLS, EvalConfig, EvalRoot
+from trainer.evaluate.config import EvalConfig
 from trainer.evaluate.embed import ClipEmbeddings
 from trainer.evaluate.protocol import RoundRunner, make_rounds, primary_metric
-from trainer.evaluate.protocols import FROZEN, REGISTRY
+from trainer.evaluate.protocols import REGISTRY
 from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.ranks import embed_over_ranks
-from trainer.models.export import CheckpointError, build_from_meta, load_encoder
+from trainer.models.export import build_from_meta, load_encoder
 from trainer.parallel import distributed
 from trainer.parallel.device import pick_device
 
@@ -282,47 +275,3 @@ def headline(result: dict) -> str:
     others = ", ".join(f"{k} {v['mean']:.4f}" for k, v in result["metrics"].items() if k != m)
     return (f"{result['protocol']} {m}: {stats['mean']:.4f} +- {stats['std']:.4f} over "
             f"{len(result['rounds'])} round(s) ({others})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = config_parser("audioclr eval", __doc__, "YAML with an eval: section (e.g. the best.yaml of a sweep)",
-                      "eval.knn.k=20 eval.finetune.lr=3e-4 ...")
-    p.add_argument("--run", help="run directory holding encoder.safetensors + encoder.json (required)")
-    p.add_argument("--data", help="labelled shard folder with manifest.json (required)")
-    p.add_argument("--protocol", default="knn", choices=PROTOCOLS)
-    p.add_argument("--random-init", action="store_true", help="the architecture at random init (scratch)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier result of the same data set and protocol (default: a new -N suffix)")
-    args = p.parse_args(argv)
-    if args.help_config:
-        return print_help_config(EvalRoot)
-    if not args.run or not args.data:
-        p.error("--run and --data are required")
-
-    def work() -> int:
-        cfg = load_config(EvalRoot, args.config, args.overrides).eval
-        if distributed.env_info().world_size > 1 and not protocol_named(args.protocol).frozen:
-            raise ConfigError(f"audioclr launch ... eval splits the embedding pass of {' and '.join(FROZEN)} over "
-                              f"ranks; run --protocol {args.protocol} as one process (audioclr eval)")
-        info = distributed.init(pick_device(cfg.device, key="eval.device").type)  # a group only under launch
-        try:
-            result = run_eval(args.run, args.data, cfg, args.protocol, args.random_init, args.overwrite)
-        finally:
-            distributed.close()
-        if not info.is_main:
-            return 0
-        print(headline(result))
-        if not math.isfinite(result["metrics"][result["primary_metric"]]["mean"]):
-            log.warning("the metric is not finite (a class without test clips?)")
-        print(f"results in {result['file']}")
-        return 0
-
-    return run_guarded("audioclr eval", work, input_errors=(*INPUT_ERRORS, CheckpointError),
-                       run_errors=(FloatingPointError,),
-                       on_interrupt="stopped; nothing was written for this evaluation (results are written at its end)")
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

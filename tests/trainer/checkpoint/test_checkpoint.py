@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import checkpoint_weights
 from tests.trainer.faults.test_faults import Payload, _plain_error, _pretrain
-from trainer.checkpoint import verify
+from trainer.train.checkpoint import verify
 
 pytestmark = pytest.mark.e2e
 

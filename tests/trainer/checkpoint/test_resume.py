@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
-from trainer.checkpoint import load_tensors
+from trainer.train.checkpoint import load_tensors
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,7 @@ needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
 
 
 def _cmd(shards, run_dir, *extra):
-    return [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir),
+    return [PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(shards, run_dir),
             f"train.max_steps={TOTAL}", *extra]
 
 

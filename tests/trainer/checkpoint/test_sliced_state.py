@@ -32,8 +32,8 @@ def _parts(rank: int, world: int):
 def _save_then_load(rank: int, world: int, run_dir: str, load_from: str | None) -> dict:
     """Load the checkpoint in ``load_from`` (if any) into a fresh bank and queue, step them
     once, save a checkpoint into ``run_dir``; what this rank held at each point."""
-    from trainer.checkpoint import Checkpointer, slice_reader
     from trainer.parallel import distributed
+    from trainer.train.checkpoint import Checkpointer, slice_reader
 
     info = distributed.env_info()
     bank, queue = _parts(rank, world)
@@ -110,7 +110,7 @@ def _resume_reading(rank: int, world: int, run_dir: str) -> dict:
     """resume_point() then load() on this rank: the checkpoint chosen and the files it summed."""
     from pathlib import Path
 
-    import trainer.checkpoint as checkpoint
+    import trainer.train.checkpoint as checkpoint
     from trainer.parallel import distributed
 
     summed, real = [], checkpoint.sha256

@@ -13,11 +13,11 @@ import pytest
 
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.shard_utils import make_shards
-from trainer.config import PretrainConfig, load_config
+from trainer.cli.pretrain import main as pretrain_main
 from trainer.evaluate.config import EvalConfig
 from trainer.evaluate.run import run_eval
-from trainer.pretrain import main as pretrain_main
-from trainer.pretrain import run as pretrain_run
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import run as pretrain_run
 
 STEPS_PER_EPOCH = 6  # tiny_shards: 24 clips, batch 4
 
@@ -121,7 +121,7 @@ def test_a_resumed_run_continues_its_curve(tiny_shards, tmp_path):
     from tests.trainer.checkpoint.test_resume import _run_until
 
     def cmd(run_dir):
-        return [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.max_steps=30",
+        return [PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.max_steps=30",
                 f"eval.online={tiny_shards}", "eval.every=1", "train.ckpt_every=7", "data.num_workers=3",
                 "data.persistent_workers=false"]
 
@@ -140,7 +140,7 @@ def test_a_folder_that_disappears_mid_run_costs_nothing(tiny_shards, tmp_path):
     probe = tmp_path / "probe"
     shutil.copytree(tiny_shards, probe)
     run_dir = tmp_path / "run"
-    cmd = [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.max_steps=18",
+    cmd = [PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.max_steps=18",
            f"eval.online={probe}", "eval.every=1"]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -160,7 +160,7 @@ def test_two_ranks_share_the_embedding_and_score_as_eval_does(tiny_shards, noisy
 
     run_dir = tmp_path / "run"
     out = subprocess.run([*_torchrun(), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                          "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.epochs=2",
+                          "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, run_dir), "train.epochs=2",
                           f"eval.online={noisy_probe}", "eval.every=1", "eval.linear=true"],
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

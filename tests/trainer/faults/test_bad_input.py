@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_checkpoints(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run_dir),
+    out = subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, run_dir),
                           "optim.lr=1e30", "train.max_steps=20", "train.ckpt_every=1"],
                          env=cli_env(), capture_output=True, text=True)
     assert out.returncode == 1

@@ -17,7 +17,7 @@ import torch
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.dist_utils import free_port
 from tests.shard_utils import make_shards, rewrite_members, write_dali_indexes
-from trainer.checkpoint import CheckpointError, load_tensors, verify
+from trainer.train.checkpoint import CheckpointError, load_tensors, verify
 
 LIMIT = 240  # seconds any one command may take; a hang fails the test
 
@@ -33,7 +33,7 @@ class Payload:
 
 
 def _pretrain(shards, run_dir, *extra, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), *extra],
+    return subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(shards, run_dir), *extra],
                           env=cli_env(), capture_output=True, text=True, timeout=LIMIT, preexec_fn=preexec)
 
 
@@ -67,7 +67,7 @@ def test_eval_refuses_an_encoder_file_that_is_a_pickle(tiny_shards, tmp_path):
 
 
 def test_a_sweep_trial_state_and_searcher_state_are_never_unpickled(tmp_path):
-    from trainer.tune_ray import set_aside_damaged_state
+    from trainer.tune.ray_cluster import set_aside_damaged_state
 
     marker = tmp_path / "code_ran"
     torch.save({"runner": Payload(marker)}, tmp_path / "state.pt")
@@ -203,7 +203,7 @@ def test_check_shards_catches_a_wrong_sample_rate_and_empty_audio(tmp_path):
 def _torchrun(shards, run_dir, *extra) -> subprocess.CompletedProcess:
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [PYTHON, "-m", "torch.distributed.run"]
     return subprocess.run([*launcher, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                           "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), *extra],
+                           "-m", "trainer.cli.pretrain", *tiny_overrides(shards, run_dir), *extra],
                           env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
 
 
@@ -286,7 +286,7 @@ def _alive(pid: str) -> bool:
 @pytest.mark.e2e
 def test_loader_workers_die_with_a_killed_trainer(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    cmd = [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(tiny_shards, run), "train.max_steps=100000",
+    cmd = [PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(tiny_shards, run), "train.max_steps=100000",
            "data.num_workers=2"]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + LIMIT

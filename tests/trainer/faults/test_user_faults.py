@@ -14,7 +14,7 @@ from tests.conftest import PYTHON, REPO, cli_env, tiny_overrides
 
 
 def _pretrain(shards: Path, run_dir: Path, *extra: str, umask: int | None = None, timeout: float = 300):
-    cmd = [PYTHON, "-m", "trainer.pretrain", *tiny_overrides(shards, run_dir), "train.max_steps=2", *extra]
+    cmd = [PYTHON, "-m", "trainer.cli.pretrain", *tiny_overrides(shards, run_dir), "train.max_steps=2", *extra]
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout,
                           preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
@@ -118,14 +118,14 @@ def test_a_many_node_launch_says_what_it_waits_for(tmp_path):
     ("data.sources=[{shards: /x, weight: -1}]", "data.sources[0].weight: must be a positive number")])
 def test_non_finite_and_negative_numbers_are_refused_by_key(override, words):
     from dataio.errors import ConfigError
-    from trainer.config import PretrainConfig, load_config
+    from trainer.train.config import PretrainConfig, load_config
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, REPO / "configs" / "demo.yaml", ["data.shards=", override])
     assert words in str(err.value)
 
 
 def test_a_weight_written_1e_3_is_a_float_and_sources_replace_the_recipes_shards():
-    from trainer.config import PretrainConfig, load_config
+    from trainer.train.config import PretrainConfig, load_config
     recipe = REPO / "configs" / "demo.yaml"
     cfg = load_config(PretrainConfig, recipe, ["data.sources=[{shards: /a, weight: 1e-3}, {shards: /b}]"])
     assert cfg.data.shards == "" and [s["weight"] for s in cfg.data.sources] == [0.001, 1.0]

@@ -328,9 +328,9 @@ def test_looc_spaces_pair_the_views_they_say():
     """Head 0 is SimCLR's multi-positive NT-Xent over all three views; head 1 pairs view 0
     with view 2 only, so what view 1 looks like in head 1 changes nothing, and a head 1 in
     which views 0 and 2 agree exactly gives a lower loss than one in which they do not."""
-    from trainer.config import ModelConfig, ObjectiveConfig
     from trainer.objectives import ObjectiveContext, build_objective
     from trainer.objectives.ntxent import nt_xent
+    from trainer.train.config import ModelConfig, ObjectiveConfig
 
     d = 8
     obj = build_objective(ObjectiveConfig(name="looc", temperature=0.2), ModelConfig(proj_dim=d),

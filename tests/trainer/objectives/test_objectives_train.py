@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
-from trainer.config import PretrainConfig, load_config
-from trainer.pretrain import Pretrainer
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import Pretrainer
 
 OBJECTIVES = ["simclr", "looc", "moco", "npid", "cola", "supcon", "hybrid"]
 EXTRA = {"moco": ["objective.queue_size=16", "objective.momentum_schedule=cosine"],

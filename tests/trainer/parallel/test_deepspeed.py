@@ -36,13 +36,13 @@ def _batches(rank: int, world: int) -> list:
 def _train(rank: int, world: int, name: str, engine_name: str, stage: int, chunk: int) -> dict:
     """STEPS optimisation steps of ``name`` (fp32) as the trainer takes them; the final
     weights of the whole model, gathered."""
-    from trainer.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig
     from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.parallel.engines import build_engine
     from trainer.parallel.gradcache import GradCache
     from trainer.parallel.sync_bn import convert_global_bn
+    from trainer.train.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig
 
     torch.manual_seed(0)
     obj = build_objective(ObjectiveConfig(name=name, temperature=0.2, **EXTRA.get(name, {})),
@@ -108,9 +108,9 @@ def test_zero_0_to_3_on_two_ranks_equal_ddp_and_one_process(name):
 
 
 def _initial(name: str) -> dict:
-    from trainer.config import ModelConfig, ObjectiveConfig
     from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
+    from trainer.train.config import ModelConfig, ObjectiveConfig
 
     torch.manual_seed(0)
     obj = build_objective(ObjectiveConfig(name=name, **EXTRA.get(name, {})), ModelConfig(proj_hidden=16, proj_dim=8),
@@ -141,9 +141,9 @@ def _cmd(shards, run_dir, stage, *extra):
 
 def _launch(ranks: int, args: list) -> list:
     if ranks == 1:
-        return [PYTHON, "-m", "trainer.pretrain", *args]
+        return [PYTHON, "-m", "trainer.cli.pretrain", *args]
     return [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", "-m", "trainer.pretrain", *args]
+            f"--master-port={free_port()}", "-m", "trainer.cli.pretrain", *args]
 
 
 def _cpu_bf16() -> bool:
@@ -202,7 +202,7 @@ def _plain(out: subprocess.CompletedProcess, code: int) -> str:
 
 
 def _pretrain(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "trainer.pretrain", *args], env=cli_env(), capture_output=True,
+    return subprocess.run([PYTHON, "-m", "trainer.cli.pretrain", *args], env=cli_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -264,8 +264,8 @@ def test_bad_deepspeed_settings_exit_2_naming_the_key(tiny_shards, tmp_path, ove
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_shipped_recipe_passes_the_deepspeed_check_at_every_stage(stage):
     """Any recipe runs under DeepSpeed unchanged: what ZeRO cannot use it leaves off, with a line."""
-    from trainer.config import PretrainConfig, load_config
     from trainer.parallel.deepspeed_engine import DeepSpeedEngine
+    from trainer.train.config import PretrainConfig, load_config
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(PretrainConfig, path, ["train.engine=deepspeed", f"deepspeed.zero_stage={stage}"])
@@ -288,8 +288,8 @@ def test_bf16_on_a_cpu_without_it_and_offload_without_memory_are_refused(monkeyp
 
     import trainer.parallel.deepspeed_engine
     from dataio.errors import ConfigError
-    from trainer.config import PretrainConfig, load_config
     from trainer.models.encoders import build_encoder
+    from trainer.train.config import PretrainConfig, load_config
 
     check_section = trainer.parallel.deepspeed_engine.DeepSpeedEngine.check
     cpu = torch.device("cpu")
@@ -336,7 +336,7 @@ def test_the_deepspeed_launcher_with_a_hostfile_as_two_nodes(tiny_shards, tmp_pa
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     run, port = tmp_path / "run", free_port()
     nodes = [subprocess.Popen([shutil.which("deepspeed"), f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={n}",
-                               "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "trainer.pretrain",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "trainer.cli.pretrain",
                                *_cmd(tiny_shards, run, 2), "train.max_steps=2"],
                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in range(2)]
@@ -350,8 +350,8 @@ def test_the_deepspeed_launcher_with_a_hostfile_as_two_nodes(tiny_shards, tmp_pa
 
 def test_what_resumes_where():
     """The resume check of each engine, without a run: engine, stage, precision, ranks."""
-    from trainer.parallel.deepspeed_engine import DeepSpeedEngine
     from trainer.parallel.ddp_engine import DDPEngine
+    from trainer.parallel.deepspeed_engine import DeepSpeedEngine
     from trainer.parallel.engines import how_to_resume
 
     ddp = SimpleNamespace(name="ddp")

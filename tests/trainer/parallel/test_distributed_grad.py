@@ -14,10 +14,10 @@ B = 4
 
 
 def _setup(name: str, rank: int, world: int):
-    from trainer.config import ModelConfig, ObjectiveConfig
     from trainer.models.encoders import build_encoder
     from trainer.objectives import ObjectiveContext, build_objective
     from trainer.parallel.sync_bn import convert_global_bn
+    from trainer.train.config import ModelConfig, ObjectiveConfig
 
     torch.manual_seed(0)
     cfg = ObjectiveConfig(name=name, temperature=0.2, cola_dim=16, queue_size=32, nce_noise=6, momentum=0.9)

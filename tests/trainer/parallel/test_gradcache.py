@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig, ObjectiveConfig
 from trainer.models.heads import ContrastiveModel, LinearProjection
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.parallel.gradcache import GradCache
+from trainer.train.config import ModelConfig, ObjectiveConfig
 
 
 class TinyEncoder(nn.Module):

@@ -27,7 +27,7 @@ from dataio.errors import ConfigError
 from dataio.torch_pipeline import die_with_parent
 from trainer.commands import CommandFailed, run_guarded
 
-COMMANDS = {"pretrain": "trainer.pretrain", "eval": "trainer.evaluate.run"}  # eval: the embedding pass over ranks
+COMMANDS = {"pretrain": "trainer.cli.pretrain", "eval": "trainer.cli.eval"}  # eval: the embedding pass over ranks
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:

@@ -1,39 +1,24 @@
-"""Contrastive pretraining: ``audioclr pretrain --config X.yaml [a.b=v ...]``.
-
-Also ``python -m trainer.pretrain`` and ``torchrun ... -m trainer.pretrain``.
-"""
+"""The pretraining loop: :class:`Pretrainer` builds the run from a :class:`PretrainConfig`
+and trains it, step by step, with checkpoints (the command: :mod:`trainer.cli.pretrain`)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dataio.augment import build_augmenter, describe_ops
+from dataio.augment import build_augmenter
 from dataio.batch import Batch, Placement, steps_per_epoch
-from dataio.errors import ConfigError, DataError, ManifestError
+from dataio.errors import ConfigError, DataError
 from dataio.formats.codec import check_recipe_frontend
 from dataio.pipeline import backend_class, load_corpus, open_source
 from dataio.remote import Retry
-from dataio.schema import cli_number
-from trainer.checkpoint import (
-    ENGINE,
-    Checkpointer,
-    CheckpointError,
-    rng_state,
-    set_rng_state,
-    slice_reader,
-)
-from trainer.commands import GracefulStop, config_parser, print_help_config, run_guarded
-from trainer.config import PretrainConfig, load_config, save_config, to_dict
+from trainer.commands import GracefulStop
 from trainer.evaluate.online import OnlineProbe
-from trainer.launch import stop_with_launcher
 from trainer.metrics import MetricWriter
 from trainer.models.encoders import build_encoder, load_pretrained
 from trainer.models.export import encoder_meta, export_encoder
@@ -44,11 +29,20 @@ from trainer.parallel.device import autocast_dtype, pick_device
 from trainer.parallel.engines import build_engine, engine_class, how_to_resume
 from trainer.parallel.gradcache import GradCache
 from trainer.parallel.sync_bn import convert_global_bn
-from trainer.resume import START_ELSEWHERE, check_same_model, prepare_run_dir, report_differences
 from trainer.safe_files import describe_error
 from trainer.speed import compile_encoder, set_cudnn_benchmark, wants_compile
-from trainer.telemetry import EpochCounts, ProgressBar, Telemetry
 from trainer.threads import set_threads
+from trainer.train.checkpoint import (
+    ENGINE,
+    Checkpointer,
+    CheckpointError,
+    rng_state,
+    set_rng_state,
+    slice_reader,
+)
+from trainer.train.config import PretrainConfig, save_config, to_dict
+from trainer.train.resume import START_ELSEWHERE, check_same_model, prepare_run_dir, report_differences
+from trainer.train.telemetry import EpochCounts, ProgressBar, Telemetry
 
 log = logging.getLogger("audioclr.pretrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each: save a checkpoint, exit 128 + signal
@@ -373,41 +367,3 @@ def run_trainer(cfg: PretrainConfig) -> tuple[str, int]:
         return trainer.train(), trainer.stop.signal
     finally:
         trainer.close()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = config_parser("audioclr pretrain", __doc__, "YAML recipe (configs/*.yaml)",
-                      "dotted overrides, e.g. optim.lr=0.1 train.epochs=5")
-    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
-    p.add_argument("--local_rank", "--local-rank", type=cli_number(int, 0), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    info = distributed.env_info()
-    rank = info.rank
-    if args.help_config:
-        return print_help_config(PretrainConfig, *describe_ops())
-
-    def work() -> int:
-        stop_with_launcher()
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        status, stopped_by = run_trainer(cfg)
-        if status == "interrupted":  # _interrupted() said so, in the one line that tells how to go on
-            return 128 + stopped_by
-        # a stop that came after the last step found the work done: it ends as done
-        late = f" ({signal.Signals(stopped_by).name} came after the last step)" if stopped_by else ""
-        log.info("pretraining finished: %s%s", cfg.run_dir, late)
-        return 0
-
-    # errors every rank meets alike (a config, a NaN loss) are printed by rank 0 only;
-    # one rank's data or disk: that rank says so
-    return run_guarded("audioclr pretrain", work, input_errors=(ConfigError, ManifestError, ValueError),
-                       run_errors=(TrainingError,), quiet=rank != 0, rank=rank, world_size=info.world_size,
-                       own_errors=(DataError, CheckpointError, distributed.PeerLost),
-                       on_interrupt="error: interrupted before a checkpoint could be saved")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

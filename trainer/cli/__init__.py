@@ -1,4 +1,7 @@
-"""The ``audioclr`` command: one entry point, one sub-command per task."""
+"""The ``audioclr`` command: one entry point, one sub-command per task (``python -m trainer.cli``).
+
+Each command's own module sits beside this one (``pretrain``, ``launch``, ``eval``, ``tune``,
+``demo``; ``bench`` is :mod:`trainer.bench`); what they share is :mod:`trainer.commands`."""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ def _demo_corpus(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
     from dataio.errors import ShardWriteError
+    from trainer.cli.demo import make_corpus
     from trainer.commands import run_guarded
-    from trainer.demo import make_corpus
 
     def work() -> int:
         print(make_corpus(args.out, args.clips, args.seed, args.workers, args.overwrite).summary())
@@ -72,27 +75,27 @@ def _bench(argv: list[str]) -> int:
 
 
 def _pretrain(argv: list[str]) -> int:
-    from trainer.pretrain import main
+    from trainer.cli.pretrain import main
     return main(argv)
 
 
 def _launch(argv: list[str]) -> int:
-    from trainer.launch import main
+    from trainer.cli.launch import main
     return main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from trainer.evaluate.run import main
+    from trainer.cli.eval import main
     return main(argv)
 
 
 def _tune(argv: list[str]) -> int:
-    from trainer.tune import main
+    from trainer.cli.tune import main
     return main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from trainer.demo import main
+    from trainer.cli.demo import main
     return main(argv)
 
 
@@ -132,6 +135,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         return report_stop(f"audioclr {name}", err, STOPPED)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,10 +14,11 @@ from dataio.schema import cli_number
 from dataio.shard_pipeline import write_shards
 from dataio.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
-from trainer.config import PretrainConfig, load_config
-from trainer.evaluate.run import EvalRoot, run_eval
+from trainer.evaluate.config import EvalRoot
+from trainer.evaluate.run import run_eval
 from trainer.objectives import OBJECTIVES
-from trainer.pretrain import TrainingError, run
+from trainer.train.config import PretrainConfig, load_config
+from trainer.train.loop import TrainingError, run
 
 log = logging.getLogger("audioclr.demo")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

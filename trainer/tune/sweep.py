@@ -1,17 +1,7 @@
-"""``audioclr tune --config configs/sweeps/X.yaml [key=value ...]``: Ray Tune searches over
-the downstream evaluation of saved encoders (fine-tuning's alpha, temperature, lr; kNN's
-k and temperature; ...).
-
-Each trial is one :class:`~trainer.evaluate.run.Evaluation` (every round / fold in
-lockstep); after each epoch it reports the mean over rounds of its validation and test
-metrics and checkpoints its state through Ray Tune, so ASHA can stop it early, a failed
-trial is retried from its last epoch, and rerunning the same command resumes a stopped
-sweep. Trials are ranked on validation clips only (``eval.val_fraction`` or the shards'
-``val`` split); the test columns are reported, never selected on.
-
-Writes into ``storage/name/``: ``results.csv`` and ``results.md`` (sorted by the
-metric) and ``best.yaml`` (ready for ``audioclr eval --config``).
-"""
+"""A Ray Tune sweep over the downstream evaluation of saved encoders: :class:`SweepConfig`,
+one :class:`~trainer.evaluate.run.Evaluation` per trial, :func:`tune_sweep` (the command:
+:mod:`trainer.cli.tune`; Ray's start and stop: :mod:`trainer.tune.ray_cluster`; the tables:
+:mod:`trainer.tune.results`)."""
 
 from __future__ import annotations
 
@@ -30,17 +20,17 @@ from dataio.errors import ConfigError
 from dataio.manifest import load_manifest
 from dataio.recipes import merge_trees, set_dotted
 from dataio.schema import check, option
-from trainer.commands import INPUT_ERRORS, GracefulStop, config_parser, print_help_config, run_guarded
-from trainer.config import load_config, to_dict
+from trainer.commands import GracefulStop
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import PROTOCOLS, EvalConfig
 from trainer.evaluate.protocol import MULTI_LABEL_METRICS, SINGLE_LABEL_METRICS, make_rounds, primary_metric
 from trainer.evaluate.protocols import protocol as protocol_named
 from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.models.export import read_encoder_meta
-from trainer.safe_files import CheckpointError, load_tensors
-from trainer.tune_ray import lost_checkpoints, node_name, set_aside_damaged_state, start_ray, stop_ray
-from trainer.tune_results import check_val_against_test, fmt, result_rows, write_tables
+from trainer.safe_files import load_tensors
+from trainer.train.config import load_config, to_dict
+from trainer.tune.ray_cluster import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
+from trainer.tune.results import check_val_against_test, fmt, result_rows, write_tables
 
 log = logging.getLogger("audioclr.tune")
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -333,39 +323,3 @@ def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list
     if rows and rows[0]["status"] == "ok":
         write_best(rows[0], cfg, exp_dir)
     return rows, exp_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = config_parser("audioclr tune", __doc__, "sweep YAML (configs/sweeps/*.yaml; required)",
-                      "name=alpha2 encoders=[runs/a,runs/b] eval.finetune.epochs=5 ...")
-    p.add_argument("--address", help="an existing Ray cluster to run on (= ray.address): HOST:6379 of its head, "
-                   "'auto' on a node of it, or ray://HOST:10001")
-    args = p.parse_args(argv)
-    if args.help_config:
-        return print_help_config(SweepConfig)
-    if args.address is not None:
-        args.overrides.append(f"ray.address={args.address}")
-    if not args.config:
-        p.error("--config is required")
-    # Ray Tune warns at every few saves that "snapshotting ... may become a bottleneck": a
-    # sweep saves each trial's state every epoch on purpose (resume), and the trials are small
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-    def work() -> int:
-        cfg = load_config(SweepConfig, args.config, args.overrides)
-        try:
-            with sweep_stop() as stop:
-                rows, exp_dir = tune_sweep(cfg, stop)
-        finally:
-            stop_ray()
-        print((exp_dir / "results.md").read_text())
-        if stop.signal:
-            log.warning("stopped by %s; the table above holds the trials so far. Rerun the same command to resume "
-                        "the sweep (%s)", signal.Signals(stop.signal).name, exp_dir)
-            return 128 + stop.signal
-        failed = sum(r["status"] != "ok" for r in rows)
-        print(f"{len(rows)} trial(s), {failed} failed; results in {exp_dir} (results.csv, results.md, best.yaml)")
-        return 1 if failed == len(rows) else 0
-
-    return run_guarded("audioclr tune", work, input_errors=(*INPUT_ERRORS, CheckpointError),
-                       on_interrupt="stopped at once; trial checkpoints are kept, rerun the same command to resume")
