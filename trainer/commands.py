@@ -85,7 +85,7 @@ class CommandFailed(RuntimeError):
 # ("initialization failed"), which the importer may take for a missing module, and the next
 # import of the module fails for good (optree's, under torch.optim's lazy import of
 # torch._dynamo). So does one inside ``stops_held()``.
-_pending = {"deferred": False, "held": 0}
+_pending = {"deferred": False, "held": 0, "scopes": 0}
 REDELIVER_S = 2.0
 POLL_S = 0.05
 
@@ -135,10 +135,14 @@ def _importing(frame) -> bool:
 
 
 def _redeliver(owner: int, signum: int) -> None:
+    """Deliver ``signum`` again until a catcher takes it, while the process is still inside
+    a block of ours that handles stops (``sigterm_stops``, ``GracefulStop``): once it has
+    left them, a stop sent again would reach whoever runs next (a caller's own handler, a
+    test runner)."""
     tries, due = 0, time.monotonic() + REDELIVER_S
     while tries < 10:
         time.sleep(POLL_S)
-        if stop_pending() != signum:
+        if stop_pending() != signum or not _pending["scopes"]:
             return
         if _pending["deferred"]:  # the main thread was importing or held it: again once it is not
             if not _pending["held"] and not _importing(sys._current_frames().get(threading.main_thread().ident)):
@@ -177,6 +181,7 @@ def sigterm_stops():
         return
     handler = _stopper(os.getpid())
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _pending["scopes"] += 1
     previous_hook, previous_thread_hook = sys.unraisablehook, threading.excepthook
 
     def quiet_lost_stop(unraisable) -> None:  # the stop is delivered again: no traceback for it
@@ -193,6 +198,7 @@ def sigterm_stops():
     try:
         yield
     finally:
+        _pending["scopes"] -= 1
         sys.unraisablehook = previous_hook
         if not stop_taken():  # a stopped worker's hang-up may still reach a thread on the way out
             threading.excepthook = previous_thread_hook
@@ -215,6 +221,7 @@ class GracefulStop:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            _pending["scopes"] += 1
         return self
 
     def arm(self) -> None:
@@ -237,6 +244,8 @@ class GracefulStop:
             self.forward()
 
     def __exit__(self, *exc) -> None:
+        if self.previous:
+            _pending["scopes"] -= 1
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 

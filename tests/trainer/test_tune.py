@@ -172,12 +172,20 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
 def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
     from trainer.tune.sweep import sweep_stop
 
+    from dataio.stop_signal import stop_pending
+
     before = signal.getsignal(signal.SIGINT)  # a shell's background job starts with SIGINT ignored
     with pytest.raises(KeyboardInterrupt):  # main() turns it into exit 130 with a message
         with sweep_stop():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
+    # no catcher took it here (main()'s would): out of the block, it is not sent again to
+    # whoever handles SIGINT next (here pytest, which would end the session)
+    assert stop_pending() == signal.SIGINT
+    time.sleep(2.5)  # past the redelivery interval
+    from trainer.commands import stop_handled
+    stop_handled()
 
 
 def test_a_best_trial_that_validates_far_above_its_test_is_noted():
