@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from dataio.manifest import Manifest, ShardInfo
+from dataio.reading.manifest import Manifest, ShardInfo
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -53,7 +53,7 @@ def make_shards(folder: Path, counts: list[int], seconds: float = 1.2, rate: int
 
 def write_dali_indexes(folder: Path) -> None:
     """DALI index files for hand-made shards (the shard writer makes its own)."""
-    from dataio.tar_writer import write_dali_index
+    from dataio.writing.tar_writer import write_dali_index
 
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

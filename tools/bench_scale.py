@@ -42,8 +42,8 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataio.manifest import Manifest  # noqa: E402 -- after the repository is on the path
-from dataio.tar_writer import ShardSink  # noqa: E402
+from dataio.reading.manifest import Manifest  # noqa: E402 -- after the repository is on the path
+from dataio.writing.tar_writer import ShardSink  # noqa: E402
 
 RATE, TONES = 16000, 16
 
@@ -106,10 +106,10 @@ CLI = [sys.executable, "-m", "trainer.cli"]
 RESUME = """
 import json, sys, time
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
-from dataio.torch_pipeline import WaveBatches
+from dataio.reading.manifest import load_manifest
+from dataio.backends.torch_pipeline import WaveBatches
 manifest = load_manifest(sys.argv[1])
 cfg = DataConfig(shards=sys.argv[1], batch_size=64, num_workers=0, view_seconds=1.0)
 aug = build_augmenter({}, FrontendConfig(), 1.0, num_views=2, pairs_per_clip=1, seed=0)
@@ -167,8 +167,8 @@ def resume_run(n: int, work: Path, repeats: int = 3) -> dict:
     exit) at the first and at the last step of an epoch of ``n`` clips; the checkpoints to
     resume from are trained first (not timed), each timed resume starts from a copy of its
     run. Medians over ``repeats``, the two places alternating."""
-    from dataio.batch import DataConfig, steps_per_epoch
-    from dataio.manifest import load_manifest
+    from dataio.backends.batch import DataConfig, steps_per_epoch
+    from dataio.reading.manifest import load_manifest
 
     root = work / f"resume{n}"
     shutil.rmtree(root, ignore_errors=True)

@@ -36,7 +36,7 @@ PY = sys.executable
 
 DALI_VS_TORCH = """
 import json, sys, numpy as np, torch
-from dataio.dali_pipeline import numpy_logmel
+from dataio.backends.dali_pipeline import numpy_logmel
 from dataio.frontend import FrontendConfig, LogMel
 cfg = FrontendConfig()
 g = np.random.default_rng(0)

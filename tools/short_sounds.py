@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the repository's packages beside this folder
     sys.path.insert(0, str(REPO))
 
-from dataio.shard_writer import soundfile_loader  # noqa: E402
-from dataio.sources import load_layout  # noqa: E402
-from dataio.views import patch_starts  # noqa: E402
+from dataio.backends.views import patch_starts  # noqa: E402
+from dataio.writing.shard_writer import soundfile_loader  # noqa: E402
+from dataio.writing.sources import load_layout  # noqa: E402
 
 
 def mono_wave(item, rate: int) -> np.ndarray:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataio.shard_writer import ClipItem
-from dataio.sources.demo import demo_items, synth_loader
+from dataio.writing.sources.demo import demo_items, synth_loader
+from dataio.writing.sources.item import ClipItem
 
 
 def fixture_items(clips: int = 90) -> list[ClipItem]:

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from dataio.batch import DataConfig
+from dataio.backends.batch import DataConfig
+from dataio.backends.registry import BACKENDS, backend_class
+from dataio.backends.source import DataSource
 from dataio.errors import ConfigError
-from dataio.pipeline import BACKENDS, backend_class
-from dataio.source import DataSource
 from tests.conftest import REPO
 
 

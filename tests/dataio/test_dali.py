@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from dataio.augment import build_augmenter  # noqa: E402
-from dataio.batch import DataConfig, Placement  # noqa: E402
-from dataio.dali_pipeline import DaliBatches, numpy_logmel  # noqa: E402
+from dataio.backends.batch import DataConfig, Placement  # noqa: E402
+from dataio.backends.dali_pipeline import DaliBatches, numpy_logmel  # noqa: E402
 from dataio.frontend import FrontendConfig, LogMel  # noqa: E402
-from dataio.manifest import load_manifest  # noqa: E402
+from dataio.reading.manifest import load_manifest  # noqa: E402
 from tests.shard_utils import make_shards  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def test_pipeline_checkpoint_resumes_the_same_batches(shards):
 
 
 def test_truncated_shard_is_left_out(tmp_path):
-    from dataio.dali_pipeline import readable_shards
+    from dataio.backends.dali_pipeline import readable_shards
     from tests.shard_utils import write_dali_indexes
 
     make_shards(tmp_path, [5, 5, 5])
@@ -116,7 +116,7 @@ def test_both_back_ends_apply_the_same_chain_to_the_same_numbers(tmp_path, chain
     then the shared stage augments them with the same keyed draws: bit for bit. With
     log-mel ops only, DALI computes the log-mel in its graph: the tolerance is then the
     two front ends' (1e-4 in normalised units = 0.002 dB), carried through the ops."""
-    from dataio.torch_pipeline import TorchSource
+    from dataio.backends.torch_pipeline import TorchSource
     from tests.shard_utils import write_dali_indexes
 
     cfg = DataConfig(shards=str(tmp_path), batch_size=4, num_workers=1, view_seconds=0.5)
@@ -150,7 +150,7 @@ def _ramp_shards(folder, seconds_list, rate=16000):
 
     import soundfile as sf
 
-    from dataio.manifest import Manifest, ShardInfo
+    from dataio.reading.manifest import Manifest, ShardInfo
     from tests.shard_utils import write_dali_indexes
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def _ramp_shards(folder, seconds_list, rate=16000):
 
 
 def test_view_gap_keeps_the_two_views_apart_in_the_dali_graph(tmp_path):
-    from dataio.dali_pipeline import build_pipeline
+    from dataio.backends.dali_pipeline import build_pipeline
 
     manifest = _ramp_shards(tmp_path, [1.0, 1.2, 1.5, 0.8] * 4)  # views of 0.25 s, gap 0.5 s
     cfg = DataConfig(shards=str(tmp_path), batch_size=16, num_workers=1, view_seconds=0.25, view_gap=0.5)
@@ -192,7 +192,7 @@ def test_view_gap_keeps_the_two_views_apart_in_the_dali_graph(tmp_path):
 
 
 def test_log_mel_ops_beside_dali_take_one_thread_on_a_cpu_and_give_it_back():
-    from dataio.dali_pipeline import one_thread_beside_dali
+    from dataio.backends.dali_pipeline import one_thread_beside_dali
 
     threads = torch.get_num_threads()
     with one_thread_beside_dali(torch.device("cpu")):

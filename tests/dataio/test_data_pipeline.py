@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
+from dataio.backends.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
+from dataio.backends.torch_pipeline import wave_loader
 from dataio.errors import ConfigError, ManifestError
 from dataio.formats.codec import ClipCodec
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest, split_for_reader, split_for_worker
-from dataio.torch_pipeline import wave_loader
+from dataio.reading.manifest import load_manifest, split_for_reader, split_for_worker
 from tests.shard_utils import make_shards
 
 
@@ -132,7 +132,7 @@ def test_pairs_per_clip_draw_several_view_sets_from_one_decode(even):
 
 @pytest.mark.parametrize("augment", [None, {"gain": {}, "rrc": {}, "time_mask": {}}], ids=["plain", "chain"])
 def test_workers_run_the_augmentation_stage_for_a_cpu_device(even, augment):
-    from dataio.torch_pipeline import DeviceFeeder
+    from dataio.backends.torch_pipeline import DeviceFeeder
 
     cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=1)
     aug = _augmenter(cfg, augment, FrontendConfig(n_mels=32))
@@ -146,7 +146,7 @@ def test_workers_run_the_augmentation_stage_for_a_cpu_device(even, augment):
 
 def test_one_process_and_two_ranks_see_the_same_augmented_views(even):
     """Per-clip draws are keyed on the clip, not on the rank or batch it lands in."""
-    from dataio.torch_pipeline import DeviceFeeder
+    from dataio.backends.torch_pipeline import DeviceFeeder
 
     chain = {"gain": {}, "speed": {"p": 0.5}, "noise": {}, "rrc": {}, "time_mask": {}, "pitch_shift": {}}
     cfg = DataConfig(shards=str(even.root), batch_size=4, num_workers=1, view_seconds=0.5)
@@ -166,7 +166,7 @@ def test_one_process_and_two_ranks_see_the_same_augmented_views(even):
 
 
 def test_view_gap_keeps_the_views_of_a_clip_apart():
-    from dataio.views import crop_starts
+    from dataio.backends.views import crop_starts
 
     rng = np.random.default_rng(0)
     for n in (20000, 24000, 32000, 48000, 100000):
@@ -200,7 +200,7 @@ def test_every_clip_is_read_once_per_pass_whatever_the_shards_ranks_and_workers(
 def test_a_run_long_loader_gives_every_epoch_what_fresh_loaders_give(even):
     """data.persistent_workers: one loader across epochs, its workers never restarted, yields
     what a fresh loader per epoch yields, from any start (3 workers, steps not a multiple)."""
-    from dataio.batch import Placement
+    from dataio.backends.batch import Placement
     cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=3, shuffle_buffer=7)
     steps = steps_per_epoch(cfg, even, 2)
     assert steps % 3, "the workers' turns must cross epoch boundaries unevenly"
@@ -216,7 +216,7 @@ def test_a_run_long_loader_gives_every_epoch_what_fresh_loaders_give(even):
 
 @pytest.mark.parametrize("persistent", [True, False])
 def test_persistent_workers_live_across_epochs_and_die_when_an_epoch_is_left(even, persistent):
-    from dataio.torch_pipeline import TorchSource
+    from dataio.backends.torch_pipeline import TorchSource
     cfg = DataConfig(shards=str(even.root), batch_size=5, num_workers=2, shuffle_buffer=7,
                      persistent_workers=persistent)
     place = Placement(rank=0, world_size=1, seed=3, steps=steps_per_epoch(cfg, even, 1))
@@ -263,7 +263,7 @@ def test_resampled_shards_that_hold_nothing_readable_are_named(tmp_path):
     cfg = DataConfig(shards=str(tmp_path), batch_size=2, num_workers=0, resampled=True)
     batches = _epoch(manifest, cfg, 0, 0, 1)
     assert isinstance(batches[0], LoaderFailure) and "no readable clip in any shard" in batches[0].message
-    from dataio.pipeline import backend_class
+    from dataio.backends.registry import backend_class
 
     with pytest.raises(ConfigError, match="data.resampled: needs backend torch"):  # the DALI back end's own check
         backend_class("dali").check(DataConfig(shards=str(tmp_path), backend="dali", resampled=True))
@@ -278,7 +278,7 @@ def test_a_seek_to_any_point_reads_what_reading_there_reads(tmp_path, counts, wo
     same, item for item, at every skip, across pass boundaries, for every reader."""
     import itertools
 
-    import dataio.streams as streams
+    import dataio.reading.streams as streams
 
     manifest = make_shards(tmp_path, counts, seconds=0.05)
     order = list(np.random.default_rng(0).permutation(len(counts)))
@@ -313,7 +313,7 @@ def test_a_seek_into_a_shard_shorter_than_its_manifest_says_is_named(tmp_path):
     import itertools
     import json
 
-    import dataio.streams as streams
+    import dataio.reading.streams as streams
     from dataio.errors import ShardMismatch
 
     manifest = make_shards(tmp_path, [6, 6], seconds=0.05)

@@ -10,14 +10,14 @@ import torch
 
 from dataio import formats
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement
-from dataio.convert import convert_corpus
+from dataio.backends.batch import DataConfig, Placement
+from dataio.backends.registry import open_source
 from dataio.formats.base import ClipFormat
 from dataio.formats.clip import samples_of
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
-from dataio.pipeline import open_source
-from dataio.shard_writer import Encoding
+from dataio.reading.manifest import load_manifest
+from dataio.writing.convert import convert_corpus
+from dataio.writing.shard_writer import Encoding
 from tests.shard_utils import make_shards, write_dali_indexes
 
 FRONTEND = FrontendConfig(n_mels=32)

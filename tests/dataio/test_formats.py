@@ -18,17 +18,17 @@ import pytest
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
-from dataio.convert import convert_corpus
+from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.torch_pipeline import DeviceFeeder, wave_loader
 from dataio.errors import ManifestError, ShardWriteError
 from dataio.formats.base import PCM_SCALE
 from dataio.formats.codec import ClipCodec
 from dataio.formats.logmel import logmel_frames
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import load_manifest
-from dataio.remote import tar_samples
-from dataio.shard_writer import Encoding
-from dataio.torch_pipeline import DeviceFeeder, wave_loader
+from dataio.reading.manifest import load_manifest
+from dataio.reading.remote import tar_samples
+from dataio.writing.convert import convert_corpus
+from dataio.writing.shard_writer import Encoding
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from tests.shard_utils import make_shards, rewrite_members, write_dali_indexes
 
@@ -142,7 +142,7 @@ def test_a_view_cut_from_a_logmel_corpus_is_a_crop_of_the_stored_frames(corpora)
 
 
 def test_pairs_resampling_and_mixing_work_on_the_new_formats(corpora, tmp_path):
-    from dataio.manifest import load_sources
+    from dataio.reading.manifest import load_sources
 
     for fmt in ("pcm16", "logmel"):
         batches, views = _batches(load_manifest(corpora / fmt), pairs_per_clip=2, resampled=True)
@@ -299,7 +299,7 @@ def test_convert_refuses_what_it_cannot_do_and_leaves_no_manifest_when_it_fails(
     assert out.returncode == 2 and key in out.stderr and "check-shards" in out.stderr, out.stderr
     assert not (tmp_path / "half" / "manifest.json").exists()
     with pytest.raises(ShardWriteError, match="logmel corpus needs the front end"):
-        from dataio.shard_writer import check_encoding
+        from dataio.writing.shard_writer import check_encoding
         check_encoding(Encoding("logmel"), 16000)
 
 
@@ -349,7 +349,7 @@ def test_evaluation_reads_pcm16_and_names_a_logmel_corpus(corpora, tmp_path):
 
 @needs_dali
 def test_dali_cuts_logmel_views_from_the_stored_frames_and_pcm16_views_as_flac(corpora):
-    from dataio.dali_pipeline import DaliSource
+    from dataio.backends.dali_pipeline import DaliSource
 
     def views(fmt):
         manifest = load_manifest(corpora / fmt)
@@ -378,7 +378,7 @@ def test_dali_cuts_logmel_views_from_the_stored_frames_and_pcm16_views_as_flac(c
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_every_format_feeds_the_gpu_the_views_the_cpu_gets(corpora, backend):
-    from dataio.pipeline import open_source
+    from dataio.backends.registry import open_source
 
     def views(fmt, device):
         manifest = load_manifest(corpora / fmt)
@@ -398,7 +398,7 @@ def test_every_format_feeds_the_gpu_the_views_the_cpu_gets(corpora, backend):
 def test_convert_in_one_process_runs_on_one_torch_thread_and_gives_the_rest_back(tiny_shards, tmp_path, monkeypatch):
     """Issue 35, item 6: with one shard or --workers 1 the log-mels ran in the main process
     on every core's thread, 6.4x slower than one thread; now one, as a pool worker has."""
-    import dataio.convert as convert
+    import dataio.writing.convert as convert
 
     seen, real = [], convert.convert_shard
 

@@ -12,11 +12,11 @@ import subprocess
 import pytest
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
+from dataio.backends.batch import DataConfig, LoaderFailure, Placement, steps_per_epoch
+from dataio.backends.torch_pipeline import wave_loader
 from dataio.errors import ShardMismatch
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
-from dataio.torch_pipeline import wave_loader
+from dataio.reading.manifest import load_manifest
 from tests.conftest import PYTHON, cli_env, tiny_overrides
 from tests.shard_utils import make_shards, rewrite_members, write_dali_indexes
 
@@ -82,7 +82,7 @@ def test_a_shard_holding_fewer_than_listed_is_read_with_a_warning_naming_it(shar
     with pytest.raises(ShardMismatch, match=r"shard-00002\.tar holds more samples than the 5"):
         _one_epoch(shards)
     _edit_manifest(shards, lambda raw: raw["shards"][2].update(count=6) or raw.update(num_clips=25))
-    with caplog.at_level(logging.WARNING, logger="dataio.torch_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dataio.backends.torch_pipeline"):
         batches = _one_epoch(shards)
     assert batches and "shard-00003.tar holds 6 of the 7 samples its manifest lists" in caplog.text
 

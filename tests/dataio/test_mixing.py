@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.torch_pipeline import wave_loader
 from dataio.errors import ConfigError, ManifestError
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_sources
-from dataio.torch_pipeline import wave_loader
+from dataio.reading.manifest import load_sources
 from tests.conftest import PYTHON, checkpoint_weights, cli_env, tiny_overrides
 from tests.dist_utils import free_port
 from tests.shard_utils import make_shards

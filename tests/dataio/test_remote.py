@@ -173,8 +173,8 @@ def test_two_ranks_of_a_node_share_one_fetch(tiny_shards, tmp_path, serve):
 def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
     import os
 
-    from dataio.manifest import load_manifest
-    from dataio.shard_cache import localize
+    from dataio.reading.manifest import load_manifest
+    from dataio.reading.shard_cache import localize
     from tests.shard_utils import make_shards
     folders = [tmp_path / name for name in ("a", "b", "c")]
     for i, folder in enumerate(folders):
@@ -195,8 +195,8 @@ def test_the_shard_cache_evicts_the_corpus_used_longest_ago(tmp_path, serve):
 def test_a_corpus_replaced_at_its_url_is_fetched_again(tmp_path, serve, caplog):
     import shutil
 
-    from dataio.manifest import load_manifest
-    from dataio.shard_cache import localize
+    from dataio.reading.manifest import load_manifest
+    from dataio.reading.shard_cache import localize
     from tests.shard_utils import make_shards
     folder = tmp_path / "corpus"
     make_shards(folder, [3, 3], seconds=0.3, seed=0)
@@ -244,8 +244,8 @@ def test_evaluation_reads_shards_from_a_url_as_from_the_folder(tmp_path, serve):
 
 def test_any_fsspec_url_streams_the_same_samples(tiny_shards):
     """file:// goes through fsspec, as s3:// or gs:// do (with the cloud extra)."""
-    from dataio.manifest import load_manifest
-    from dataio.streams import raw_samples
+    from dataio.reading.manifest import load_manifest
+    from dataio.reading.streams import raw_samples
     local, remote = load_manifest(tiny_shards), load_manifest(f"file://{tiny_shards}")
     assert remote.remote and remote.where == f"file://{tiny_shards}"
     ids = list(range(len(local.shards)))
@@ -309,8 +309,8 @@ def test_missing_credentials_fail_at_once_by_name(tmp_path, s3_server, monkeypat
     import time
 
     from dataio.errors import ManifestError
-    from dataio.manifest import load_manifest
-    from dataio.remote import Retry
+    from dataio.reading.manifest import load_manifest
+    from dataio.reading.remote import Retry
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -363,9 +363,9 @@ def test_a_manifest_that_does_not_match_its_shards_is_named_before_training(tiny
 
 @pytest.mark.e2e
 def test_decode_free_formats_stream_from_a_url_and_convert_from_one(tiny_shards, tmp_path, serve):
-    from dataio.convert import convert_corpus
     from dataio.frontend import FrontendConfig
-    from dataio.shard_writer import Encoding
+    from dataio.writing.convert import convert_corpus
+    from dataio.writing.shard_writer import Encoding
 
     pcm = tmp_path / "pcm16"
     convert_corpus(tiny_shards, str(pcm), Encoding("pcm16"), workers=1, progress=False)
@@ -393,7 +393,7 @@ def test_a_store_that_stops_answering_mid_check_is_left_to_the_reads(tmp_path, s
     times out the rest are left to the reads (which retry and name the URL), with a warning."""
     import logging
 
-    from dataio.remote import sizes
+    from dataio.reading.remote import sizes
     from tests.shard_utils import make_shards
 
     make_shards(tmp_path / "s", [1] * 48, seconds=0.05)
@@ -401,7 +401,7 @@ def test_a_store_that_stops_answering_mid_check_is_left_to_the_reads(tmp_path, s
     serve.servers[0].hang_heads_after = 3
     urls = [f"{url}/shard-{i:05d}.tar" for i in range(48)]
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="dataio.remote"):
+    with caplog.at_level(logging.WARNING, logger="dataio.reading.remote"):
         found = sizes(urls, timeout=0.5)
     assert time.perf_counter() - start < 2.5 and serve.servers[0].heads <= 3 + 16 + 2
     assert 3 <= len(found) < 48 and all(size and size > 0 for size in found.values())

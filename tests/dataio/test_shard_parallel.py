@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-import dataio.shard_pipeline as pipeline
+import dataio.writing.shard_pipeline as pipeline
 from dataio.errors import ShardWriteError
-from dataio.shard_pipeline import write_shards
-from dataio.shard_plan import ShardPlanner
-from dataio.shard_writer import WORK_DIR_NAME, Encoding
-from dataio.sources import listing_parts
-from dataio.sources.folder import folder_items
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.shard_plan import ShardPlanner
+from dataio.writing.shard_writer import WORK_DIR_NAME, Encoding
+from dataio.writing.sources import listing_parts
+from dataio.writing.sources.folder import folder_items
 from tests.dataio.shard_fixture import fixture_items, fixture_loader, folder_digest
 
 SERIAL_DIGESTS = {  # sha256 of every file written (names and bytes), serial writer of 8997bb7
@@ -97,8 +97,8 @@ def test_an_empty_listing_leaves_no_folder(tmp_path):
 def test_the_working_files_are_plain_records_that_read_back_exactly(tmp_path):
     """The listing and the spill are data (JSON objects; length-prefixed bytes), never
     pickles: reading a working folder left by another run executes nothing."""
-    from dataio.shard_store import ItemStore, read_spill, spill_path, write_items, write_spill
-    from dataio.shard_writer import ClipItem
+    from dataio.writing.shard_store import ItemStore, read_spill, spill_path, write_items, write_spill
+    from dataio.writing.sources.item import ClipItem
 
     items = [ClipItem(f"a/{i}.wav", ["dog", "bark"], "train", i % 3 or None, None, {"seed": i, "class": "x"},
                       "balanced" if i % 2 else None) for i in range(5)]

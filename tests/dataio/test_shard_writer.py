@@ -15,12 +15,13 @@ import pytest
 import soundfile as sf
 
 from dataio.errors import ShardWriteError
-from dataio.manifest import load_manifest
-from dataio.shard_cli import parse_size
-from dataio.shard_pipeline import write_shards
-from dataio.shard_writer import REJECTED_NAME, ClipItem
-from dataio.sources import items_for_layout
-from dataio.sources.folder import csv_items, folder_items
+from dataio.reading.manifest import load_manifest
+from dataio.writing.shard_cli import parse_size
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.shard_writer import REJECTED_NAME
+from dataio.writing.sources import items_for_layout
+from dataio.writing.sources.folder import csv_items, folder_items
+from dataio.writing.sources.item import ClipItem
 
 RATE = 16000
 LSB = 1.0 / 32768.0  # one step of 16-bit PCM
@@ -262,7 +263,7 @@ def test_csv_layout(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label,fold\naudio/clip0.wav,cat,1\naudio/clip1.wav,dog,first\n")
     with pytest.raises(ValueError, match="line 3: fold 'first' is a name, but .* line 2 has the integer fold 1"):
-        csv_items(bad)  # named folds are fine (tests/dataio/sources/test_named_folds.py), a mix of both is not
+        csv_items(bad)  # named folds are fine (tests/dataio/writing/sources/test_named_folds.py), a mix of both is not
     bad.write_text("audio/clip0.wav,cat\naudio/clip1.wav\n")
     with pytest.raises(ValueError, match="line 2"):
         csv_items(bad)
@@ -296,8 +297,8 @@ def test_no_command_writes_over_its_own_input(audio_tree, tmp_path, capsys):
     """Issue 36, row 1: ``shard convert`` onto its source with --overwrite emptied it. An
     --out that is the input, however spelled, or inside it is refused before anything is
     touched, --overwrite included; a sibling or a parent is fine."""
-    from dataio.convert import convert_corpus
-    from dataio.shard_writer import Encoding, refuse_output_over_input
+    from dataio.writing.convert import convert_corpus
+    from dataio.writing.shard_writer import Encoding, refuse_output_over_input
 
     corpus = tmp_path / "corpus"
     assert _cli([str(audio_tree), "--out", str(corpus), "--workers", "1"]) == 0
@@ -396,8 +397,8 @@ def test_a_stopped_or_full_write_leaves_no_tmp_and_rerunning_it_works(audio_tree
     shard being written, and the same command again takes over the unfinished folder."""
     import tarfile
 
-    from dataio.convert import convert_corpus
-    from dataio.shard_writer import Encoding
+    from dataio.writing.convert import convert_corpus
+    from dataio.writing.shard_writer import Encoding
 
     corpus = tmp_path / "corpus"
     assert _cli([str(audio_tree), "--out", str(corpus), "--workers", "1", "--shard-size", "2"]) == 0

@@ -12,8 +12,8 @@ import torch
 
 from dataio.augment import BatchIds, build_augmenter
 from dataio.augment.keyed import row_keys, scalar_key, uniforms
+from dataio.backends.views import crop_keys, keyed_crop_starts
 from dataio.frontend import FrontendConfig
-from dataio.views import crop_keys, keyed_crop_starts
 
 CLIPS, EPOCHS, SIZE = 2000, 12, 16000
 

@@ -54,7 +54,7 @@ def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clip
     import dataio.formats.flac as formats
     import trainer.bench.data as bench
     from dataio.formats.codec import ClipCodec
-    from dataio.manifest import load_manifest
+    from dataio.reading.manifest import load_manifest
 
     manifest = load_manifest(tiny_shards)
     read, views = bench.views_read(manifest, pairs=2)
@@ -138,7 +138,7 @@ def test_bench_quality_pretrains_a_label_reading_objective_without_the_fold_it_s
     clips only, scored on its fold alone; --shards (no CSV to split) is refused."""
     import json
 
-    from dataio.manifest import load_manifest
+    from dataio.reading.manifest import load_manifest
     from trainer.evaluate.clips import load_clipset
 
     meta = _tone_csv(tmp_path)

@@ -309,10 +309,10 @@ def _read_everything(folder: Path) -> tuple[int, int]:
     import torch
 
     from dataio.augment import build_augmenter
-    from dataio.batch import DataConfig, Placement, steps_per_epoch
+    from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
+    from dataio.backends.registry import open_source
     from dataio.frontend import FrontendConfig
-    from dataio.manifest import load_manifest
-    from dataio.pipeline import open_source
+    from dataio.reading.manifest import load_manifest
     manifest = load_manifest(folder)
     cfg = DataConfig(shards=str(folder), batch_size=2, num_workers=0, view_seconds=0.2, shuffle_buffer=1,
                      short_clips="pad")

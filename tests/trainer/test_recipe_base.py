@@ -109,7 +109,7 @@ def test_a_bad_base_is_exit_2_and_one_line(tmp_path, capsys, command):
 
 
 def test_the_logmel_front_end_of_a_recipe_comes_through_its_base(tmp_path):
-    from dataio.convert import frontend_from_recipe
+    from dataio.writing.convert import frontend_from_recipe
 
     write(tmp_path, "a.yaml", {"frontend": {"n_mels": 40, "hop_ms": 20.0}})
     child = write(tmp_path, "b.yaml", {"base": "a.yaml", "frontend": {"hop_ms": 5.0}})
@@ -126,8 +126,8 @@ def test_help_config_names_the_base_key(capsys):
 
 @pytest.mark.e2e
 def test_the_demo_runs_a_recipe_written_over_demo_yaml(tmp_path):
-    from dataio.shard_pipeline import write_shards
-    from dataio.sources.demo import RATE, demo_items, synth_loader
+    from dataio.writing.shard_pipeline import write_shards
+    from dataio.writing.sources.demo import RATE, demo_items, synth_loader
     from trainer.cli.demo import demo
 
     write_shards(demo_items(16, seed=0, max_seconds=2.0), tmp_path / "corpus", dataset="demo", sample_rate=RATE,

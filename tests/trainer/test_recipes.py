@@ -15,8 +15,8 @@ SMALL = {"moco_fsd50k": ["objective.queue_size=32"], "npid_fsd50k": ["objective.
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    from dataio.shard_pipeline import write_shards
-    from dataio.sources.demo import demo_items, synth_loader
+    from dataio.writing.shard_pipeline import write_shards
+    from dataio.writing.sources.demo import demo_items, synth_loader
 
     made = {}
 

@@ -119,10 +119,10 @@ def test_compile_on_and_off_survive_yaml_reading_them_as_booleans(tmp_path):
 
 def test_loader_workers_get_the_threads_and_prefetch_asked_for(tiny_shards, tmp_path):
     from dataio.augment import build_augmenter
-    from dataio.batch import DataConfig, Placement, steps_per_epoch
+    from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
+    from dataio.backends.torch_pipeline import wave_loader
     from dataio.frontend import FrontendConfig
-    from dataio.manifest import load_manifest
-    from dataio.torch_pipeline import wave_loader
+    from dataio.reading.manifest import load_manifest
 
     manifest = load_manifest(str(tiny_shards))
     cfg = DataConfig(shards=str(tiny_shards), batch_size=4, num_workers=1, prefetch=3, worker_threads=2)
@@ -143,10 +143,10 @@ class _Threads(torch.utils.data.IterableDataset):
 WORKERS_AFTER_PARALLEL_WORK = """
 import sys, torch
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
-from dataio.torch_pipeline import wave_loader
+from dataio.reading.manifest import load_manifest
+from dataio.backends.torch_pipeline import wave_loader
 from tests.conftest import demo_chain
 torch.set_num_threads(2)
 x = torch.randn(1000, 1000)

@@ -170,9 +170,8 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
 
 
 def test_ctrl_c_before_ray_tune_runs_leaves_at_once():
-    from trainer.tune.sweep import sweep_stop
-
     from dataio.stop_signal import stop_pending
+    from trainer.tune.sweep import sweep_stop
 
     before = signal.getsignal(signal.SIGINT)  # a shell's background job starts with SIGINT ignored
     with pytest.raises(KeyboardInterrupt):  # main() turns it into exit 130 with a message

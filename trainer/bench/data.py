@@ -42,23 +42,23 @@ import webdataset as wds
 
 from dataio.atomic import write_text_atomically
 from dataio.augment import build_augmenter
-from dataio.batch import DataConfig, Placement, steps_per_epoch
-from dataio.convert import convert_manifest, frontend_from_recipe
-from dataio.dali_pipeline import logmel_nodes
+from dataio.backends.batch import DataConfig, Placement, steps_per_epoch
+from dataio.backends.dali_pipeline import logmel_nodes
+from dataio.backends.registry import open_source
+from dataio.backends.torch_pipeline import WaveBatches
+from dataio.backends.views import crop_starts
 from dataio.formats import FORMATS
 from dataio.formats.codec import ClipCodec, check_recipe_frontend
 from dataio.formats.logmel import stored_frontend
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import load_manifest
-from dataio.pipeline import open_source
-from dataio.remote import is_url, tar_samples
+from dataio.reading.manifest import load_manifest
+from dataio.reading.remote import is_url, tar_samples
 from dataio.schema import cli_number
-from dataio.shard_pipeline import write_shards
-from dataio.shard_writer import Encoding
-from dataio.sources.demo import RATE, demo_items, synth_loader
-from dataio.torch_pipeline import WaveBatches
-from dataio.views import crop_starts
 from dataio.workers import worker_pool
+from dataio.writing.convert import convert_manifest, frontend_from_recipe
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.shard_writer import Encoding
+from dataio.writing.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
 from trainer.train.config import PretrainConfig, load_config
 

@@ -38,16 +38,16 @@ import numpy as np
 import torch
 
 from dataio.atomic import write_text_atomically
-from dataio.convert import convert_corpus
 from dataio.errors import ConfigError, DataError, ManifestError
 from dataio.formats import FORMATS
 from dataio.formats.logmel import frontend_record
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.manifest import MANIFEST_NAME, load_manifest
+from dataio.reading.manifest import MANIFEST_NAME, load_manifest
 from dataio.schema import cli_number
-from dataio.shard_pipeline import write_shards
-from dataio.shard_writer import Encoding
-from dataio.sources import load_layout
+from dataio.writing.convert import convert_corpus
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.shard_writer import Encoding
+from dataio.writing.sources import load_layout
 from trainer.commands import run_guarded
 from trainer.evaluate.clips import load_clipset
 from trainer.evaluate.config import EvalRoot

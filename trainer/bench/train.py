@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from dataio.batch import Placement
-from dataio.convert import convert_corpus
+from dataio.backends.batch import Placement
+from dataio.backends.registry import backend_class, open_source
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
-from dataio.pipeline import backend_class, open_source
+from dataio.reading.manifest import load_manifest
 from dataio.schema import cli_number
-from dataio.shard_writer import Encoding
+from dataio.writing.convert import convert_corpus
+from dataio.writing.shard_writer import Encoding
 from trainer.commands import run_guarded
 from trainer.models.encoders import build_encoder
 from trainer.models.heads import ContrastiveModel, ProjectionHead

@@ -35,7 +35,13 @@ def _demo_corpus(argv: list[str]) -> int:
 
 
 def _shard(argv: list[str]) -> int:
-    from dataio.shard_cli import SHARD_INPUT_ERRORS, add_convert_arguments, add_shard_arguments, run_convert, run_shard
+    from dataio.writing.shard_cli import (
+        SHARD_INPUT_ERRORS,
+        add_convert_arguments,
+        add_shard_arguments,
+        run_convert,
+        run_shard,
+    )
     from trainer.commands import run_guarded
 
     if argv[:1] == ["convert"]:
@@ -52,8 +58,8 @@ def _shard(argv: list[str]) -> int:
 
 
 def _check_shards(argv: list[str]) -> int:
-    from dataio.check_shards import check_all, parse_args
     from dataio.errors import ManifestError
+    from dataio.reading.check_shards import check_all, parse_args
     from trainer.commands import run_guarded
 
     args = parse_args(argv)

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from dataio.errors import ConfigError, ManifestError, ShardWriteError
-from dataio.manifest import MANIFEST_NAME
+from dataio.reading.manifest import MANIFEST_NAME
 from dataio.schema import cli_number
-from dataio.shard_pipeline import write_shards
-from dataio.sources.demo import RATE, demo_items, synth_loader
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.sources.demo import RATE, demo_items, synth_loader
 from trainer.commands import run_guarded
 from trainer.evaluate.config import EvalRoot
 from trainer.evaluate.run import run_eval

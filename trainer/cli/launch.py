@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 
+from dataio.backends.torch_pipeline import die_with_parent
 from dataio.errors import ConfigError
-from dataio.torch_pipeline import die_with_parent
 from trainer.commands import CommandFailed, run_guarded
 
 COMMANDS = {"pretrain": "trainer.cli.pretrain", "eval": "trainer.cli.eval"}  # eval: the embedding pass over ranks

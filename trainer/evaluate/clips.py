@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dataio.backends.views import crop_starts
 from dataio.formats.codec import ClipCodec
-from dataio.manifest import Manifest
+from dataio.reading.manifest import Manifest
+from dataio.reading.streams import raw_samples
 from dataio.stop_signal import raise_if_stopping
-from dataio.streams import raw_samples
-from dataio.views import crop_starts
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def load_clipset(manifest: Manifest, keep_audio: bool = False) -> ClipSet:
     keys, audio, labels, folds, splits, shard_of, ids_of = [], [], [], [], [], [], []
     vocab, skipped = list(manifest.vocabulary), 0
     codec = ClipCodec.of(manifest)
-    for sid in range(len(manifest.shards)):  # a local folder or a URL, streamed (dataio.remote)
+    for sid in range(len(manifest.shards)):  # a local folder or a URL, streamed (dataio.reading.remote)
         for sample in raw_samples(manifest, [sid], []):
             try:
                 data, meta = _read_member(sample, codec)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dataio.backends.views import patch_starts
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.views import patch_starts
 from trainer.evaluate.clips import ClipSet
 
 BLOCK = 65536  # rows per block when a pass over the embeddings derives something from them

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataio.augment.keyed import scalar_key
+from dataio.backends.views import random_gains
 from dataio.frontend import FrontendConfig, LogMel
-from dataio.streams import Shuffled
-from dataio.views import random_gains
+from dataio.reading.streams import Shuffled
 from trainer.evaluate.clips import ClipSet
 from trainer.evaluate.config import FinetuneConfig
 from trainer.evaluate.embed import ClipEmbeddings, patch_batches

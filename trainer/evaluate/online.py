@@ -26,7 +26,7 @@ import torch
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.frontend import FrontendConfig
-from dataio.manifest import load_manifest
+from dataio.reading.manifest import load_manifest
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import EvalConfig, OnlineConfig
 from trainer.evaluate.embed import ClipEmbeddings, embed_clips

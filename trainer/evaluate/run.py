@@ -14,7 +14,7 @@ import torch
 
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
-from dataio.manifest import load_manifest
+from dataio.reading.manifest import load_manifest
 from trainer.evaluate.cache import cache_key, cached_embeddings
 from trainer.evaluate.clips import ClipSet, load_clipset
 from trainer.evaluate.config import EvalConfig

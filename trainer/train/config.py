@@ -20,9 +20,9 @@ import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.augment import parse_chain
-from dataio.batch import DataConfig
+from dataio.backends.batch import DataConfig
+from dataio.backends.registry import backend_class
 from dataio.frontend import FrontendConfig
-from dataio.pipeline import backend_class
 from dataio.recipes import overlay, parse_overrides, read_recipe, read_yaml
 from dataio.schema import build_section, check, option
 from trainer.evaluate.config import OnlineConfig

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from dataio.augment import build_augmenter
-from dataio.batch import Batch, Placement, steps_per_epoch
+from dataio.backends.batch import Batch, Placement, steps_per_epoch
+from dataio.backends.registry import backend_class, load_corpus, open_source
 from dataio.errors import ConfigError, DataError
 from dataio.formats.codec import check_recipe_frontend
-from dataio.pipeline import backend_class, load_corpus, open_source
-from dataio.remote import Retry
+from dataio.reading.remote import Retry
 from trainer.commands import GracefulStop
 from trainer.evaluate.online import OnlineProbe
 from trainer.metrics import MetricWriter

@@ -17,7 +17,7 @@ import yaml
 
 from dataio.atomic import write_text_atomically
 from dataio.errors import ConfigError
-from dataio.manifest import load_manifest
+from dataio.reading.manifest import load_manifest
 from dataio.recipes import merge_trees, set_dotted
 from dataio.schema import check, option
 from trainer.commands import GracefulStop

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dataio.manifest import load_manifest
-from dataio.sources import load_layout
-from dataio.sources.folder import csv_items
+from dataio.reading.manifest import load_manifest
+from dataio.writing.sources import load_layout
+from dataio.writing.sources.folder import csv_items
 
 RATE = 16000
 
@@ -105,7 +105,7 @@ def test_cli_mixed_folds_exit_2_with_one_line(tmp_path, audio, capsys):
 
 def test_manifest_fold_names_are_optional(tmp_path):
     from dataio.errors import ManifestError
-    from dataio.manifest import Manifest, ShardInfo, parse_manifest
+    from dataio.reading.manifest import Manifest, ShardInfo, parse_manifest
 
     plain = Manifest(dataset="d", sample_rate=16000, num_clips=1, shards=[ShardInfo("a.tar", 1)])
     assert "fold_names" not in plain.to_json()  # manifests without named folds are written as before

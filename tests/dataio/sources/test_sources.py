@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dataio.manifest import load_manifest
-from dataio.shard_pipeline import write_shards
-from dataio.sources import MissingClip, items_for_layout, load_layout
-from dataio.sources.gtzan import split_counts
+from dataio.reading.manifest import load_manifest
+from dataio.writing.shard_pipeline import write_shards
+from dataio.writing.sources import MissingClip, items_for_layout, load_layout
+from dataio.writing.sources.gtzan import split_counts
 
 RATE = 8000  # the clips' rate and the shards' rate: nothing to resample
 

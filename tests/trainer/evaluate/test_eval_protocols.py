@@ -147,7 +147,7 @@ def test_a_new_protocol_is_one_registry_entry(tones, monkeypatch):
 def test_given_clips_and_embeddings_are_used_as_computed_here(tones, monkeypatch):
     """A sweep loads the clips and embeds them once (frozen_embeddings), then hands them to
     each trial's Evaluation, which must score as if it had computed them itself."""
-    from dataio.manifest import load_manifest
+    from dataio.reading.manifest import load_manifest
     from trainer.evaluate import ranks as ranks_module
     from trainer.evaluate.clips import load_clipset
     from trainer.evaluate.run import frozen_embeddings
@@ -175,7 +175,7 @@ def test_scores_do_not_depend_on_the_scale_of_the_embeddings(tones):
     """A random-init EfficientNet-B0 in eval mode embeds every clip at a scale near 1e-13:
     the linear probe's standardisation and the kNN's unit vectors must not take such
     features for constant (an absolute floor did, and the probe scored chance)."""
-    from dataio.manifest import load_manifest
+    from dataio.reading.manifest import load_manifest
     from trainer.evaluate.clips import load_clipset
     from trainer.evaluate.run import frozen_embeddings
 

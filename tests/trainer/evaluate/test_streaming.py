@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataio.manifest import load_manifest
+from dataio.reading.manifest import load_manifest
 from tests.conftest import export_random_encoder
 from tests.shard_utils import make_shards
 from trainer.evaluate import embed as embed_module

@@ -313,7 +313,7 @@ def test_a_busy_worker_dies_with_its_parent_at_once(tmp_path):
     """The DataLoader notices a dead parent only between batches; a worker deep in one
     (a slow shard, a huge batch) is ended by the kernel as its parent dies."""
     pid_file = tmp_path / "child.pid"
-    child = ("import os, sys; from dataio.torch_pipeline import die_with_parent; "
+    child = ("import os, sys; from dataio.backends.torch_pipeline import die_with_parent; "
              f"assert die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
              "sum(i * i for i in iter(int, 1))")  # busy forever
     spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
