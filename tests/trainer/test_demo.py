@@ -39,3 +39,11 @@ def test_short_demo_beats_chance(tmp_path):
     assert (tmp_path / "run" / "eval" / "corpus" / "knn.json").is_file()
     assert (tmp_path / "run" / "eval" / "corpus" / "knn_random_init.json").is_file()
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*")), "TensorBoard events"
+
+
+def test_the_demo_recipe_is_found_beside_the_package():
+    """`audioclr demo` with no --config trains configs/demo.yaml (a move of the command
+    once pointed it at a folder that does not exist)."""
+    from tests.conftest import REPO
+
+    assert DEMO_CONFIG == REPO / "configs" / "demo.yaml" and DEMO_CONFIG.is_file()

@@ -21,7 +21,7 @@ from trainer.train.config import PretrainConfig, load_config
 from trainer.train.loop import TrainingError, run
 
 log = logging.getLogger("audioclr.demo")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def make_corpus(out: Path, clips: int, seed: int, workers: int, overwrite: bool = False):
