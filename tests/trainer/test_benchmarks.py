@@ -71,7 +71,7 @@ def test_the_decode_limit_decodes_what_a_loader_decodes_the_views_not_whole_clip
 
 @pytest.mark.e2e
 def test_bench_gradcache_runs(tmp_path):
-    out = subprocess.run([PYTHON, str(REPO / "tools" / "bench_gradcache.py"), "--batches", "8", "--cached", "16",
+    out = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "gradcache", "--batches", "8", "--cached", "16",
                           "--chunk", "8", "--width", "4", "--seconds", "0.2"],
                          env=cli_env(), capture_output=True, text=True, check=True)
     rows = out.stdout.strip().splitlines()

@@ -508,7 +508,8 @@ def command_parsers() -> dict:
     argparse.ArgumentParser.parse_args = catch
     try:
         for argv in (["demo-corpus"], ["shard", "x"], ["shard", "convert"], ["check-shards"], ["bench", "data"],
-                     ["bench", "train"], ["bench", "quality"], ["demo"], ["eval"], ["tune"], ["pretrain"]):
+                     ["bench", "train"], ["bench", "quality"], ["bench", "memory"], ["bench", "gradcache"],
+                     ["bench", "scale"], ["demo"], ["eval"], ["tune"], ["pretrain"]):
             try:
                 main(argv)
             except Caught:
@@ -521,7 +522,8 @@ def command_parsers() -> dict:
 def test_every_numeric_option_is_checked_and_refuses_nonsense_by_name():
     import argparse
     parsers = command_parsers()
-    assert {"audioclr shard", "audioclr bench data", "audioclr bench train", "audioclr demo"} <= set(parsers)
+    assert {"audioclr shard", "audioclr bench data", "audioclr bench train", "audioclr bench memory",
+            "audioclr bench gradcache", "audioclr bench scale", "audioclr demo"} <= set(parsers)
     unchecked, failures, tried = [], [], 0
     for prog, parser in parsers.items():
         for action in parser._actions:

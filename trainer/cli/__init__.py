@@ -67,16 +67,22 @@ def _check_shards(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("data", "quality", "train"):
-        print("usage: audioclr bench data|train|quality [--help]", file=sys.stderr)
-        return 2
-    if argv[0] == "quality":
-        from trainer.bench.quality import main
-        return main(argv[1:])
-    if argv[0] == "train":
+    name = argv[0] if argv else ""
+    if name == "data":
+        from trainer.bench.data import main
+    elif name == "train":
         from trainer.bench.train import main
-        return main(argv[1:])
-    from trainer.bench.data import main
+    elif name == "quality":
+        from trainer.bench.quality import main
+    elif name == "memory":
+        from trainer.bench.memory import main
+    elif name == "gradcache":
+        from trainer.bench.gradcache import main
+    elif name == "scale":
+        from trainer.bench.scale import main
+    else:
+        print("usage: audioclr bench data|train|quality|memory|gradcache|scale [--help]", file=sys.stderr)
+        return 2
     return main(argv[1:])
 
 
@@ -114,9 +120,10 @@ COMMANDS = {
     "eval": (_eval, "evaluate a run's exported encoder: knn, linear probe or fine-tuning, with pictures"),
     "tune": (_tune, "Ray Tune sweep of the downstream evaluation (alpha, temperature, lr, k ...)"),
     "demo": (_demo, "demo corpus -> pretraining -> kNN evaluation, on CPU in minutes"),
-    "bench": (_bench, "benchmarks: `bench data` times the data back ends against the decode limit; "
-              "`bench train` times the training step against a bare PyTorch loop and real data against "
-              "synthetic; `bench quality` scores pretraining on real labelled audio against baselines"),
+    "bench": (_bench, "benchmarks: `bench data` (the back ends against the decode limit), `train` (the step "
+              "against a bare PyTorch loop), `quality` (pretraining scored on real labelled audio), `memory` "
+              "(each rank's model state under DDP and ZeRO), `gradcache` (a step's peak memory with gradient "
+              "caching), `scale` (costs as the corpus grows)"),
 }
 
 

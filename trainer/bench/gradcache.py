@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Peak memory of one SimCLR step: plain batches vs. gradient caching.
 
-    python tools/bench_gradcache.py [--batches 256,1024] [--cached 8192] [--chunk 256] [--width 16]
+    audioclr bench gradcache [--batches 256,1024] [--cached 8192] [--chunk 256] [--width 16]
 
 Each configuration runs in its own process; the peak is the process's maximum resident
 set (CPU) or torch.cuda.max_memory_allocated (GPU). Gradient caching should hold the
@@ -21,6 +20,7 @@ import time
 import torch
 
 from dataio.frontend import FrontendConfig, LogMel
+from dataio.schema import cli_number
 from trainer.models.encoders import build_encoder
 from trainer.objectives import ObjectiveContext, build_objective
 from trainer.parallel.gradcache import GradCache
@@ -50,15 +50,16 @@ def one_step(batch: int, chunk: int, width: int, seconds: float) -> dict:
             "device": str(device)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="audioclr bench gradcache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="256,1024", help="plain batch sizes to compare with")
-    p.add_argument("--cached", type=int, default=8192, help="batch run with gradient caching")
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=0.5, help="view length")
+    p.add_argument("--cached", type=cli_number(int, 1), default=8192, help="batch run with gradient caching")
+    p.add_argument("--chunk", type=cli_number(int, 1), default=256)
+    p.add_argument("--width", type=cli_number(int, 1), default=16)
+    p.add_argument("--seconds", type=cli_number(float, 0, above=True), default=0.5, help="view length")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.one:
         batch, chunk = map(int, args.one.split(","))
         print(json.dumps(one_step(batch, chunk, args.width, args.seconds)))
@@ -66,8 +67,10 @@ def main() -> int:
     runs = [(b, 0) for b in map(int, args.batches.split(","))] + [(args.cached, args.chunk)]
     print(f"{'batch':>7}{'chunk':>7}{'peak MiB':>10}{'seconds':>9}")
     for batch, chunk in runs:
-        out = subprocess.run([sys.executable, __file__, "--one", f"{batch},{chunk}", "--width", str(args.width),
-                              "--seconds", str(args.seconds)], capture_output=True, text=True, check=True)
+        # a fresh process per configuration: its peak is that configuration's alone
+        out = subprocess.run([sys.executable, "-m", "trainer.bench.gradcache", "--one", f"{batch},{chunk}",
+                              "--width", str(args.width), "--seconds", str(args.seconds)],
+                             capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['batch']:>7}{r['chunk'] or '-':>7}{r['peak_mb']:>10}{r['seconds']:>9}  ({r['device']})")
     return 0

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """How audioclr's costs grow with the corpus: cost per clip and peak memory per process
 for synthetic corpora of N 1-s clips, and NPID's memory bank at a simulated 2M clips.
 
-    python tools/bench_scale.py --sizes 1000,10000,100000 --work /tmp/scale [--out scale.json]
+    audioclr bench scale --sizes 1000,10000,100000 --work /tmp/scale [--out scale.json]
 
 For each N the tool writes a corpus of N one-second FLAC clips (a few distinct tones,
 encoded once, so writing costs no decoding) and times, each in a fresh process whose
@@ -39,13 +38,21 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dataio.reading.manifest import Manifest  # noqa: E402 -- after the repository is on the path
-from dataio.writing.tar_writer import ShardSink  # noqa: E402
+from dataio.reading.manifest import Manifest
+from dataio.schema import cli_number
+from dataio.writing.tar_writer import ShardSink
 
 RATE, TONES = 16000, 16
+
+
+def shipped_recipe(name: str) -> str:
+    """configs/NAME: beside the package in a checkout (``pip install -e .`` or PYTHONPATH),
+    else under the working directory (an image that installed the package and copied
+    configs/ beside it, as docker/Dockerfile does)."""
+    for folder in (Path(__file__).resolve().parents[2] / "configs", Path("configs")):
+        if (folder / name).is_file():
+            return str((folder / name).resolve())
+    raise FileNotFoundError(f"configs/{name}: not beside the package nor under {Path.cwd()}")
 
 
 def tones(seconds: float = 1.0) -> list[np.ndarray]:
@@ -85,16 +92,17 @@ def make_wav_folder(folder: Path, n: int) -> Path:
     return folder
 
 
-def measured(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+def measured(cmd: list[str], timeout: float = 3600) -> dict:
     """Run ``cmd`` in a fresh wrapper process: its wall seconds, CPU seconds (user + system,
-    every descendant) and the peak RSS of its largest process (MiB), and its output."""
+    every descendant) and the peak RSS of its largest process (MiB), and its output. Both
+    inherit this process's environment and working directory, so they import the code this
+    one does (an editable install, PYTHONPATH, or ``-m`` from the repository root)."""
     wrapper = ("import resource, subprocess, sys, time, json\n"
                "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
                "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
                "print(json.dumps({'rc': p.returncode, 'wall': time.perf_counter() - t, 'cpu': u.ru_utime + "
                "u.ru_stime, 'peak_mib': u.ru_maxrss / 1024, 'out': p.stdout[-4000:], 'err': p.stderr[-4000:]}))\n")
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result['rc']}): {result['err'][-1500:]}")
@@ -146,11 +154,10 @@ def npid(clips: int, work: Path) -> dict:
     slices drawn) and the peak per process of 3 steps and their checkpoint."""
     overrides = ["data.shards=", "data.backend=synthetic", f"data.synthetic_clips={clips}", "model.width=8",
                  "data.batch_size=16", "train.max_steps=3", "train.progress=false", "train.tensorboard=false"]
-    recipe = str(REPO / "configs/demo_npid.yaml")
+    recipe = shipped_recipe("demo_npid.yaml")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
-    script = work / "startup.py"
-    script.write_text(STARTUP)
-    start = measured([*launch, "--master-port=29611", str(script), recipe, *overrides, f"run_dir={work}/npid_s{clips}"])
+    start = measured([*launch, "--master-port=29611", "--no-python", sys.executable, "-c", STARTUP, recipe,
+                      *overrides, f"run_dir={work}/npid_s{clips}"])
     run = measured([*launch, "--master-port=29612", "-m", "trainer.cli.pretrain", "--config", recipe, *overrides,
                     f"run_dir={work}/npid{clips}"])
     folder = work / f"npid{clips}" / "checkpoints" / "step_00000003"
@@ -174,7 +181,7 @@ def resume_run(n: int, work: Path, repeats: int = 3) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     corpus = make_corpus(root / "flac", n)
     steps = steps_per_epoch(DataConfig(shards=str(corpus), batch_size=64), load_manifest(str(corpus)), 1)
-    recipe = ["--config", str(REPO / "configs/demo.yaml"), f"data.shards={corpus}", "model.width=8",
+    recipe = ["--config", shipped_recipe("demo.yaml"), f"data.shards={corpus}", "model.width=8",
               "train.progress=false", "train.tensorboard=false", "train.ckpt_every=100000", "train.keep_last=1"]
     walls: dict[str, list[float]] = {"first": [], "last": []}
     places = {"first": 1, "last": steps - 1}
@@ -204,9 +211,7 @@ def one_size(n: int, work: Path, shard_max: int) -> dict:
                         "--workers", "2"])
     bench = measured([*CLI, "bench", "data", "--shards", str(corpus), "--backends", "torch", "--seconds", "5",
                       "--cores", "2"])
-    script = work / "resume.py"
-    script.write_text(RESUME)
-    resume = measured([sys.executable, str(script), str(corpus)])
+    resume = measured([sys.executable, "-c", RESUME, str(corpus)])
     row.update(check_shards={"cpu_us_per_clip": 1e6 * check["cpu"] / n, "peak_mib": check["peak_mib"]},
                convert_pcm16={"cpu_us_per_clip": 1e6 * convert["cpu"] / n, "peak_mib": convert["peak_mib"]},
                bench_data={"wall_s": bench["wall"], "peak_mib": bench["peak_mib"]},
@@ -250,9 +255,11 @@ def print_rows(rows: list[dict], npids: list[dict], resumes: list[dict] = ()) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="audioclr bench scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000", help="corpus sizes, clips")
-    p.add_argument("--shard-max", type=int, default=10000, help="time `shard` from WAV files up to this many clips")
+    p.add_argument("--shard-max", type=cli_number(int, 0), default=10000,
+                   help="time `shard` from WAV files up to this many clips")
     p.add_argument("--npid-clips", default="10000,2000000", help="NPID bank sizes to measure ('' = none)")
     p.add_argument("--resume-run", default="", help="corpus sizes at which to time a whole resumed run ('' = none)")
     p.add_argument("--work", default="/tmp/audioclr-scale", help="scratch folder (emptied per size)")
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     resumes = [resume_run(int(n), work) for n in args.resume_run.split(",") if n]
     print_rows(rows, npids, resumes)
     if args.out:
-        Path(args.out).write_text(json.dumps({"sizes": rows, "npid": npids, "resume_run": resumes, "cpu_cores": os.cpu_count(),
+        Path(args.out).write_text(json.dumps({"sizes": rows, "npid": npids, "resume_run": resumes,
+                                              "cpu_cores": os.cpu_count(),
                                               "resource_limit": resource.getrlimit(resource.RLIMIT_AS)}, indent=1))
     return 0
 

@@ -1,7 +1,7 @@
-"""Counting the model state of one rank for ``tools/bench_memory.py``: every distinct tensor
+"""Counting the model state of one rank for ``audioclr bench memory``: every distinct tensor
 storage alive on a device, and which of them the parameters, gradients, communication
-buckets, optimizer state and master copies of an engine hold (see that tool's docstring
-for the categories and the order they are claimed in).
+buckets, optimizer state and master copies of an engine hold (:mod:`trainer.bench.memory`'s
+docstring gives the categories and the order they are claimed in).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""tools/bench_memory.py on a tiny model: the measured per-rank model state splits the way
+"""``audioclr bench memory`` on a tiny model: the measured per-rank model state splits the way
 DDP and ZeRO-1/3 say it does (2 gloo ranks on CPU)."""
 
 import json
@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, cli_env
+from tests.conftest import PYTHON, cli_env
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ def report(tmp_path_factory) -> tuple[dict, str]:
     that off so its parameters are split."""
     out = tmp_path_factory.mktemp("bench_memory") / "memory.json"
     ds_config = json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    run = subprocess.run([PYTHON, str(REPO / "tools" / "bench_memory.py"), "--encoders", "resnet18",
+    run = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "memory", "--encoders", "resnet18",
                           "--stages", "ddp,1,3", "--width", "8", "--proj-hidden", "32", "--proj-dim", "16",
                           "--batch", "4", "--mels", "32", "--frames", "32", "--bucket", "1000000",
                           "--ds-config", ds_config, "--device", "cpu", "--timeout", "120", "--out", str(out)],
@@ -63,7 +63,7 @@ def test_zero_splits_what_its_stage_says(report):
 
 def test_a_failing_configuration_is_reported_not_raised(tmp_path):
     out = tmp_path / "memory.json"
-    run = subprocess.run([PYTHON, str(REPO / "tools" / "bench_memory.py"), "--encoders", "resnet18", "--stages",
+    run = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "memory", "--encoders", "resnet18", "--stages",
                           "1", "--width", "8", "--batch", "4", "--mels", "32", "--frames", "32",
                           "--ds-config", '{"no_such_key": 1}', "--device", "cpu", "--timeout", "120",
                           "--out", str(out)], env=cli_env(), capture_output=True, text=True, timeout=300)

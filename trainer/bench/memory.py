@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Per-rank memory of the model state (parameters, gradients, optimizer state) under
 DDP and DeepSpeed ZeRO-1/2/3, measured.
 
-    python tools/bench_memory.py --encoders resnet50,efficientnet_b0 --stages ddp,1,2,3 \\
+    audioclr bench memory --encoders resnet50,efficientnet_b0 --stages ddp,1,2,3 \\
         --world 2 --batch 8 --out bench_memory.json
 
 Each (encoder, engine) runs in ``--world`` fresh processes (gloo on CPU; NCCL where every
@@ -61,17 +60,15 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memory_census import CATEGORIES, snapshot  # noqa: E402  (beside this file)
-
-from trainer.models.encoders import build_encoder  # noqa: E402
-from trainer.objectives import ObjectiveContext, build_objective  # noqa: E402
-from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
-from trainer.parallel.deepspeed_engine import import_deepspeed  # noqa: E402
-from trainer.parallel.engines import build_engine  # noqa: E402
-from trainer.parallel.sync_bn import convert_global_bn  # noqa: E402
-from trainer.train.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig  # noqa: E402
+from dataio.schema import cli_number
+from trainer.bench.census import CATEGORIES, snapshot
+from trainer.models.encoders import build_encoder
+from trainer.objectives import ObjectiveContext, build_objective
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.deepspeed_engine import import_deepspeed
+from trainer.parallel.engines import build_engine
+from trainer.parallel.sync_bn import convert_global_bn
+from trainer.train.config import DeepSpeedConfig, ModelConfig, ObjectiveConfig, OptimConfig
 
 MIB = 2 ** 20
 
@@ -305,23 +302,25 @@ Per rank (world {world}; the rank holding the most), bytes of distinct tensor st
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="audioclr bench memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", default="resnet50,efficientnet_b0")
     p.add_argument("--stages", default="ddp,1,2,3", help="ddp and/or ZeRO stages 1,2,3")
-    p.add_argument("--world", type=int, default=2, help="processes (ranks)")
-    p.add_argument("--batch", type=int, default=8, help="clips per rank (two views each)")
-    p.add_argument("--mels", type=int, default=64)
-    p.add_argument("--frames", type=int, default=96)
-    p.add_argument("--width", type=int, default=64, help="model.width")
-    p.add_argument("--proj-hidden", type=int, default=512)
-    p.add_argument("--proj-dim", type=int, default=128)
-    p.add_argument("--bucket", type=int, default=0,
+    p.add_argument("--world", type=cli_number(int, 1), default=2, help="processes (ranks)")
+    p.add_argument("--batch", type=cli_number(int, 1), default=8, help="clips per rank (two views each)")
+    p.add_argument("--mels", type=cli_number(int, 1), default=64)
+    p.add_argument("--frames", type=cli_number(int, 1), default=96)
+    p.add_argument("--width", type=cli_number(int, 1), default=64, help="model.width")
+    p.add_argument("--proj-hidden", type=cli_number(int, 1), default=512)
+    p.add_argument("--proj-dim", type=cli_number(int, 1), default=128)
+    p.add_argument("--bucket", type=cli_number(int, 0), default=0,
                    help="deepspeed reduce/allgather bucket size in elements (0: the trainer's default)")
     p.add_argument("--ds-config", default="{}", help="JSON merged into deepspeed.config (e.g. "
                    "'{\"zero_optimization\": {\"stage3_param_persistence_threshold\": 0}}')")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when there is a GPU per rank")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    p.add_argument("--timeout", type=cli_number(float, 0, above=True), default=900.0,
+                   help="seconds per configuration")
     p.add_argument("--out", default="bench_memory.json")
     args = p.parse_args(argv)
     bad = [s for s in args.stages.split(",") if s not in ("ddp", "1", "2", "3")]
@@ -359,7 +358,7 @@ def main(argv=None) -> int:
             expect = {"params": 0, **{s: {"sgd_fp32": None, "deepspeed": None} for s in stages}}
         for stage in stages:
             name = "ddp" if stage == "ddp" else f"zero{stage}"
-            print(f"[bench_memory] {encoder} {name} ...", file=sys.stderr, flush=True)
+            print(f"[bench memory] {encoder} {name} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             result = refused or run_config({**spec, "encoder": encoder, "stage": stage}, args.world, args.timeout)
             row = {"encoder": encoder, "engine": name, "params": expect["params"], **expect[stage],
@@ -368,7 +367,7 @@ def main(argv=None) -> int:
                 row["measured"] = summarise(result)
             rows.append(row)
     print_table(rows, args.world, "CUDA peak" if device == "cuda" else "RSS")
-    report = {"command": " ".join(["python", "tools/bench_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+    report = {"command": " ".join(["audioclr", "bench", "memory", *(argv if argv is not None else sys.argv[1:])]),
               "world": args.world, "device": device, "settings": spec, "categories": CATEGORIES, "results": rows}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\nwritten: {args.out}")
