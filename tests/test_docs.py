@@ -73,7 +73,7 @@ def test_readme_opens_with_the_commands_ci_runs():
     first = fenced_blocks(README)[0]
     text = "\n".join(first)
     assert "python3 -m pip install -e . && audioclr demo --out runs/demo" in text, first
-    assert "python3 -m pip install -e '.[test]' && python3 -m pytest -q" in text, first
+    assert "python3 -m pip install -e '.[test]' && python3 -m pytest -q -n 2" in text, first
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
           if "pip install" in line and not line.lstrip().startswith("#")]
     assert ci, ".ci/run no longer installs with pip: update this test and the README together"
