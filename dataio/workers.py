@@ -13,7 +13,15 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing.context
 import signal
+import tempfile
 import threading
+
+from dataio.errors import ConfigError
+
+# a Unix socket's path holds 107 bytes; multiprocessing puts the one a process passes file
+# descriptors through (a loader worker, a tensor to the main process) at
+# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 more than TMPDIR itself
+SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-12345678/listener-12345678")
 
 
 class _QuietProcess(multiprocessing.context.SpawnProcess):
@@ -34,3 +42,16 @@ class _QuietContext(multiprocessing.context.SpawnContext):
 def worker_pool(workers: int | None) -> futures.ProcessPoolExecutor:
     """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT."""
     return futures.ProcessPoolExecutor(workers, mp_context=_QuietContext())
+
+
+def check_socket_room(setting: str) -> None:
+    """ConfigError unless the temporary folder leaves room for the socket path a worker
+    passes batches through: past it the worker's send fails in a background thread and
+    the main process waits for that batch forever."""
+    folder = tempfile.gettempdir()
+    need = len(folder.encode()) + SOCKET_SUFFIX
+    if need > SOCKET_PATH_MAX:
+        raise ConfigError(f"the temporary folder {folder} ({len(folder)} characters, from TMPDIR) is too long "
+                          f"for the sockets worker processes hand batches through (a Unix socket path holds "
+                          f"{SOCKET_PATH_MAX} bytes, these would need {need}): set TMPDIR to a shorter folder "
+                          f"(e.g. /tmp), or {setting}=0")

@@ -13,12 +13,15 @@ another draw) tries many more::
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +162,15 @@ def tmp_leftovers(*folders: Path, tmpdir: Path | None = None) -> list[Path]:
 
 
 def tmpdir_env(env: dict, folder: Path) -> dict:
-    """``env`` with ``TMPDIR`` set to ``folder`` (made), to find what a stop leaves there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return {**env, "TMPDIR": str(folder)}
+    """``env`` with ``TMPDIR`` set to a fresh folder that ``folder`` links to, to find what
+    a stop leaves there. The folder itself is short, under /tmp: the sockets worker
+    processes pass batches through live in it, and a socket path holds 107 bytes (a
+    test's own folder, under pytest-xdist's, is too long: the command refuses it)."""
+    short = Path(tempfile.mkdtemp(prefix="acs-", dir="/tmp"))
+    atexit.register(shutil.rmtree, short, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to(short, target_is_directory=True)
+    return {**env, "TMPDIR": str(short)}
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -65,7 +65,19 @@ class Reporter:
 
     def __call__(self, message, everywhere: bool = False) -> None:
         if everywhere or not self.quiet:
+            end_progress_bars()
             print(f"{self.prog}: error: {message}", file=sys.stderr)
+
+
+def end_progress_bars() -> None:
+    """Close the progress bars still drawn (the error or stop cut their loop short), so the
+    command's last line starts a line of its own instead of trailing a bar."""
+    module = sys.modules.get("tqdm")  # imported only where a bar was drawn
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 -- a bar that cannot redraw is left as it is
+            pass
 
 
 class CommandFailed(RuntimeError):
@@ -257,6 +269,7 @@ def report_stop(prog: str, err: KeyboardInterrupt, message: str, quiet: bool = F
     signum = getattr(err, "signum", signal.SIGINT)
     name = signal.Signals(signum).name
     if not quiet:
+        end_progress_bars()
         named = "" if "{signal}" in message or signum == signal.SIGINT else f" ({name})"
         print(f"{prog}: {message.format(signal=name)}{named}", file=sys.stderr)
     return 128 + signum

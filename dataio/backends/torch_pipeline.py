@@ -45,6 +45,7 @@ from dataio.frontend import FrontendConfig
 from dataio.reading.manifest import Manifest, split_for_reader
 from dataio.reading.remote import Retry
 from dataio.reading.streams import Shuffled, mixed, resampled_stream, seek, worker_stream
+from dataio.workers import check_socket_room
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ def wave_loader(cfg: DataConfig, manifest: Manifest, augmenter: Augmenter, place
     # never forms a team; more need workers started fresh (spawn: a second or two each,
     # once per run with persistent workers)
     context = "spawn" if cfg.worker_threads > 1 and cfg.num_workers else None
+    if cfg.num_workers:
+        check_socket_room("data.num_workers")
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                       prefetch_factor=cfg.prefetch if cfg.num_workers else None,
                       persistent_workers=False, pin_memory=cfg.pin_memory and torch.cuda.is_available(),

@@ -324,3 +324,25 @@ def test_a_seek_into_a_shard_shorter_than_its_manifest_says_is_named(tmp_path):
     split = split_for_reader([0, 1], 0, 1, 0, 1)
     with pytest.raises(ShardMismatch, match=r"shard-00001\.tar .* ended before member [678]"):
         list(itertools.islice(iter(streams.seek(manifest, split, (0,), streams.Retry(), 4, 0, 10)), 2))
+
+
+def test_a_temporary_folder_too_long_for_a_workers_socket_is_refused_by_name(even, tmp_path, monkeypatch):
+    """With TMPDIR past 75 characters a loader worker's send of a batch fails in a thread of
+    its own ("AF_UNIX path too long") and the run waited for that batch forever; now the
+    loader is refused before it starts, naming TMPDIR and the way out."""
+    import tempfile
+
+    from dataio.workers import SOCKET_PATH_MAX, SOCKET_SUFFIX
+
+    cfg = DataConfig(shards=str(even.root), batch_size=4, num_workers=1)
+    aug = _augmenter(cfg, None, FrontendConfig(n_mels=32))
+    place = Placement(seed=3, steps=2)
+    base = f"{tmp_path}/"
+    longest = base + "t" * (SOCKET_PATH_MAX - SOCKET_SUFFIX - len(base))  # the socket path just fits
+    monkeypatch.setattr(tempfile, "tempdir", longest)
+    wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)
+    monkeypatch.setattr(tempfile, "tempdir", longest + "t")
+    with pytest.raises(ConfigError, match=r"too long .*set TMPDIR to a shorter folder .*data\.num_workers=0"):
+        wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)
+    cfg = DataConfig(shards=str(even.root), batch_size=4, num_workers=0)
+    wave_loader(cfg, even, aug, place, epoch=0, start_step=0, in_workers=False)  # no worker, no socket

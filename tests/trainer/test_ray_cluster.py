@@ -79,7 +79,9 @@ def test_a_trial_whose_worker_is_killed_is_retried_from_its_checkpoint(encoder_r
             assert sweep.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, "no two trials reached their third epoch within 300 s"
             time.sleep(0.1)
-        victims = _pids_named("ray::ImplicitFunc.train")
+        victims, until = [], time.time() + 20  # a worker's title is set as it takes the task
+        while not victims and time.time() < until:
+            victims = _pids_named("ray::ImplicitFunc.train") or time.sleep(0.2) or []
         assert victims, "no trial process found"
         os.kill(victims[0], signal.SIGKILL)
         sweep.wait(timeout=600)

@@ -259,3 +259,30 @@ def test_a_stop_inside_an_import_or_a_held_block_is_taken_once_it_ends(tmp_path,
                 taken.append("stopped")
     sys.modules.pop("slow_to_import", None)
     assert taken == ["import", "stopped", "held", "stopped"]
+
+
+def test_the_last_line_after_a_stop_or_an_error_starts_a_line_of_its_own(capsys):
+    """The signal fuzzer (issue 36): demo-corpus stopped while its progress bar was drawn
+    printed "shard:   0%|...| 0/120 [...]audioclr demo-corpus: stopped by SIGTERM" as one
+    line. The bars still drawn are closed first, so the command's line stands alone."""
+    import signal
+
+    import tqdm
+
+    from dataio.stop_signal import Stopped
+    from trainer.commands import report_stop, run_guarded
+
+    def work_with_a_bar(fail):
+        def work():
+            bar = tqdm.tqdm(total=10, desc="shard")
+            bar.update(1)
+            raise fail
+        return work
+
+    assert report_stop("audioclr x", Stopped(signal.SIGTERM), "stopped by {signal}") == 143
+    for fail, status in ((Stopped(signal.SIGTERM), 143), (ValueError("bad value"), 2)):
+        capsys.readouterr()
+        assert run_guarded("audioclr x", work_with_a_bar(fail)) == status
+        lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+        assert lines[-1].startswith("audioclr x: "), lines[-3:]
+        assert not tqdm.tqdm._instances, "the bar is closed"
