@@ -12,14 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(config, items):
     """real_audio tests run only when asked for by name: a ``-m`` given on the command line
     (``-m "not e2e"``, ``-m e2e``) replaces setup.cfg's ``-m "not real_audio"``."""
-    if "real_audio" not in (config.option.markexpr or ""):
-        kept = [item for item in items if item.get_closest_marker("real_audio") is None]
-        if len(kept) < len(items):
-            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-            items[:] = kept
-    # the end-to-end tests first (stable): on two workers the run then ends on the quick
-    # in-process ones, not with one worker idle beside a minute-long sweep
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    if "real_audio" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("real_audio") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def demo_chain() -> dict:
