@@ -70,14 +70,39 @@ class Reporter:
 
 
 def end_progress_bars() -> None:
-    """Close the progress bars still drawn (the error or stop cut their loop short), so the
-    command's last line starts a line of its own instead of trailing a bar."""
+    """Close the progress bars still drawn (the error or stop cut their loop short), and end
+    a line left open (a bar whose close the stop cut short), so the command's last line
+    starts a line of its own instead of trailing a bar."""
     module = sys.modules.get("tqdm")  # imported only where a bar was drawn
     for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ()) or ()):
         try:
             bar.close()
         except Exception:  # noqa: BLE001 -- a bar that cannot redraw is left as it is
             pass
+    if getattr(sys.stderr, "line_open", False):
+        sys.stderr.write("\n")
+
+
+class LineEnds:
+    """A text stream passed through, knowing whether what was written last left its line
+    open (a progress bar redrawn with "\r", or cut short): :func:`end_progress_bars` ends it."""
+
+    def __init__(self, stream):
+        self._stream, self.line_open = stream, False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def track_line_ends() -> None:
+    """``sys.stderr`` as a :class:`LineEnds` (once), before a bar or a log handler takes it."""
+    if not isinstance(sys.stderr, LineEnds) and sys.stderr is not None:
+        sys.stderr = LineEnds(sys.stderr)
 
 
 class CommandFailed(RuntimeError):
@@ -284,6 +309,7 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
     exit 2, ``run_errors`` 1 (printed once), ``own_errors`` 1 (printed by every rank that
     meets them: a rank's own data or disk), an OSError 1 (2 for a path too long), CommandFailed its status, Ctrl-C
     130 and SIGTERM 143 (``on_interrupt`` printed)."""
+    track_line_ends()
     setup_logging(rank, world_size, log_level)
     report = Reporter(prog, quiet)
     try:

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audioclr: unknown command '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from trainer.commands import STOPPED, report_stop, sigterm_stops
+    from trainer.commands import STOPPED, report_stop, sigterm_stops, track_line_ends
+    track_line_ends()
     try:  # a stop while a command parses its options, before its own guard runs
         with sigterm_stops():
             return COMMANDS[name][0](rest)

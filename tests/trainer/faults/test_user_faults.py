@@ -286,3 +286,23 @@ def test_the_last_line_after_a_stop_or_an_error_starts_a_line_of_its_own(capsys)
         lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
         assert lines[-1].startswith("audioclr x: "), lines[-3:]
         assert not tqdm.tqdm._instances, "the bar is closed"
+
+
+def test_a_line_a_bar_left_open_is_ended_before_the_stop_line(capsys):
+    """The long signal fuzzer: `shard convert` stopped 1 s in printed "convert:   0%|...|"
+    and the stop line on one line: the stop cut the bar's own close short (it had left the
+    bars' list, its newline unwritten). What was written last is tracked instead."""
+    import signal
+    import sys
+
+    from dataio.stop_signal import Stopped
+    from trainer.commands import run_guarded
+
+    def work():
+        sys.stderr.write("convert:   0%|          | 0/240 [00:00<?, ?clip/s]")  # a bar, its line open
+        raise Stopped(signal.SIGINT)
+
+    assert run_guarded("audioclr x", work) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("clip/s]\naudioclr x: stopped by SIGINT; nothing half-written is kept under a final name "
+                        "(rerun the command)\n"), err[-300:]
