@@ -55,3 +55,15 @@ def check_socket_room(setting: str) -> None:
                           f"for the sockets worker processes hand batches through (a Unix socket path holds "
                           f"{SOCKET_PATH_MAX} bytes, these would need {need}): set TMPDIR to a shorter folder "
                           f"(e.g. /tmp), or {setting}=0")
+
+
+def shut_down(pool: futures.ProcessPoolExecutor, wait: bool = True) -> None:
+    """``pool.shutdown`` (pending work cancelled), also for a pool whose manager thread a
+    stop cut short while it started (``submit`` starts it): shutdown then cannot join it
+    ("cannot join thread before it is started"), so its workers are ended here."""
+    try:
+        pool.shutdown(wait=wait, cancel_futures=True)
+    except RuntimeError:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+            process.join(timeout=10)

@@ -29,7 +29,7 @@ from dataio.reading.manifest import Manifest, ShardInfo, load_manifest
 from dataio.reading.remote import Retry, is_url, shown, tar_samples
 from dataio.recipes import read_recipe
 from dataio.schema import build_section
-from dataio.workers import worker_pool
+from dataio.workers import shut_down, worker_pool
 from dataio.writing.clip_encoding import encode_clip
 from dataio.writing.publish import Publisher
 from dataio.writing.shard_writer import (
@@ -162,7 +162,7 @@ def _convert_shards(manifest: Manifest, staging: Path, encoding: Encoding, worke
                     publisher.shard(staging / info.url, staging / info.index_file)
         finally:
             if workers > 1:
-                pool.shutdown(cancel_futures=True)
+                shut_down(pool)
     return [done[i] for i in range(len(jobs))]
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dataio.atomic import write_text_atomically
 from dataio.errors import ShardWriteError
 from dataio.reading.manifest import Manifest, ShardInfo
-from dataio.workers import worker_pool
+from dataio.workers import shut_down, worker_pool
 from dataio.writing.shard_plan import JSON_INDEX_OVERHEAD, ShardPlan, ShardPlanner, json_with_index
 from dataio.writing.shard_store import ItemStore, make_work_dir, read_spill, spill_path, write_items, write_spill
 from dataio.writing.shard_writer import (
@@ -312,7 +312,7 @@ def _close(pool: futures.Executor, work: Path) -> None:
     """Shut the pool down and remove the working folder, the latter even when a stop cuts
     into the former (idempotent: the failure path may call it again)."""
     try:
-        pool.shutdown(wait=True, cancel_futures=True)  # no worker still writing when the work dir goes
+        shut_down(pool)  # no worker still writing when the work dir goes
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -110,3 +110,29 @@ def test_the_working_files_are_plain_records_that_read_back_exactly(tmp_path):
     assert read_spill(tmp_path, 7) == records and spill_path(tmp_path, 7).suffix == ".bin"
     with pytest.raises(ValueError, match="JSON"):
         write_items(tmp_path, 2, [ClipItem("b.wav", ["x"], extra={"f": object()})])
+
+
+def test_a_pool_whose_start_a_stop_cut_short_shuts_down_without_a_traceback(monkeypatch):
+    """The signal fuzzer: demo-corpus stopped by SIGTERM as its first `submit` started the
+    pool's manager thread; shutting the pool down then raised "cannot join thread before it
+    is started" (a traceback, exit 1). The pool's workers are ended instead."""
+    import threading
+
+    from dataio.stop_signal import Stopped
+    from dataio.workers import shut_down, worker_pool
+
+    pool = worker_pool(1)
+    real_start = threading.Thread.start
+
+    def stopped_start(thread):
+        if "ExecutorManager" in type(thread).__name__:
+            raise Stopped(15)  # as the handler raises it, inside start()
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", stopped_start)
+    with pytest.raises(Stopped):
+        pool.submit(int, "1")
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    workers = list(pool._processes.values())
+    shut_down(pool)
+    assert not any(p.is_alive() for p in workers)
