@@ -20,7 +20,7 @@ from dataio.errors import ConfigError
 
 # a Unix socket's path holds 107 bytes; multiprocessing puts the one a process passes file
 # descriptors through (a loader worker, a tensor to the main process) at
-# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 more than TMPDIR itself
+# TMPDIR/pymp-<8 random characters>/listener-<8 random characters>: 32 more than TMPDIR
 SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-12345678/listener-12345678")
 
 
