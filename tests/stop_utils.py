@@ -151,11 +151,13 @@ def _tail(err: str) -> str:
 
 
 def tmp_leftovers(*folders: Path, tmpdir: Path | None = None) -> list[Path]:
-    """Working files under ``folders`` (a name ending in ``.tmp`` or holding ``.tmp.``),
+    """Working files under ``folders`` (a name ending in ``.tmp`` or holding ``.tmp.``, or
+    Ray Tune's ``.<uuid>-tmp-<name>``),
     and anything in ``tmpdir`` (the command's ``TMPDIR``) but torch's compile cache, which
     every run keeps there by design."""
     left = [p for folder in folders if folder.exists() for p in folder.rglob("*")
-            if p.name.endswith(".tmp") or ".tmp." in p.name]
+            if p.name.endswith(".tmp") or ".tmp." in p.name
+            or (p.name.startswith(".") and "-tmp-" in p.name)]
     if tmpdir is not None and tmpdir.exists():
         left += [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")]
     return left

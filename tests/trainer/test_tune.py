@@ -79,6 +79,15 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 4
     assert searcher.with_name(searcher.name + ".damaged").is_file()
+    # a state Ray Tune cannot go on from (long signal fuzzer, seed 2: SIGINT as the trials were
+    # made): Ray started the sweep over from no space at all, one trial without an encoder
+    for state in out.glob("experiment_state-*.json"):
+        state.write_text(json.dumps({"trial_data": [["not a trial", "{}"]], "runner_data": {}}))
+    over = _tune(config, timeout=600)
+    assert over.returncode == 0, over.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}, rows
+    assert "cannot be resumed" in over.stderr and "Traceback" not in over.stderr, over.stderr[-3000:]
 
 
 def _state_records_a_checkpoint(exp_dir) -> bool:
@@ -121,6 +130,33 @@ def test_a_killed_sweep_resumes_from_its_checkpoints(encoder_run, tmp_path):
     assert max(int(r["resumed_from_epoch"]) for r in rows) >= 1, rows  # continued, not restarted
     changed = _tune(config, "eval.finetune.epochs=11", timeout=120)
     assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
+def test_a_state_saved_before_any_trial_resumes_only_with_its_searcher(tmp_path, caplog):
+    from trainer.tune.ray_cluster import resumable
+
+    assert not resumable(tmp_path)  # nothing saved: a new sweep
+    state = tmp_path / "experiment_state-2026-12-08_01-00-00.json"
+    state.write_text(json.dumps({"trial_data": [], "runner_data": {}}))
+    searcher = tmp_path / "basic-variant-state-2026-12-08_01-00-00.json"
+    searcher.write_bytes(b"searcher")
+    assert resumable(tmp_path)  # the searcher holds the trials to come
+    searcher.unlink()
+    assert not resumable(tmp_path) and "before any trial started" in caplog.text
+    assert not state.exists() and state.with_name(state.name + ".unused").is_file()
+    state.write_text(json.dumps({"trial_data": [["{}", "{}"]], "runner_data": {}}))
+    assert resumable(tmp_path)
+
+
+def test_a_state_save_cut_short_leaves_no_working_file(tmp_path):
+    from trainer.tune.ray_cluster import remove_ray_temporaries
+
+    cut = tmp_path / ".76524fbe-9e39-4e2d-a94f-d1d702efb55f-tmp-basic-variant-state-2026-12-08_00-58-53.json"
+    kept = [tmp_path / ".validate_storage_marker", tmp_path / ".notes-tmp-mine", tmp_path / "sweep.yaml"]
+    for path in (cut, *kept):
+        path.write_text("x")
+    remove_ray_temporaries(tmp_path)
+    assert not cut.exists() and all(p.exists() for p in kept)
 
 
 def test_trials_whose_last_checkpoint_is_gone_are_restarted():

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import pickletools
+import re
 import socket
 import sys
 from pathlib import Path
@@ -124,6 +125,59 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
             path.rename(path.with_name(path.name + ".damaged"))
             damaged.append(path)
     return damaged
+
+
+def resumable(exp_dir: Path) -> bool:
+    """Whether ``exp_dir`` holds a sweep state Ray Tune can go on from: an experiment state
+    (set aside first when damaged) that lists trials, or lists none but comes with the
+    searcher's state (which holds the trials still to come). A state saved before the first
+    trial, its searcher's state lost, would resume a sweep with nothing left to run."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return False
+    try:
+        trials = json.loads(states[-1].read_text()).get("trial_data")
+    except (OSError, ValueError, AttributeError):
+        return True  # Ray reads it, and says so when it cannot (see ``quiet_failed_restore``)
+    if trials or any(exp_dir.glob("basic-variant-state-*.json")):
+        return True
+    log.warning("the sweep state in %s was saved before any trial started: the sweep starts from its first trial",
+                exp_dir)
+    for path in states:
+        path.rename(path.with_name(path.name + ".unused"))
+    return False
+
+
+@contextlib.contextmanager
+def quiet_failed_restore(exp_dir: Path):
+    """Ray Tune, unable to read a sweep state it was asked to resume, logs a traceback and
+    starts the sweep again from the search space. One line of ours says so instead."""
+    ray_log = logging.getLogger("ray.tune.execution.tune_controller")
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to restore the run state"):
+            cause = record.exc_info[1] if record.exc_info else None
+            log.warning("the sweep state in %s cannot be resumed (%r): the sweep starts from its first trial",
+                        exp_dir, cause)
+            return False
+        return not record.getMessage().startswith("Restarting experiment")
+
+    ray_log.addFilter(one_line)
+    try:
+        yield
+    finally:
+        ray_log.removeFilter(one_line)
+
+
+# Ray Tune saves its searcher's state through ".<uuid>-tmp-<name>" and a rename
+RAY_TEMPORARY = re.compile(r"\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-tmp-")
+
+
+def remove_ray_temporaries(exp_dir: Path) -> None:
+    """Delete the working files of Ray Tune's state saves that a stop cut short."""
+    for path in exp_dir.glob(".*-tmp-*") if exp_dir.is_dir() else ():
+        if RAY_TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
 
 
 def _walk_pickle(data: bytes) -> None:

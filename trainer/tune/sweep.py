@@ -29,7 +29,8 @@ from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.models.export import read_encoder_meta
 from trainer.safe_files import load_tensors
 from trainer.train.config import load_config, to_dict
-from trainer.tune.ray_cluster import lost_checkpoints, node_name, set_aside_damaged_state, start_ray
+from trainer.tune.ray_cluster import (lost_checkpoints, node_name, quiet_failed_restore, remove_ray_temporaries,
+                                      resumable, set_aside_damaged_state, start_ray)
 from trainer.tune.results import check_val_against_test, fmt, result_rows, write_tables
 
 log = logging.getLogger("audioclr.tune")
@@ -245,10 +246,10 @@ def build_tuner(cfg: SweepConfig, metric: str, exp_dir: Path, shared: dict, rest
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, shared=shared),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     set_aside_damaged_state(exp_dir)
-    if tune.Tuner.can_restore(str(exp_dir)) and any(exp_dir.glob("experiment_state-*.json")):
+    if tune.Tuner.can_restore(str(exp_dir)) and resumable(exp_dir):
         log.info("resuming the sweep in %s", exp_dir)
-        try:
-            return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+        try:  # the space again: where Ray cannot read the state, it starts the sweep over from it
+            return tune.Tuner.restore(str(exp_dir), trainable, param_space=param_space(cfg), resume_unfinished=True,
                                       resume_errored=not restart_errored, restart_errored=restart_errored)
         except Exception as err:
             raise ConfigError(f"the sweep state in {exp_dir} cannot be read ({err!r}); give this sweep "
@@ -314,9 +315,13 @@ def tune_sweep(cfg: SweepConfig, stop: GracefulStop | None = None) -> tuple[list
     if stop is not None:
         stop.arm()
     shared = share_inputs(cfg, clips)
-    results = build_tuner(cfg, metric, exp_dir, shared).fit()
-    if lost_checkpoints(results) and not (stop and stop.signal):
-        results = build_tuner(cfg, metric, exp_dir, shared, restart_errored=True).fit()
+    try:
+        with quiet_failed_restore(exp_dir):
+            results = build_tuner(cfg, metric, exp_dir, shared).fit()
+            if lost_checkpoints(results) and not (stop and stop.signal):
+                results = build_tuner(cfg, metric, exp_dir, shared, restart_errored=True).fit()
+    finally:
+        remove_ray_temporaries(exp_dir)
     rows = result_rows(results, cfg, metric)
     check_val_against_test(rows, metric)
     write_tables(rows, exp_dir)
