@@ -9,9 +9,17 @@ from tests.shard_utils import make_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """real_audio tests run only when asked for by name: a ``-m`` given on the command line
-    (``-m "not e2e"``, ``-m e2e``) replaces setup.cfg's ``-m "not real_audio"``."""
+    (``-m "not e2e"``, ``-m e2e``) replaces setup.cfg's ``-m "not real_audio"``. Under
+    pytest-xdist (``--dist loadgroup``, setup.cfg) the tests of a module that share a
+    module-scoped fixture go to one worker, which builds it once: split between two, each
+    would build its own (a corpus, a pretrained run, a DeepSpeed launch)."""
+    for item in items:
+        defs = item._fixtureinfo.name2fixturedefs.values()
+        if any(d[-1].scope == "module" for d in defs) and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if "real_audio" in (config.option.markexpr or ""):
         return
     kept = [item for item in items if item.get_closest_marker("real_audio") is None]

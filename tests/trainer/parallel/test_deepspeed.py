@@ -90,18 +90,36 @@ def _close(got: dict, want: dict, what: str) -> None:
             assert torch.equal(got[key], value), f"{what}: {key}"
 
 
+OBJECTIVES = ["simclr", "moco", "npid", "cola", "hybrid"]
+CACHED = ["simclr", "cola"]  # gradient caching: one objective without parameters of its own, one with
+
+
+def _every_run(rank: int, world: int) -> dict:
+    """Every objective under DDP and ZeRO 0-3, and gradient caching under ZeRO 2 and 3,
+    in one launch (a launch's start, DeepSpeed's import among it, costs more than an
+    objective's steps)."""
+    runs = {name: _all_engines(rank, world, name) for name in OBJECTIVES}
+    runs.update({(name, "cached"): _all_engines(rank, world, name, 2) for name in CACHED})
+    return runs
+
+
+@pytest.fixture(scope="module")
+def engine_runs() -> dict:
+    """``_every_run`` in one process and on two ranks: {1: [rank 0], 2: [rank 0, rank 1]}."""
+    return {world: run_workers(_every_run, world, timeout=900) for world in (1, 2)}
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ["simclr", "moco", "npid", "cola", "hybrid"])
-def test_zero_0_to_3_on_two_ranks_equal_ddp_and_one_process(name):
-    (one,) = run_workers(_all_engines, 1, name)
-    two = run_workers(_all_engines, 2, name)
-    reference = one[("ddp", 0)]
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_zero_0_to_3_on_two_ranks_equal_ddp_and_one_process(engine_runs, name):
+    (one,), two = engine_runs[1], engine_runs[2]
+    reference = one[name][("ddp", 0)]
     moved = max(float((v - _initial(name)[k]).abs().max()) for k, v in reference.items() if v.is_floating_point())
     assert moved > 1e-3, "the steps changed the weights"
-    for (engine, stage), weights in one.items():
+    for (engine, stage), weights in one[name].items():
         _close(weights, reference, f"1 process, {engine} ZeRO-{stage}")
     for rank, runs in enumerate(two):
-        for (engine, stage), weights in runs.items():
+        for (engine, stage), weights in runs[name].items():
             _close(weights, reference, f"2 ranks (rank {rank}), {engine} ZeRO-{stage}")
     if name in ("cola", "hybrid"):  # the objective's own parameters trained, inside the model
         assert any(k.startswith("parts.") for k in reference)
@@ -119,15 +137,17 @@ def _initial(name: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_gradient_caching_under_zero_2_and_3_equals_ddp():
+@pytest.mark.parametrize("name", CACHED)
+def test_gradient_caching_under_zero_2_and_3_equals_ddp(engine_runs, name):
     """Chunks of 2 clips; batch norm sees each chunk's statistics, so the reference is
     DDP with the same chunks on the same number of ranks."""
-    for name in ("simclr", "cola"):
-        for world in (1, 2):
-            for rank, runs in enumerate(run_workers(_all_engines, world, name, 2)):
-                for (engine, stage), weights in runs.items():
-                    _close(weights, runs[("ddp", 0)], f"{name}, gradient caching, {world} rank(s), "
-                                                       f"rank {rank}: {engine} ZeRO-{stage}")
+    for world in (1, 2):
+        for rank, runs in enumerate(engine_runs[world]):
+            cached = runs[(name, "cached")]
+            assert set(cached) == {("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)}
+            for (engine, stage), weights in cached.items():
+                _close(weights, cached[("ddp", 0)], f"{name}, gradient caching, {world} rank(s), "
+                                                    f"rank {rank}: {engine} ZeRO-{stage}")
 
 
 # ---------------------------------------------------------------------- the command line
