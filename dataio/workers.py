@@ -17,6 +17,7 @@ import tempfile
 import threading
 
 from dataio.errors import ConfigError
+from dataio.stop_signal import stops_held
 
 # a Unix socket's path holds 107 bytes; multiprocessing puts the one a process passes file
 # descriptors through (a loader worker, a tensor to the main process) at
@@ -26,13 +27,16 @@ SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-12345678/listener-12345678")
 
 class _QuietProcess(multiprocessing.context.SpawnProcess):
     def start(self) -> None:
-        if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
-            return super().start()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through the exec
-        try:
-            super().start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        # a stop waits for the start's end: the parent writes the spawned child its work
+        # after the exec, and a child whose parent left before that prints a traceback
+        with stops_held():
+            if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+                return super().start()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through the exec
+            try:
+                super().start()
+            finally:
+                signal.signal(signal.SIGINT, previous)
 
 
 class _QuietContext(multiprocessing.context.SpawnContext):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from dataio.errors import ConfigError, ManifestError
 from dataio.schema import describe
-from dataio.stop_signal import Stopped, note_stop, stop_pending, stop_taken
+from dataio.stop_signal import Stopped, note_stop, stop_pending, stop_taken, stops_are_held
 from trainer.errors import INPUT_ERRNOS, CheckpointError, describe_error
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, FileNotFoundError, ValueError)
@@ -121,8 +121,8 @@ class CommandFailed(RuntimeError):
 # raised inside a C extension's initialisation it becomes that module's ImportError
 # ("initialization failed"), which the importer may take for a missing module, and the next
 # import of the module fails for good (optree's, under torch.optim's lazy import of
-# torch._dynamo). So does one inside ``stops_held()``.
-_pending = {"deferred": False, "held": 0, "scopes": 0}
+# torch._dynamo). So does one inside ``dataio.stop_signal.stops_held()``.
+_pending = {"deferred": False, "scopes": 0}
 REDELIVER_S = 2.0
 POLL_S = 0.05
 
@@ -145,21 +145,10 @@ def take_stop(signum: int, frame) -> None:
     if not stop_pending():
         note_stop(signum)
         threading.Thread(target=_redeliver, args=(os.getpid(), signum), daemon=True).start()
-    if _pending["held"] or _importing(frame):
+    if stops_are_held() or _importing(frame):
         _pending["deferred"] = True
         return
     raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def stops_held():
-    """A stop that comes inside is taken at the block's end: for a library's start-up that,
-    cut short, leaves the processes it started running (``ray.init``)."""
-    _pending["held"] += 1
-    try:
-        yield
-    finally:
-        _pending["held"] -= 1
 
 
 def _importing(frame) -> bool:
@@ -182,7 +171,7 @@ def _redeliver(owner: int, signum: int) -> None:
         if stop_pending() != signum or not _pending["scopes"]:
             return
         if _pending["deferred"]:  # the main thread was importing or held it: again once it is not
-            if not _pending["held"] and not _importing(sys._current_frames().get(threading.main_thread().ident)):
+            if not stops_are_held() and not _importing(sys._current_frames().get(threading.main_thread().ident)):
                 _pending["deferred"] = False
                 if not _stop_under_way():
                     os.kill(owner, signum)
@@ -336,4 +325,4 @@ def run_guarded(prog: str, work: Callable[[], int], *, input_errors: tuple = INP
 
 __all__ = ["CheckpointError", "CommandFailed", "ConfigError", "GracefulStop", "INPUT_ERRORS", "STOPPED", "Stopped",
            "config_parser", "print_help_config", "report_stop", "run_guarded", "setup_logging", "sigterm_stops",
-           "stop_handled", "stops_held", "take_stop"]
+           "stop_handled", "take_stop"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dataio.schema import ConfigError
-from trainer.commands import stops_held
+from dataio.stop_signal import stops_held
 
 log = logging.getLogger("audioclr.tune")
 

@@ -237,7 +237,8 @@ def test_a_stop_inside_an_import_or_a_held_block_is_taken_once_it_ends(tmp_path,
     import sys
     import time
 
-    from trainer.commands import sigterm_stops, stop_handled, stops_held
+    from dataio.stop_signal import stops_held
+    from trainer.commands import sigterm_stops, stop_handled
 
     (tmp_path / "slow_to_import.py").write_text(
         "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nWHOLE = True\n")
@@ -259,6 +260,43 @@ def test_a_stop_inside_an_import_or_a_held_block_is_taken_once_it_ends(tmp_path,
                 taken.append("stopped")
     sys.modules.pop("slow_to_import", None)
     assert taken == ["import", "stopped", "held", "stopped"]
+
+
+@pytest.mark.e2e
+def test_a_stop_as_a_worker_is_spawned_waits_for_the_worker_to_get_its_work(monkeypatch, capfd):
+    """The long signal fuzzer (seed 2: demo-corpus stopped by SIGTERM 0.7 s in): a stop that
+    came between a pool worker's exec and its parent writing it what to run left the worker
+    reading an empty pipe: its "EOFError: Ran out of input" traceback followed the command's
+    line. A worker's start is now whole before the stop is taken."""
+    import multiprocessing.util
+    import signal
+    import time
+
+    from dataio.workers import shut_down, worker_pool
+    from trainer.commands import sigterm_stops, stop_handled
+
+    spawn = multiprocessing.util.spawnv_passfds
+
+    def then_stop(path, args, passfds):
+        pid = spawn(path, args, passfds)
+        if "--multiprocessing-fork" in args:  # a worker (not the resource tracker): it runs, its work not yet written
+            os.kill(os.getpid(), signal.SIGTERM)
+        return pid
+
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", then_stop)
+    pool = worker_pool(1)
+    with sigterm_stops():
+        try:
+            pool.submit(abs, -1)  # starts the worker
+            time.sleep(5)
+        except KeyboardInterrupt:
+            stop_handled()
+        finally:
+            monkeypatch.undo()
+            processes = list(pool._processes.values())
+            shut_down(pool)
+    assert processes and all(p.exitcode is not None for p in processes), "the worker started whole, and ended"
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_the_last_line_after_a_stop_or_an_error_starts_a_line_of_its_own(capsys):
