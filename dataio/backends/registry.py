@@ -17,7 +17,8 @@ from dataio.reading.manifest import Manifest, load_manifest, load_sources
 from dataio.reading.remote import Retry, is_url
 
 BACKENDS: dict[str, type[DataSource]] = {"torch": TorchSource, "dali": DaliSource, "synthetic": SyntheticSource}
-assert tuple(BACKENDS) == BACKEND_NAMES, "dataio.backends.batch.BACKENDS (data.backend's choices) names the registry's back ends"
+assert tuple(BACKENDS) == BACKEND_NAMES, \
+    "dataio.backends.batch.BACKENDS (data.backend's choices) names the registry's back ends"
 
 
 def backend_class(name: str) -> type[DataSource]:

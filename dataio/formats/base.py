@@ -29,7 +29,8 @@ class ClipFormat(ABC):
     frames computed once with a front end the manifest records), ``compressed``,
     ``lossless_to`` (the formats it converts into without losing a bit), ``dtype`` (one
     element of its batch payload), ``scale`` (a wave format: stored sample -> float in
-    [-1, 1)), ``summary`` (a phrase for ``--help``) and ``dali_type`` (the ``nvidia.dali.types`` name its members are read as)."""
+    [-1, 1)), ``summary`` (a phrase for ``--help``) and ``dali_type`` (the ``nvidia.dali.types``
+    name its members are read as)."""
 
     name: ClassVar[str]
     ext: ClassVar[str]

@@ -38,7 +38,8 @@ def test_pretraining_configs_are_checked_by_their_back_end():
 
 
 def test_nothing_outside_dataio_compares_a_back_ends_name():
-    found = [f"{path.relative_to(REPO)}:{n}" for folder in ("trainer", "tools") for path in (REPO / folder).rglob("*.py")
+    found = [f"{path.relative_to(REPO)}:{n}"
+             for folder in ("trainer", "tools") for path in (REPO / folder).rglob("*.py")
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if re.search(r"backend[^=\n]*(==|!=) *['\"]", line)]
     assert found == []

@@ -218,7 +218,8 @@ def test_two_ranks_from_a_url_train_what_two_ranks_from_the_folder_train(tiny_sh
     for name, shards in (("local", str(tiny_shards)), ("remote", url)):
         args = [a for a in tiny_overrides(Path("x"), tmp_path / name) if not a.startswith("data.shards=")]
         out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                              f"--master-port={free_port()}", "-m", "trainer.cli.pretrain", f"data.shards={shards}", *args,
+                              f"--master-port={free_port()}", "-m", "trainer.cli.pretrain", f"data.shards={shards}",
+                              *args,
                               "train.max_steps=4"], env=cli_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = checkpoint_weights(tmp_path / name / "checkpoints" / "step_00000004")

@@ -383,7 +383,8 @@ def test_check_shards_lists_a_truncated_shard_once(tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 2, out.stdout
     assert re.fullmatch(r"shard-00000.tar\tshard-00000.tar\tunreadable tar data after 2 of 4 members: "
-                        r"TarFormatError: .* without the end-of-archive blocks \(truncated shard\?\)", lines[0]), lines[0]
+                        r"TarFormatError: .* without the end-of-archive blocks \(truncated shard\?\)",
+                        lines[0]), lines[0]
     assert re.fullmatch(r"shard-00001.tar\tshard-00001.tar\tunreadable tar data after \d+ of 4 members: "
                         r"TarFormatError: .* cut short .*\(truncated shard\?\)", lines[1]), lines[1]
     assert "3 shard(s) checked: 2 problem(s)" in out.stderr

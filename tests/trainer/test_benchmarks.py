@@ -159,7 +159,8 @@ def test_bench_quality_pretrains_a_label_reading_objective_without_the_fold_it_s
         assert list(scored["rounds"]) == [f"fold{fold}"]
     seed = result["per_seed"]["0"]
     assert len(seed["linear"]["folds"]) == len(seed["knn"]["folds"]) == len(seed["linear_random_init"]["folds"]) == 3
-    refused = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality", "--shards", str(tmp_path / "q" / "shards"),
+    refused = subprocess.run([PYTHON, "-m", "trainer.cli", "bench", "quality",
+                              "--shards", str(tmp_path / "q" / "shards"),
                               "--config", str(REPO / "configs/demo_supcon.yaml"), "--epochs", "1",
                               "--out", str(tmp_path / "q2"), *TINY],
                              env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -217,7 +217,7 @@ def test_an_accepted_value_trains_or_is_refused_by_name():
     from trainer.train.config import load_config
     schemas = commands()
     accepted = []
-    for command, key, override in config_cases():
+    for command, _key, override in config_cases():
         if command != "pretrain":
             continue
         try:

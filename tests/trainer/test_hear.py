@@ -142,6 +142,6 @@ def test_load_model_needs_a_run_with_an_encoder(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("hearvalidator") is None or shutil.which("hear-validator") is None,
                     reason="hearvalidator is not installed (it brings TensorFlow)")
 def test_hear_validator_accepts_the_module(model_dir):
-    out = subprocess.run(["hear-validator", "trainer.models.hear", "--model", str(model_dir)], capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(["hear-validator", "trainer.models.hear", "--model", str(model_dir)], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

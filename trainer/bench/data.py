@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(and, with --formats, compute the logmel corpus with its front end)")
     p.add_argument("--formats", default="", help="clip formats to compare (e.g. flac,pcm16,logmel): the corpus is "
                    "converted to each; bytes per second of audio and clips/s per loader core")
-    p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0, help="--formats: the views' length")
+    p.add_argument("--view-seconds", type=cli_number(float, 0, above=True), default=1.0,
+                   help="--formats: the views' length")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
 

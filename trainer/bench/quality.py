@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {"data": str(args.csv or args.shards), "shards": str(shards), "clips": manifest.num_clips,
               "classes": len(manifest.vocabulary), "config": args.config, "overrides": args.overrides,
               "recipe": to_dict(base),  # as resolved when the benchmark ran (a recipe file can change later)
-              "epochs": epochs, "seeds": args.seeds, "pretrained_per_fold": per_fold, "patch_seconds": args.patch_seconds,
+              "epochs": epochs, "seeds": args.seeds, "pretrained_per_fold": per_fold,
+              "patch_seconds": args.patch_seconds,
               "train_format": load_manifest(train_on).clip_format,
               "summary": summarise(per_seed), "per_seed": {str(k): v for k, v in per_seed.items()},
               "handcrafted": hand, "timing": timing, "online_curves": curves, "trained_on": trained}
@@ -338,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--shards", help="a labelled shard folder with folds instead of --csv")
     p.add_argument("--config", required=True, help="pretraining recipe")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=cli_number(int, 0), default=0, help="pretraining epochs (default: the recipe's)")
+    budget.add_argument("--epochs", type=cli_number(int, 0), default=0,
+                        help="pretraining epochs (default: the recipe's)")
     budget.add_argument("--minutes", type=cli_number(float, 0), default=0.0,
                         help="pretraining time budget per seed: epochs are set from a short timed run")
     p.add_argument("--seeds", default="0", help="comma-separated pretraining seeds, e.g. 0,1")
-    p.add_argument("--patch-seconds", type=cli_number(float, 0, above=True), default=1.0, help="evaluation patch length, s")
+    p.add_argument("--patch-seconds", type=cli_number(float, 0, above=True), default=1.0,
+                   help="evaluation patch length, s")
     p.add_argument("--format", default="", choices=("", *FORMATS),
                    help="pretrain from the shards converted to this clip format (evaluation reads the audio)")
     p.add_argument("--online-every", type=cli_number(int, 0), default=0,

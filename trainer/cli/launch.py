@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
         except RendezvousTimeoutError:
             raise CommandFailed("the other nodes did not join within the rendezvous timeout; start the same "
-                                "command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout") from None
+                                "command on every node (NODE_RANK differs), or raise --rdzv-conf join_timeout") \
+                from None
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()
             code = exit_code(failure.exitcode)

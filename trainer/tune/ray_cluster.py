@@ -40,8 +40,9 @@ def ray_endpoint(address: str) -> tuple[str, int] | None:
 
 
 def start_ray(cfg, wait_s: float = 10.0) -> None:
-    """Join the cluster ``cfg.address`` names (``cfg``: the sweep's ``ray`` section) (a clear error within about ``wait_s`` when
-    none answers there: Ray itself retries for a long while), or start Ray here."""
+    """Join the cluster ``cfg.address`` names (``cfg``: the sweep's ``ray`` section), with a
+    clear error within about ``wait_s`` when none answers there (Ray itself retries for a long
+    while), or start Ray here."""
     import ray  # deferred: Ray is optional and slow to import
 
     if ray.is_initialized():

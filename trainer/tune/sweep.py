@@ -29,8 +29,15 @@ from trainer.evaluate.run import Evaluation, check_rate, frozen_embeddings
 from trainer.models.export import read_encoder_meta
 from trainer.safe_files import load_tensors
 from trainer.train.config import load_config, to_dict
-from trainer.tune.ray_cluster import (lost_checkpoints, node_name, quiet_failed_restore, remove_ray_temporaries,
-                                      resumable, set_aside_damaged_state, start_ray)
+from trainer.tune.ray_cluster import (
+    lost_checkpoints,
+    node_name,
+    quiet_failed_restore,
+    remove_ray_temporaries,
+    resumable,
+    set_aside_damaged_state,
+    start_ray,
+)
 from trainer.tune.results import check_val_against_test, fmt, result_rows, write_tables
 
 log = logging.getLogger("audioclr.tune")
@@ -302,7 +309,8 @@ def sweep_stop() -> GracefulStop:
     checkpoints, and the command exits 128 + signal. Before Ray Tune runs, or at a second
     signal, it leaves at once."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards it as SIGUSR1
-    return GracefulStop("{signal} received: stopping the sweep after Ray Tune saves its state (again to leave now)", log,
+    return GracefulStop("{signal} received: stopping the sweep after Ray Tune saves its state (again to leave now)",
+                        log,
                         forward=lambda: signal.raise_signal(signal.SIGUSR1),
                         ready=lambda: signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None))
 

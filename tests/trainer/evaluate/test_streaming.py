@@ -106,8 +106,8 @@ def test_streamed_embeddings_equal_held_ones_and_read_only_the_shards_needed(cor
     read, real = [], clips_module.raw_samples
     monkeypatch.setattr(clips_module, "raw_samples", lambda m, ids, errs: (read.extend(ids), real(m, ids, errs))[1])
     encoder, frontend, _ = load_encoder(corpus)
-    share = embed_clips(encoder, frontend, streamed, patch_seconds=0.5, hop_seconds=0.25, batch_size=8, device=torch.device("cpu"),
-                        rows=np.arange(12, 18))
+    share = embed_clips(encoder, frontend, streamed, patch_seconds=0.5, hop_seconds=0.25, batch_size=8,
+                        device=torch.device("cpu"), rows=np.arange(12, 18))
     assert read == [1] and sorted(set(share.owner.tolist())) == list(range(12, 18))
     np.testing.assert_allclose(share.patches, a.patches[np.isin(a.owner, range(12, 18))], rtol=1e-5, atol=1e-6)
 
