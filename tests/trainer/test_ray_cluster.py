@@ -4,6 +4,7 @@ nodes, the trials read their embeddings from Ray's object store, a trial whose w
 is killed is retried from its checkpoint, and an address where no cluster answers is an
 error within seconds."""
 
+import ast
 import csv
 import json
 import os
@@ -112,6 +113,19 @@ def _pids_named(title: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def test_without_an_address_a_sweep_starts_a_ray_of_its_own_beside_a_running_one(cluster):
+    """ray.init without an address joins the Ray this machine already runs (``ray start``),
+    then refuses ``ray.num_cpus``: the full suite on two workers, a sweep beside this
+    module's cluster, exited 2 in Ray's words."""
+    code = ("import ray; from trainer.tune.ray_cluster import start_ray, stop_ray; "
+            "from trainer.tune.sweep import RayConfig; start_ray(RayConfig(num_cpus=1)); "
+            "print(sorted(n['NodeName'] for n in ray.nodes())); stop_ray()")
+    out = subprocess.run([PYTHON, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    nodes = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert len(nodes) == 1 and nodes[0] not in ("head", "worker"), nodes
 
 
 @pytest.mark.parametrize("scheme", ["", "ray://"])

@@ -63,8 +63,10 @@ def start_ray(cfg, wait_s: float = 10.0) -> None:
         log.info("joined the Ray cluster at %s: %d node(s), %s CPUs, %s GPUs", cfg.address, len(ray.nodes()),
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
         return
-    _init(ray, True, num_cpus=cfg.num_cpus or None, num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus,
-          include_dashboard=False)
+    # "local": a Ray of its own, also where this machine runs another (``ray start``), which
+    # ray.init would join otherwise, and then refuse num_cpus (exit 2, in Ray's words)
+    _init(ray, True, address="local", num_cpus=cfg.num_cpus or None,
+          num_gpus=None if cfg.num_gpus < 0 else cfg.num_gpus, include_dashboard=False)
 
 
 def _init(ray, starts_ray: bool, **kwargs) -> None:
