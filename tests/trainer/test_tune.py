@@ -72,15 +72,11 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     cfg = load_config(EvalRoot, best).eval
     assert (cfg.finetune.alpha, cfg.finetune.temperature) == (float(rows[0]["finetune.alpha"]),
                                                               float(rows[0]["finetune.temperature"]))
-    # a driver killed while Ray copies its state leaves an empty file; a rerun sets it aside
+    # a driver killed while Ray copies its state leaves an empty file: a rerun sets it aside;
+    # and a state Ray Tune cannot go on from (long signal fuzzer, seed 2: SIGINT as the trials
+    # were made): Ray started the sweep over from no space at all, one trial without an encoder
     (searcher,) = out.glob("basic-variant-state-*.json")
     searcher.write_bytes(b"")
-    again = _tune(config, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert len(list(csv.DictReader(open(out / "results.csv")))) == 4
-    assert searcher.with_name(searcher.name + ".damaged").is_file()
-    # a state Ray Tune cannot go on from (long signal fuzzer, seed 2: SIGINT as the trials were
-    # made): Ray started the sweep over from no space at all, one trial without an encoder
     for state in out.glob("experiment_state-*.json"):
         state.write_text(json.dumps({"trial_data": [["not a trial", "{}"]], "runner_data": {}}))
     over = _tune(config, timeout=600)
@@ -89,6 +85,7 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}, rows
     ours = "\n".join(line for line in over.stderr.splitlines() if "pid=" not in line)  # not a Ray worker's
     assert "cannot be resumed" in ours and "Traceback" not in ours, over.stderr[-3000:]
+    assert searcher.with_name(searcher.name + ".damaged").is_file()
 
 
 def _state_records_a_checkpoint(exp_dir) -> bool:
@@ -197,6 +194,8 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
     ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
     assert "Traceback" not in ours and "Rerun the same command to resume" in ours, err[-3000:]
     assert (tmp_path / "sweeps" / "stop" / "results.csv").is_file()
+    if sig == signal.SIGTERM:
+        return  # a stop by either signal saves the same state: the resume is shown once
     done = _tune(config, "ray.num_cpus=1", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "stop" / "results.csv")))
