@@ -15,6 +15,7 @@ import yaml
 
 from dataio.errors import ConfigError
 from tests.conftest import PYTHON, cli_env
+from tests.stop_utils import own_lines
 from trainer.evaluate.config import EvalRoot
 from trainer.train.config import load_config
 from trainer.tune.sweep import SweepConfig, nest, trial_eval_config
@@ -83,7 +84,7 @@ def test_grid_sweep_writes_its_table_and_a_runnable_best_config(encoder_run, tmp
     assert over.returncode == 0, over.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}, rows
-    ours = "\n".join(line for line in over.stderr.splitlines() if "pid=" not in line)  # not a Ray worker's
+    ours = "\n".join(own_lines(over.stderr))  # not a Ray worker's
     assert "cannot be resumed" in ours and "Traceback" not in ours, over.stderr[-3000:]
     assert searcher.with_name(searcher.name + ".damaged").is_file()
 
@@ -191,7 +192,7 @@ def test_a_stop_signal_ends_a_sweep_with_its_table_state_saved_and_128_plus_n(en
     assert "| trial |" in out and out.count("not run") == 2, out[-2000:]  # the table so far
     # lines from Ray's trial workers carry a "(run_trial pid=N)" prefix: as Ray tears a worker
     # down it may print an ignored SystemExit of its own; the command itself prints none
-    ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
+    ours = "\n".join(own_lines(err))
     assert "Traceback" not in ours and "Rerun the same command to resume" in ours, err[-3000:]
     assert (tmp_path / "sweeps" / "stop" / "results.csv").is_file()
     if sig == signal.SIGTERM:
